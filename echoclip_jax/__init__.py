@@ -1,0 +1,1 @@
+"""echoclip_jax: EchoCLIP-style echocardiography CLIP training in JAX/Flax."""

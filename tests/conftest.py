@@ -1,0 +1,27 @@
+"""Test configuration: 8 simulated CPU devices, so sharding is exercised for real.
+
+The flag is set here, before JAX is imported anywhere, so no caller has to remember it.
+"""
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The real EchoCLIP reference data lives beside the project (never copied into it).
+REFERENCE_DIR = pathlib.Path(
+    os.environ.get("ECHOCLIP_REFERENCE_DIR", REPO.parent / "shared" / "echoclip_reference")
+)
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"EchoCLIP reference data not found at {REFERENCE_DIR}")
+    return REFERENCE_DIR
