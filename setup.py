@@ -22,22 +22,23 @@ INSTALL_REQUIRES = [
     "pylibjpeg-rle==2.2.0",
     "safetensors==0.8.0",
     "tensorflow-datasets==4.9.10",
-    "tensorboardX==2.6.4",
+    "tensorboardX==2.6.5",
     "protobuf==7.36.2",
     "matplotlib==3.11.2",
     "scikit-learn==1.9.1",
     "scipy==1.17.1",
     "tqdm==4.70.1",
+    "google-crc32c==1.9.0",
     "absl-py==2.5.1",
     "ftfy==6.3.1",
-    "regex==2026.7.19",
+    "regex==2026.11.15",
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.2.0", "hypothesis==6.170.15", "pydicom-data==2.4.0"],
+    "test": ["pytest==9.2.0", "hypothesis==6.170.15", "pydicom-data==1.0.0"],
     # PyTorch + open_clip: weight-layout and tokenizer parity tests, and open_clip export checks.
     "interop": ["torch==2.14.1", "torchvision==0.29.1", "open-clip-torch==3.3.0"],
-    "beam": ["apache-beam==2.70.0"],
+    "beam": ["apache-beam==2.77.0"],
     "tf": ["tensorflow-cpu==2.20.0"],
 }
 
