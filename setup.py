@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "scipy==1.17.1",
     "tqdm==4.70.1",
     "google-crc32c==1.9.0",
+    "av==18.1.0",
     "absl-py==2.5.1",
     "ftfy==6.3.1",
     "regex==2026.11.15",

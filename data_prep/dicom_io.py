@@ -1,0 +1,211 @@
+"""Reading ultrasound DICOM: the header fields the conversion needs, and only the frames that are kept.
+
+Every common encoding is handled through pydicom 3 (+ pylibjpeg): native RGB / MONOCHROME1/2 / PALETTE
+COLOR / YBR_FULL(_422) in either endianness, JPEG Baseline, JPEG 2000 and RLE, single- or multi-frame.
+`pydicom.pixels.iter_pixels(path, indices=...)` decodes only the requested frames (for encapsulated
+data only those frames' fragments), so subsampling K of N frames costs K decodes, not N.
+
+Identifying header values (patient id, UIDs, accession, date) are returned in `HeaderKeys` only so the
+caller can derive salted hashes and day offsets; nothing here writes them anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, iter_pixels
+
+
+class SkipVideo(Exception):
+    """This input cannot be converted; the message is the (PHI-free) reason for the manifest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeaderKeys:
+    """Identifying values, used only to derive hashes and study days; never stored."""
+
+    patient_id: str
+    study_uid: str
+    accession: str
+    sop_uid: str
+    study_date: datetime.date | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    keys: HeaderKeys
+    num_frames: int
+    rows: int
+    cols: int
+    fps: float  # 0.0 when unknown
+    spacing_mm: tuple[float, float] | None  # (row, column) pixel spacing
+    regions: tuple[tuple[int, int, int, int], ...]  # 2D tissue regions (x0, y0, x1, y1), inclusive
+
+
+def _parse_date(value) -> datetime.date | None:
+    try:
+        return datetime.datetime.strptime(str(value).strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _float(ds, keyword: str) -> float:
+    try:
+        value = float(ds.get(keyword) or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if np.isfinite(value) and value > 0 else 0.0
+
+
+def frame_rate(ds) -> float:
+    """Frames per second from FrameTime (ms), else FrameTimeVector, CineRate, RecommendedDisplayFrameRate."""
+    frame_time = _float(ds, "FrameTime")
+    if frame_time:
+        return 1000.0 / frame_time
+    vector = ds.get("FrameTimeVector")
+    if vector:
+        try:
+            steps = [float(v) for v in list(vector)[1:] if float(v) > 0]
+        except (TypeError, ValueError):
+            steps = []
+        if steps:
+            return 1000.0 / float(np.mean(steps))
+    return _float(ds, "CineRate") or _float(ds, "RecommendedDisplayFrameRate")
+
+
+def _tissue_regions(ds) -> tuple[tuple[tuple[int, int, int, int], ...], tuple[float, float] | None]:
+    """2D tissue regions of SequenceOfUltrasoundRegions and their spacing in mm (units code 3 = cm)."""
+    regions, spacing = [], None
+    for item in ds.get("SequenceOfUltrasoundRegions") or []:
+        if int(item.get("RegionSpatialFormat", 0) or 0) != 1:  # 1 = 2D (B-mode); skip M-mode, Doppler, ECG
+            continue
+        try:
+            box = tuple(int(item[k].value) for k in (
+                "RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1"))
+        except (KeyError, TypeError, ValueError):
+            continue
+        regions.append(box)
+        if spacing is None and int(item.get("PhysicalUnitsXDirection", 0) or 0) == 3:
+            dx, dy = float(item.get("PhysicalDeltaX", 0) or 0), float(item.get("PhysicalDeltaY", 0) or 0)
+            if dx > 0 and dy > 0:
+                spacing = (abs(dy) * 10.0, abs(dx) * 10.0)
+    return tuple(regions), spacing
+
+
+def read_header(path: str) -> Header:
+    """Header fields only (pixel data not read). Raises SkipVideo with a reason for unusable files."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        raise SkipVideo("not a DICOM file") from None
+    except Exception as e:  # truncated or malformed headers raise many types
+        raise SkipVideo(f"unreadable DICOM header ({type(e).__name__})") from None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise SkipVideo("no image: Rows/Columns missing") from None
+    try:
+        value = ds.get("NumberOfFrames")
+        num_frames = 1 if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        raise SkipVideo("invalid NumberOfFrames") from None
+    if num_frames < 1:
+        raise SkipVideo("zero frames")
+    if rows < 16 or cols < 16:
+        raise SkipVideo(f"image too small ({rows}x{cols})")
+    regions, spacing = _tissue_regions(ds)
+    if spacing is None and "PixelSpacing" in ds:
+        try:
+            spacing = (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
+        except (TypeError, ValueError, IndexError):
+            spacing = None
+    keys = HeaderKeys(
+        patient_id=str(ds.get("PatientID", "") or ""),
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        accession=str(ds.get("AccessionNumber", "") or ""),
+        sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        study_date=_parse_date(ds.get("StudyDate", "") or ds.get("AcquisitionDate", "") or ""),
+    )
+    return Header(keys, num_frames, rows, cols, frame_rate(ds), spacing, regions)
+
+
+def kept_indices(num_frames: int, max_frames: int) -> list[int]:
+    """All frames up to max_frames, else max_frames evenly spaced over the whole video (0 = no cap)."""
+    if max_frames <= 0 or num_frames <= max_frames:
+        return list(range(num_frames))
+    return [int(round(x)) for x in np.linspace(0, num_frames - 1, max_frames)]
+
+
+def _to_rgb8(arr: np.ndarray, ds, lut_shift: int) -> np.ndarray:
+    """One decoded frame -> uint8 [H, W, 3] RGB, whatever the photometric interpretation and bit depth."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric == "PALETTE COLOR":
+        arr = np.right_shift(apply_color_lut(arr, ds), lut_shift).astype(np.uint8)
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float32)
+        if photometric.startswith("MONOCHROME") and bits > 8:  # window to the frame's own range
+            lo, hi = float(arr.min()), float(arr.max())
+            arr, top = arr - lo, max(hi - lo, 1.0)
+        else:
+            top = float(2**bits - 1)
+        arr = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        arr = 255 - arr
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise SkipVideo(f"unsupported pixel layout {arr.shape} ({photometric})")
+    return arr
+
+
+def _palette_shift(ds) -> int:
+    """Palette LUT entries are 16-bit (scale down by 8 bits) or, in some files, already 8-bit."""
+    if str(ds.get("PhotometricInterpretation", "")).upper() != "PALETTE COLOR":
+        return 0
+    try:
+        top = int(apply_color_lut(np.arange(256, dtype=np.uint8), ds).max())
+    except Exception as e:
+        raise SkipVideo(f"invalid palette colour lookup table ({type(e).__name__})") from None
+    return 8 if top > 255 else 0
+
+
+def read_frames(path: str, indices: list[int]) -> np.ndarray:
+    """Decode only frames `indices` of the file -> uint8 [K, H, W, 3] RGB. Raises SkipVideo on failure."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as e:
+        raise SkipVideo(f"unreadable DICOM header ({type(e).__name__})") from None
+    frames = []
+    try:
+        lut_shift = _palette_shift(ds)
+        with open(path, "rb") as f:
+            for arr in iter_pixels(f, indices=indices):
+                frames.append(_to_rgb8(arr, ds, lut_shift))
+    except SkipVideo:
+        raise
+    except NotImplementedError:
+        raise SkipVideo(f"unsupported transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}") from None
+    except AttributeError as e:
+        if "PixelData" in str(e) or "Pixel Data" in str(e):
+            raise SkipVideo("no PixelData") from None
+        raise SkipVideo(f"cannot decode pixels (AttributeError: {_short(e)})") from None
+    except Exception as e:
+        raise SkipVideo(f"cannot decode pixels ({type(e).__name__}: {_short(e)})") from None
+    if len(frames) != len(indices):
+        raise SkipVideo(f"decoded {len(frames)} of {len(indices)} frames")
+    return np.stack(frames)
+
+
+def _short(e: Exception) -> str:
+    """An exception message cut short, without paths (a path may carry PHI)."""
+    text = str(e).split("\n")[0]
+    for sep in (os.sep, "'/"):
+        if sep in text:
+            text = text.split(sep)[0].rstrip(" '\"") + " ..."
+            break
+    return text[:120]

@@ -1,0 +1,102 @@
+"""The scan sector: find it, blank everything outside it, crop to a square around it, resize.
+
+EchoCLIP's inputs show only the ultrasound fan: burned-in text (names, ids, dates), the ECG trace and
+scanner graphics are removed. The sector is found from SequenceOfUltrasoundRegions when the header has
+it (limiting the search to the 2D tissue rectangles), and from the video itself: pixels that change over
+time, the largest connected region of them, filled row by row (a fan is convex along every row). Static
+graphics, even inside the region rectangle, stay outside the mask; a thin moving ECG cursor is removed
+by a morphological opening.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+_MOTION_THRESHOLD = 12  # grey levels of temporal range: above JPEG noise on static text, below speckle
+_MIN_SECTOR_FRACTION = 0.02
+_MOTION_FRAMES = 12  # frames (evenly spaced) whose range finds the moving region: enough, and cheap  # a moving region smaller than this share of the search area is not a sector
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def _fill_rows(mask: np.ndarray) -> np.ndarray:
+    """Fill each row between its first and last set pixel."""
+    any_row = mask.any(axis=1)
+    first = np.argmax(mask, axis=1)
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+    cols = np.arange(mask.shape[1])
+    return any_row[:, None] & (cols[None] >= first[:, None]) & (cols[None] <= last[:, None])
+
+
+def region_mask(shape: tuple[int, int], regions) -> np.ndarray:
+    """Union of the (x0, y0, x1, y1) inclusive rectangles, clipped to the image."""
+    h, w = shape
+    mask = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in regions:
+        mask[max(y0, 0) : min(y1, h - 1) + 1, max(x0, 0) : min(x1, w - 1) + 1] = True
+    return mask
+
+
+def sector_mask(frames: np.ndarray, regions=()) -> np.ndarray:
+    """Boolean [H, W] mask of the scan sector of uint8 frames [K, H, W, 3]."""
+    k, h, w, _ = frames.shape
+    area = region_mask((h, w), regions) if regions else np.ones((h, w), bool)
+    if k >= 2:
+        lo = hi = None
+        for i in np.unique(np.linspace(0, k - 1, min(k, _MOTION_FRAMES)).round().astype(int)):
+            g = frames[i].max(axis=-1)
+            lo, hi = (g, g) if lo is None else (np.minimum(lo, g), np.maximum(hi, g))
+        moving = (hi.astype(np.int16) - lo) > _MOTION_THRESHOLD
+        moving = ndimage.binary_opening(moving & area, structure=np.ones((3, 3), bool))
+        sector = _largest_component(moving)
+        if sector.sum() >= _MIN_SECTOR_FRACTION * area.sum():
+            return _fill_rows(sector) & area
+    if regions:
+        return area  # a still image (or a frozen loop): trust the header's rectangle
+    bright = ndimage.binary_opening(frames.max(axis=(0, 3)) > 8, structure=np.ones((3, 3), bool))
+    sector = _largest_component(bright)
+    if not sector.any():
+        return area
+    return _fill_rows(sector)
+
+
+def square_box(mask: np.ndarray) -> tuple[int, int, int]:
+    """(top, left, side) of the square centred on the mask's bounding box (may extend past the image)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        h, w = mask.shape
+        rows, cols = np.array([0, h - 1]), np.array([0, w - 1])
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    side = int(max(y1 - y0, x1 - x0))
+    top = int((y0 + y1 - side) // 2)
+    left = int((x0 + x1 - side) // 2)
+    return top, left, side
+
+
+def crop_resize(frames: np.ndarray, mask: np.ndarray, image_size: int) -> np.ndarray:
+    """Zero pixels outside `mask`, crop the square around it (zero padded), resize -> [K, S, S, 3]."""
+    k, h, w, _ = frames.shape
+    top, left, side = square_box(mask)
+    y0, y1, x0, x1 = max(top, 0), min(top + side, h), max(left, 0), min(left + side, w)
+    canvas = np.zeros((k, side, side, 3), np.uint8)
+    np.multiply(frames[:, y0:y1, x0:x1], mask[y0:y1, x0:x1, None], out=canvas[:, y0 - top : y1 - top, x0 - left : x1 - left])
+    if side == image_size:
+        return canvas
+    out = np.empty((k, image_size, image_size, 3), np.uint8)
+    for i in range(k):
+        out[i] = np.asarray(Image.fromarray(canvas[i]).resize(
+            (image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    return out
+
+
+def prepare(frames: np.ndarray, regions=(), image_size: int = 224) -> np.ndarray:
+    """The whole image step: sector mask, blank outside, square crop, resize."""
+    return crop_resize(frames, sector_mask(frames, regions), image_size)

@@ -1,0 +1,155 @@
+"""End-to-end conversion of a synthetic cohort: pairing, de-identification, splits, resume, bad input."""
+import csv
+import glob
+import hashlib
+import hmac
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from data_prep import convert, records, synthetic
+from data_prep.reports import clean_text
+
+SALT = "unit-test-salt-7f3a"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohort")
+    synthetic.generate(out, patients=5, seed=11, small=True)
+    return out
+
+
+def _convert(cohort, out, *extra):
+    return convert.main(["--dicom_dir", str(cohort / "dicom"), "--reports", str(cohort / "reports.csv"),
+                         "--out", str(out), "--salt", SALT, "--shard_size", "4", "--frames", "8",
+                         "--image_size", "64", *extra])
+
+
+def _records(out):
+    got = {}
+    for split in records.SPLITS:
+        for shard in records.list_shards(str(out), split):
+            for raw in records.ShardReader(shard):
+                ex = records.decode_example(raw)
+                got.setdefault(ex["video_id"][0].decode(), []).append((split, ex))
+    return got
+
+
+def _hash(kind, value):  # the documented id scheme, recomputed independently
+    return hmac.new(SALT.encode(), f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def converted(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    assert _convert(cohort, out) == 0
+    return out
+
+
+def test_cohort_converts_with_paired_reports_days_and_splits(cohort, converted):
+    truth = synthetic.read_truth(cohort)
+    got = _records(converted)
+    assert len(got) == len(truth) and all(len(v) == 1 for v in got.values())
+    reports = {r["StudyInstanceUID"]: r["report"] for r in csv.DictReader(open(cohort / "reports.csv"))}
+    patient_split = {}
+    for row in truth:
+        ds = pydicom.dcmread(cohort / row["path"], stop_before_pixels=True)
+        [(split, ex)] = got[_hash("video", ds.SOPInstanceUID)]
+        assert ex["patient_id"] == [_hash("patient", ds.PatientID).encode()]
+        assert ex["study_id"] == [_hash("study", ds.StudyInstanceUID).encode()]
+        assert ex["report"] == [clean_text(reports[ds.StudyInstanceUID]).encode()]
+        assert ex["study_day"] == [int(row["study_day"])]
+        assert ex["num_frames"] == [min(8, int(row["frames"]))] == [len(ex["frames"])]
+        assert ex["fps"][0] == pytest.approx(float(row["fps"]), rel=1e-3)
+        assert np.isnan(ex["ef"][0]) and ex["source"] == [b"dicom"] and ex["image_size"] == [64]
+        frame = np.asarray(Image.open(io.BytesIO(ex["frames"][0])))
+        assert frame.shape == (64, 64, 3)
+        assert patient_split.setdefault(row["patient"], split) == split  # never a patient in two splits
+    info = json.load(open(converted / "dataset_info.json"))
+    assert sum(s["num_videos"] for s in info["splits"].values()) == len(truth)
+    manifest = [json.loads(line) for line in open(converted / "manifest.jsonl")]
+    assert len(manifest) == len(truth) and {m["status"] for m in manifest} == {"converted"}
+
+
+def test_no_phi_in_any_output_byte(cohort, converted):
+    phi = synthetic.read_phi(cohort) + [SALT]
+    for path in glob.glob(str(converted / "**"), recursive=True) + glob.glob(str(converted / ".*/*")):
+        if os.path.isfile(path):
+            data = open(path, "rb").read()
+            for s in phi:
+                assert s.encode() not in data, f"{s!r} found in {path}"
+            assert b"dicom/P0" not in data  # input paths are hashed in the manifest
+
+
+def test_rerun_is_a_no_op_and_another_salt_is_refused(cohort, converted, capsys):
+    before = {p: os.path.getmtime(p) for p in glob.glob(str(converted / "*.tfrecord"))}
+    assert _convert(cohort, converted) == 0
+    assert {p: os.path.getmtime(p) for p in before} == before
+    assert "already done" in capsys.readouterr().err
+    assert convert.main(["--dicom_dir", str(cohort / "dicom"), "--reports", str(cohort / "reports.csv"),
+                         "--out", str(converted), "--salt", "another-salt-123", "--shard_size", "4",
+                         "--frames", "8", "--image_size", "64"]) == 2
+
+
+def test_killed_conversion_resumes_with_every_record_once(cohort, converted, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "data_prep.convert", "--dicom_dir", str(cohort / "dicom"),
+           "--reports", str(cohort / "reports.csv"), "--out", str(out), "--salt", SALT, "--shard_size", "1",
+           "--frames", "8", "--image_size", "64", "--jpeg_quality", "100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(glob.glob(str(out / "*.tfrecord"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "conversion finished before it could be killed"
+    finished = {p: os.path.getmtime(p) for p in glob.glob(str(out / "*.tfrecord"))}
+    assert finished and not os.path.exists(out / "manifest.jsonl")
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert all(os.path.getmtime(p) == t for p, t in finished.items())  # finished shards were not redone
+    assert not glob.glob(str(out / "*.tmp"))
+    got = _records(out)
+    assert all(len(v) == 1 for v in got.values())
+    assert sorted(got) == sorted(_records(converted))
+
+
+def test_bad_inputs_are_skipped_with_reasons(cohort, tmp_path):
+    src = tmp_path / "export"
+    for patient in ("P00001", "P00002"):
+        shutil.copytree(cohort / "dicom" / patient, src / patient)
+    files = sorted(glob.glob(str(src / "P00001" / "**" / "*.dcm"), recursive=True))
+    orphan = sorted(glob.glob(str(src / "P00002" / "**" / "*.dcm"), recursive=True))[0]
+    orphan_study = pydicom.dcmread(orphan, stop_before_pixels=True).StudyInstanceUID
+    n_inputs = len(glob.glob(str(src / "**" / "*.dcm"), recursive=True)) + 1
+    (src / "readme.txt").write_text("not dicom")
+    raw = open(files[0], "rb").read()
+    open(files[0], "wb").write(raw[: len(raw) // 2])  # truncated
+    ds = pydicom.dcmread(files[1])
+    del ds.PixelData
+    ds.save_as(files[1])
+    reports = tmp_path / "reports.csv"
+    rows = list(csv.DictReader(open(cohort / "reports.csv")))
+    with open(reports, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for r in rows if r["StudyInstanceUID"] != orphan_study)
+    args = ["--dicom_dir", str(src), "--reports", str(reports), "--salt", SALT, "--frames", "4", "--image_size", "32"]
+    assert convert.main([*args, "--out", str(tmp_path / "o1"), "--max_skipped_fraction", "0.9"]) == 0
+    manifest = [json.loads(line) for line in open(tmp_path / "o1" / "manifest.jsonl")]
+    assert len(manifest) == n_inputs
+    reasons = [m["reason"] for m in manifest if m["status"] == "skipped"]
+    assert "not a DICOM file" in reasons and "no PixelData" in reasons and "no report for this study" in reasons
+    assert any("cannot decode pixels" in r or "unreadable" in r for r in reasons)
+    assert convert.main([*args, "--out", str(tmp_path / "o2"), "--max_skipped_fraction", "0.0"]) == 3
+    assert convert.main([*args, "--out", str(tmp_path / "o3"), "--report_column", "text"]) == 2

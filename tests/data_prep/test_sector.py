@@ -1,0 +1,45 @@
+"""Sector masking on synthetic videos whose true fan geometry is known (data_prep.synthetic's truth)."""
+import math
+
+import numpy as np
+import pytest
+
+from data_prep import sector, synthetic
+
+
+def _video(has_regions):
+    specs, _, _ = synthetic.plan_cohort(2, seed=3, small=True)
+    spec = next(s for s in specs if s.has_regions == has_regions)
+    frames, truth = synthetic.render_video(spec)
+    yy, xx = np.mgrid[: frames.shape[1], : frames.shape[2]]
+    u, v = xx - truth["sector_apex_x"], yy - truth["sector_apex_y"]
+    fan = (np.hypot(u, v) <= truth["sector_radius"] + 0.5) & (
+        np.abs(np.arctan2(u, v)) <= math.radians(truth["sector_half_angle_deg"]) + 0.01)
+    box = (truth["sector_x0"], truth["sector_y0"], truth["sector_x1"], truth["sector_y1"])
+    return frames, fan, box
+
+
+@pytest.mark.parametrize("with_regions", [True, False])
+def test_mask_is_the_fan_and_nothing_else(with_regions):
+    frames, fan, box = _video(True)
+    mask = sector.sector_mask(frames[::2], [box] if with_regions else ())
+    assert not (mask & ~fan).any()  # burned-in text, probe label, depth ticks, ECG: all outside
+    assert mask.sum() >= 0.9 * fan.sum()
+
+
+def test_prepare_blanks_text_and_ecg_and_fills_the_square():
+    frames, fan, box = _video(False)
+    out = sector.prepare(frames, (), image_size=64)
+    assert out.shape == (len(frames), 64, 64, 3) and out.dtype == np.uint8
+    green = out[..., 1].astype(int) - out[..., 0].astype(int)
+    assert green.max() < 40  # the green ECG trace is gone
+    assert out[:, :2].max() == 0  # the rows above the apex (where the name/id/date were) are black
+    assert out[:, 40:, 20:44].mean() > 20  # the fan fills the crop
+
+
+def test_static_video_falls_back_to_region_rectangle():
+    frames, _, box = _video(True)
+    still = np.repeat(frames[:1], 3, axis=0)
+    mask = sector.sector_mask(still, [box])
+    x0, y0, x1, y1 = box
+    assert mask.sum() == (x1 - x0 + 1) * (y1 - y0 + 1)
