@@ -1,0 +1,142 @@
+"""Train a SentencePiece tokenizer on the cleaned report corpus.
+
+    python -m echoclip_jax.tokenizers.train_sentencepiece --reports R --vocab_size V --out M.model
+        [--template_vocab template_vocab.txt] [--model_type unigram|bpe] [--column report]
+
+R is a CSV with a report column (data_prep's input reports.csv), a text file with one report per line, or a
+data_prep output directory (the `report` of every record of the train split). Reports are `clean_text`-
+normalised and de-duplicated (a study's report is stored once per video). With --template_vocab, the fixed
+wording of each template phrase (the text between its `<#>` variables, at least two words) becomes a
+user-defined piece, so a whole echo concept is one token. Ids: pad 0, unk 1, BOS 2, EOS V-1: the highest id,
+as in CLIP BPE and the template tokenizer, so the text tower's argmax pooling finds the end of the text.
+"""
+import argparse
+import csv
+import io
+import os
+import sys
+
+import sentencepiece
+
+from data_prep.reports import clean_text
+from echoclip_jax.tokenizers.template import PLACEHOLDER, read_vocab
+
+PAD_ID, UNK_ID, BOS_ID = 0, 1, 2  # EOS is vocab_size - 1
+_WORD = "▁"  # SentencePiece's whitespace symbol
+
+
+def read_reports(path: str, column: str = "report") -> list[str]:
+    """Raw report texts from a CSV, a text file or a data_prep output directory; errors name the path."""
+    if os.path.isdir(path):
+        from data_prep import records
+
+        shards = records.list_shards(path, "train")
+        if not shards:
+            raise ValueError(f"{path}: no train-*.tfrecord shards (expected a data_prep.convert output)")
+        texts = []
+        for shard in shards:
+            for _, data in records.iter_tfrecord(shard):
+                texts.extend(r.decode("utf-8") for r in records.decode_example(data).get("report", []))
+        return texts
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"reports file not found: {path}")
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            if path.lower().endswith(".csv"):
+                reader = csv.DictReader(fh)
+                if not reader.fieldnames or column not in reader.fieldnames:
+                    raise ValueError(f"{path}: no {column!r} column (columns: {reader.fieldnames}); use --column")
+                return [row[column] or "" for row in reader]
+            return fh.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: malformed CSV ({e})") from None
+
+
+def corpus(texts) -> list[str]:
+    """Cleaned, non-empty, de-duplicated reports in first-seen order."""
+    seen = {}
+    for t in texts:
+        c = clean_text(t).strip()
+        if c:
+            seen.setdefault(c, None)
+    return list(seen)
+
+
+def template_pieces(vocab_path: str) -> list[str]:
+    """User-defined pieces from the fixed wording of template phrases (spaces as ▁, one leading ▁)."""
+    pieces = {}
+    for phrase in read_vocab(vocab_path):
+        for i, fragment in enumerate(phrase.split(PLACEHOLDER)):
+            # A fragment glued to a number ("<#>MMHG") does not start a word; pieces must.
+            starts_word = i == 0 or fragment[:1].isspace()
+            words = fragment.split()
+            if starts_word and len(words) >= 2:
+                pieces.setdefault(_WORD + _WORD.join(words), None)
+    return list(pieces)
+
+
+def train(texts, vocab_size: int, *, user_pieces=(), model_type: str = "unigram", byte_fallback: bool = False,
+          source: str = "reports") -> bytes:
+    """Train on cleaned report texts -> serialized model. clean_text is the only normaliser (identity rule)."""
+    sentences = corpus(texts)
+    if not sentences:
+        raise ValueError(f"{source}: no non-empty reports to train on")
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            user_defined_symbols=list(user_pieces),
+            normalization_rule_name="identity",
+            character_coverage=1.0,
+            byte_fallback=byte_fallback,
+            max_sentence_length=1 << 16,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=vocab_size - 1,
+            minloglevel=2,
+            num_threads=os.cpu_count() or 1,
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            f"{source}: sentencepiece training failed for vocab_size={vocab_size} on {len(sentences)} distinct "
+            f"reports with {len(user_pieces)} user-defined pieces (vocab_size must cover the characters and "
+            f"user pieces, and not exceed what the corpus supports): {e}"
+        ) from None
+    return model.getvalue()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reports", required=True, help="reports CSV, one-report-per-line text, or data_prep output dir")
+    p.add_argument("--vocab_size", required=True, type=int)
+    p.add_argument("--out", required=True, help="model file to write (e.g. reports.model)")
+    p.add_argument("--template_vocab", default="", help="template phrase file: its fixed wording becomes pieces")
+    p.add_argument("--column", default="report", help="report column of a CSV")
+    p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
+    p.add_argument("--byte_fallback", action="store_true", help="unseen characters become byte pieces, not unk")
+    args = p.parse_args(argv)
+    try:
+        pieces = template_pieces(args.template_vocab) if args.template_vocab else []
+        model = train(read_reports(args.reports, args.column), args.vocab_size, user_pieces=pieces,
+                      model_type=args.model_type, byte_fallback=args.byte_fallback, source=args.reports)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(model)
+    os.replace(tmp, args.out)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+    print(f"wrote {args.out}: {sp.get_piece_size()} pieces ({len(pieces)} from the template)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
