@@ -1,0 +1,303 @@
+"""Zero-shot tasks as data: the task table, prompt building, label extraction from reports, scoring.
+
+A task table is a JSON object {task name: spec}, in the format of the paper's published prompts
+(configs/zero_shot_tasks.json is the paper's 16 tasks):
+  mode            "binary" | "categorical" | "regression"
+  label_sources   report phrases that define the label; `<#>` stands for a number
+  testers         prompts used for scoring (default: label_sources)
+  values          categorical: the class value of each label source
+  tester_values   categorical: the class value of each tester (default: values)
+  value_mapping   categorical: {value: class name}; a "0" entry is the class of reports that match no source
+  range           regression: [lo, hi]; prompts are filled with every integer in it
+  label_column    optional record field that holds the label when known (EchoNet's "ef"); wins over the report
+  aliases         optional other names for --tasks
+
+Labels come from the report with one rule for every task, driven by the table's phrases (see
+`source_pattern`). Scores come from similarities `sims[N, T, P]` of each video's T L2-normalised frame
+embeddings to P L2-normalised prompt embeddings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+
+from echoclip_jax import metrics
+
+DEFAULT_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                             "zero_shot_tasks.json")
+MODES = ("binary", "categorical", "regression")
+NUMBER = r"(\d+\.?\d*)"  # the number syntax of EchoCLIP's template tokenizer
+TOP_FRACTION = 0.2  # regression: median of the top 20% of candidate values (the paper)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    mode: str
+    label_sources: tuple[str, ...]
+    testers: tuple[str, ...]
+    source_values: tuple[float, ...] = ()  # categorical
+    tester_values: tuple[float, ...] = ()  # categorical
+    value_mapping: dict = dataclasses.field(default_factory=dict)  # categorical
+    value_range: tuple[int, int] | None = None  # regression
+    label_column: str | None = None
+    aliases: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------------ the table
+
+
+def _task_from_spec(name: str, spec: dict, path: str) -> Task:
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{path}: task {name!r}: {problem}")
+
+    if not isinstance(spec, dict):
+        raise bad("spec must be a JSON object")
+    mode = spec.get("mode")
+    if mode not in MODES:
+        raise bad(f"mode must be one of {MODES}, got {mode!r}")
+    sources = spec.get("label_sources")
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s.strip()
+                                                                for s in sources):
+        raise bad("label_sources must be a non-empty list of non-empty strings")
+    testers = spec.get("testers", sources)
+    if not isinstance(testers, list) or not testers or not all(isinstance(s, str) for s in testers):
+        raise bad("testers must be a non-empty list of strings")
+    fields = dict(name=name, mode=mode, label_sources=tuple(sources), testers=tuple(testers),
+                  label_column=spec.get("label_column"), aliases=tuple(spec.get("aliases", ())))
+    if mode == "categorical":
+        values = spec.get("values")
+        if not isinstance(values, list) or len(values) != len(sources):
+            raise bad(f"categorical needs 'values', one per label source ({len(sources)})")
+        tester_values = spec.get("tester_values", values if "testers" not in spec else None)
+        if not isinstance(tester_values, list) or len(tester_values) != len(testers):
+            raise bad(f"categorical needs 'tester_values', one per tester ({len(testers)})")
+        mapping = {float(k): v for k, v in spec.get("value_mapping", {}).items()}
+        fields.update(source_values=tuple(float(v) for v in values),
+                      tester_values=tuple(float(v) for v in tester_values), value_mapping=mapping)
+    if mode == "regression":
+        rng = spec.get("range")
+        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) for v in rng)
+                and rng[0] < rng[1]):
+            raise bad(f"regression needs 'range': [lo, hi] integers with lo < hi, got {rng!r}")
+        missing = [t for t in testers if "<#>" not in t]
+        if missing:
+            raise bad(f"every regression prompt needs a <#> for the value; not in {missing[0]!r}")
+        fields["value_range"] = (rng[0], rng[1])
+    return Task(**fields)
+
+
+def load_tasks(path: str | None = None, names: Sequence[str] | None = None) -> list[Task]:
+    """Tasks of a table (default: the paper's), optionally only `names` (table names or aliases)."""
+    path = path or DEFAULT_TABLE
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: zero-shot task table not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"{path}: a task table is a non-empty JSON object {{task name: spec}}")
+    tasks = [_task_from_spec(name, spec, path) for name, spec in table.items()]
+    if names is None:
+        return tasks
+    lookup = {}
+    for t in tasks:
+        for key in (t.name, *t.aliases):
+            lookup[key] = t
+    unknown = [n for n in names if n not in lookup]
+    if unknown:
+        raise ValueError(f"{path}: unknown task(s) {unknown}; known: {sorted(lookup)}")
+    return [lookup[n] for n in dict.fromkeys(names)]
+
+
+# ---------------------------------------------------------------------------------------- prompts
+
+
+def build_prompts(task: Task) -> tuple[list[str], np.ndarray | None]:
+    """The prompts to embed and, for categorical/regression, the value each stands for.
+
+    Regression prompts are every tester filled with every integer of the range ("<#>" -> "55").
+    """
+    if task.mode == "binary":
+        return list(task.testers), None
+    if task.mode == "categorical":
+        return list(task.testers), np.asarray(task.tester_values, dtype=np.float64)
+    lo, hi = task.value_range
+    texts, values = [], []
+    for prompt in task.testers:
+        for v in range(lo, hi + 1):
+            texts.append(prompt.replace("<#>", str(v)))
+            values.append(float(v))
+    return texts, np.asarray(values)
+
+
+# ------------------------------------------------------------------------------------------ labels
+
+
+def source_pattern(source: str) -> re.Pattern:
+    """Regex for a report phrase: any whitespace run matches any whitespace run, `<#>` captures a number,
+    the phrase's final period is optional, and the match may not start or end inside a word."""
+    core = " ".join(source.split()).rstrip(".").rstrip()
+    parts = [re.escape(p).replace(r"\ ", r"\s+") for p in core.split("<#>")]
+    return re.compile(r"(?<![A-Z0-9/])" + NUMBER.join(parts) + r"\.?(?![A-Z0-9])")
+
+
+def _compiled(task: Task) -> list[re.Pattern]:
+    return [source_pattern(s) for s in task.label_sources]
+
+
+def extract_label(task: Task, report: str, patterns: list[re.Pattern] | None = None) -> float | None:
+    """The task's label in a (clean_text-normalised) report, or None when the report does not say.
+
+    binary: 1 if any label source occurs, else 0. categorical: the largest value among the sources that
+    occur (the most severe grade mentioned); a report that matches none gets class 0 when the table
+    names a 0 class, else None. regression: the number in the leftmost occurring source, None when
+    absent or outside the range.
+    """
+    patterns = patterns or _compiled(task)
+    text = " ".join(report.upper().split())
+    matches = [(m, i) for i, p in enumerate(patterns) for m in [p.search(text)] if m]
+    if task.mode == "binary":
+        return 1.0 if matches else 0.0
+    if task.mode == "categorical":
+        if matches:
+            return max(task.source_values[i] for _, i in matches)
+        return 0.0 if 0.0 in task.value_mapping else None
+    if not matches:
+        return None
+    m, _ = min(matches, key=lambda mi: mi[0].start())
+    numbers = [g for g in m.groups() if g is not None]
+    if not numbers:
+        return None
+    value = float(numbers[0])
+    lo, hi = task.value_range
+    return value if lo <= value <= hi else None
+
+
+def task_labels(task: Task, reports: Sequence[str], columns: dict | None = None) -> np.ndarray:
+    """One label per video (NaN = unknown). `columns[task.label_column]` (e.g. EchoNet's EF) wins over
+    the report wherever it is finite."""
+    patterns = _compiled(task)
+    labels = np.asarray([np.nan if (v := extract_label(task, r, patterns)) is None else v
+                         for r in reports], dtype=np.float64)
+    if task.label_column and columns and task.label_column in columns:
+        col = np.asarray(columns[task.label_column], dtype=np.float64)
+        if col.shape != labels.shape:
+            raise ValueError(f"label column {task.label_column!r} has {col.shape[0]} values for "
+                             f"{labels.shape[0]} videos")
+        labels = np.where(np.isfinite(col), col, labels)
+    return labels
+
+
+# ----------------------------------------------------------------------------------------- scoring
+
+
+def similarities(frame_embeds, prompt_embeds) -> np.ndarray:
+    """[N, T, D] x [P, D] -> [N, T, P] cosine similarities (inputs already L2-normalised)."""
+    f = np.asarray(frame_embeds, dtype=np.float32)
+    p = np.asarray(prompt_embeds, dtype=np.float32)
+    if f.ndim != 3 or p.ndim != 2 or f.shape[-1] != p.shape[-1]:
+        raise ValueError(f"frame embeddings {f.shape} must be [N, T, D] and prompts {p.shape} [P, D]")
+    return f @ p.T
+
+
+def score_binary(sims: np.ndarray) -> np.ndarray:
+    """Mean cosine similarity over frames and positive prompts."""
+    return sims.mean(axis=(1, 2))
+
+
+def categorical_scores(sims: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, scores[N, C]): a class's score is its best prompt's frame-averaged similarity, so the
+    argmax over classes is the argmax over class prompts."""
+    per_prompt = sims.mean(axis=1)  # [N, P]
+    classes = np.unique(values)
+    scores = np.stack([per_prompt[:, values == c].max(axis=1) for c in classes], axis=1)
+    return classes, scores
+
+
+def predict_categorical(sims: np.ndarray, values: np.ndarray) -> np.ndarray:
+    classes, scores = categorical_scores(sims, values)
+    return classes[scores.argmax(axis=1)]
+
+
+def _top_k(num_candidates: int, top_fraction: float) -> int:
+    return max(1, int(num_candidates * top_fraction))
+
+
+def _ranked_values(sims: np.ndarray, values: np.ndarray) -> np.ndarray:
+    # Stable sort on -sims: among equal similarities the earlier prompt ranks first.
+    return values[np.argsort(-sims, axis=-1, kind="stable")]
+
+
+def predict_regression(sims: np.ndarray, values: np.ndarray, *, variant: str = "paper",
+                       top_fraction: float = TOP_FRACTION) -> np.ndarray:
+    """Value predicted for each video from sims[N, T, P] to prompts standing for `values[P]`.
+
+    "paper": per frame, rank the candidate values by similarity and take the median of the top 20%;
+    then average the frames' predictions.
+    "repository": EchoCLIP's released code: rank per frame, average the ranked values across frames
+    rank by rank, then take the median of the top 20% (torch's median: the lower middle value).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if sims.shape[-1] != len(values):
+        raise ValueError(f"{sims.shape[-1]} prompt similarities for {len(values)} values")
+    k = _top_k(len(values), top_fraction)
+    ranked = _ranked_values(sims, values)[..., :k]  # [N, T, k]
+    if variant == "paper":
+        return np.median(ranked, axis=-1).mean(axis=1)
+    if variant == "repository":
+        averaged = np.sort(ranked.mean(axis=1), axis=-1)  # [N, k]
+        return averaged[:, (k - 1) // 2]
+    raise ValueError(f"unknown regression variant {variant!r} (use 'paper' or 'repository')")
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_task(task: Task, sims: np.ndarray, labels: np.ndarray, *,
+                  calibration: tuple | None = None) -> dict:
+    """Metrics of one task over the videos with a known label (labels NaN = unknown, left out).
+
+    Returns a JSON-able dict of metrics plus "_curves" (arrays for plots) that callers drop before saving.
+    `calibration = (labels, scores)` from another split sets the binary threshold.
+    """
+    known = np.isfinite(labels)
+    y, s = labels[known], sims[known]
+    out: dict = {"mode": task.mode, "n": int(known.sum())}
+    if not known.any():
+        return out
+    if task.mode == "binary":
+        scores = score_binary(s)
+        out.update(metrics.binary_metrics(y.astype(int), scores, calibration=calibration))
+        out["_curves"] = {"labels": y.astype(int), "scores": scores}
+    elif task.mode == "categorical":
+        _, values = build_prompts(task)
+        classes, scores = categorical_scores(s, values)
+        pred = classes[scores.argmax(axis=1)]
+        scorable = np.isin(y, classes)  # e.g. "normal" has no prompt: it can never be predicted
+        out["accuracy"] = metrics.accuracy(y[scorable], pred[scorable]) if scorable.any() else math.nan
+        out["n_scorable"] = int(scorable.sum())
+        aucs = metrics.per_class_auc(y, scores, list(classes))
+        names = task.value_mapping
+        out["per_class_auc"] = {str(names.get(c, c)): v for c, v in aucs.items()}
+        finite = [v for v in aucs.values() if np.isfinite(v)]
+        out["macro_auc"] = float(np.mean(finite)) if finite else math.nan
+        out["class_counts"] = {str(names.get(c, c)): int((y == c).sum()) for c in np.unique(y)}
+    else:
+        _, values = build_prompts(task)
+        for variant in ("paper", "repository"):
+            pred = predict_regression(s, values, variant=variant)
+            suffix = "" if variant == "paper" else "_repository"
+            out["mae" + suffix] = metrics.mae(y, pred)
+            out["r2" + suffix] = metrics.r2(y, pred)
+            if variant == "paper":
+                out["_curves"] = {"true": y, "pred": pred}
+    return out

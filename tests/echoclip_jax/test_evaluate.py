@@ -1,0 +1,229 @@
+import csv
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from echoclip_jax import evaluate, zero_shot as zs
+
+PACER = "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD."
+
+
+def _angle(ef):
+    return np.deg2rad(ef)  # 1 EF point = 1 degree, so similarity falls off with |EF - value|
+
+
+class OracleEmbedder:
+    """Stands in for a model that understands the prompts perfectly: dimension 0 is 'pacer lead',
+    dimensions 1-2 encode EF as an angle. Tests the wiring (labels, prompts, scoring) in isolation."""
+
+    temporal_pool = "mean"
+
+    def texts(self, texts):
+        out = []
+        for t in texts:
+            m = re.search(r"EJECTION FRACTION IS (?:ESTIMATED TO BE )?(\d+)%", t)
+            if "PACER LEAD" in t:
+                v = [1.0, 0, 0, 0]
+            elif m:
+                a = _angle(float(m.group(1)))
+                v = [0, np.cos(a), np.sin(a), 0]
+            else:
+                v = [0, 0, 0, 1.0]
+            out.append(v)
+        return np.asarray(out, np.float32)
+
+
+def _oracle_split(rng, n=24, frames=3):
+    ef = rng.integers(20, 76, n).astype(float)
+    pacer = np.arange(n) % 3 == 0
+    emb = np.zeros((n, frames, 4))
+    for i in range(n):
+        for t in range(frames):
+            a = _angle(ef[i] + rng.normal(scale=1.0))
+            emb[i, t] = [0.8 * pacer[i], np.cos(a), np.sin(a), 0.3]
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    reports = [(PACER + " " if p else "") + f"LV EJECTION FRACTION IS {int(e)}%." for p, e in zip(pacer, ef)]
+    reports[1] = "NORMAL RIGHT VENTRICLE."  # no EF sentence: unknown EF label
+    videos = emb.mean(1)
+    videos /= np.linalg.norm(videos, axis=1, keepdims=True)
+    split = evaluate.SplitEmbeddings(
+        frames=emb, videos=videos, patient_id=[f"p{i // 4}" for i in range(n)],
+        study_id=[f"s{i // 2}" for i in range(n)], study_day=np.asarray([(i // 2) % 2 * 100 for i in range(n)],
+                                                                      float),
+        report=reports, ef=np.full(n, np.nan))
+    return split, ef, pacer
+
+
+def test_compute_metrics_with_an_oracle_model():
+    rng = np.random.default_rng(0)
+    split, ef, pacer = _oracle_split(rng)
+    tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
+    results, curves = evaluate.compute_metrics(OracleEmbedder(), split, tasks)
+    pm = results["tasks"]["pacemaker"]
+    assert pm["n"] == 24 and pm["n_pos"] == int(pacer.sum())
+    assert pm["auc"] == 1.0 and pm["f1"] == 1.0
+    efr = results["tasks"]["ejection_fraction"]
+    assert efr["n"] == 23  # report 1 has no EF sentence
+    assert efr["mae"] < 1.5 and efr["mae_repository"] < 1.5 and efr["r2"] > 0.95
+    np.testing.assert_allclose(curves["regression"]["ejection_fraction"]["true"], np.delete(ef, 1))
+    assert results["retrieval"]["image_to_text"]["num_candidates"] == 24
+    assert results["patient_identification"]["n_studies"] == 12
+    assert results["patient_identification"]["n_same"] == 6  # 6 patients x 1 pair of studies
+    assert set(results["clinical_change"]) == {"pacemaker"}
+
+
+def test_calibration_split_sets_the_threshold():
+    rng = np.random.default_rng(1)
+    split, _, _ = _oracle_split(rng)
+    calib, _, _ = _oracle_split(rng)
+    tasks = zs.load_tasks(names=["pacemaker"])
+    results, _ = evaluate.compute_metrics(OracleEmbedder(), split, tasks, calibration=calib)
+    assert results["tasks"]["pacemaker"]["threshold_source"] == "calibration"
+
+
+def _result(name, step, auc):
+    return {"name": name, "step": step, "checkpoint": f"orbax:w@{step}", "split": "test",
+            "tasks": {"pacemaker": {"mode": "binary", "auc": auc, "n": 10},
+                      "ejection_fraction": {"mode": "regression", "mae": 9.5, "r2": None}},
+            "retrieval": {"image_to_text": {"mean_rank_fraction": 0.3}}}
+
+
+def test_results_summary_and_plots(tmp_path):
+    out = str(tmp_path)
+    evaluate.write_json(os.path.join(out, "200.json"), _result("200", 200, 0.8))
+    evaluate.write_json(os.path.join(out, "100.json"), _result("100", 100, float("nan")))
+    evaluate.write_json(os.path.join(out, "final.json"), _result("final", None, 0.9))
+    assert not any(p.endswith(".tmp") for p in os.listdir(out))
+    assert json.load(open(os.path.join(out, "100.json")))["tasks"]["pacemaker"]["auc"] is None  # NaN -> null
+    with open(evaluate.write_summary(out)) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["100", "200", "final"]  # by step, unnamed steps last
+    assert rows[0]["tasks/pacemaker/auc"] == "" and rows[1]["tasks/pacemaker/auc"] == "0.8"
+    assert rows[2]["step"] == "" and rows[2]["retrieval/image_to_text/mean_rank_fraction"] == "0.3"
+    path = evaluate.plot_metrics_vs_step(out)
+    curves = {"binary": {"pacemaker": {"labels": np.array([0, 1, 1, 0]), "scores": np.array([.1, .9, .6, .4])}},
+              "regression": {"ejection_fraction": {"true": np.array([30., 60.]), "pred": np.array([35., 50.])}},
+              "patient_identification": {"labels": np.array([1, 0]), "scores": np.array([.9, .1])}}
+    written = evaluate.plot_checkpoint(out, "200", curves)
+    assert sorted(os.path.basename(p) for p in written) == ["200_ejection_fraction.png", "200_roc.png"]
+    for p in [path, *written]:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flatten_keeps_numbers_only():
+    flat = evaluate.flatten({"a": {"b": 1, "c": "x", "d": None, "e": {"f": 2.5}}, "g": True})
+    assert flat.keys() == {"a/b", "a/d", "a/e/f"} and math.isnan(flat["a/d"])
+
+
+def test_bad_checkpoint_spec():
+    with pytest.raises(ValueError, match="expected KIND:PATH"):
+        evaluate.parse_checkpoint_spec("/just/a/path")
+
+
+# ------------------------------------------------------------------------- the CLI, end to end
+
+
+def _write_records(out, rng, image_size=64, frames=4):
+    """A tiny record set in the contract-A format: 2 studies per patient, a pacer appearing in the
+    second study of some patients, EF in every report."""
+    import io
+
+    from PIL import Image
+
+    from data_prep import records
+
+    ids = []
+    for split, patients in (("train", 6), ("val", 3), ("test", 4)):
+        path = os.path.join(out, records.shard_name(split, 0, 1))
+        with records.TFRecordWriter(path) as w:
+            for p in range(patients):
+                for study in range(2):
+                    pacer = study == 1 and p % 2 == 0
+                    for v in range(2):
+                        ef = float(rng.integers(20, 75))
+                        jpegs = []
+                        for _ in range(frames):
+                            img = rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
+                            buf = io.BytesIO()
+                            Image.fromarray(img).save(buf, format="JPEG")
+                            jpegs.append(buf.getvalue())
+                        pid, sid = f"{split}patient{p:04d}", f"{split}patient{p:04d}study{study}"
+                        ids += [pid, sid]
+                        report = (PACER + " " if pacer else "") + f"LV EJECTION FRACTION IS {int(ef)}%. "
+                        w.write(records.encode_example({
+                            "video_id": f"{sid}video{v}".encode(), "patient_id": pid.encode(),
+                            "study_id": sid.encode(), "study_day": study * 200, "frames": jpegs,
+                            "num_frames": frames, "image_size": image_size, "fps": 30.0,
+                            "report": report.encode(), "ef": ef, "source": b"dicom"}))
+    with open(os.path.join(out, "dataset_info.json"), "w") as f:
+        json.dump({"source": "dicom", "max_frames": frames, "image_size": image_size,
+                   "features": records.SCHEMA}, f)
+    return ids
+
+
+def _cli(*args, timeout=600):
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+
+
+@pytest.mark.slow
+def test_sweep_over_three_checkpoints_is_resumable(tmp_path):
+    data_dir, workdir, out = tmp_path / "records", tmp_path / "work", tmp_path / "eval"
+    data_dir.mkdir()
+    ids = _write_records(str(data_dir), np.random.default_rng(0))
+    tiny = ["--config", "configs/tiny.py", "--config.batch_size=8", "--config.total_steps=3",
+            "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=5",
+            "--config.model.vision.image_size=64"]
+    r = _cli("echoclip_jax.train", *tiny, f"--config.data_dir={data_dir}", "--workdir", str(workdir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    from echoclip_jax import checkpoint
+
+    steps = checkpoint.all_steps(str(workdir))
+    assert len(steps) == 3, steps
+    evaluate_args = ["echoclip_jax.evaluate", *tiny, "--workdir", str(workdir), "--data_dir", str(data_dir),
+                     "--split", "test", "--out", str(out), "--tasks", "ef,pacemaker", "--batch_size", "16"]
+    r = _cli(*evaluate_args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "evaluated 3 checkpoint(s), skipped 0" in r.stdout
+    results = {s: json.load(open(out / f"{s}.json")) for s in steps}
+    for s, res in results.items():
+        assert res["step"] == s and res["num_videos"] == 16 and res["num_frames"] == 4
+        assert res["tasks"]["ejection_fraction"]["n"] == 16
+        assert res["tasks"]["pacemaker"]["n_pos"] == 4  # patients 0 and 2, second study, 2 videos each
+        assert 0.0 <= res["tasks"]["pacemaker"]["auc"] <= 1.0
+        assert res["retrieval"]["text_to_image"]["num_candidates"] == 16
+        assert res["patient_identification"]["n_same"] == 4
+        assert res["clinical_change"]["pacemaker"]["n"] == 4
+    with open(out / "summary.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == steps
+    plots = set(os.listdir(out / "plots"))
+    assert {f"{s}_roc.png" for s in steps} | {f"{s}_ejection_fraction.png" for s in steps} <= plots
+    assert "metrics_vs_step.png" in plots
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+    # Nothing that identifies a patient, study or video reaches the outputs.
+    for name in os.listdir(out):
+        if name.endswith((".json", ".csv")):
+            text = (out / name).read_text()
+            assert not any(i in text for i in ids), name
+    mtimes = {s: os.path.getmtime(out / f"{s}.json") for s in steps}
+    r = _cli(*evaluate_args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "evaluated 0 checkpoint(s), skipped 3" in r.stdout
+    assert {s: os.path.getmtime(out / f"{s}.json") for s in steps} == mtimes
+
+
+def test_cli_reports_missing_arguments_and_unknown_tasks(tmp_path):
+    r = _cli("echoclip_jax.evaluate", "--config", "configs/tiny.py", "--data_dir", str(tmp_path))
+    assert r.returncode != 0 and "--out are required" in r.stderr
+    r = _cli("echoclip_jax.evaluate", "--config", "configs/tiny.py", "--data_dir", str(tmp_path),
+             "--out", str(tmp_path / "e"), "--workdir", str(tmp_path), "--tasks", "ef,nope")
+    assert r.returncode != 0 and "unknown task(s) ['nope']" in r.stderr
