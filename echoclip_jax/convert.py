@@ -1,0 +1,233 @@
+"""Convert model weights between formats, then prove the conversion kept the model's outputs.
+
+    python -m echoclip_jax.convert --src KIND:PATH --dst KIND:PATH [--config CONFIG]
+
+Kinds: `open_clip` (a directory with open_clip_config.json + weights, as
+`open_clip.create_model_and_transforms("local-dir:DIR")` loads; as a source also a bare state-dict file
+.safetensors/.bin/.pt with --config naming the architecture), `safetensors` (our parameter names in
+one file + a JSON of `config.model` beside it: X.safetensors + X.json), and, as sources, `orbax` (a
+training checkpoint or workdir) and `params` (a params-only checkpoint), read through
+`echoclip_jax.checkpoint.restore_params` with --config. After writing, the destination is read back
+and the image and text embeddings of a fixed input are compared with the source's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from echoclip_jax import open_clip_weights as ocw
+from echoclip_jax.models import CLIP, build_model, preprocess_images
+
+SOURCE_KINDS = ("open_clip", "safetensors", "orbax", "params")
+DEST_KINDS = ("open_clip", "safetensors")
+_OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                           "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+
+
+def parse_spec(spec: str, kinds=SOURCE_KINDS) -> tuple[str, str]:
+    kind, sep, path = spec.partition(":")
+    if not sep or not path or kind not in kinds:
+        raise ValueError(f"{spec!r}: expected KIND:PATH with KIND one of {', '.join(kinds)}")
+    return kind, path
+
+
+def expected_params(model_config) -> dict:
+    """{param path: ShapeDtypeStruct} of the model `model_config` builds (no memory allocated)."""
+    abstract = nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+
+
+def make_model(model_config, flat_params: dict) -> CLIP:
+    """Builds the model and loads `flat_params` {path: array} into it, in eval mode."""
+    model = build_model(model_config, rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.from_flat_state({k: jnp.asarray(v) for k, v in flat_params.items()}))
+    model.eval()
+    return model
+
+
+def _flat_name(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+# ---------------------------------------------------------------- readers: -> (model_config, flat params)
+
+def _read_open_clip(path: str, model_config):
+    config_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "open_clip_config.json")
+    if os.path.isdir(path):
+        weights = [os.path.join(path, f) for f in _OPEN_CLIP_WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
+        if not weights:
+            raise FileNotFoundError(f"{path}: no open_clip weights ({', '.join(_OPEN_CLIP_WEIGHT_FILES)})")
+        weights = weights[0]
+    else:
+        weights = path
+    if model_config is None:
+        if not os.path.isfile(config_path):
+            raise ValueError(f"{path}: no open_clip_config.json beside the weights; pass --config")
+        with open(config_path) as f:
+            try:
+                model_config = ocw.model_config_from_open_clip(json.load(f), source=config_path)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    params = ocw.import_state_dict(ocw.read_state_dict(weights), expected_params(model_config), model_config,
+                                   source=weights)
+    return model_config, params
+
+
+def _json_path(path: str) -> str:
+    return os.path.splitext(path)[0] + ".json"
+
+
+def _read_safetensors(path: str, model_config):
+    from safetensors.numpy import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    if os.path.isfile(_json_path(path)):
+        with open(_json_path(path)) as f:
+            model_config = ml_collections.ConfigDict(json.load(f)["model"])
+    elif model_config is None:
+        raise ValueError(f"{path}: no {_json_path(path)} beside it; pass --config")
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    expected = expected_params(model_config)
+    names = {_flat_name(k): k for k in expected}
+    problems = [f"missing {n}" for n in names if n not in tensors]
+    problems += [f"unexpected {n}" for n in tensors if n not in names]
+    problems += [f"{n}: shape {tensors[n].shape}, the config needs {expected[k].shape}"
+                 for n, k in names.items() if n in tensors and tensors[n].shape != expected[k].shape]
+    if problems:
+        raise ValueError(f"{path}: does not match the model config: {'; '.join(problems[:12])}")
+    return model_config, {k: tensors[n].astype(expected[k].dtype) for n, k in names.items()}
+
+
+def _read_checkpoint(path: str, model_config):
+    if model_config is None:
+        raise ValueError(f"{path}: an orbax/params checkpoint needs --config to name its architecture")
+    try:
+        from echoclip_jax.checkpoint import restore_params
+    except ImportError as e:
+        raise ImportError(f"{path}: reading Orbax checkpoints needs echoclip_jax.checkpoint ({e})") from e
+    restored = restore_params(path)
+    if isinstance(restored, nnx.Module):
+        restored = nnx.state(restored, nnx.Param)
+    if isinstance(restored, nnx.State):
+        leaves = {_flat_name(k): v for k, v in nnx.to_flat_state(restored)}
+    else:
+        leaves = {"/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in kp): v
+                  for kp, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    expected = expected_params(model_config)
+    missing = [_flat_name(k) for k in expected if _flat_name(k) not in leaves]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks parameters of the config's model: {', '.join(missing[:8])}")
+    return model_config, {k: np.asarray(jax.device_get(leaves[_flat_name(k)])) for k in expected}
+
+
+READERS = {"open_clip": _read_open_clip, "safetensors": _read_safetensors,
+           "orbax": _read_checkpoint, "params": _read_checkpoint}
+
+
+def load(spec: str, model_config=None):
+    """KIND:PATH -> (model_config, flat params {path tuple: numpy array})."""
+    kind, path = parse_spec(spec)
+    model_config, params = READERS[kind](path, model_config)
+    return model_config, {k: np.asarray(v) for k, v in params.items()}
+
+
+def load_model(spec: str, model_config=None) -> CLIP:
+    """KIND:PATH -> the model with those weights, in eval mode."""
+    model_config, params = load(spec, model_config)
+    return make_model(model_config, params)
+
+
+# ---------------------------------------------------------------- writers
+
+def _write_safetensors(path: str, model_config, params: dict) -> None:
+    from safetensors.numpy import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({_flat_name(k): np.array(v, order="C") for k, v in params.items()}, path)
+    with open(_json_path(path), "w") as f:
+        json.dump({"model": model_config.to_dict()}, f, indent=2)
+
+
+def _write_open_clip(path: str, model_config, params: dict) -> None:
+    ocw.write_open_clip_dir(params, model_config, path)
+
+
+WRITERS = {"open_clip": _write_open_clip, "safetensors": _write_safetensors}
+
+
+def save(spec: str, model_config, params: dict) -> None:
+    kind, path = parse_spec(spec, DEST_KINDS)
+    WRITERS[kind](path, model_config, params)
+
+
+# ---------------------------------------------------------------- verification
+
+def fixed_inputs(model_config, batch: int = 2):
+    """A deterministic image batch and token batch (ending in the config's end-of-text token)."""
+    rng = np.random.default_rng(0)
+    size = model_config.vision.image_size
+    images = rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
+    tc = model_config.text
+    eos = tc.eos_id if tc.pool == "eos" else tc.vocab_size - 1
+    tokens = rng.integers(1, min(tc.vocab_size - 1, eos), size=(batch, tc.context_length)).astype(np.int32)
+    tokens[:, 5:] = 0
+    tokens[:, 5] = eos
+    return preprocess_images(images), jnp.asarray(tokens)
+
+
+def compare_embeddings(a: CLIP, b: CLIP, model_config) -> dict:
+    """Max relative difference of b's un-normalised image and text embeddings from a's on fixed inputs."""
+    images, tokens = fixed_inputs(model_config)
+    out = {}
+    for name, fa, fb, x in (("image", a.encode_image, b.encode_image, images),
+                            ("text", a.encode_text, b.encode_text, tokens)):
+        ea, eb = np.asarray(fa(x, normalize=False)), np.asarray(fb(x, normalize=False))
+        out[name] = float(np.max(np.abs(ea - eb)) / max(float(np.max(np.abs(ea))), 1e-12))
+    return out
+
+
+def convert(src: str, dst: str, model_config=None, tolerance: float = 1e-5) -> dict:
+    """Converts src -> dst and returns the max relative embedding error of dst vs src (raises above tolerance)."""
+    model_config, params = load(src, model_config)
+    save(dst, model_config, params)
+    _, dst_path = parse_spec(dst, DEST_KINDS)
+    errors = compare_embeddings(make_model(model_config, params), load_model(dst, None), model_config)
+    for name, err in errors.items():
+        if not err <= tolerance:
+            raise RuntimeError(f"{dst_path}: {name} embeddings differ from the source's by {err:.3g} (relative)")
+    return errors
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    try:
+        errors = convert(FLAGS.src, FLAGS.dst, config.model if config is not None else None)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"converted {FLAGS.src} -> {FLAGS.dst}; verified: image embeddings max rel. error "
+          f"{errors['image']:.2e}, text {errors['text']:.2e} (fixed input, source vs re-read destination)")
+    return 0
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("src", None, "KIND:PATH to read; KIND one of " + ", ".join(SOURCE_KINDS), required=True)
+    flags.DEFINE_string("dst", None, "KIND:PATH to write; KIND one of " + ", ".join(DEST_KINDS), required=True)
+    config_flags.DEFINE_config_file("config", None, "configs/*.py naming the architecture (when the source "
+                                    "does not carry it)", lock_config=False)
+    app.run(main)

@@ -1,0 +1,378 @@
+r"""Prompt saliency maps: where in each frame the image supports a text prompt.
+
+  python -m echoclip_jax.interpret --config configs/echoclip.py --checkpoint open_clip:/path/echoclip \
+      --video study.dcm --prompt "PACEMAKER LEAD IS SEEN." --out maps/
+  python -m echoclip_jax.interpret --config configs/tiny.py --checkpoint orbax:W --data_dir O --split test \
+      --limit 20 --prompt "..." --prompt "..." --out maps/ --method both --frames 8
+
+The score is the cosine similarity between a frame's image embedding and the prompt's text embedding.
+Two maps of it, both computed in one jitted call per batch of frames for all prompts at once:
+- PromptCAM (EchoCLIP's method): Grad-CAM on the last ConvNeXt stage. Channel weights are the spatially
+  averaged gradients of the score w.r.t. that stage's feature map; the map is the ReLU of the weighted
+  channel sum, bilinearly upsampled to the input size. Coarse (stride 32) but class-discriminative.
+- Input gradient: |d score / d pixel| (pixels on the 0..255 scale, before the model's normalisation),
+  the maximum over the colour channels (Simonyan et al. 2014); optionally SmoothGrad (Smilkov et al.
+  2017): the gradient averaged over noisy copies of the frame before taking the magnitude.
+
+Outputs, per video and prompt, in `OUT/<video>/<pNN-prompt>/`: `<method>.npy` (float32 [K, S, S], the
+raw maps of the K frames), `<method>_NNN.png` (frame NNN with the map blended in, scaled by the map's
+maximum over the video, so frames are comparable), and per video `OUT/<video>/summary.json` (prompts,
+per-frame similarities, map statistics, files). `OUT/index.json` lists the videos. Frames are read the
+way data_prep.convert reads them (DICOM: scan sector only, so burned-in text never reaches an overlay;
+AVI: resize only), and a DICOM's output is named by a hash of its path, never by its file name or
+header values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+METHODS = ("promptcam", "gradient")
+
+
+# ------------------------------------------------------------------------------------------- maps
+
+
+class SaliencyMapper:
+    """Jitted, batched (over frames, sharded over devices) PromptCAM and input-gradient maps."""
+
+    def __init__(self, model, tokenizer, *, image_size: int, batch_size: int = 16,
+                 smoothgrad_samples: int = 0, smoothgrad_sigma: float = 0.15, seed: int = 0):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from echoclip_jax import models
+
+        if smoothgrad_samples < 0 or smoothgrad_sigma < 0:
+            raise ValueError("smoothgrad_samples and smoothgrad_sigma must be >= 0")
+        if not hasattr(model.visual, "forward_features"):
+            raise ValueError(f"PromptCAM needs a ConvNeXt image tower; this model's is "
+                             f"{type(model.visual).__name__}")
+        model.eval()
+        graphdef, state = nnx.split(model)
+        devices = jax.devices()
+        mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=devices)
+        self._frames_sharding = NamedSharding(mesh, P("data"))
+        self._replicated = NamedSharding(mesh, P())
+        self._state = jax.device_put(state, self._replicated)
+        n = len(devices)
+        self.batch_size = max(n, -(-batch_size // n) * n)
+        self.image_size = int(image_size)
+        self.tokenizer = tokenizer
+        self.smoothgrad_samples = smoothgrad_samples
+        self.smoothgrad_sigma = smoothgrad_sigma
+        self._key = jax.random.key(seed)
+
+        def per_prompt_vjp(fn, x, text):
+            """Scores [B, P] of fn(x) and, for each prompt p, d sum_b score[b, p] / d x -> [P, *x.shape].
+
+            Frames are independent in eval mode, so the gradient of the batch sum w.r.t. frame b is
+            the gradient of frame b's own score."""
+            scores, vjp = jax.vjp(fn, x)
+            num_prompts = text.shape[0]
+            onehots = jnp.broadcast_to(jnp.eye(num_prompts, dtype=scores.dtype)[:, None, :],
+                                       (num_prompts, *scores.shape))
+            (grads,) = jax.vmap(vjp)(onehots)
+            return scores, grads
+
+        def promptcam(state, frames, text):
+            model = nnx.merge(graphdef, state)
+            feats = model.visual.forward_features(models.preprocess_images(frames))  # [B, h, w, C]
+
+            def score(f):
+                emb = model.visual.forward_head(f)
+                emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+                return emb @ text.T
+
+            scores, grads = per_prompt_vjp(score, feats, text)  # grads [P, B, h, w, C]
+            weights = grads.mean(axis=(2, 3))  # [P, B, C]
+            cam = jax.nn.relu(jnp.einsum("pbc,bhwc->pbhw", weights, feats.astype(weights.dtype)))
+            b, h, w = frames.shape[:3]
+            cam = jax.image.resize(cam, (text.shape[0], b, h, w), method="bilinear")
+            return cam.astype(jnp.float32), scores.T.astype(jnp.float32)
+
+        def gradient(state, frames, text, key):
+            model = nnx.merge(graphdef, state)
+
+            def score(x):
+                return model.encode_image(models.preprocess_images(x), normalize=True) @ text.T
+
+            x = frames.astype(jnp.float32)
+            scores, grads = per_prompt_vjp(score, x, text)
+            if smoothgrad_samples:
+                def noisy(total, k):
+                    noise = jax.random.normal(k, x.shape, x.dtype) * (smoothgrad_sigma * 255.0)
+                    return total + per_prompt_vjp(score, x + noise, text)[1], None
+
+                total = jnp.zeros_like(grads)
+                grads, _ = jax.lax.scan(noisy, total, jax.random.split(key, smoothgrad_samples))
+                grads = grads / smoothgrad_samples
+            return jnp.abs(grads).max(axis=-1), scores.T.astype(jnp.float32)
+
+        def texts(state, tokens):
+            return nnx.merge(graphdef, state).encode_text(tokens, normalize=True)
+
+        self._fns = {"promptcam": jax.jit(promptcam), "gradient": jax.jit(gradient)}
+        self._texts = jax.jit(texts)
+
+    def text_embeddings(self, prompts: list[str]):
+        """L2-normalised text embeddings [P, D] of the prompts, replicated over the devices."""
+        import jax
+
+        tokens = np.asarray(self.tokenizer.encode(list(prompts)), dtype=np.int32)
+        return jax.device_put(self._texts(self._state, tokens), self._replicated)
+
+    def maps(self, method: str, frames: np.ndarray, text) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 frames [K, S, S, 3], text embeddings [P, D] -> (maps [P, K, S, S], similarity [P, K])."""
+        import jax
+
+        if method not in METHODS:
+            raise ValueError(f"unknown saliency method {method!r}; expected one of {METHODS}")
+        if frames.ndim != 4 or frames.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"frames must be [K, {self.image_size}, {self.image_size}, 3], got {frames.shape}")
+        out_maps, out_scores = [], []
+        for start in range(0, len(frames), self.batch_size):
+            chunk = frames[start:start + self.batch_size]
+            pad = self.batch_size - len(chunk)
+            if pad:  # a fixed batch shape: one compilation per video length
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            args = [self._state, jax.device_put(chunk, self._frames_sharding), text]
+            if method == "gradient":
+                self._key, key = jax.random.split(self._key)
+                args.append(key)
+            maps, scores = self._fns[method](*args)
+            out_maps.append(np.asarray(maps)[:, :len(chunk) - pad])
+            out_scores.append(np.asarray(scores)[:, :len(chunk) - pad])
+        return np.concatenate(out_maps, axis=1), np.concatenate(out_scores, axis=1)
+
+
+# ----------------------------------------------------------------------------------------- videos
+
+
+@dataclasses.dataclass
+class Video:
+    name: str  # output directory name: never a DICOM file name or header value
+    source: str  # dicom | avi | npy | record
+    frames: np.ndarray  # uint8 [K, S, S, 3]
+    frame_indices: list[int] | None  # which frames of the file were kept (None for records)
+    video_id: str = ""  # records: the salted hash
+
+
+def _even(num_frames: int, frames: int) -> list[int]:
+    from data_prep.dicom_io import kept_indices
+
+    return kept_indices(num_frames, frames)
+
+
+def load_video(path: str, *, image_size: int, frames: int = 0) -> Video:
+    """A .dcm, .avi or .npy video as uint8 [K, image_size, image_size, 3], K = `frames` evenly spaced
+    frames (0 = all). DICOM: scan sector masked and cropped as data_prep does; AVI and .npy (already
+    masked, like EchoNet): resized only."""
+    from data_prep import dicom_io, echonet, sector
+    from data_prep.dicom_io import SkipVideo
+
+    ext = os.path.splitext(path)[1].lower()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such video file")
+    try:
+        if ext == ".dcm":
+            header = dicom_io.read_header(path)
+            indices = _even(header.num_frames, frames)
+            out = sector.prepare(dicom_io.read_frames(path, indices), header.regions, image_size)
+            name = "dicom-" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+            return Video(name, "dicom", out, indices)
+        if ext == ".avi":
+            raw = echonet.read_frames(path, None)
+            indices = _even(len(raw), frames)
+            out = sector.crop_resize(raw[indices], np.ones(raw.shape[1:3], bool), image_size)
+            return Video(_safe_name(path), "avi", out, indices)
+        if ext == ".npy":
+            raw = _read_npy(path)
+            indices = _even(len(raw), frames)
+            out = sector.crop_resize(raw[indices], np.ones(raw.shape[1:3], bool), image_size)
+            return Video(_safe_name(path), "npy", out, indices)
+    except SkipVideo as e:
+        raise ValueError(f"{path}: cannot read video ({e})") from None
+    raise ValueError(f"{path}: unsupported video type {ext!r}; expected .dcm, .avi or .npy")
+
+
+def _read_npy(path: str) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or len(arr) == 0:
+        raise ValueError(f"{path}: expected uint8 RGB frames [T, H, W, 3] or [H, W, 3], "
+                         f"got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def _safe_name(path: str) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "video"
+
+
+def record_videos(data_dir: str, split: str, *, image_size: int, frames: int = 0, limit: int = 0):
+    """Videos of a split of records (data_prep.convert output), named by their salted video_id."""
+    from echoclip_jax import data
+
+    for i, item in enumerate(data.iterate_videos(data_dir, split, frames=frames or None,
+                                                 image_size=image_size)):
+        if limit and i >= limit:
+            return
+        video_id = str(item["video_id"])
+        yield Video(_safe_name(video_id), "record", np.asarray(item["frames"], np.uint8), None, video_id)
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+
+def prompt_slug(index: int, prompt: str) -> str:
+    """A file-system-safe, unique directory name for prompt number `index`."""
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].rstrip("-")
+    return f"p{index:02d}-{words}" if words else f"p{index:02d}"
+
+
+def overlay(frame: np.ndarray, heat: np.ndarray, *, alpha: float = 0.6) -> np.ndarray:
+    """uint8 [S, S, 3] frame with a [0, 1] heat map blended in (jet colours, opacity = alpha * heat)."""
+    from matplotlib import colormaps
+
+    heat = np.clip(heat, 0.0, 1.0)
+    colour = colormaps["jet"](heat)[..., :3] * 255.0
+    weight = (alpha * heat)[..., None]
+    return np.round(frame * (1.0 - weight) + colour * weight).astype(np.uint8)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def interpret_video(mapper: SaliencyMapper, video: Video, prompts: list[str], text, methods,
+                    out_dir: str) -> dict:
+    """Maps of every method for every prompt of one video, written under out_dir/<video.name>/."""
+    from PIL import Image
+
+    video_dir = os.path.join(out_dir, video.name)
+    entries = [{"prompt": p, "dir": prompt_slug(i, p), "maps": {}} for i, p in enumerate(prompts)]
+    for method in methods:
+        maps, scores = mapper.maps(method, video.frames, text)
+        for entry, prompt_maps, prompt_scores in zip(entries, maps, scores):
+            prompt_dir = os.path.join(video_dir, entry["dir"])
+            os.makedirs(prompt_dir, exist_ok=True)
+            np.save(os.path.join(prompt_dir, f"{method}.npy"), prompt_maps.astype(np.float32))
+            top = float(prompt_maps.max())
+            scaled = prompt_maps / top if top > 0 else np.zeros_like(prompt_maps)
+            for k, (frame, heat) in enumerate(zip(video.frames, scaled)):
+                Image.fromarray(overlay(frame, heat)).save(os.path.join(prompt_dir, f"{method}_{k:03d}.png"))
+            peak = np.unravel_index(int(prompt_maps.argmax()), prompt_maps.shape)
+            entry["similarity"] = [round(float(s), 6) for s in prompt_scores]
+            entry["mean_similarity"] = float(np.mean(prompt_scores))
+            entry["maps"][method] = {"file": f"{method}.npy", "png": f"{method}_NNN.png",
+                                     "max": top, "mean": float(prompt_maps.mean()),
+                                     "peak_frame_y_x": [int(v) for v in peak]}
+    summary = {"video": video.name, "source": video.source, "num_frames": int(len(video.frames)),
+               "image_size": int(video.frames.shape[1]), "frame_indices": video.frame_indices,
+               "methods": list(methods), "prompts": entries,
+               "map_shape": [int(len(video.frames)), int(video.frames.shape[1]), int(video.frames.shape[2])]}
+    if "gradient" in methods and mapper.smoothgrad_samples:
+        summary["smoothgrad"] = {"samples": mapper.smoothgrad_samples, "sigma": mapper.smoothgrad_sigma}
+    if video.video_id:
+        summary["video_id"] = video.video_id
+    os.makedirs(video_dir, exist_ok=True)
+    _write_json(os.path.join(video_dir, "summary.json"), summary)
+    return summary
+
+
+def run(mapper: SaliencyMapper, *, prompts: list[str], out_dir: str, videos, methods=METHODS) -> list[dict]:
+    """Saliency maps of every video (an iterable of Video) for every prompt; OUT/index.json lists them."""
+    if not prompts:
+        raise ValueError("at least one prompt is needed")
+    text = mapper.text_embeddings(prompts)
+    os.makedirs(out_dir, exist_ok=True)
+    index, used = [], set()
+    for video in videos:
+        base, n = video.name, 1
+        while video.name in used:  # two inputs with the same file name
+            n += 1
+            video = dataclasses.replace(video, name=f"{base}-{n}")
+        used.add(video.name)
+        summary = interpret_video(mapper, video, prompts, text, methods, out_dir)
+        index.append({"video": video.name, "source": video.source, "num_frames": summary["num_frames"],
+                      "mean_similarity": {e["prompt"]: e["mean_similarity"] for e in summary["prompts"]}})
+        print(f"{video.name}: {summary['num_frames']} frames, {len(prompts)} prompt(s), "
+              f"{'+'.join(methods)}", flush=True)
+    _write_json(os.path.join(out_dir, "index.json"), {"prompts": prompts, "methods": list(methods),
+                                                       "videos": index})
+    return index
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)")
+    flags.DEFINE_string("checkpoint", None, "weights, KIND:PATH (open_clip, safetensors, orbax, params), "
+                                            "as echoclip_jax.convert reads them")
+    flags.DEFINE_multi_string("video", None, "a video: .dcm, .avi or .npy (uint8 [T, H, W, 3]); repeatable")
+    flags.DEFINE_string("data_dir", None, "records from data_prep.convert (batch mode)")
+    flags.DEFINE_string("split", "test", "with --data_dir: the split")
+    flags.DEFINE_integer("limit", 0, "with --data_dir: at most this many videos (0 = all)")
+    flags.DEFINE_multi_string("prompt", None, "a text prompt; repeatable")
+    flags.DEFINE_string("out", None, "output directory")
+    flags.DEFINE_enum("method", "both", ["promptcam", "gradient", "both"], "saliency method")
+    flags.DEFINE_integer("frames", 0, "frames per video, evenly spaced (0 = all)")
+    flags.DEFINE_integer("batch_size", 16, "frames per jitted batch, over all devices")
+    flags.DEFINE_integer("smoothgrad", 0, "gradient maps: average over this many noisy copies (0 = plain)")
+    flags.DEFINE_float("smoothgrad_sigma", 0.15, "SmoothGrad noise, as a fraction of the 0..255 range")
+    return flags.FLAGS
+
+
+def main(argv):
+    del argv
+    f = FLAGS
+    if f.config is None or f.checkpoint is None or f.out is None or not f.prompt:
+        sys.exit("interpret: --config, --checkpoint, --prompt and --out are required")
+    if bool(f.video) == bool(f.data_dir):
+        sys.exit("interpret: give --video X (.dcm/.avi/.npy) or --data_dir O, not both")
+    if f.frames < 0 or f.limit < 0:
+        sys.exit("interpret: --frames and --limit must be >= 0")
+    from echoclip_jax import convert, tokenizers
+
+    methods = METHODS if f.method == "both" else (f.method,)
+    try:
+        model_config, params = convert.load(f.checkpoint, f.config.model)
+        image_size = int(model_config.vision.image_size)
+        mapper = SaliencyMapper(convert.make_model(model_config, params), tokenizers.from_config(f.config.tokenizer),
+                                image_size=image_size, batch_size=f.batch_size, smoothgrad_samples=f.smoothgrad,
+                                smoothgrad_sigma=f.smoothgrad_sigma, seed=f.config.seed)
+        if f.video:
+            videos = (load_video(v, image_size=image_size, frames=f.frames) for v in f.video)
+        else:
+            videos = record_videos(f.data_dir, f.split, image_size=image_size, frames=f.frames, limit=f.limit)
+        index = run(mapper, prompts=list(f.prompt), out_dir=f.out, videos=videos, methods=methods)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"interpret: {e}")
+    print(f"wrote saliency maps of {len(index)} video(s) to {f.out}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    FLAGS = _define_flags()
+    app.run(main)

@@ -1,0 +1,113 @@
+"""Small building blocks shared by the towers, each parameter tagged with logical axis names.
+
+Parameters are created with `eager_sharding=False`: the model is built without a mesh, and the
+training config maps the logical names ("embed", "mlp", "heads", "kv", "vocab", "joint") to mesh axes
+afterwards (`nnx.get_partition_spec` under `flax.core.spmd.logical_axis_rules`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from echoclip_jax.models.depthwise_conv import depthwise_conv2d
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: tuple, dtype) -> nnx.Param:
+    """A parameter initialised by `init` and tagged with one logical axis name per dimension."""
+    if len(names) != len(shape):
+        raise ValueError(f"logical names {names} do not match parameter shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=names, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias with kernel [in, out]; computes in `dtype`, stores in `param_dtype`."""
+
+    def __init__(self, din: int, dout: int, *, names: tuple, use_bias: bool = True, dtype="float32",
+                 param_dtype="float32", rngs: nnx.Rngs, kernel_init=None):
+        kernel_init = kernel_init or nnx.initializers.normal(stddev=din ** -0.5)
+        self.kernel = param(rngs, kernel_init, (din, dout), names, param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (dout,), names[1:], param_dtype) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, statistics in float32 (as PyTorch autocast does), output in `dtype`."""
+
+    def __init__(self, dim: int, *, eps: float, name: str = "embed", dtype="float32",
+                 param_dtype="float32", rngs: nnx.Rngs):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), (name,), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), (name,), param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Conv(nnx.Module):
+    """Dense NHWC convolution, kernel [k, k, in, out], 'VALID' padding (patchify stems, downsampling).
+
+    Only the output channels carry "embed": one mesh axis may appear once in a PartitionSpec.
+    """
+
+    def __init__(self, din: int, dout: int, kernel: int, stride: int, *, use_bias: bool = True,
+                 dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
+        fan_in = din * kernel * kernel
+        self.kernel = param(rngs, nnx.initializers.normal(stddev=fan_in ** -0.5),
+                            (kernel, kernel, din, dout), (None, None, None, "embed"), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (dout,), ("embed",), param_dtype) if use_bias else None
+        self.stride = stride
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride, self.stride), "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class DepthwiseConv(nnx.Module):
+    """Depthwise 'SAME' convolution (ConvNeXt's 7x7), kernel [k, k, C]; backend-specific implementation."""
+
+    def __init__(self, dim: int, kernel: int = 7, *, impl: str = "auto", dtype="float32",
+                 param_dtype="float32", rngs: nnx.Rngs):
+        self.kernel = param(rngs, nnx.initializers.normal(stddev=(kernel * kernel) ** -0.5),
+                            (kernel, kernel, dim), (None, None, "embed"), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
+        self.impl = impl
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return depthwise_conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                self.bias[...].astype(self.dtype), impl=self.impl)
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth: drops a whole residual branch per sample (one mask value per batch row)."""
+
+    def __init__(self, rate: float, ndim: int, *, rngs: nnx.Rngs):
+        self.dropout = nnx.Dropout(rate, broadcast_dims=tuple(range(1, ndim)), rngs=rngs)
+
+    def __call__(self, x):
+        return self.dropout(x)
+
+
+def gelu(x):
+    """Exact (erf) GELU, as torch.nn.GELU() in timm and open_clip."""
+    return jax.nn.gelu(x, approximate=False)

@@ -1,0 +1,57 @@
+"""The embed CLI: images, videos and texts to L2-normalised .npy embeddings equal to the model's own."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from echoclip_jax import convert
+from echoclip_jax.models import preprocess_images
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    mc = tiny.get_config().model
+    params = {k: (np.random.default_rng(1).normal(size=s.shape) * 0.05).astype(s.dtype)
+              for k, s in convert.expected_params(mc).items()}
+    convert.save(f"safetensors:{d / 'm.safetensors'}", mc, params)
+    return d, convert.make_model(mc, params)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "echoclip_jax.embed", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_embed_videos_and_texts(checkpoint, tmp_path):
+    d, model = checkpoint
+    videos = np.random.default_rng(0).integers(0, 256, (3, 2, 64, 64, 3), dtype=np.uint8)
+    np.save(tmp_path / "v.npy", videos)
+    r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
+            "--images", str(tmp_path / "v.npy"), "--out", str(tmp_path / "ve.npy"), "--batch_size", "2")
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "ve.npy")
+    frames = np.asarray(model.encode_image(preprocess_images(videos.reshape(6, 64, 64, 3)))).reshape(3, 2, -1)
+    mean = frames.mean(1)
+    np.testing.assert_allclose(got, mean / np.linalg.norm(mean, axis=-1, keepdims=True), rtol=1e-4, atol=1e-5)
+
+    (tmp_path / "t.txt").write_text("severe aortic stenosis\nnormal left ventricular function\n")
+    r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
+            "--texts", str(tmp_path / "t.txt"), "--out", str(tmp_path / "te.npy"))
+    assert r.returncode == 0, r.stderr
+    te = np.load(tmp_path / "te.npy")
+    assert te.shape == (2, 128) and not np.allclose(te[0], te[1])
+    np.testing.assert_allclose(np.linalg.norm(te, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_embed_rejects_float_images(checkpoint, tmp_path):
+    d, _ = checkpoint
+    np.save(tmp_path / "f.npy", np.zeros((1, 64, 64, 3), np.float32))
+    r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
+            "--images", str(tmp_path / "f.npy"), "--out", str(tmp_path / "o.npy"))
+    assert r.returncode == 1 and "f.npy: expected uint8" in r.stderr

@@ -1,0 +1,75 @@
+"""Depthwise convolution (CPU shifted-sum implementation vs lax.conv), drop path, preprocessing."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from echoclip_jax.models import preprocess_images
+from echoclip_jax.models.depthwise_conv import depthwise_conv2d
+from echoclip_jax.models.layers import DropPath
+
+
+@pytest.mark.parametrize("k,shape", [(7, (2, 9, 11, 5)), (3, (1, 4, 4, 8))])
+def test_shifted_depthwise_matches_lax_values_and_gradients(k, shape):
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, shape[-1])), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(shape[-1],)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=shape), jnp.float32)  # a random cotangent: all gradient entries matter
+
+    def loss(impl):
+        return lambda x, w, b: jnp.sum(depthwise_conv2d(x, w, b, impl=impl) * ct)
+
+    np.testing.assert_allclose(depthwise_conv2d(x, w, b, impl="shifted"), depthwise_conv2d(x, w, b, impl="lax"),
+                               rtol=1e-5, atol=1e-5)
+    g_shift = jax.grad(loss("shifted"), argnums=(0, 1, 2))(x, w, b)
+    g_lax = jax.grad(loss("lax"), argnums=(0, 1, 2))(x, w, b)
+    for a, r in zip(g_shift, g_lax):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_numpy_reference_and_bad_kernel():
+    # a 3x3 kernel with one non-zero tap shifts the image: an independent, hand-checkable reference
+    x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+    w = jnp.zeros((3, 3, 1)).at[0, 0, 0].set(1.0)  # out[y, x] = in[y-1, x-1]
+    y = depthwise_conv2d(x, w, impl="shifted")
+    np.testing.assert_array_equal(y[:, 1:, 1:, 0], x[:, :-1, :-1, 0])
+    np.testing.assert_array_equal(y[:, 0, :, 0], 0)
+    with pytest.raises(ValueError, match="odd k"):
+        depthwise_conv2d(x, jnp.zeros((2, 2, 1)))
+    with pytest.raises(ValueError, match="unknown depthwise conv impl"):
+        depthwise_conv2d(x, w, impl="fft")
+
+
+def test_auto_impl_is_shifted_on_cpu_and_jits():
+    x = jnp.ones((1, 8, 8, 4))
+    w = jnp.ones((7, 7, 4))
+    jaxpr = str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b))(x, w))
+    assert "conv_general_dilated" not in jaxpr and "custom_vjp" in jaxpr
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b, impl="lax"))(x, w))
+
+
+def test_drop_path_is_per_sample_and_off_in_eval():
+    layer = DropPath(0.5, 4, rngs=nnx.Rngs(0))
+    x = jnp.ones((256, 3, 3, 2))
+    y = layer(x)
+    per_sample = y.reshape(256, -1)
+    # every sample either dropped entirely or kept and scaled by 1/(1-p)
+    assert set(np.unique(per_sample).tolist()) <= {0.0, 2.0}
+    assert np.all(per_sample.min(axis=1) == per_sample.max(axis=1))
+    assert 0.3 < float(jnp.mean(per_sample[:, 0] > 0)) < 0.7
+    layer.eval()
+    np.testing.assert_array_equal(layer(x), x)
+
+
+def test_preprocess_images_uses_clip_statistics():
+    x = np.array([[[[0, 128, 255]]]], np.uint8)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    expected = (np.array([0, 128, 255]) / 255.0 - mean) / std
+    out = preprocess_images(x)
+    assert out.dtype == jnp.float32 and out.shape == (1, 1, 1, 3)
+    np.testing.assert_allclose(out[0, 0, 0], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="RGB"):
+        preprocess_images(np.zeros((2, 4, 4), np.uint8))
