@@ -261,9 +261,11 @@ def load_params(spec: str, config):
 
         path, _, step = path.rpartition("@") if re.search(r"@\d+$", path) else (path, "", "")
         return ckpt.restore_params(path, step=int(step) if step else None)
+    from flax import nnx
+
     from echoclip_jax import convert
 
-    return convert.load_params(kind, path, config)
+    return nnx.state(convert.load_model(spec, config.model), nnx.Param)
 
 
 # ---------------------------------------------------------------------------------------- outputs
