@@ -36,6 +36,7 @@ from data_prep.dicom_io import SkipVideo
 
 _PARTS = ".parts"  # per-shard manifest parts: a shard is done when it and its part exist
 _PLAN = ".plan.json"  # fingerprint of the plan, so a rerun never mixes two different conversions
+_DICOM_NAME = {"study_uid": "StudyInstanceUID", "accession": "AccessionNumber"}
 _STUDY_KEYS = {"studyinstanceuid": "study_uid", "studyuid": "study_uid", "accessionnumber": "accession",
                "accession": "accession"}
 
@@ -46,6 +47,8 @@ class Settings:
     image_size: int = 224
     jpeg_quality: int = 90
     shard_size: int = 256
+    max_pixels: int = dicom_io.MAX_PIXELS  # per frame (Rows x Columns): bounds a video's memory
+    time_limit_s: float = 120.0  # per video: a file that takes longer is skipped, never hangs the run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,30 +88,56 @@ def split_of(patient_hash: str, fractions: tuple[float, float, float]) -> str:
 # ------------------------------------------------------------------------------------------ reports
 
 
+def _parse_reports_csv(path: str, text: str) -> tuple[list[dict], dict[int, str]]:
+    """CSV text -> (rows, {row number: problem}). A file with broken quoting (an unclosed quote would
+    swallow the following rows into one report) is re-read line by line, and the lines with unbalanced
+    quotes are marked bad instead of silently merging several studies' reports."""
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline=""), strict=True)), {}
+    except csv.Error as e:
+        print(f"warning: {path}: broken CSV quoting ({e}); reading it line by line", file=sys.stderr)
+    lines = text.splitlines()
+    header = next(csv.reader(lines[:1]), [])
+    rows, bad = [], {}
+    for number, line in enumerate(lines[1:], start=2):
+        values = next(csv.reader([line]), [])
+        rows.append(dict(zip(header, values)))
+        if line.count('"') % 2:
+            bad[len(rows) - 1] = f"broken CSV quoting in the reports file (line {number})"
+    return rows, bad
+
+
 def read_reports(path: str, study_column: str, report_column: str) -> tuple[dict[str, str], dict[str, str]]:
     """reports CSV -> ({study key: cleaned report}, {study key: reason it is unusable}).
 
-    Several rows for one study (e.g. addenda) are joined in file order. Rows that are not valid UTF-8 or
-    empty make that study's videos skip with the reason; a file without the named columns is an error.
+    Several rows for one study (e.g. addenda) are joined in file order. Rows that are not valid UTF-8, have
+    broken quoting or the wrong number of fields make that study's videos skip with the reason; a file
+    without the named columns is an error.
     """
     from data_prep.reports import clean_text  # owned by the tokenizers part: one home for normalisation
 
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8-sig", errors="surrogateescape")
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    except (OSError, csv.Error) as e:
-        raise ValueError(f"{path}: cannot read reports ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read reports ({type(e).__name__}: {e.strerror})") from None
+    rows, bad_rows = _parse_reports_csv(path, text)
     columns = list(rows[0]) if rows else []
     for col in (study_column, report_column):
         if col not in columns:
             raise ValueError(f"{path}: no column {col!r} (columns: {columns}); see --study_column/--report_column")
     texts: dict[str, list[str]] = collections.defaultdict(list)
     bad: dict[str, str] = {}
-    for row in rows:
+    for i, row in enumerate(rows):
         key = (row.get(study_column) or "").strip()
         raw = row.get(report_column) or ""
         if not key:
+            continue
+        if i in bad_rows:
+            bad[key] = bad_rows[i]
+            continue
+        if None in row or None in row.values():  # DictReader's marks of too many / too few fields
+            bad[key] = "malformed reports CSV row (wrong number of fields)"
             continue
         try:
             raw.encode("utf-8")
@@ -117,13 +146,7 @@ def read_reports(path: str, study_column: str, report_column: str) -> tuple[dict
             continue
         if raw.strip():
             texts[key].append(raw)
-    reports = {}
-    for key, parts in texts.items():
-        if key not in bad:
-            reports[key] = clean_text(" ".join(parts))
-    for key in list(bad):
-        if key in reports:
-            del reports[key]
+    reports = {key: clean_text(" ".join(parts)) for key, parts in texts.items() if key not in bad}
     return reports, bad
 
 
@@ -141,7 +164,8 @@ def study_key_attr(study_column: str, override: str | None) -> str:
 
 
 def list_inputs(root: str) -> list[str]:
-    """Every regular file under root (PACS exports often lack extensions), sorted, hidden ones excluded."""
+    """Every non-directory entry under root (PACS exports often lack extensions), sorted, hidden ones
+    excluded; FIFOs and broken or looping symlinks are kept, so the scan lists them as skipped."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -149,9 +173,11 @@ def list_inputs(root: str) -> list[str]:
     return sorted(out)
 
 
-def _scan_one(path: str):
+def _scan_one(task: tuple[str, int, float]):
+    path, max_pixels, seconds = task
     try:
-        return dicom_io.read_header(path)
+        with dicom_io.time_limit(seconds):
+            return dicom_io.read_header(path, max_pixels)
     except SkipVideo as e:
         return str(e)
 
@@ -171,7 +197,7 @@ def plan_dicom(args, salt: bytes, ctx) -> tuple[list[Job], list[dict], dict]:
     paths = list_inputs(args.dicom_dir)
     if not paths:
         raise ValueError(f"{args.dicom_dir}: no input files")
-    headers = _map(_scan_one, paths, args.workers, ctx)
+    headers = _map(_scan_one, [(p, args.max_pixels, args.time_limit) for p in paths], args.workers, ctx)
     refs = [_ref(salt, os.path.relpath(p, args.dicom_dir), args.manifest_paths) for p in paths]
     skipped, ok = [], []
     for path, ref, h in zip(paths, refs, headers):
@@ -196,7 +222,7 @@ def plan_dicom(args, salt: bytes, ctx) -> tuple[list[Job], list[dict], dict]:
             continue
         seen.add(video_id)
         if not key:
-            skipped.append(_line(ref, "skipped", f"no {attr} in the header to pair a report", video_id))
+            skipped.append(_line(ref, "skipped", f"no {_DICOM_NAME[attr]} in the header to pair a report", video_id))
             continue
         if key in bad_reports:
             skipped.append(_line(ref, "skipped", bad_reports[key], video_id))
@@ -264,10 +290,23 @@ def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
 
 
 def convert_video(job: Job, settings: Settings) -> bytes:
-    """Decode the kept frames, blank outside the sector, crop, resize, JPEG-encode -> serialised Example."""
+    """Decode the kept frames, blank outside the sector, crop, resize, JPEG-encode -> serialised Example.
+
+    Bounded: at most settings.max_pixels per frame and settings.time_limit_s per video, else SkipVideo.
+    """
+    with dicom_io.time_limit(settings.time_limit_s):
+        return _convert_video(job, settings)
+
+
+def _convert_video(job: Job, settings: Settings) -> bytes:
     if job.source == "dicom":
         indices = dicom_io.kept_indices(job.num_frames, settings.frames)
-        frames = sector.prepare(dicom_io.read_frames(job.path, indices), job.regions, settings.image_size)
+        # JPEG frames are decoded at the smallest DCT scale that keeps 1.25x the output size (600x800 -> 300x400
+        # for 224): the sector and crop are found on those pixels, the header's regions scaled to match.
+        raw, scale = dicom_io.read_frames_scaled(job.path, indices, settings.max_pixels,
+                                                 min_side=settings.image_size * 5 // 4)
+        regions = tuple(tuple(v // scale for v in box) for box in job.regions)
+        frames = sector.prepare(raw, regions, settings.image_size)
     else:  # EchoNet videos are already masked and cropped: resize only
         indices = dicom_io.kept_indices(job.num_frames, settings.frames) if job.num_frames else None
         raw = echonet.read_frames(job.path, indices)
@@ -301,7 +340,7 @@ def write_shard(task: tuple[str, str, list[Job], Settings]) -> tuple[str, list[d
     return name, lines
 
 
-def _shard_done(out_dir: str, name: str) -> list[dict] | None:
+def shard_done(out_dir: str, name: str) -> list[dict] | None:
     """The manifest lines of a finished shard, or None if it must be (re)done."""
     path, part = os.path.join(out_dir, name), os.path.join(out_dir, _PARTS, name + ".jsonl")
     if not (os.path.exists(path) and os.path.exists(part)):
@@ -328,10 +367,16 @@ def _fingerprint(shards: dict[str, list[Job]], settings: Settings, skipped: list
     return h.hexdigest()
 
 
-def run(args) -> int:
+def prepare(args, ctx=None) -> tuple[Settings, list[tuple], dict[str, list[dict]], list[dict], int]:
+    """Pass 1 and the resume check, shared by the local runner and data_prep.beam.
+
+    Returns (settings, write_shard tasks still to do, {finished shard: manifest lines}, manifest lines of
+    inputs skipped at scan, number of videos planned).
+    """
     salt = _read_salt(args)
-    settings = Settings(args.frames, args.image_size, args.jpeg_quality, args.shard_size)
-    ctx = multiprocessing.get_context("spawn")
+    settings = Settings(args.frames, args.image_size, args.jpeg_quality, args.shard_size, args.max_pixels,
+                        args.time_limit)
+    ctx = ctx or multiprocessing.get_context("spawn")
     os.makedirs(os.path.join(args.out, _PARTS), exist_ok=True)
     if args.echonet_dir:
         jobs, skipped, splits = plan_echonet(args, salt)
@@ -350,16 +395,22 @@ def run(args) -> int:
             json.dump({"fingerprint": fingerprint}, f)
     done, todo = {}, []
     for name, members in shards.items():
-        lines = _shard_done(args.out, name)
+        lines = shard_done(args.out, name)
         if lines is None:
             todo.append((args.out, name, members, settings))
         else:
             done[name] = lines
+    print(f"{len(jobs)} videos planned in {len(shards)} shards ({len(done)} already done); "
+          f"{len(skipped)} inputs skipped at scan", file=sys.stderr)
+    return settings, todo, done, skipped, len(jobs)
+
+
+def run(args) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    settings, todo, done, skipped, _ = prepare(args, ctx)
     from tqdm import tqdm
 
     total = sum(len(t[2]) for t in todo)
-    print(f"{len(jobs)} videos planned in {len(shards)} shards ({len(done)} already done); "
-          f"{len(skipped)} inputs skipped at scan", file=sys.stderr)
     with tqdm(total=total, unit="video", mininterval=2.0, file=sys.stderr, disable=None) as bar:
         if args.workers <= 1 or len(todo) <= 1:
             results = map(write_shard, todo)
@@ -372,10 +423,11 @@ def run(args) -> int:
         if args.workers > 1 and len(todo) > 1:
             pool.close()
             pool.join()
-    return _finish(args, settings, done, skipped)
+    return finish(args, settings, done, skipped)
 
 
-def _finish(args, settings: Settings, done, skipped) -> int:
+def finish(args, settings: Settings, done, skipped) -> int:
+    """Write manifest.jsonl and dataset_info.json from every shard's lines; print the summary; exit status."""
     manifest = list(skipped) + [line for name in sorted(done) for line in done[name]]
     with open(os.path.join(args.out, "manifest.jsonl.tmp"), "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in manifest)
@@ -461,20 +513,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report_column", default="report")
     p.add_argument("--max_skipped_fraction", type=float, default=0.1,
                    help="exit with status 3 when more than this fraction of inputs is skipped")
+    p.add_argument("--max_pixels", type=int, default=dicom_io.MAX_PIXELS,
+                   help="skip videos whose frames have more pixels (Rows x Columns) than this: bounds memory")
+    p.add_argument("--time_limit", type=float, default=120.0,
+                   help="seconds per video; a video taking longer is skipped with that reason")
     p.add_argument("--manifest_paths", choices=("hash", "relative"), default="hash",
                    help="name inputs in manifest.jsonl by a salted hash of the relative path (default) or the path")
     return p
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check(parser: argparse.ArgumentParser, args) -> None:
+    """Argument checks shared with data_prep.beam (parser.error exits with status 2)."""
     if args.dicom_dir and not args.reports:
         parser.error("--reports is required with --dicom_dir")
     if not (args.salt or args.salt_file):
         parser.error("one of --salt or --salt_file is required")
-    if not (1 <= args.jpeg_quality <= 100 and args.image_size >= 16 and args.shard_size >= 1 and args.frames >= 0):
-        parser.error("--jpeg_quality 1..100, --image_size >= 16, --shard_size >= 1, --frames >= 0")
+    if not (1 <= args.jpeg_quality <= 100 and args.image_size >= 16 and args.shard_size >= 1 and args.frames >= 0
+            and args.max_pixels >= 256 and args.time_limit > 0):
+        parser.error("--jpeg_quality 1..100, --image_size >= 16, --shard_size >= 1, --frames >= 0, "
+                     "--max_pixels >= 256, --time_limit > 0")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check(parser, args)
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as e:

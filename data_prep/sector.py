@@ -13,9 +13,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-_MOTION_THRESHOLD = 12  # grey levels of temporal range: above JPEG noise on static text, below speckle
-_MIN_SECTOR_FRACTION = 0.02
-_MOTION_FRAMES = 12  # frames (evenly spaced) whose range finds the moving region: enough, and cheap  # a moving region smaller than this share of the search area is not a sector
+_MOTION_THRESHOLD = 6  # grey levels of temporal range: above JPEG noise on static text, below speckle (12 found
+# only 52-80% of 600x800 synthetic fans, whose speckle is smoother; 6 finds 95%)
+_MIN_SECTOR_FRACTION = 0.02  # a moving region smaller than this share of the search area is not a sector
+_MOTION_FRAMES = 12  # frames (evenly spaced) whose range finds the moving region: enough, and cheap
+_MASK_RESOLUTION = 300  # the mask is searched on every f-th pixel, f = shorter side // this (>= 1)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -45,27 +47,57 @@ def region_mask(shape: tuple[int, int], regions) -> np.ndarray:
     return mask
 
 
+def _grey(frame: np.ndarray) -> np.ndarray:
+    """Brightest channel; chained np.maximum (a reduction over a size-3 last axis is ~30x slower)."""
+    return np.maximum(np.maximum(frame[..., 0], frame[..., 1]), frame[..., 2])
+
+
+def _upsample_inside(mask: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
+    """Full-resolution mask from one found on every f-th pixel, kept strictly inside it.
+
+    A coarse pixel covers an f x f block; eroding by one coarse pixel first means every kept block lies
+    within the convex hull of sampled pixels that are in the sector, so the fan's edge is never crossed.
+    """
+    if f == 1:
+        return mask
+    mask = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool))
+    full = np.repeat(np.repeat(mask, f, axis=0), f, axis=1)
+    h, w = shape
+    out = np.zeros((h, w), bool)
+    out[: min(h, full.shape[0]), : min(w, full.shape[1])] = full[:h, :w]
+    return out
+
+
 def sector_mask(frames: np.ndarray, regions=()) -> np.ndarray:
-    """Boolean [H, W] mask of the scan sector of uint8 frames [K, H, W, 3]."""
+    """Boolean [H, W] mask of the scan sector of uint8 frames [K, H, W, 3].
+
+    Searched on every f-th pixel (f from _MASK_RESOLUTION; 600x800 -> f=2), which is 4x cheaper and, with
+    the erosion in _upsample_inside, never wider than the full-resolution search.
+    """
     k, h, w, _ = frames.shape
+    f = max(1, min(h, w) // _MASK_RESOLUTION)
     area = region_mask((h, w), regions) if regions else np.ones((h, w), bool)
+    small_area = area[::f, ::f]
     if k >= 2:
         lo = hi = None
         for i in np.unique(np.linspace(0, k - 1, min(k, _MOTION_FRAMES)).round().astype(int)):
-            g = frames[i].max(axis=-1)
+            g = _grey(frames[i, ::f, ::f])
             lo, hi = (g, g) if lo is None else (np.minimum(lo, g), np.maximum(hi, g))
         moving = (hi.astype(np.int16) - lo) > _MOTION_THRESHOLD
-        moving = ndimage.binary_opening(moving & area, structure=np.ones((3, 3), bool))
+        moving = ndimage.binary_opening(moving & small_area, structure=np.ones((3, 3), bool))
         sector = _largest_component(moving)
-        if sector.sum() >= _MIN_SECTOR_FRACTION * area.sum():
-            return _fill_rows(sector) & area
+        if sector.sum() >= _MIN_SECTOR_FRACTION * small_area.sum():
+            return _upsample_inside(_fill_rows(sector) & small_area, f, (h, w)) & area
     if regions:
         return area  # a still image (or a frozen loop): trust the header's rectangle
-    bright = ndimage.binary_opening(frames.max(axis=(0, 3)) > 8, structure=np.ones((3, 3), bool))
+    brightest = _grey(frames[0, ::f, ::f])
+    for i in range(1, k):
+        np.maximum(brightest, _grey(frames[i, ::f, ::f]), out=brightest)
+    bright = ndimage.binary_opening(brightest > 8, structure=np.ones((3, 3), bool))
     sector = _largest_component(bright)
     if not sector.any():
         return area
-    return _fill_rows(sector)
+    return _upsample_inside(_fill_rows(sector), f, (h, w))
 
 
 def square_box(mask: np.ndarray) -> tuple[int, int, int]:
@@ -82,18 +114,26 @@ def square_box(mask: np.ndarray) -> tuple[int, int, int]:
 
 
 def crop_resize(frames: np.ndarray, mask: np.ndarray, image_size: int) -> np.ndarray:
-    """Zero pixels outside `mask`, crop the square around it (zero padded), resize -> [K, S, S, 3]."""
+    """Zero pixels outside `mask`, crop the square around it (zero padded), resize -> [K, S, S, 3].
+
+    Only the crop is masked, as [K, rows, cols * 3] against a mask repeated per channel, so numpy runs one
+    contiguous multiply per row instead of broadcasting over a size-3 axis (25x faster). The resize is a
+    box reduce by an integer factor, then bilinear (Pillow's reducing_gap=1).
+    """
     k, h, w, _ = frames.shape
     top, left, side = square_box(mask)
     y0, y1, x0, x1 = max(top, 0), min(top + side, h), max(left, 0), min(left + side, w)
-    canvas = np.zeros((k, side, side, 3), np.uint8)
-    np.multiply(frames[:, y0:y1, x0:x1], mask[y0:y1, x0:x1, None], out=canvas[:, y0 - top : y1 - top, x0 - left : x1 - left])
+    canvas = np.zeros((k, side, side * 3), np.uint8)
+    keep = np.repeat(mask[y0:y1, x0:x1].view(np.uint8), 3, axis=1)
+    np.multiply(np.ascontiguousarray(frames[:, y0:y1, x0:x1]).reshape(k, y1 - y0, -1), keep,
+                out=canvas[:, y0 - top : y1 - top, 3 * (x0 - left) : 3 * (x1 - left)])
+    canvas = canvas.reshape(k, side, side, 3)
     if side == image_size:
         return canvas
     out = np.empty((k, image_size, image_size, 3), np.uint8)
     for i in range(k):
         out[i] = np.asarray(Image.fromarray(canvas[i]).resize(
-            (image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+            (image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=1.0))
     return out
 
 

@@ -82,14 +82,46 @@ def test_cohort_converts_with_paired_reports_days_and_splits(cohort, converted):
     assert len(manifest) == len(truth) and {m["status"] for m in manifest} == {"converted"}
 
 
-def test_no_phi_in_any_output_byte(cohort, converted):
+def _text_band_rows(row, image_size):
+    """Output rows that show input rows above the fan's apex (the burned-in name, id, date), computed
+    from the true fan geometry: the crop is the square centred on the fan's bounding box."""
+    x0, y0, x1, y1 = (int(row[k]) for k in ("sector_x0", "sector_y0", "sector_x1", "sector_y1"))
+    side = max(y1 - y0 + 1, x1 - x0 + 1)
+    top = (y0 + y1 + 1 - side) // 2
+    return max(0, int((y0 - top) * image_size / side) - 2)  # 2 rows of margin for the detected fan's edge
+
+
+def test_no_phi_in_any_output_byte_or_log_and_the_text_band_is_blank(cohort, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep.convert", "--dicom_dir", str(cohort / "dicom"), "--reports",
+           str(cohort / "reports.csv"), "--out", str(out), "--salt_file", str(tmp_path / "salt"), "--frames", "8",
+           "--image_size", "64", "--shard_size", "4", "--workers", "2"]
+    (tmp_path / "salt").write_text(SALT)
+    proc = subprocess.run(cmd, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     phi = synthetic.read_phi(cohort) + [SALT]
-    for path in glob.glob(str(converted / "**"), recursive=True) + glob.glob(str(converted / ".*/*")):
+    blobs = {"stdout": proc.stdout, "stderr": proc.stderr}
+    for path in glob.glob(str(out / "**"), recursive=True) + glob.glob(str(out / ".*" / "*")):
         if os.path.isfile(path):
-            data = open(path, "rb").read()
-            for s in phi:
-                assert s.encode() not in data, f"{s!r} found in {path}"
-            assert b"dicom/P0" not in data  # input paths are hashed in the manifest
+            blobs[path] = open(path, "rb").read()
+    assert len(blobs) > 6
+    for name, data in blobs.items():
+        for s in phi:
+            assert s.encode() not in data, f"{s!r} found in {name}"
+        assert b"dicom/P0" not in data  # input paths are hashed in the manifest
+    truth = {}
+    for row in synthetic.read_truth(cohort):
+        ds = pydicom.dcmread(cohort / row["path"], stop_before_pixels=True)
+        truth[_hash("video", ds.SOPInstanceUID)] = row
+    checked = 0
+    for vid, [(_, ex)] in _records(out).items():
+        band = _text_band_rows(truth[vid], 64)
+        assert band >= 3  # the test is meaningful: the crop does include the text rows
+        for jpeg in ex["frames"]:
+            frame = np.asarray(Image.open(io.BytesIO(jpeg)))
+            assert frame[:band].max() <= 8, f"burned-in text rows not blank in {vid}"
+            checked += 1
+    assert checked == sum(min(8, int(r["frames"])) for r in truth.values())
 
 
 def test_rerun_is_a_no_op_and_another_salt_is_refused(cohort, converted, capsys):

@@ -61,13 +61,35 @@ def test_multiframe_jpeg_baseline_decodes_only_kept_frames(monkeypatch):
     keep = dicom_io.kept_indices(header.num_frames, 4)
     assert keep == [0, 40, 79, 119]
     calls = []
-    original = base.DecodeRunner.decode
-    monkeypatch.setattr(base.DecodeRunner, "decode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original_open, original_decode = dicom_io.Image.open, base.DecodeRunner.decode
+    monkeypatch.setattr(dicom_io.Image, "open", lambda *a, **k: calls.append(1) or original_open(*a, **k))
+    monkeypatch.setattr(base.DecodeRunner, "decode", lambda self, *a, **k: calls.append(1) or original_decode(self, *a, **k))
     frames = dicom_io.read_frames(path, keep)
     assert len(calls) == 4  # one decode per kept frame, not 120
     monkeypatch.undo()
     full = pydicom.dcmread(path).pixel_array  # reference: pydicom's whole-video decode, YBR -> RGB
     np.testing.assert_array_equal(frames, full[keep])
+
+
+def test_jpeg_baseline_decodes_at_a_reduced_scale_when_asked():
+    path = _file("color3d_jpeg_baseline.dcm")
+    h = dicom_io.read_header(path)
+    full = dicom_io.read_frames(path, [0, 60])
+    frames, scale = dicom_io.read_frames_scaled(path, [0, 60], min_side=h.rows // 2)
+    assert scale == 2 and frames.shape == (2, -(-h.rows // 2), -(-h.cols // 2), 3)
+    box = full[:, : h.rows // 2 * 2, : h.cols // 2 * 2].reshape(2, h.rows // 2, 2, h.cols // 2, 2, 3).mean((2, 4))
+    assert np.abs(frames[:, : h.rows // 2, : h.cols // 2] - box).mean() < 4  # a 2x2 average, in the DCT domain
+    assert dicom_io.read_frames_scaled(path, [0], min_side=h.rows)[1] == 1
+    assert dicom_io.read_frames_scaled(_file("US1_UNCR.dcm"), [0], min_side=16)[1] == 1  # not JPEG: full size
+    assert [dicom_io.draft_scale(600, 800, m) for m in (600, 300, 280, 150, 10)] == [1, 2, 2, 4, 8]
+
+
+def test_jpeg_frame_disagreeing_with_the_header_is_refused_undecoded(tmp_path):
+    ds = pydicom.dcmread(_file("color3d_jpeg_baseline.dcm"))
+    ds.Rows, ds.Columns = 64, 64
+    ds.save_as(tmp_path / "small_header.dcm")
+    with pytest.raises(dicom_io.SkipVideo, match="the header says 64x64"):
+        dicom_io.read_frames(str(tmp_path / "small_header.dcm"), [0])
 
 
 def test_header_regions_and_spacing():

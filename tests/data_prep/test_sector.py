@@ -3,12 +3,13 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_prep import sector, synthetic
 
 
-def _video(has_regions):
-    specs, _, _ = synthetic.plan_cohort(2, seed=3, small=True)
+def _video(has_regions, small=True):
+    specs, _, _ = synthetic.plan_cohort(2, seed=3, small=small)
     spec = next(s for s in specs if s.has_regions == has_regions)
     frames, truth = synthetic.render_video(spec)
     yy, xx = np.mgrid[: frames.shape[1], : frames.shape[2]]
@@ -19,9 +20,10 @@ def _video(has_regions):
     return frames, fan, box
 
 
+@pytest.mark.parametrize("small", [True, False], ids=["160x208", "600x800-subsampled-search"])
 @pytest.mark.parametrize("with_regions", [True, False])
-def test_mask_is_the_fan_and_nothing_else(with_regions):
-    frames, fan, box = _video(True)
+def test_mask_is_the_fan_and_nothing_else(with_regions, small):
+    frames, fan, box = _video(True, small)
     mask = sector.sector_mask(frames[::2], [box] if with_regions else ())
     assert not (mask & ~fan).any()  # burned-in text, probe label, depth ticks, ECG: all outside
     assert mask.sum() >= 0.9 * fan.sum()
@@ -35,6 +37,24 @@ def test_prepare_blanks_text_and_ecg_and_fills_the_square():
     assert green.max() < 40  # the green ECG trace is gone
     assert out[:, :2].max() == 0  # the rows above the apex (where the name/id/date were) are black
     assert out[:, 40:, 20:44].mean() > 20  # the fan fills the crop
+
+
+def test_crop_resize_matches_a_plain_masked_resize():
+    """The fast path (contiguous multiply, reduce + bilinear) against masking with np.where and resizing."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 90, 120, 3), dtype=np.uint8)
+    mask = np.zeros((90, 120), bool)
+    mask[10:80, 30:100] = True
+    mask[40, 20:30] = True
+    out = sector.crop_resize(frames, mask, 32)
+    top, left, side = sector.square_box(mask)
+    assert (top, left, side) == (5, 20, 80)  # rows 10..79, cols 20..99: an 80 square centred on them
+    padded = np.zeros((3, 110, 140, 3), np.uint8)
+    padded[:, 10:100, 10:130] = np.where(mask[..., None], frames, 0)
+    crop = padded[:, top + 10 : top + 10 + side, left + 10 : left + 10 + side]
+    for i in range(3):
+        ref = np.asarray(Image.fromarray(crop[i]).reduce(2).resize((32, 32), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(out[i], ref)
 
 
 def test_static_video_falls_back_to_region_rectangle():

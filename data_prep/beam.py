@@ -1,0 +1,71 @@
+"""The conversion's write pass as an Apache Beam pipeline, for when one machine is not enough.
+
+    python -m data_prep.beam --dicom_dir D --reports R.csv --out O --salt_file F --runner DirectRunner \
+        [every data_prep.convert option] [Beam pipeline options, e.g. --direct_num_workers 4]
+
+Pass 1 (read every header, pair reports, hash ids, split, assign shards, resume check) runs here in the
+launcher with `--workers` processes; it reads headers only. Pass 2, the expensive part, is one Beam
+element per unfinished shard running `data_prep.convert.write_shard`, the same unit the local runner
+uses, so records, manifest lines and resume behave identically. The launcher then writes manifest.jsonl
+and dataset_info.json from the per-shard manifest parts. `--out` and the inputs must be paths every
+worker can open (a shared filesystem such as NFS, Filestore or a GCS FUSE mount).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from data_prep import convert
+
+
+def _write(task: tuple) -> tuple[str, int]:
+    """One shard: (shard name, converted count); counters make progress visible in the runner's UI."""
+    from apache_beam.metrics import Metrics
+
+    name, lines = convert.write_shard(task)
+    converted = sum(line["status"] == "converted" for line in lines)
+    Metrics.counter("data_prep", "videos_converted").inc(converted)
+    Metrics.counter("data_prep", "videos_skipped").inc(len(lines) - converted)
+    return name, converted
+
+
+def build_parser():
+    p = convert.build_parser()
+    p.prog = "python -m data_prep.beam"
+    p.description = __doc__.split("\n\n")[0]
+    p.add_argument("--runner", default="DirectRunner",
+                   help="Beam runner: DirectRunner (here), DataflowRunner, FlinkRunner, SparkRunner, ...")
+    return p
+
+
+def main(argv=None) -> int:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    convert.check(parser, args)
+    try:
+        settings, todo, done, skipped, _ = convert.prepare(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if todo:
+        options = PipelineOptions(beam_args, runner=args.runner)
+        with beam.Pipeline(options=options) as pipeline:
+            (pipeline
+             | "shards" >> beam.Create(todo)
+             | "spread" >> beam.Reshuffle()
+             | "write" >> beam.Map(_write))
+    for _, name, _, _ in todo:
+        lines = convert.shard_done(args.out, name)
+        if lines is None:
+            print(f"error: shard {os.path.join(args.out, name)} was not completed by the pipeline; rerun to "
+                  "resume", file=sys.stderr)
+            return 4
+        done[name] = lines
+    return convert.finish(args, settings, done, skipped)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
