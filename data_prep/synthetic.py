@@ -51,6 +51,9 @@ EF_DEFINITION = "(EDA-ESA)/EDA of the LV cavity area in the image plane, percent
 DEVICES = ("pacemaker", "tavr", "mitraclip")
 LV_SIZES = ("normal", "mild", "moderate", "severe")
 LV_SCALE = {"normal": 1.0, "mild": 1.1, "moderate": 1.2, "severe": 1.3}  # ED cavity axes multiplier
+# Reduced EF goes with a dilated LV, as in dilated cardiomyopathy: the lower bound of EF for each size.
+# This makes EF partly visible in a single frame, as it is in real echo (the paper trains on one frame).
+LV_SIZE_EF_FLOOR = {"normal": 50, "mild": 40, "moderate": 28, "severe": 0}
 ENCODINGS = ("jpeg_ybr_full_422", "rgb", "monochrome2")
 
 # Invented names (no real person): distinctive, so a privacy test can grep every output byte for them.
@@ -136,6 +139,11 @@ def _baseline_ef(rng: np.random.Generator) -> float:
     return float(rng.uniform(10, 80))
 
 
+def _lv_size(ef: int) -> str:
+    """The LV size that goes with an EF (LV_SIZE_EF_FLOOR)."""
+    return next(size for size in LV_SIZES if ef >= LV_SIZE_EF_FLOOR[size])
+
+
 def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec], list[dict], dict]:
     """Returns (videos, studies, phi) for the cohort; deterministic for (patients, seed, small)."""
     if patients < 1:
@@ -159,7 +167,6 @@ def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec],
         dob = first_day - datetime.timedelta(days=int(rng.integers(25 * 365, 90 * 365)))
         sex = str(rng.choice(["F", "M"]))
         ef0 = _baseline_ef(rng)
-        size0 = int(rng.choice(4, p=[0.55, 0.2, 0.15, 0.1]))
         onset = {d: (int(rng.integers(0, n_studies)) if rng.random() < prob else None)
                  for d, prob in zip(DEVICES, (0.25, 0.2, 0.2))}
         n_clips = int(rng.integers(1, 3))
@@ -167,7 +174,7 @@ def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec],
         for s in range(n_studies):
             study_date = first_day + datetime.timedelta(days=int(days[s]))
             ef = int(np.clip(round(ef0 + (rng.normal(0, 7) if s else 0)), 10, 80))
-            size = LV_SIZES[int(np.clip(size0 + (rng.random() < 0.2) * (s > 0), 0, 3))]
+            size = _lv_size(ef)
             devices = tuple(d for d in DEVICES if onset[d] is not None and s >= onset[d])
             hr0 = float(rng.uniform(50, 110))
             inst = int(rng.integers(len(_INSTITUTIONS)))

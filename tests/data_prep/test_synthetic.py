@@ -183,6 +183,17 @@ def test_ef_measured_from_pixels_matches_truth(decoded):
     assert errors.mean() <= 2.5, errors
 
 
+def test_reduced_ef_hearts_are_dilated_in_every_frame(decoded):
+    """EF must be partly visible in one frame (training sees one frame): low-EF cavities are larger."""
+    mean_area = {}
+    for row, _, _, gray in decoded:
+        region = _lv_region(row, gray.shape[1:])
+        dark = ndimage.uniform_filter(gray, size=(1, 3, 3)) < 60
+        mean_area.setdefault(float(row["ef"]) < 40, []).append((dark & region).sum((1, 2)).mean())
+    assert mean_area[True] and mean_area[False]
+    assert np.median(mean_area[True]) > 1.1 * np.median(mean_area[False])
+
+
 def test_devices_are_bright_and_sizeable(decoded):
     for row, _, _, gray in decoded:
         fan = _fan(row, gray.shape[1:])
