@@ -3,7 +3,7 @@
 Every later stage (DICOM conversion, de-identification, training, zero-shot evaluation) needs data
 whose truth is known. Each video is an apical-4-chamber-like phantom: a fan-shaped sector with speckle,
 four chambers, and a left ventricle whose cavity AREA follows a cardiac cycle, so its ejection fraction
-(EF = (EDA - ESA) / EDA of the LV cavity area in the image plane) is a known integer in [10, 80] %.
+(EF = (EDA - ESA) / EDA of the LV cavity area in the image plane) is a known multiple of 5 in [10, 80] %.
 Devices are bright structures: a pacemaker lead in the right heart, a prosthetic (stent) aortic valve
 at the crux, one or two mitral clips at the mitral annulus. Outside the sector, as on real scanners:
 an ECG trace, a probe label, depth ticks and burned-in text with the fake patient's name, id and date.
@@ -173,7 +173,8 @@ def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec],
         referrer = f"{_LAST[int(rng.integers(len(_LAST)))]}^{_FIRST[int(rng.integers(len(_FIRST)))]}^^DR"
         for s in range(n_studies):
             study_date = first_day + datetime.timedelta(days=int(days[s]))
-            ef = int(np.clip(round(ef0 + (rng.normal(0, 7) if s else 0)), 10, 80))
+            # Reported to the nearest 5%, as echo reports usually are.
+            ef = int(np.clip(5 * round((ef0 + (rng.normal(0, 7) if s else 0)) / 5), 10, 80))
             size = _lv_size(ef)
             devices = tuple(d for d in DEVICES if onset[d] is not None and s >= onset[d])
             hr0 = float(rng.uniform(50, 110))

@@ -6,9 +6,11 @@ Kinds: `open_clip` (a directory with open_clip_config.json + weights, as
 `open_clip.create_model_and_transforms("local-dir:DIR")` loads; as a source also a bare state-dict file
 .safetensors/.bin/.pt with --config naming the architecture), `safetensors` (our parameter names in
 one file + a JSON of `config.model` beside it: X.safetensors + X.json), and, as sources, `orbax` (a
-training checkpoint or workdir) and `params` (a params-only checkpoint), read through
-`echoclip_jax.checkpoint.restore_params` with --config. After writing, the destination is read back
-and the image and text embeddings of a fixed input are compared with the source's.
+training checkpoint or workdir, read through `echoclip_jax.checkpoint.restore_params` with --config) and
+`params` (a params-only Orbax checkpoint: a directory holding the parameter tree and `echoclip_model.json`,
+the small, optimizer-free form to share or to start a run from; also a destination). `--dtype bfloat16`
+halves the written weights. After writing, the destination is read back and the image and text
+embeddings of a fixed input are compared with the source's (tolerance 1e-5 in float32, 2e-2 in bfloat16).
 """
 from __future__ import annotations
 
@@ -28,7 +30,10 @@ from echoclip_jax import open_clip_weights as ocw
 from echoclip_jax.models import CLIP, build_model, preprocess_images
 
 SOURCE_KINDS = ("open_clip", "safetensors", "orbax", "params")
-DEST_KINDS = ("open_clip", "safetensors")
+DEST_KINDS = ("open_clip", "safetensors", "params")
+DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+PARAMS_CONFIG = "echoclip_model.json"  # beside the parameter tree of a params-only checkpoint
 _OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                            "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 
@@ -110,7 +115,42 @@ def _read_safetensors(path: str, model_config):
     return model_config, {k: tensors[n].astype(expected[k].dtype) for n, k in names.items()}
 
 
+def _nested(flat: dict) -> dict:
+    """{("a", "b", 0): x} -> {"a": {"b": {"0": x}}}: the tree Orbax stores."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = value
+    return tree
+
+
+def _read_params_only(path: str, model_config):
+    import orbax.checkpoint as ocp
+    with open(os.path.join(path, PARAMS_CONFIG)) as f:
+        stored = ml_collections.ConfigDict(json.load(f)["model"])
+    model_config = model_config if model_config is not None else stored
+    expected = expected_params(model_config)
+    item = _nested({k: 0 for k in expected})
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    try:
+        tree = ocp.PyTreeCheckpointer().restore(os.path.join(path, "params"), args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args))
+    except Exception as e:  # Orbax raises many types for a tree that does not fit
+        raise ValueError(f"{path}: params-only checkpoint does not match the model config ({e})") from e
+    flat = {}
+    for k, spec in expected.items():
+        node = tree
+        for key in k:
+            node = node[str(key)]
+        flat[k] = np.asarray(node).astype(spec.dtype)
+    return model_config, flat
+
+
 def _read_checkpoint(path: str, model_config):
+    if os.path.isfile(os.path.join(path, PARAMS_CONFIG)):
+        return _read_params_only(path, model_config)
     if model_config is None:
         raise ValueError(f"{path}: an orbax/params checkpoint needs --config to name its architecture")
     try:
@@ -163,12 +203,27 @@ def _write_open_clip(path: str, model_config, params: dict) -> None:
     ocw.write_open_clip_dir(params, model_config, path)
 
 
-WRITERS = {"open_clip": _write_open_clip, "safetensors": _write_safetensors}
+def _write_params_only(path: str, model_config, params: dict) -> None:
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise ValueError(f"{path}: already exists; choose a new directory for the params-only checkpoint")
+    ocp.PyTreeCheckpointer().save(os.path.join(path, "params"), _nested(params))
+    with open(os.path.join(path, PARAMS_CONFIG), "w") as f:
+        json.dump({"model": model_config.to_dict()}, f, indent=2)
 
 
-def save(spec: str, model_config, params: dict) -> None:
+WRITERS = {"open_clip": _write_open_clip, "safetensors": _write_safetensors, "params": _write_params_only}
+
+
+def save(spec: str, model_config, params: dict, dtype: str = "float32") -> None:
+    """Writes `params` as KIND:PATH, floating-point weights cast to `dtype`."""
     kind, path = parse_spec(spec, DEST_KINDS)
-    WRITERS[kind](path, model_config, params)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    cast = {k: np.asarray(v).astype(DTYPES[dtype]) if np.issubdtype(np.asarray(v).dtype, np.floating) else v
+            for k, v in params.items()}
+    WRITERS[kind](path, model_config, cast)
 
 
 # ---------------------------------------------------------------- verification
@@ -197,11 +252,13 @@ def compare_embeddings(a: CLIP, b: CLIP, model_config) -> dict:
     return out
 
 
-def convert(src: str, dst: str, model_config=None, tolerance: float = 1e-5) -> dict:
-    """Converts src -> dst and returns the max relative embedding error of dst vs src (raises above tolerance)."""
+def convert(src: str, dst: str, model_config=None, dtype: str = "float32") -> dict:
+    """Converts src -> dst and returns the max relative embedding error of dst vs src (raises above the
+    dtype's tolerance)."""
     model_config, params = load(src, model_config)
-    save(dst, model_config, params)
+    save(dst, model_config, params, dtype)
     _, dst_path = parse_spec(dst, DEST_KINDS)
+    tolerance = TOLERANCE[dtype]
     errors = compare_embeddings(make_model(model_config, params), load_model(dst, None), model_config)
     for name, err in errors.items():
         if not err <= tolerance:
@@ -216,7 +273,7 @@ def main(argv):
     del argv
     config = FLAGS.config
     try:
-        errors = convert(FLAGS.src, FLAGS.dst, config.model if config is not None else None)
+        errors = convert(FLAGS.src, FLAGS.dst, config.model if config is not None else None, FLAGS.dtype)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 1
@@ -228,6 +285,7 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_string("src", None, "KIND:PATH to read; KIND one of " + ", ".join(SOURCE_KINDS), required=True)
     flags.DEFINE_string("dst", None, "KIND:PATH to write; KIND one of " + ", ".join(DEST_KINDS), required=True)
+    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "dtype of the written floating-point weights")
     config_flags.DEFINE_config_file("config", None, "configs/*.py naming the architecture (when the source "
                                     "does not carry it)", lock_config=False)
     app.run(main)

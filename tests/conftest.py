@@ -5,8 +5,13 @@ The flag is set here, before JAX is imported anywhere, so no caller has to remem
 import os
 import pathlib
 
+# 8 simulated devices share 2 cores in CI: a collective can wait minutes for its peers under load, and
+# XLA's CPU default aborts the whole process long before that.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+    " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+    " --xla_cpu_collective_timeout_seconds=1200"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

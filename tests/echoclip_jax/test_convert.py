@@ -63,3 +63,27 @@ def test_safetensors_round_trip_and_errors(tmp_path):
     r = run("--src", f"open_clip:{tmp_path / 'missing.bin'}", "--dst", f"safetensors:{tmp_path / 'x.safetensors'}",
             "--config", "configs/tiny.py")
     assert r.returncode == 1 and "missing.bin" in r.stderr
+
+
+def test_params_only_checkpoint_and_bfloat16_export(tmp_path):
+    """A shareable, optimizer-free checkpoint round-trips exactly; bf16 exports halve the bytes and still
+    give the same embeddings within bf16 precision (the converter checks and says so)."""
+    from configs import tiny
+    mc = tiny.get_config().model
+    params = {k: np.random.default_rng(1).normal(scale=0.05, size=s.shape).astype(s.dtype)
+              for k, s in convert.expected_params(mc).items()}
+    src = f"safetensors:{tmp_path / 'src.safetensors'}"
+    convert.save(src, mc, params)
+
+    errors = convert.convert(src, f"params:{tmp_path / 'shared'}")
+    assert errors == {"image": 0.0, "text": 0.0}
+    mc2, back = convert.load(f"params:{tmp_path / 'shared'}")  # the config travels with the weights
+    assert mc2.to_dict() == mc.to_dict()
+    assert all(np.array_equal(back[k], params[k]) for k in params)
+    with pytest.raises(ValueError, match="already exists"):
+        convert.save(f"params:{tmp_path / 'shared'}", mc, params)
+
+    errors = convert.convert(src, f"safetensors:{tmp_path / 'half.safetensors'}", dtype="bfloat16")
+    assert 0 < max(errors.values()) <= convert.TOLERANCE["bfloat16"]
+    full, half = (tmp_path / "src.safetensors").stat().st_size, (tmp_path / "half.safetensors").stat().st_size
+    assert half < 0.55 * full

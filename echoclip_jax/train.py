@@ -1,0 +1,340 @@
+"""Train a CLIP on data_prep's TFRecords, on one CPU or a pod: `python -m echoclip_jax.train
+--config configs/tiny.py --workdir W [--config.total_steps=100 ...]`. Resumes from W when it holds a
+checkpoint.
+
+Reads top to bottom: distributed init, mesh, input, model, shardings, update step, checkpoint,
+evaluation, loop. The train state is a plain pytree {step, params, opt_state, rng, bad_step}; the
+model is rebuilt from its graphdef inside the jitted step (nnx.merge), so jit shardings, Orbax and
+weight conversion see plain nested dicts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from echoclip_jax import checkpoint as ckpt_lib
+from echoclip_jax import data, losses, models, optim, sharding
+
+log = logging.getLogger("echoclip_jax.train")
+
+# Peak dense bf16 FLOP/s per device, for MFU; unknown kinds (e.g. CPU) report MFU as null.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+              "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+              "NVIDIA RTX A6000": 155e12}
+
+
+def init_distributed(dc) -> None:
+    """jax.distributed across hosts: explicit coordinator flags, or auto-detected (SLURM, TPU pod)."""
+    if dc.coordinator_address:
+        jax.distributed.initialize(coordinator_address=dc.coordinator_address,
+                                   num_processes=int(dc.num_processes) or None,
+                                   process_id=int(dc.process_id) if dc.process_id >= 0 else None,
+                                   initialization_timeout=int(dc.initialization_timeout))
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize(initialization_timeout=int(dc.initialization_timeout))
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard, written by process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        row = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def _flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+def initial_params(config, abstract_params, param_sh):
+    """Random (seeded), an imported open_clip state dict, or the weights of one of our checkpoints."""
+    kind = config.init.kind
+    if kind == "random":
+        def init():
+            return nnx.to_pure_dict(nnx.state(models.build_model(config.model, rngs=nnx.Rngs(config.seed)), nnx.Param))
+        return jax.jit(init, out_shardings=param_sh)()
+    if kind == "checkpoint":
+        loaded = ckpt_lib.restore_params(config.init.path)
+    elif kind == "open_clip":
+        from echoclip_jax import convert
+
+        _, flat = convert.load(f"open_clip:{config.init.path}", config.model)
+        loaded = {}
+        for path, value in flat.items():  # {path tuple: array} -> nested, as nnx.to_pure_dict
+            node = loaded
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+    else:
+        raise ValueError(f"init.kind {kind!r}: expected random, open_clip or checkpoint")
+    if isinstance(loaded, nnx.State):
+        loaded = nnx.to_pure_dict(loaded)
+    want = jax.tree.structure(abstract_params)
+    if jax.tree.structure(loaded) != want:
+        raise ValueError(f"init.path {config.init.path}: parameter tree does not match config.model")
+    for (path, a), b in zip(jax.tree.leaves_with_path(abstract_params), jax.tree.leaves(loaded)):
+        if tuple(a.shape) != tuple(np.shape(b)):
+            raise ValueError(f"init.path {config.init.path}: {jax.tree_util.keystr(path)} has shape "
+                             f"{np.shape(b)}, config.model wants {a.shape}")
+    return jax.device_put(jax.tree.map(lambda a, b: np.asarray(b, a.dtype), abstract_params, loaded), param_sh)
+
+
+def train(config, workdir: str, *, devices=None) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics. `devices` restricts the mesh."""
+    os.makedirs(workdir, exist_ok=True)
+    init_distributed(config.distributed)
+    if config.optim.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"optim.nan_policy {config.optim.nan_policy!r}: expected 'stop' or 'skip'")
+    total = int(config.total_steps)
+
+    # ---- mesh and input
+    mesh = sharding.build_mesh(config.mesh, devices)
+    rules = sharding.get_rules(config.sharding_preset)
+    train_data = data.train_loader(config, mesh)
+    eval_data_fn = (lambda: data.eval_loader(config, mesh)) if config.eval_batches > 0 else None
+    eval_records = len(data.ShardedRecords(config.data_dir, config.data.eval_split)) if eval_data_fn else 0
+
+    # ---- model (abstract: nothing allocated until the sharded init below)
+    abstract = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(config.seed)))
+    abstract.train()
+    train_graph, abs_param_state, abs_rest_state = nnx.split(abstract, nnx.Param, ...)
+    abstract.eval()
+    eval_graph = nnx.split(abstract, nnx.Param, ...)[0]
+    abs_params = nnx.to_pure_dict(abs_param_state)
+    abs_rest = nnx.to_pure_dict(abs_rest_state)
+
+    # ---- shardings and optimiser
+    param_sh = sharding.param_shardings(abs_param_state, mesh, rules)
+    tx, schedule = optim.make_optimizer(config.optim, total, abs_params)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    repl = sharding.replicated(mesh)
+    state_sh = {"step": repl, "params": param_sh, "opt_state": sharding.like_params(abs_opt, abs_params, param_sh, mesh),
+                "rng": repl, "bad_step": repl}
+    loss_fn = losses.make_loss_fn(config.loss, mesh)
+    max_ls = float(config.loss.max_logit_scale)
+    accum = int(config.optim.grad_accum_steps)
+    stop_on_nan = config.optim.nan_policy == "stop"
+
+    def fresh_rest(rng):
+        """The model's non-parameter state (dropout / drop-path RNG streams), derived from the step RNG."""
+        leaves, tree = jax.tree.flatten(abs_rest)
+        out = [jax.random.fold_in(rng, i) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+               else jnp.zeros(x.shape, x.dtype) for i, x in enumerate(leaves)]
+        return jax.tree.unflatten(tree, out)
+
+    def forward(graph, params, rest, batch):
+        model = nnx.merge(graph, params, rest)
+        images = models.preprocess_images(batch["images"])
+        img, txt = model(images, batch["tokens"])
+        bias = model.logit_bias[...] if model.logit_bias is not None else None
+        return img, txt, model.logit_scale[...], bias
+
+    # ---- the update step: a pure function of (state, batch)
+    def train_step(state, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        rest = fresh_rest(rng)
+
+        def loss_and_grad(params, mb):
+            def f(p):
+                img, txt, ls, bias = forward(train_graph, p, rest, mb)
+                return loss_fn(img, txt, ls, bias), {}
+            return jax.value_and_grad(f, has_aux=True)(params)
+
+        (loss, _), grads = optim.accumulate_gradients(loss_and_grad, state["params"], batch, accum)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, max_ls)  # as open_clip, after each step
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        apply = finite & (state["bad_step"] < 0) if stop_on_nan else finite
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "rng": state["rng"],
+            "bad_step": jnp.where(~finite & (state["bad_step"] < 0), state["step"], state["bad_step"]),
+        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                   "logit_scale": jnp.exp(new_state["params"]["logit_scale"]), "skipped": 1 - apply.astype(jnp.int32)}
+        return new_state, metrics
+
+    batch_sh = {"images": sharding.batch_sharding(mesh, 5 if config.data.frames_per_sample > 1 else 4),
+                "tokens": sharding.batch_sharding(mesh, 2)}
+    p_train_step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                           donate_argnums=0)
+
+    p_copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), in_shardings=(state_sh,), out_shardings=state_sh)
+
+    def embed(params, batch):
+        img, txt, _, _ = forward(eval_graph, params, fresh_rest(jax.random.key(0)), batch)
+        return img, txt
+
+    p_embed = jax.jit(embed, in_shardings=(param_sh, batch_sh), out_shardings=repl)
+
+    # ---- checkpoint: resume, or initialise
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                         best_metric="val/recall_at_1" if config.eval_batches > 0 else None)
+    abs_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_params, "opt_state": abs_opt,
+                 "rng": jax.ShapeDtypeStruct((2,), jnp.uint32), "bad_step": jax.ShapeDtypeStruct((), jnp.int32)}
+    abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, state_sh)
+    t_init = time.perf_counter()
+    start = checkpointer.latest_step()
+    if start is not None:
+        state = checkpointer.restore(start, abs_state, train_data.iterator)
+        log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
+    else:
+        start = 0
+        params = initial_params(config, abs_params, param_sh)
+        state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
+                                   "rng": jax.random.key_data(jax.random.key(config.seed)),
+                                   "bad_step": jnp.full((), -1, jnp.int32)},
+                        in_shardings=(param_sh,), out_shardings=state_sh)(params)
+
+    eval_loss_config = config.loss.copy_and_resolve_references()
+    eval_loss_config.impl = "plain"  # the gathered eval embeddings are on the host
+    eval_loss = losses.make_loss_fn(eval_loss_config)
+
+    log.info("state ready in %.1f s", time.perf_counter() - t_init)
+
+    # ---- evaluation: val loss + retrieval recall over the first eval_batches batches of the val split
+    def evaluate(params) -> dict:
+        imgs, txts = [], []
+        for batch in eval_data_fn():
+            i, t = p_embed(params, batch)
+            imgs.append(np.asarray(i))
+            txts.append(np.asarray(t))
+        n = min(len(imgs) * config.batch_size, eval_records)  # a small split wraps round: drop repeats
+        img, txt = np.concatenate(imgs)[:n], np.concatenate(txts)[:n]
+        ls, bias = float(np.asarray(params["logit_scale"])), None
+        if "logit_bias" in params:
+            bias = float(np.asarray(params["logit_bias"]))
+        out = {"val/loss": float(eval_loss(jnp.asarray(img), jnp.asarray(txt), ls, bias))}
+        sim = img @ txt.T
+        for name, s in (("i2t", sim), ("t2i", sim.T)):
+            rank = (s > np.diagonal(s)[:, None]).sum(axis=1)  # 0 = the true pair is the best match
+            for k in (1, 5):
+                out[f"val/{name}_recall_at_{k}"] = float(np.mean(rank < k))
+        out["val/recall_at_1"] = 0.5 * (out["val/i2t_recall_at_1"] + out["val/t2i_recall_at_1"])
+        return out
+
+    # ---- loop
+    metrics_log = MetricsLog(workdir)
+    preemption = ckpt_lib.Preemption()
+    batch = next(train_data) if start < total else None
+    t_compile = time.perf_counter()
+    flops = _flops(p_train_step.lower(state, batch).compile()) if batch is not None else None
+    log.info("train step compiled in %.1f s (%s FLOPs per device per step)", time.perf_counter() - t_compile, flops)
+    peak = PEAK_FLOPS.get(next((k for k in PEAK_FLOPS if jax.devices()[0].device_kind.startswith(k)), ""))
+    last, t0, t_steps = {}, time.perf_counter(), 0
+    multi = jax.process_count() > 1
+    cpu_backend = jax.default_backend() == "cpu"
+    step = start
+    try:
+        while step < total:
+            state, metrics = p_train_step(state, batch)
+            step += 1
+            t_steps += 1
+            log_now = step % config.log_every_steps == 0 or step == total
+            ckpt_now = step % config.checkpoint_every_steps == 0 or step == total
+            eval_now = config.eval_batches > 0 and (
+                (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total)
+            preempted = preemption.agreed() if (log_now or not multi) else False
+            if log_now or ckpt_now or eval_now or preempted:
+                bad = int(state["bad_step"])
+                if bad >= 0 and stop_on_nan:
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient at step {bad}; stopping without applying it or saving a "
+                        f"checkpoint (latest good checkpoint: step {checkpointer.latest_step()}). Set "
+                        f"--config.optim.nan_policy=skip to skip such steps instead.")
+            if log_now or eval_now:  # one metrics.jsonl row per logged step, eval metrics in it
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = (time.perf_counter() - t0) / t_steps
+                m.update(step_time=dt, samples_per_s=config.batch_size / dt,
+                         mfu=(flops / dt / peak) if flops and peak else None,
+                         tflops_per_device=(flops / dt / 1e12) if flops else None)
+                log.info("step %d/%d loss %.4f lr %.3g logit_scale %.2f %.1f samples/s", step, total, m["loss"],
+                         m["lr"], m["logit_scale"], m["samples_per_s"])
+                eval_metrics = evaluate(state["params"]) if eval_now else None
+                if eval_metrics:
+                    m.update(eval_metrics)
+                    log.info("step %d eval: %s", step, eval_metrics)
+                metrics_log.write(step, m)
+                last, t0, t_steps = m, time.perf_counter(), 0
+            else:
+                eval_metrics = None
+            if ckpt_now or preempted:
+                # the async save reads its arrays in the background while the next step donates (frees)
+                # the state's buffers, so it gets its own copy
+                checkpointer.save(step, p_copy(state), train_data.iterator, metrics=eval_metrics)
+                if cpu_backend:
+                    # XLA:CPU's in-process collectives abort when a rendezvous stalls; the background save
+                    # competing for the host's cores can stall one. On CPU the "device" is the host anyway.
+                    checkpointer.wait()
+            if preempted:
+                log.warning("preempted: saved step %d, exiting", step)
+                break
+            if step < total:
+                batch = next(train_data)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        metrics_log.close()
+        preemption.restore_handler()
+    return last
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    FLAGS = flags.FLAGS
+    try:
+        train(FLAGS.config, FLAGS.workdir)
+    except FloatingPointError as e:
+        sys.exit(f"echoclip_jax.train: {e}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, TensorBoard; resumes from it")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,29 @@
+"""The main job learns: `make demo`'s pipeline, with its default settings, beats every baseline."""
+import json
+import os
+
+import pytest
+
+from echoclip_jax import demo
+
+
+@pytest.mark.slow
+def test_demo_learns_on_held_out_patients(tmp_path):
+    out = tmp_path / "demo_out"
+    assert demo.main(["--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    figures = results["figures"]
+
+    ef = figures["ejection_fraction_mae"]
+    assert ef["value"] < 0.85 * ef["baseline"], ef  # clearly below predicting the training mean
+    for device in ("pacemaker", "tavr", "mitraclip"):
+        row = figures[f"{device}_auc"]
+        assert row["n"] and row["value"] > 0.7, (device, row)  # well above chance on unseen patients
+    assert figures["retrieval_video_to_report_mean_rank_fraction"]["value"] < 0.4
+    assert figures["patient_identification_auc"]["value"] > 0.6
+    assert results["train"]["last_loss"] < results["train"]["first_loss"]
+
+    # Everything the demo promises to write is there.
+    for path in results["paths"].values():
+        assert os.path.exists(path), path
+    assert list((out / "saliency").rglob("*.png")), "no saliency overlays written"
