@@ -108,4 +108,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
     c.distributed.initialization_timeout = 300
+    # seconds without a peer's heartbeat before the survivors abort (a dead host must not hang the job)
+    c.distributed.heartbeat_timeout = 100
     return c

@@ -3,7 +3,7 @@
 Every later stage (DICOM conversion, de-identification, training, zero-shot evaluation) needs data
 whose truth is known. Each video is an apical-4-chamber-like phantom: a fan-shaped sector with speckle,
 four chambers, and a left ventricle whose cavity AREA follows a cardiac cycle, so its ejection fraction
-(EF = (EDA - ESA) / EDA of the LV cavity area in the image plane) is a known multiple of 5 in [10, 80] %.
+(EF = (EDA - ESA) / EDA of the LV cavity area in the image plane) is a known integer in [10, 80] %.
 Devices are bright structures: a pacemaker lead in the right heart, a prosthetic (stent) aortic valve
 at the crux, one or two mitral clips at the mitral annulus. Outside the sector, as on real scanners:
 an ECG trace, a probe label, depth ticks and burned-in text with the fake patient's name, id and date.
@@ -139,6 +139,13 @@ def _baseline_ef(rng: np.random.Generator) -> float:
     return float(rng.uniform(10, 80))
 
 
+def _lv_scale(ef: int) -> float:
+    """ED cavity axes multiplier: grows continuously as EF falls below 55%, reaching the severe size's
+    scale at 20%, so the size report category and the pixels agree and EF shows within a category too."""
+    t = float(np.clip((55 - ef) / 35, 0.0, 1.0))
+    return LV_SCALE["normal"] + t * (LV_SCALE["severe"] - LV_SCALE["normal"])
+
+
 def _lv_size(ef: int) -> str:
     """The LV size that goes with an EF (LV_SIZE_EF_FLOOR)."""
     return next(size for size in LV_SIZES if ef >= LV_SIZE_EF_FLOOR[size])
@@ -173,8 +180,7 @@ def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec],
         referrer = f"{_LAST[int(rng.integers(len(_LAST)))]}^{_FIRST[int(rng.integers(len(_FIRST)))]}^^DR"
         for s in range(n_studies):
             study_date = first_day + datetime.timedelta(days=int(days[s]))
-            # Reported to the nearest 5%, as echo reports usually are.
-            ef = int(np.clip(5 * round((ef0 + (rng.normal(0, 7) if s else 0)) / 5), 10, 80))
+            ef = int(np.clip(round(ef0 + (rng.normal(0, 7) if s else 0)), 10, 80))
             size = _lv_size(ef)
             devices = tuple(d for d in DEVICES if onset[d] is not None and s >= onset[d])
             hr0 = float(rng.uniform(50, 110))
@@ -448,7 +454,7 @@ def render_video(spec: VideoSpec) -> tuple[np.ndarray, dict]:
     layout = SMALL if spec.small else FULL
     rng = np.random.default_rng(list(spec.seed))
     geo = _make_geometry(rng, layout)
-    heart = _make_heart(rng, LV_SCALE[spec.lv_size])
+    heart = _make_heart(rng, _lv_scale(spec.ef))
     gain = float(rng.uniform(0.85, 1.15))
     phase0 = float(rng.uniform(0, 1))
     x0, y0, x1, y1 = geo.bbox

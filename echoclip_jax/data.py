@@ -119,7 +119,7 @@ class _Sample:
 
     def __call__(self, g: int) -> dict:
         epoch, r = self.record_of(int(g))
-        raw = None
+        raw, skipped = None, 0
         for attempt in range(len(self.source)):
             try:
                 raw = self.source[(r + attempt) % len(self.source)]
@@ -127,6 +127,7 @@ class _Sample:
             except records.CorruptRecordError as e:
                 if self.on_corrupt == "raise":
                     raise
+                skipped += 1
                 log.warning("skipping corrupt record (%s); using the next one", e)
         if raw is None:
             raise records.CorruptRecordError(self.source.paths[0], 0, "every record is corrupt")
@@ -143,7 +144,9 @@ class _Sample:
             self._tok = tokenizers.from_config(self.tok_config)
         report = feats["report"][0].decode("utf-8") if feats.get("report") else ""
         tokens = self._tok.encode([report])[0].astype(np.int32)
-        return {"images": video[0] if self.k == 1 else video, "tokens": tokens}
+        # the count rides with the sample so it survives grain worker processes; the Loader sums it up
+        return {"images": video[0] if self.k == 1 else video, "tokens": tokens,
+                "corrupt_skipped": np.int32(skipped)}
 
 
 class _Indices(grain.sources.RandomAccessDataSource):
@@ -163,7 +166,8 @@ class _Indices(grain.sources.RandomAccessDataSource):
 
 class Loader:
     """Iterator of global batches {images, tokens} as jax.Arrays sharded over the mesh's batch axes,
-    with `get_state()` / `set_state()` for the checkpoint (per process)."""
+    with `get_state()` / `set_state()` for the checkpoint (per process). `corrupt_skipped` counts the
+    corrupt records this process skipped (data.on_corrupt_record="skip") since it started."""
 
     def __init__(self, config, mesh, *, split: str, train: bool, num_batches: int,
                  process_index: int | None = None, process_count: int | None = None):
@@ -190,6 +194,7 @@ class Loader:
         self.dataset = ds
         self._it = iter(ds)
         self.mesh = mesh
+        self.corrupt_skipped = 0
 
     def get_state(self):
         return self._it.get_state()
@@ -211,6 +216,7 @@ class Loader:
         from echoclip_jax import sharding
 
         local = next(self._it)
+        self.corrupt_skipped += int(local.pop("corrupt_skipped").sum())
         return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, v.ndim), v)
                 for k, v in local.items()}
 

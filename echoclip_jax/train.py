@@ -9,12 +9,14 @@ weight conversion see plain nested dicts.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,14 +36,16 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
 
 
 def init_distributed(dc) -> None:
-    """jax.distributed across hosts: explicit coordinator flags, or auto-detected (SLURM, TPU pod)."""
+    """jax.distributed across hosts: explicit coordinator flags, or auto-detected (SLURM, TPU pod).
+    When a process dies, the others abort ("...another task died") within dc.heartbeat_timeout seconds."""
+    timeouts = dict(initialization_timeout=int(dc.initialization_timeout),
+                    heartbeat_timeout_seconds=int(dc.heartbeat_timeout))
     if dc.coordinator_address:
         jax.distributed.initialize(coordinator_address=dc.coordinator_address,
                                    num_processes=int(dc.num_processes) or None,
-                                   process_id=int(dc.process_id) if dc.process_id >= 0 else None,
-                                   initialization_timeout=int(dc.initialization_timeout))
+                                   process_id=int(dc.process_id) if dc.process_id >= 0 else None, **timeouts)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize(initialization_timeout=int(dc.initialization_timeout))
+        jax.distributed.initialize(**timeouts)
 
 
 class MetricsLog:
@@ -113,22 +117,28 @@ def initial_params(config, abstract_params, param_sh):
     return jax.device_put(jax.tree.map(lambda a, b: np.asarray(b, a.dtype), abstract_params, loaded), param_sh)
 
 
-def train(config, workdir: str, *, devices=None) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics. `devices` restricts the mesh."""
-    os.makedirs(workdir, exist_ok=True)
-    init_distributed(config.distributed)
-    if config.optim.nan_policy not in ("stop", "skip"):
-        raise ValueError(f"optim.nan_policy {config.optim.nan_policy!r}: expected 'stop' or 'skip'")
-    total = int(config.total_steps)
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted update step and what surrounds it; train() and bench/ use the same one.
 
-    # ---- mesh and input
-    mesh = sharding.build_mesh(config.mesh, devices)
+    `step(state, batch) -> (state, metrics)` donates `state`; `init_state(params)` builds a fresh train
+    state; `embed(params, batch) -> (img, txt)` runs the eval-mode towers. `abs_state` carries the
+    shardings (for Orbax restore and for `step.lower(...)` without allocating).
+    """
+    step: Callable
+    init_state: Callable
+    embed: Callable
+    abs_params: dict
+    abs_state: dict
+    param_sh: Any
+    state_sh: Any
+    batch_sh: dict
+    schedule: Callable
+
+
+def build_train_step(config, mesh, total_steps: int) -> TrainStep:
+    """Model (abstract: nothing allocated), shardings, optimiser and the jitted update step for `mesh`."""
     rules = sharding.get_rules(config.sharding_preset)
-    train_data = data.train_loader(config, mesh)
-    eval_data_fn = (lambda: data.eval_loader(config, mesh)) if config.eval_batches > 0 else None
-    eval_records = len(data.ShardedRecords(config.data_dir, config.data.eval_split)) if eval_data_fn else 0
-
-    # ---- model (abstract: nothing allocated until the sharded init below)
     abstract = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(config.seed)))
     abstract.train()
     train_graph, abs_param_state, abs_rest_state = nnx.split(abstract, nnx.Param, ...)
@@ -137,9 +147,8 @@ def train(config, workdir: str, *, devices=None) -> dict:
     abs_params = nnx.to_pure_dict(abs_param_state)
     abs_rest = nnx.to_pure_dict(abs_rest_state)
 
-    # ---- shardings and optimiser
     param_sh = sharding.param_shardings(abs_param_state, mesh, rules)
-    tx, schedule = optim.make_optimizer(config.optim, total, abs_params)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps, abs_params)
     abs_opt = jax.eval_shape(tx.init, abs_params)
     repl = sharding.replicated(mesh)
     state_sh = {"step": repl, "params": param_sh, "opt_state": sharding.like_params(abs_opt, abs_params, param_sh, mesh),
@@ -163,7 +172,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
         bias = model.logit_bias[...] if model.logit_bias is not None else None
         return img, txt, model.logit_scale[...], bias
 
-    # ---- the update step: a pure function of (state, batch)
+    # the update step: a pure function of (state, batch)
     def train_step(state, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         rest = fresh_rest(rng)
@@ -198,32 +207,53 @@ def train(config, workdir: str, *, devices=None) -> dict:
     p_train_step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                            donate_argnums=0)
 
-    p_copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), in_shardings=(state_sh,), out_shardings=state_sh)
-
     def embed(params, batch):
         img, txt, _, _ = forward(eval_graph, params, fresh_rest(jax.random.key(0)), batch)
         return img, txt
 
     p_embed = jax.jit(embed, in_shardings=(param_sh, batch_sh), out_shardings=repl)
+    init_state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
+                                    "rng": jax.random.key_data(jax.random.key(config.seed)),
+                                    "bad_step": jnp.full((), -1, jnp.int32)},
+                         in_shardings=(param_sh,), out_shardings=state_sh)
+    abs_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_params, "opt_state": abs_opt,
+                 "rng": jax.ShapeDtypeStruct((2,), jnp.uint32), "bad_step": jax.ShapeDtypeStruct((), jnp.int32)}
+    abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, state_sh)
+    return TrainStep(step=p_train_step, init_state=init_state, embed=p_embed, abs_params=abs_params,
+                     abs_state=abs_state, param_sh=param_sh, state_sh=state_sh, batch_sh=batch_sh, schedule=schedule)
+
+
+def train(config, workdir: str, *, devices=None) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics. `devices` restricts the mesh."""
+    os.makedirs(workdir, exist_ok=True)
+    init_distributed(config.distributed)
+    if config.optim.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"optim.nan_policy {config.optim.nan_policy!r}: expected 'stop' or 'skip'")
+    total = int(config.total_steps)
+
+    # ---- mesh and input
+    mesh = sharding.build_mesh(config.mesh, devices)
+    train_data = data.train_loader(config, mesh)
+    eval_data_fn = (lambda: data.eval_loader(config, mesh)) if config.eval_batches > 0 else None
+    eval_records = len(data.ShardedRecords(config.data_dir, config.data.eval_split)) if eval_data_fn else 0
+
+    # ---- model, shardings, optimiser and the jitted update step (shared with bench/)
+    ts = build_train_step(config, mesh, total)
+    state_sh, p_train_step, p_embed = ts.state_sh, ts.step, ts.embed
+    stop_on_nan = config.optim.nan_policy == "stop"
+    p_copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), in_shardings=(state_sh,), out_shardings=state_sh)
 
     # ---- checkpoint: resume, or initialise
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                          best_metric="val/recall_at_1" if config.eval_batches > 0 else None)
-    abs_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_params, "opt_state": abs_opt,
-                 "rng": jax.ShapeDtypeStruct((2,), jnp.uint32), "bad_step": jax.ShapeDtypeStruct((), jnp.int32)}
-    abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, state_sh)
     t_init = time.perf_counter()
     start = checkpointer.latest_step()
     if start is not None:
-        state = checkpointer.restore(start, abs_state, train_data.iterator)
+        state = checkpointer.restore(start, ts.abs_state, train_data.iterator)
         log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
     else:
         start = 0
-        params = initial_params(config, abs_params, param_sh)
-        state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
-                                   "rng": jax.random.key_data(jax.random.key(config.seed)),
-                                   "bad_step": jnp.full((), -1, jnp.int32)},
-                        in_shardings=(param_sh,), out_shardings=state_sh)(params)
+        state = ts.init_state(initial_params(config, ts.abs_params, ts.param_sh))
 
     eval_loss_config = config.loss.copy_and_resolve_references()
     eval_loss_config.impl = "plain"  # the gathered eval embeddings are on the host
@@ -267,6 +297,10 @@ def train(config, workdir: str, *, devices=None) -> dict:
     try:
         while step < total:
             state, metrics = p_train_step(state, batch)
+            if cpu_backend and mesh.size > 1:
+                # XLA's in-process CPU collectives can starve each other's threads when two steps overlap
+                # (seen as a hang with 8 simulated devices on 2 cores); accelerators keep async dispatch.
+                jax.block_until_ready(state)
             step += 1
             t_steps += 1
             log_now = step % config.log_every_steps == 0 or step == total
@@ -285,6 +319,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = (time.perf_counter() - t0) / t_steps
                 m.update(step_time=dt, samples_per_s=config.batch_size / dt,
+                         corrupt_records_skipped=train_data.corrupt_skipped,
                          mfu=(flops / dt / peak) if flops and peak else None,
                          tflops_per_device=(flops / dt / 1e12) if flops else None)
                 log.info("step %d/%d loss %.4f lr %.3g logit_scale %.2f %.1f samples/s", step, total, m["loss"],

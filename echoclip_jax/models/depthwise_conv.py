@@ -50,17 +50,39 @@ def _conv_shifted_bwd(res, g):
     h, w = x.shape[1], x.shape[2]
     # d/dx: correlate the padded cotangent with the kernel flipped in both spatial axes.
     dx = _correlate(_pad(g, k // 2), kernel[::-1, ::-1], h, w)
-    # d/dkernel[i, j, c] = sum_{b, y, x} xpad[b, y+i, x+j, c] * g[b, y, x, c]
     xpad = _pad(x, k // 2)
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    grad = _kernel_grad_matmul if w <= MATMUL_KERNEL_GRAD_MAX_WIDTH else _kernel_grad_sums
+    return dx, grad(xpad, g, k).astype(kernel.dtype)
+
+
+# Widths up to this take the kernel gradient as k batched matmuls (bench/train_step.py, BENCHMARKS.md):
+# 3.4x faster at 16x16 (ConvNeXt at 64 px), 1.2x at 14x14, but 1.1x slower at 56x56, where the
+# matmul's (w + k - 1) / k extra multiply-adds outweigh its better use of the vector units.
+MATMUL_KERNEL_GRAD_MAX_WIDTH = 16
+
+
+def _kernel_grad_sums(xpad, g, k):
+    """d/dkernel[i, j, c] = sum_{b, y, x} xpad[b, y+i, x+j, c] * g[b, y, x, c]: k*k reductions."""
+    h, w = g.shape[1], g.shape[2]
+    acc_dtype = jnp.promote_types(xpad.dtype, jnp.float32)
     g32 = g.astype(acc_dtype)
+    return jnp.stack([jnp.stack([
+        jnp.sum(xpad[:, i:i + h, j:j + w, :].astype(acc_dtype) * g32, axis=(0, 1, 2)) for j in range(k)])
+        for i in range(k)])
+
+
+def _kernel_grad_matmul(xpad, g, k):
+    """The same sums, per kernel row i as one matmul per channel over (batch, row):
+    a[c, x, x'] = sum_{b, y} g[b, y, x, c] * xpad[b, y+i, x', c]; then dkernel[i, j, c] = sum_x a[c, x, x+j]."""
+    b, h, w, c = g.shape
+    gt = jnp.transpose(g, (3, 2, 0, 1)).reshape(c, w, b * h)  # [C, x, (b, y)]
+    xt = jnp.transpose(xpad, (3, 0, 1, 2))  # [C, B, H + k - 1, W + k - 1]
     rows = []
     for i in range(k):
-        rows.append(jnp.stack([
-            jnp.sum(xpad[:, i:i + h, j:j + w, :].astype(acc_dtype) * g32, axis=(0, 1, 2))
-            for j in range(k)]))
-    dkernel = jnp.stack(rows).astype(kernel.dtype)
-    return dx, dkernel
+        xi = xt[:, :, i:i + h].reshape(c, b * h, w + k - 1)  # [C, (b, y), x']
+        a = jnp.einsum("cvn,cnu->cvu", gt, xi, preferred_element_type=jnp.float32)
+        rows.append(jnp.stack([jnp.trace(a, offset=j, axis1=1, axis2=2) for j in range(k)]))
+    return jnp.stack(rows)
 
 
 _conv_shifted.defvjp(_conv_shifted_fwd, _conv_shifted_bwd)
@@ -74,12 +96,14 @@ def depthwise_conv2d(x, kernel, bias=None, *, impl: str = "auto"):
     k = kernel.shape[0]
     if kernel.ndim != 3 or kernel.shape[1] != k or k % 2 != 1 or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"depthwise kernel must be [k, k, C] with odd k and C={x.shape[-1]}, got {kernel.shape}")
-    if impl == "auto":
-        impl = "shifted" if jax.default_backend() == "cpu" else "lax"
-    if impl == "shifted":
-        y = _conv_shifted(x, kernel)
-    elif impl == "lax":
-        y = _conv_lax(x, kernel)
-    else:
-        raise ValueError(f"unknown depthwise conv impl {impl!r}; use 'auto', 'shifted' or 'lax'")
+    y = _conv_shifted(x, kernel) if resolve_impl(impl) == "shifted" else _conv_lax(x, kernel)
     return y if bias is None else y + bias
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" -> the implementation used on this backend; "shifted" and "lax" pass through."""
+    if impl == "auto":
+        return "shifted" if jax.default_backend() == "cpu" else "lax"
+    if impl not in ("shifted", "lax"):
+        raise ValueError(f"unknown depthwise conv impl {impl!r}; use 'auto', 'shifted' or 'lax'")
+    return impl

@@ -10,7 +10,7 @@ from echoclip_jax.models.depthwise_conv import depthwise_conv2d
 from echoclip_jax.models.layers import DropPath
 
 
-@pytest.mark.parametrize("k,shape", [(7, (2, 9, 11, 5)), (3, (1, 4, 4, 8))])
+@pytest.mark.parametrize("k,shape", [(7, (2, 9, 11, 5)), (3, (1, 4, 4, 8)), (7, (2, 5, 20, 3))])
 def test_shifted_depthwise_matches_lax_values_and_gradients(k, shape):
     rng = np.random.default_rng(k)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)

@@ -1,0 +1,49 @@
+"""bench/scaling.py's memory accounting: FSDP really divides the train state over the 8-device mesh."""
+import importlib.util
+import os
+
+import jax
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(REPO, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+scaling = load("scaling")
+
+
+def abstract_state(config_name, preset):
+    from configs import echoclip, tiny
+    from echoclip_jax import sharding, train
+
+    c = {"tiny": tiny, "echoclip": echoclip}[config_name].get_config()
+    c.sharding_preset = preset
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = scaling.mesh_for(preset, jax.device_count())
+    return train.build_train_step(c, sharding.build_mesh(c.mesh), 100).abs_state
+
+
+@pytest.mark.parametrize("config_name", ["tiny", "echoclip"])
+def test_fsdp_divides_state_over_8_devices(config_name):
+    assert jax.device_count() == 8
+    total, per_device = scaling.state_bytes(abstract_state(config_name, "fsdp"))
+    assert per_device <= 1.2 * total / 8, (per_device, total / 8)
+
+
+def test_dp_replicates_state():
+    total, per_device = scaling.state_bytes(abstract_state("tiny", "dp"))
+    assert per_device == total
+
+
+def test_mesh_for_uses_every_device():
+    for preset in scaling.PRESETS:
+        for n in (1, 2, 4, 8):
+            d, f, t = scaling.mesh_for(preset, n)
+            assert d * f * t == n
+    with pytest.raises(ValueError, match="unknown preset"):
+        scaling.mesh_for("zero3", 8)
