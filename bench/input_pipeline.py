@@ -53,15 +53,15 @@ def loader_config(data_dir: str, size: int, batch: int, workers: int, batches: i
 class LoaderBatches:
     """Callable: pulls the next global batch (blocking until it is a jax.Array)."""
 
-    def __init__(self, config, mesh):
+    def __init__(self, config, mesh, pulls: int):
         from echoclip_jax import data
 
         self.loader = data.train_loader(config, mesh)
-        self.batch = config.batch_size
+        self.pulls = pulls  # consecutive batches per call: grain's read-ahead threads cannot hide the cost
 
     def __call__(self):
-        b = next(self.loader)
-        b["images"].block_until_ready()
+        for _ in range(self.pulls):
+            next(self.loader)["images"].block_until_ready()
 
 
 def main(argv=None):
@@ -71,7 +71,8 @@ def main(argv=None):
     ap.add_argument("--sizes", default="64,224")
     ap.add_argument("--workers", default="0,2", help="mp_prefetch worker counts (0 = in-process)")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=8, help="timed batches per setting (alternating rounds)")
+    ap.add_argument("--batches", type=int, default=8, help="consecutive batches per timed loader call")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (loader calls and one step each)")
     ap.add_argument("--impl", default="auto", help="depthwise_impl of the tiny step that sets the demand")
     ap.add_argument("--no_append", action="store_true")
     args = ap.parse_args(argv)
@@ -90,15 +91,15 @@ def main(argv=None):
         data_dir = make_records(args.work, args.patients, size)
         fns = {}
         for w in [int(x) for x in args.workers.split(",")]:
-            cfg = loader_config(data_dir, size, args.batch, w, args.batches + 4)
-            fns[f"loader {size}px, {w} workers"] = LoaderBatches(cfg, mesh)
+            cfg = loader_config(data_dir, size, args.batch, w, (args.rounds + 2) * args.batches)
+            fns[f"loader {size}px, {w} workers"] = LoaderBatches(cfg, mesh, args.batches)
         if size == 64:
             fns["tiny train step (64px)"] = step
-        # warm-up 2: the first batch of a worker pool pays for starting the processes
-        times = common.alternate(fns, rounds=args.batches, warmup=2)
+        # warm-up 1 call (= --batches batches): the first batches of a worker pool pay for starting it
+        times = common.alternate(fns, rounds=args.rounds, warmup=1)
         demand = args.batch / common.median(times["tiny train step (64px)"]) if size == 64 else None
         for label, ts in times.items():
-            rate = args.batch / common.median(ts)
+            rate = args.batch * (args.batches if label.startswith("loader") else 1) / common.median(ts)
             if label.startswith("loader"):
                 w = int(label.split(", ")[1].split()[0])
                 used = min(max(w, 1), cores)
@@ -111,7 +112,9 @@ def main(argv=None):
 
     body = (f"Machine: {common.machine()}. {args.patients} synthetic patients (--small), 32 frames kept per video; "
             f"global batch {args.batch}; random frame + random resized crop + brightness/contrast + clip_bpe "
-            f"tokens; {args.batches} alternating rounds after 2 warm-up batches, median.\n\n")
+            f"tokens; {args.rounds} alternating rounds of {args.batches} consecutive batches per loader (one step "
+            f"for the step) after a warm-up round, median. grain's in-process read-ahead threads keep filling "
+            f"while the step runs, so the in-process figure is an upper bound on the loader's own rate.\n\n")
     body += common.table(["what", "samples/s", "samples/s per core", "cores used", "vs tiny step demand"], rows)
     body += ("\n\n'cores used' counts the worker processes (or the one in-process thread), capped at the "
              "machine's cores; with workers the main process also converts batches to jax.Arrays. The step's "
