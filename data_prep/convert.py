@@ -301,10 +301,11 @@ def convert_video(job: Job, settings: Settings) -> bytes:
 def _convert_video(job: Job, settings: Settings) -> bytes:
     if job.source == "dicom":
         indices = dicom_io.kept_indices(job.num_frames, settings.frames)
-        # JPEG frames are decoded at the smallest DCT scale that keeps 1.25x the output size (600x800 -> 300x400
-        # for 224): the sector and crop are found on those pixels, the header's regions scaled to match.
+        # Frames come at the smallest scale that keeps 1.25x the output size (600x800 -> 300x400 for 224; JPEG
+        # in the DCT domain, others box-reduced), grey ones as one channel: the sector and crop are found on
+        # those pixels, the header's regions scaled to match.
         raw, scale = dicom_io.read_frames_scaled(job.path, indices, settings.max_pixels,
-                                                 min_side=settings.image_size * 5 // 4)
+                                                 min_side=settings.image_size * 5 // 4, keep_grey=True)
         regions = tuple(tuple(v // scale for v in box) for box in job.regions)
         frames = sector.prepare(raw, regions, settings.image_size)
     else:  # EchoNet videos are already masked and cropped: resize only

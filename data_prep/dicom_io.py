@@ -5,7 +5,8 @@ COLOR / YBR_FULL(_422) in either endianness, JPEG Baseline, JPEG 2000 and RLE, s
 `pydicom.pixels.iter_pixels(path, indices=...)` decodes only the requested frames (for encapsulated
 data only those frames' fragments), so subsampling K of N frames costs K decodes, not N. YBR JPEG Baseline,
 ultrasound's usual encoding, skips pydicom's decode machinery: Pillow decodes each kept frame's own bytes
-(the same pixels, ~3x cheaper), optionally at a reduced DCT scale (read_frames_scaled).
+(the same pixels, ~3x cheaper), optionally at a reduced DCT scale (read_frames_scaled); other encodings
+are box-reduced by the same scale right after decoding, and monochrome ones may stay one channel.
 
 Every input is bounded: non-regular files are refused unopened, Rows x Columns above `max_pixels` is
 refused from the header, and `time_limit` bounds the work on one video.
@@ -221,8 +222,9 @@ def kept_indices(num_frames: int, max_frames: int) -> list[int]:
     return [int(round(x)) for x in np.linspace(0, num_frames - 1, max_frames)]
 
 
-def _to_rgb8(arr: np.ndarray, ds, lut_shift: int) -> np.ndarray:
-    """One decoded frame -> uint8 [H, W, 3] RGB, whatever the photometric interpretation and bit depth."""
+def _to_rgb8(arr: np.ndarray, ds, lut_shift: int, keep_grey: bool = False) -> np.ndarray:
+    """One decoded frame -> uint8 [H, W, 3] RGB, whatever the photometric interpretation and bit depth
+    ([H, W, 1] for monochrome with keep_grey: a third of the memory and work until the pipeline's end)."""
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric == "PALETTE COLOR":
         arr = np.right_shift(apply_color_lut(arr, ds), lut_shift).astype(np.uint8)
@@ -238,8 +240,8 @@ def _to_rgb8(arr: np.ndarray, ds, lut_shift: int) -> np.ndarray:
     if photometric == "MONOCHROME1":
         arr = 255 - arr
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] != 3:
+        arr = arr[..., None] if keep_grey else np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in ((1, 3) if keep_grey else (3,)):
         raise SkipVideo(f"unsupported pixel layout {arr.shape} ({photometric})")
     return arr
 
@@ -268,12 +270,23 @@ def draft_scale(rows: int, cols: int, min_side: int) -> int:
     return scale
 
 
-def read_frames_scaled(path: str, indices: list[int], max_pixels: int = MAX_PIXELS,
-                       min_side: int = 0) -> tuple[np.ndarray, int]:
-    """Like read_frames, but JPEG Baseline frames may be decoded at 1/scale size (scale from draft_scale,
-    so the shorter side stays >= min_side): libjpeg scales in the DCT domain, several times cheaper than a
-    full decode and as good as decoding and then shrinking. Returns (frames, scale); scale is 1 for other
-    encodings or min_side=0."""
+def _reduce(frame: np.ndarray, scale: int) -> np.ndarray:
+    """Box average over scale x scale blocks (Pillow's reduce; a last partial block averages what it has,
+    so the size rounds up as JPEG's DCT scaling does)."""
+    if scale == 1:
+        return frame
+    grey = frame.shape[-1] == 1
+    small = np.asarray(Image.fromarray(frame[..., 0] if grey else frame).reduce(scale))
+    return small[..., None] if grey else small
+
+
+def read_frames_scaled(path: str, indices: list[int], max_pixels: int = MAX_PIXELS, min_side: int = 0,
+                       keep_grey: bool = False) -> tuple[np.ndarray, int]:
+    """Like read_frames, but at 1/scale size (scale from draft_scale, so the shorter side stays >= min_side;
+    1 for min_side=0). JPEG Baseline frames are decoded at that size (libjpeg scales in the DCT domain,
+    several times cheaper than a full decode and as good as decoding and then shrinking); other encodings
+    are box-reduced as each frame is decoded, so nothing downstream touches full-resolution pixels.
+    With keep_grey, monochrome videos come back [K, H, W, 1]. Returns (frames, scale)."""
     _open_regular(path)
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -287,14 +300,14 @@ def read_frames_scaled(path: str, indices: list[int], max_pixels: int = MAX_PIXE
         raise SkipVideo("no image: Rows/Columns missing or malformed") from None
     if not 0 < rows * cols <= max_pixels:
         raise SkipVideo(f"image size {rows}x{cols} outside 1..{max_pixels} pixels")
-    frames, scale = [], 1
+    frames, scale = [], draft_scale(rows, cols, min_side) if min_side else 1
     try:
         if _pillow_decodes(ds):
-            scale = draft_scale(rows, cols, min_side) if min_side else 1
             source = _jpeg_frames(path, ds, indices, rows, cols, scale)
         else:
             lut_shift = _palette_shift(ds)
-            source = (_to_rgb8(arr, ds, lut_shift) for arr in iter_pixels(path, indices=indices))
+            source = (_reduce(_to_rgb8(arr, ds, lut_shift, keep_grey), scale)
+                      for arr in iter_pixels(path, indices=indices))
         for frame in source:
             _check_deadline()
             frames.append(frame)

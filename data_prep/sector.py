@@ -49,6 +49,8 @@ def region_mask(shape: tuple[int, int], regions) -> np.ndarray:
 
 def _grey(frame: np.ndarray) -> np.ndarray:
     """Brightest channel; chained np.maximum (a reduction over a size-3 last axis is ~30x slower)."""
+    if frame.shape[-1] == 1:
+        return frame[..., 0]
     return np.maximum(np.maximum(frame[..., 0], frame[..., 1]), frame[..., 2])
 
 
@@ -69,7 +71,7 @@ def _upsample_inside(mask: np.ndarray, f: int, shape: tuple[int, int]) -> np.nda
 
 
 def sector_mask(frames: np.ndarray, regions=()) -> np.ndarray:
-    """Boolean [H, W] mask of the scan sector of uint8 frames [K, H, W, 3].
+    """Boolean [H, W] mask of the scan sector of uint8 frames [K, H, W, C] (C = 3, or 1 for grey).
 
     Searched on every f-th pixel (f from _MASK_RESOLUTION; 600x800 -> f=2), which is 4x cheaper and, with
     the erosion in _upsample_inside, never wider than the full-resolution search.
@@ -116,25 +118,27 @@ def square_box(mask: np.ndarray) -> tuple[int, int, int]:
 def crop_resize(frames: np.ndarray, mask: np.ndarray, image_size: int) -> np.ndarray:
     """Zero pixels outside `mask`, crop the square around it (zero padded), resize -> [K, S, S, 3].
 
-    Only the crop is masked, as [K, rows, cols * 3] against a mask repeated per channel, so numpy runs one
+    Only the crop is masked, as [K, rows, cols * C] against a mask repeated per channel, so numpy runs one
     contiguous multiply per row instead of broadcasting over a size-3 axis (25x faster). The resize is a
-    box reduce by an integer factor, then bilinear (Pillow's reducing_gap=1).
+    box reduce by an integer factor, then bilinear (Pillow's reducing_gap=1). Grey frames (C = 1) are
+    resized as one channel (Pillow stores RGB as 4 bytes a pixel) and made RGB only at the output size.
     """
-    k, h, w, _ = frames.shape
+    k, h, w, c = frames.shape
     top, left, side = square_box(mask)
     y0, y1, x0, x1 = max(top, 0), min(top + side, h), max(left, 0), min(left + side, w)
-    canvas = np.zeros((k, side, side * 3), np.uint8)
-    keep = np.repeat(mask[y0:y1, x0:x1].view(np.uint8), 3, axis=1)
-    np.multiply(np.ascontiguousarray(frames[:, y0:y1, x0:x1]).reshape(k, y1 - y0, -1), keep,
-                out=canvas[:, y0 - top : y1 - top, 3 * (x0 - left) : 3 * (x1 - left)])
-    canvas = canvas.reshape(k, side, side, 3)
+    canvas = np.zeros((k, side, side * c), np.uint8)
+    keep = np.repeat(mask[y0:y1, x0:x1].view(np.uint8), c, axis=1)
+    np.multiply(frames[:, y0:y1, x0:x1].reshape(k, y1 - y0, -1), keep,  # a view: each row's pixels are contiguous
+                out=canvas[:, y0 - top : y1 - top, c * (x0 - left) : c * (x1 - left)])
+    canvas = canvas.reshape(k, side, side, c) if c == 3 else canvas
     if side == image_size:
-        return canvas
-    out = np.empty((k, image_size, image_size, 3), np.uint8)
-    for i in range(k):
-        out[i] = np.asarray(Image.fromarray(canvas[i]).resize(
-            (image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=1.0))
-    return out
+        out = canvas
+    else:
+        out = np.empty((k, image_size, image_size) + canvas.shape[3:], np.uint8)
+        for i in range(k):
+            out[i] = np.asarray(Image.fromarray(canvas[i]).resize(
+                (image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=1.0))
+    return out if c == 3 else np.repeat(out[..., None], 3, axis=-1)
 
 
 def prepare(frames: np.ndarray, regions=(), image_size: int = 224) -> np.ndarray:

@@ -11,6 +11,8 @@ installed (extra `tf`):
     ds = tfds.builder_from_directory("O/tfds/echoclip_videos/1.0.0").as_dataset(split="train")
 
 gives dicts with `frames` uint8 [K, S, S, 3] (decoded JPEG), ids and report as tf.string, and the scalars.
+TFDS decodes JPEG with libjpeg's fast integer DCT (up to ~4 grey levels from Pillow's); pass
+`decoders=tfds_builder.decoders()` to get the pixels echoclip_jax's loader (Pillow) sees, exactly.
 """
 from __future__ import annotations
 
@@ -40,6 +42,19 @@ def features(image_size: int):
     if missing:  # the record schema changed: this spec must follow it
         raise AssertionError(f"TFDS features and records.SCHEMA disagree on {sorted(missing)}")
     return f.FeaturesDict(spec)
+
+
+def decoders() -> dict:
+    """`as_dataset(decoders=...)` that decodes frames with the accurate integer DCT, as Pillow does, so tf.data
+    and echoclip_jax.data see identical pixels."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    @tfds.decode.make_decoder(output_dtype=tf.uint8)
+    def accurate_jpeg(serialized, feature):
+        return tf.io.decode_jpeg(serialized, channels=3, dct_method="INTEGER_ACCURATE")
+
+    return {"frames": accurate_jpeg()}
 
 
 def write_metadata(data_dir: str, name: str = "echoclip_videos", version: str = "1.0.0") -> str:

@@ -80,8 +80,33 @@ def test_jpeg_baseline_decodes_at_a_reduced_scale_when_asked():
     box = full[:, : h.rows // 2 * 2, : h.cols // 2 * 2].reshape(2, h.rows // 2, 2, h.cols // 2, 2, 3).mean((2, 4))
     assert np.abs(frames[:, : h.rows // 2, : h.cols // 2] - box).mean() < 4  # a 2x2 average, in the DCT domain
     assert dicom_io.read_frames_scaled(path, [0], min_side=h.rows)[1] == 1
-    assert dicom_io.read_frames_scaled(_file("US1_UNCR.dcm"), [0], min_side=16)[1] == 1  # not JPEG: full size
     assert [dicom_io.draft_scale(600, 800, m) for m in (600, 300, 280, 150, 10)] == [1, 2, 2, 4, 8]
+
+
+def _box(frames, f):
+    k, h, w, c = frames.shape
+    return frames[:, : h // f * f, : w // f * f].reshape(k, h // f, f, w // f, f, c).mean((2, 4))
+
+
+def test_other_encodings_are_box_reduced_to_the_same_scale():
+    path = _file("US1_UNCR.dcm")  # native RGB, 480x640
+    full = dicom_io.read_frames(path, [0])
+    frames, scale = dicom_io.read_frames_scaled(path, [0], min_side=120)
+    assert scale == 4 and frames.shape == (1, 120, 160, 3) and frames.dtype == np.uint8
+    assert np.abs(frames - _box(full, 4)).max() <= 0.5  # the 4x4 mean, rounded
+    assert np.array_equal(dicom_io.read_frames_scaled(path, [0], min_side=480)[0], full)  # scale 1: untouched
+
+
+def test_grey_videos_can_stay_one_channel():
+    path = _file("emri_small.dcm")  # MONOCHROME2, 12-bit, 10 frames of 64x64
+    rgb = dicom_io.read_frames(path, [1, 7])
+    grey, scale = dicom_io.read_frames_scaled(path, [1, 7], keep_grey=True)
+    assert scale == 1 and grey.shape == (2, 64, 64, 1)
+    np.testing.assert_array_equal(np.repeat(grey, 3, axis=-1), rgb)
+    half, scale = dicom_io.read_frames_scaled(path, [1, 7], min_side=32, keep_grey=True)
+    assert scale == 2 and half.shape == (2, 32, 32, 1)
+    assert np.abs(half - _box(grey, 2)).max() <= 0.5
+    assert dicom_io.read_frames_scaled(_file("US1_UNCR.dcm"), [0], keep_grey=True)[0].shape[-1] == 3  # colour stays
 
 
 def test_jpeg_frame_disagreeing_with_the_header_is_refused_undecoded(tmp_path):

@@ -57,6 +57,20 @@ def test_crop_resize_matches_a_plain_masked_resize():
         np.testing.assert_array_equal(out[i], ref)
 
 
+def test_grey_frames_give_what_their_rgb_repeat_gives():
+    """The pipeline keeps monochrome videos one channel until the output: same mask, same pixels."""
+    frames, _, box = _video(True)
+    grey = frames.max(axis=-1, keepdims=True)
+    rgb = np.repeat(grey, 3, axis=-1)
+    for regions in ([box], ()):
+        mask = sector.sector_mask(grey, regions)
+        np.testing.assert_array_equal(mask, sector.sector_mask(rgb, regions))
+        for size in (48, sector.square_box(mask)[2]):  # resized, and a crop already at the size
+            out = sector.crop_resize(grey, mask, size)
+            assert out.shape == (len(frames), size, size, 3)
+            np.testing.assert_array_equal(out, sector.crop_resize(rgb, mask, size))
+
+
 def test_static_video_falls_back_to_region_rectangle():
     frames, _, box = _video(True)
     still = np.repeat(frames[:1], 3, axis=0)

@@ -219,6 +219,15 @@ def test_sweep_over_three_checkpoints_is_resumable(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "evaluated 0 checkpoint(s), skipped 3" in r.stdout
     assert {s: os.path.getmtime(out / f"{s}.json") for s in steps} == mtimes
+    # A sweep cut off before its last checkpoint: the rerun evaluates only that one.
+    os.remove(out / f"{steps[-1]}.json")
+    r = _cli(*evaluate_args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "evaluated 1 checkpoint(s), skipped 2" in r.stdout
+    assert {s: os.path.getmtime(out / f"{s}.json") for s in steps[:-1]} == {s: mtimes[s] for s in steps[:-1]}
+    assert json.load(open(out / f"{steps[-1]}.json"))["step"] == steps[-1]
+    with open(out / "summary.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == steps
 
 
 def test_cli_reports_missing_arguments_and_unknown_tasks(tmp_path):
