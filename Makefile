@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-demo test-all clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-demo: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/echoclip_jax/test_demo.py
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""

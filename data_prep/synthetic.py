@@ -54,6 +54,7 @@ LV_SCALE = {"normal": 1.0, "mild": 1.1, "moderate": 1.2, "severe": 1.3}  # ED ca
 # Reduced EF goes with a dilated LV, as in dilated cardiomyopathy: the lower bound of EF for each size.
 # This makes EF partly visible in a single frame, as it is in real echo (the paper trains on one frame).
 LV_SIZE_EF_FLOOR = {"normal": 50, "mild": 40, "moderate": 28, "severe": 0}
+REPORT_GRADE_PROB = 0.5  # chance that a report states the LV size (and, separately, the systolic grade)
 ENCODINGS = ("jpeg_ybr_full_422", "rgb", "monochrome2")
 
 # Invented names (no real person): distinctive, so a privacy test can grep every output byte for them.
@@ -140,9 +141,12 @@ def _baseline_ef(rng: np.random.Generator) -> float:
 
 
 def _lv_scale(ef: int) -> float:
-    """ED cavity axes multiplier: grows continuously as EF falls below 55%, reaching the severe size's
-    scale at 20%, so the size report category and the pixels agree and EF shows within a category too."""
-    t = float(np.clip((55 - ef) / 35, 0.0, 1.0))
+    """ED cavity axes multiplier, continuous in EF over the whole range so that one frame shows it: the cavity
+    grows as EF falls below 55% (the severe size's scale at 20%, so the size report category and the pixels
+    agree) and shrinks a little above it (0.9 at 80%, hyperdynamic hearts stay normal-sized)."""
+    if ef >= 55:
+        return LV_SCALE["normal"] - 0.1 * min((ef - 55) / 25, 1.0)
+    t = min((55 - ef) / 35, 1.0)
     return LV_SCALE["normal"] + t * (LV_SCALE["severe"] - LV_SCALE["normal"])
 
 
@@ -658,9 +662,13 @@ def write_report(study: dict) -> str:
     hr = study["heart_rate"]
     rhythm = "SINUS BRADYCARDIA" if hr < 60 else "SINUS TACHYCARDIA" if hr > 100 else "NORMAL SINUS RHYTHM"
     parts.append(f"THE PATIENT IS IN {rhythm} DURING THE STUDY.")
+    # Like real reports, many give the EF number without the size or systolic grade: the number alone must
+    # carry what the pixels show, so a model learns what the digits mean (zero-shot EF prompts hold only them).
     size = study["lv_size"]
-    parts.append("NORMAL LEFT VENTRICULAR SIZE." if size == "normal" else f"{size.upper()} DILATED LEFT VENTRICLE.")
-    parts.append(systolic_function(study["ef"]))
+    if rng.random() < REPORT_GRADE_PROB:
+        parts.append("NORMAL LEFT VENTRICULAR SIZE." if size == "normal" else f"{size.upper()} DILATED LEFT VENTRICLE.")
+    if rng.random() < REPORT_GRADE_PROB:
+        parts.append(systolic_function(study["ef"]))
     ef = study["ef"]
     parts.append(f"LV EJECTION FRACTION IS {ef}%." if rng.random() < 0.6
                  else f"THE LEFT VENTRICULAR EJECTION FRACTION IS ESTIMATED TO BE {ef}%.")

@@ -185,13 +185,19 @@ def test_ef_measured_from_pixels_matches_truth(decoded):
 
 def test_reduced_ef_hearts_are_dilated_in_every_frame(decoded):
     """EF must be partly visible in one frame (training sees one frame): low-EF cavities are larger."""
-    mean_area = {}
+    mean_area, ef_area = {}, []
     for row, _, _, gray in decoded:
         region = _lv_region(row, gray.shape[1:])
         dark = ndimage.uniform_filter(gray, size=(1, 3, 3)) < 60
-        mean_area.setdefault(float(row["ef"]) < 40, []).append((dark & region).sum((1, 2)).mean())
+        area = (dark & region).sum((1, 2)).mean() / region.sum()
+        mean_area.setdefault(float(row["ef"]) < 40, []).append(area)
+        ef_area.append((float(row["ef"]), area))
     assert mean_area[True] and mean_area[False]
     assert np.median(mean_area[True]) > 1.1 * np.median(mean_area[False])
+    # Over the whole range, not only for dilated hearts: the cavity in any frame shrinks as EF rises.
+    ef, area = np.array(ef_area).T
+    rank = lambda x: np.argsort(np.argsort(x))
+    assert np.corrcoef(rank(ef), rank(area))[0, 1] < -0.6
 
 
 def test_devices_are_bright_and_sizeable(decoded):
@@ -211,6 +217,7 @@ def test_reports_are_consistent_with_truth(cohort, truth, decoded):
     by_study = {r["StudyInstanceUID"]: r for r in reports}
     assert set(by_study) == {r["StudyInstanceUID"] for r in truth}
     accession = {ds.StudyInstanceUID: ds.AccessionNumber for _, ds, _, _ in decoded}
+    stated = {"size": 0, "grade": 0}
     for uid, videos in _group(truth, "StudyInstanceUID").items():
         report = by_study[uid]["report"]
         assert by_study[uid]["AccessionNumber"] == accession[uid]
@@ -223,11 +230,19 @@ def test_reports_are_consistent_with_truth(cohort, truth, decoded):
         assert ("STENT-VALVE IS PRESENT IN THE AORTIC POSITION" in report) == bool(int(v["tavr"]))
         assert ("TWO MITRACLIPS" in report) == (v["n_mitraclips"] == "2")
         assert ("ONE MITRACLIP " in report) == (v["n_mitraclips"] == "1")
+        # The size and systolic grade, when stated, agree with the truth; no other grade is ever stated.
         size = v["lv_size"].upper()
         size_phrase = "NORMAL LEFT VENTRICULAR SIZE." if size == "NORMAL" else f"{size} DILATED LEFT VENTRICLE."
-        assert size_phrase in report
-        assert synthetic.systolic_function(int(v["ef"])) in report
+        others = {"NORMAL LEFT VENTRICULAR SIZE."} | {f"{s.upper()} DILATED LEFT VENTRICLE." for s in synthetic.LV_SIZES}
+        assert not [p for p in others - {size_phrase} if p in report]
+        grades = {synthetic.systolic_function(ef) for ef in (80, 60, 50, 40, 20)}
+        assert [g for g in grades if g in report] in ([], [synthetic.systolic_function(int(v["ef"]))])
+        stated["size"] += size_phrase in report
+        stated["grade"] += synthetic.systolic_function(int(v["ef"])) in report
         assert "NO SIGNIFICANT VALVULAR HEART DISEASE" not in report or not (int(v["tavr"]) or int(v["mitraclip"]))
+    # Some reports give only the EF number for LV function: its digits must carry the meaning themselves.
+    n = len(_group(truth, "StudyInstanceUID"))
+    assert 0 < stated["size"] < n and 0 < stated["grade"] < n, (stated, n)
 
 
 def test_plan_covers_findings_and_clinical_change():

@@ -15,7 +15,7 @@ def test_demo_learns_on_held_out_patients(tmp_path):
     figures = results["figures"]
 
     ef = figures["ejection_fraction_mae"]
-    assert ef["value"] < 0.85 * ef["baseline"], ef  # clearly below predicting the training mean
+    assert ef["value"] < 0.6 * ef["baseline"], ef  # clearly below predicting the training mean
     for device in ("pacemaker", "tavr", "mitraclip"):
         row = figures[f"{device}_auc"]
         assert row["n"] and row["value"] > 0.7, (device, row)  # well above chance on unseen patients
