@@ -109,5 +109,12 @@ class DropPath(nnx.Module):
 
 
 def gelu(x):
-    """Exact (erf) GELU, as torch.nn.GELU() in timm and open_clip."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact GELU as torch.nn.GELU() (timm, open_clip) computes it: 0.5 x (1 + erf(x / sqrt 2)).
+
+    Not `jax.nn.gelu(approximate=False)`, which goes through erfc: XLA:CPU lowers erfc with an exp
+    and two rational branches, erf with one polynomial, and the erf form is PyTorch's own formula.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF).astype(x.dtype))
+
+
+_SQRT_HALF = 0.7071067811865476

@@ -30,11 +30,15 @@ class Attention(nnx.Module):
         self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ("embed",), param_dtype)
 
     def __call__(self, x, causal: bool):
+        # Every product keeps the activations' (batch, tokens) rows in front, so each projection is one
+        # plain matmul and XLA:CPU makes no transposed copies of the activations (a "bld,dthk->tblhk"
+        # layout cost one per layer, forward and backward). q is scaled before the product, as in
+        # PyTorch's attention. The parameters keep their per-head shapes (tensor-parallel "heads").
         dt = self.dtype
-        qkv = jnp.einsum("bld,dthk->tblhk", x.astype(dt), self.qkv_kernel[...].astype(dt))
-        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+        qkv = jnp.einsum("bld,dthk->blthk", x.astype(dt), self.qkv_kernel[...].astype(dt))
+        qkv = qkv + self.qkv_bias[...].astype(dt)
+        q, k, v = qkv[:, :, 0] * (qkv.shape[-1] ** -0.5), qkv[:, :, 1], qkv[:, :, 2]
+        scores = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
         if causal:
             n = x.shape[1]
             mask = jnp.tril(jnp.ones((n, n), bool))

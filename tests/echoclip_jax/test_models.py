@@ -176,3 +176,54 @@ def test_runs_sharded_with_params_split_over_8_devices():
     out = forward(state, jax.device_put(images, batch), jax.device_put(tokens, batch))
     for a, b in zip(out, expected):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_is_exact_gelu_in_values_and_gradients():
+    """layers.gelu uses PyTorch's erf formula (cheaper on XLA:CPU than jax.nn.gelu's erfc); it must be the
+    same function, tails included, and have the same derivative."""
+    from echoclip_jax.models.layers import gelu
+
+    x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 2401), jnp.asarray([-1e4, -40.0, 0.0, 40.0, 1e4])])
+    # absolute tolerance: in the far-negative tail 1 + erf cancels, so (as in PyTorch) values ~1e-7 are
+    # exact only to ~5e-7 absolute
+    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+    grad = jax.vmap(jax.grad(gelu))(x)
+    ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-6)
+
+
+def _attention_per_head_reference(attn, x, causal):
+    """Attention written head by head from the stored [width, 3, heads, hd] / [heads, hd, width] weights."""
+    w, bias = attn.qkv_kernel[...], attn.qkv_bias[...]
+    n, heads, hd = x.shape[1], w.shape[2], w.shape[3]
+    out = attn.out_bias[...]
+    for h in range(heads):
+        q, k, v = (x @ w[:, t, h] + bias[t, h] for t in range(3))
+        s = q @ jnp.swapaxes(k, 1, 2) / np.sqrt(hd)
+        if causal:
+            s = jnp.where(np.tril(np.ones((n, n), bool)), s, -jnp.inf)
+        out = out + jax.nn.softmax(s, axis=-1) @ v @ attn.out_kernel[...][h]
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_per_head_reference_values_and_gradients(causal):
+    from echoclip_jax.models.transformer import Attention
+
+    attn = Attention(48, 3, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
+    graph, params = nnx.split(attn, nnx.Param)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)  # non-zero biases
+    x = jnp.asarray(rng.normal(size=(2, 7, 48)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(2, 7, 48)), jnp.float32)
+
+    def loss(fn):
+        return lambda p, x: jnp.sum(fn(nnx.merge(graph, p), x) * ct)
+
+    ours = loss(lambda a, x: a(x, causal))
+    ref = loss(lambda a, x: _attention_per_head_reference(a, x, causal))
+    np.testing.assert_allclose(ours(params, x), ref(params, x), rtol=1e-5)
+    g_ours = jax.grad(ours, argnums=(0, 1))(params, x)
+    g_ref = jax.grad(ref, argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
