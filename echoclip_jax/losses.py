@@ -29,7 +29,9 @@ def _scale(logit_scale, max_logit_scale):
 def clip_loss_plain(img, txt, logit_scale, logit_bias=None, *, max_logit_scale):
     del logit_bias
     logits = _scale(logit_scale, max_logit_scale) * img.astype(jnp.float32) @ txt.astype(jnp.float32).T
-    diag = jnp.diagonal(logits)
+    i = jnp.arange(logits.shape[0])
+    diag = logits[i, i]  # not jnp.diagonal: its platform-dependent cond would hold a sharded gather, which
+    # XLA:CPU runs out of order with the step's other collectives (a deadlock)
     i2t = jax.nn.logsumexp(logits, axis=1) - diag
     t2i = jax.nn.logsumexp(logits, axis=0) - diag
     return 0.5 * (i2t.mean() + t2i.mean())

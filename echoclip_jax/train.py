@@ -46,6 +46,24 @@ def init_distributed(dc) -> None:
                                    process_id=int(dc.process_id) if dc.process_id >= 0 else None, **timeouts)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize(**timeouts)
+    else:
+        return
+    log.info("process %d of %d; a process that stops responding for %d s aborts the others",
+             jax.process_index(), jax.process_count(), timeouts["heartbeat_timeout_seconds"])
+
+
+def wait_for_other_processes(name: str, timeout_s: float) -> None:
+    """A barrier through jax.distributed's coordination service (not a collective), for multi-process runs.
+
+    Gloo (the CPU collectives) sets a communicator up at a program's first collective and gives up when the
+    other processes have not joined within 30 s: processes that compiled at different speeds meet here first."""
+    from jax._src import distributed  # the client has no public handle in this JAX version
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+
+
+class PeerLostError(RuntimeError):
+    """A collective with the other processes of a multi-process run failed: one of them most likely died."""
 
 
 class MetricsLog:
@@ -289,9 +307,11 @@ def train(config, workdir: str, *, devices=None) -> dict:
     t_compile = time.perf_counter()
     flops = _flops(p_train_step.lower(state, batch).compile()) if batch is not None else None
     log.info("train step compiled in %.1f s (%s FLOPs per device per step)", time.perf_counter() - t_compile, flops)
+    multi = jax.process_count() > 1
+    if multi:
+        wait_for_other_processes("echoclip_jax.train: step compiled", config.distributed.initialization_timeout)
     peak = PEAK_FLOPS.get(next((k for k in PEAK_FLOPS if jax.devices()[0].device_kind.startswith(k)), ""))
     last, t0, t_steps = {}, time.perf_counter(), 0
-    multi = jax.process_count() > 1
     cpu_backend = jax.default_backend() == "cpu"
     step = start
     try:
@@ -345,6 +365,16 @@ def train(config, workdir: str, *, devices=None) -> dict:
                 break
             if step < total:
                 batch = next(train_data)
+    except jax.errors.JaxRuntimeError as e:
+        if not multi:
+            raise
+        # said at once: the distributed service may abort this process before the exception unwinds
+        msg = (f"process {jax.process_index()} of {jax.process_count()}: a collective with the other processes "
+               f"failed after step {step} ({str(e).splitlines()[0]}); another process most likely died. Stopping "
+               f"without saving; restart every process to resume from the latest checkpoint (step "
+               f"{checkpointer.latest_step()}).")
+        log.error(msg)
+        raise PeerLostError(msg) from None
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -363,6 +393,11 @@ def main(argv) -> None:
         train(FLAGS.config, FLAGS.workdir)
     except FloatingPointError as e:
         sys.exit(f"echoclip_jax.train: {e}")
+    except PeerLostError as e:
+        # exit now: at a normal exit jax.distributed's shutdown barrier would wait for the dead process until
+        # the heartbeat timeout, then abort
+        print(f"echoclip_jax.train: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Session fixtures for the training tests: a tiny synthetic cohort converted to TFRecords once, and a
-tiny-config override that trains on it in seconds."""
+"""Session fixtures for the training tests: a tiny synthetic cohort converted to TFRecords once, a
+tiny-config override that trains on it in seconds, and `run_train`, which trains in a fresh process."""
 import os
 import subprocess
 import sys
@@ -62,3 +62,36 @@ def tiny_config(records_dir):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def xla_flags(devices: int) -> str:
+    """tests/conftest.py's XLA flags (generous collective timeouts) with `devices` simulated CPU devices."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+
+
+def train_command(records_dir, workdir, *extra: str, devices: int = 2, prelude: str = ""):
+    """(argv, env) of `python -m echoclip_jax.train` on the tiny config, in a fresh process with `devices`
+    CPU devices; with `prelude`, that Python code (e.g. a fault injection) runs first, then the same CLI.
+
+    Whole runs go through a fresh process: a stuck run fails at run_train's timeout instead of hanging
+    the suite, nothing left by earlier tests shares its XLA runtime, and few devices keep a 2-core CI quick."""
+    cli = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", str(workdir)]
+    cli += [f"--config.{k}={v}" for k, v in tiny_overrides(records_dir).items()] + list(extra)
+    if prelude:
+        run_cli = "\nimport runpy\nrunpy.run_module('echoclip_jax.train', run_name='__main__', alter_sys=True)\n"
+        head = [sys.executable, "-c", prelude + run_cli]
+    else:
+        head = [sys.executable, "-m", "echoclip_jax.train"]
+    return head + cli, {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags(devices)}
+
+
+def run_train(records_dir, workdir, *extra: str, devices: int = 2, prelude: str = "", timeout: float = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Runs train_command to the end (text stdout/stderr captured); with `check`, a non-zero exit fails
+    the test with the run's stderr."""
+    args, env = train_command(records_dir, workdir, *extra, devices=devices, prelude=prelude)
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"echoclip_jax.train exited with {r.returncode}:\n{r.stderr[-4000:]}")
+    return r
