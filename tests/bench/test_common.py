@@ -1,21 +1,13 @@
 """bench/common.py: the A/B alternation the ratios rely on, the table, and the dated BENCHMARKS.md appender."""
 import datetime
-import importlib.util
 import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .conftest import load_bench
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(REPO, "bench", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-common = load("common")
+common = load_bench("common")
 
 
 def test_alternate_interleaves_after_warmup():

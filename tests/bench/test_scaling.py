@@ -1,21 +1,12 @@
 """bench/scaling.py's memory accounting: FSDP really divides the train state over the 8-device mesh."""
-import importlib.util
-import os
 
 import jax
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .conftest import load_bench
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(REPO, "bench", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-scaling = load("scaling")
+scaling = load_bench("scaling")
 
 
 def abstract_state(config_name, preset):

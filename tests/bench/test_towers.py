@@ -1,23 +1,13 @@
 """bench/towers.py times the same network in both frameworks: equal weights give equal tower losses."""
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(REPO, "bench", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from .conftest import load_bench
 
 
 def test_ours_and_open_clip_towers_compute_the_same_losses():
     pytest.importorskip("open_clip")
-    towers = load("towers")
+    towers = load_bench("towers")
     config = towers.load_config("tiny", 2, "float32", "auto")
     config.model.vision.image_size = 32
     batch = towers.synthetic_batch(config)
