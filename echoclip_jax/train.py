@@ -317,10 +317,6 @@ def train(config, workdir: str, *, devices=None) -> dict:
     try:
         while step < total:
             state, metrics = p_train_step(state, batch)
-            if cpu_backend and mesh.size > 1:
-                # XLA's in-process CPU collectives can starve each other's threads when two steps overlap
-                # (seen as a hang with 8 simulated devices on 2 cores); accelerators keep async dispatch.
-                jax.block_until_ready(state)
             step += 1
             t_steps += 1
             log_now = step % config.log_every_steps == 0 or step == total
