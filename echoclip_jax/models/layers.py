@@ -108,6 +108,9 @@ class DropPath(nnx.Module):
         return self.dropout(x)
 
 
+_SQRT_HALF = 0.7071067811865476
+
+
 def gelu(x):
     """Exact GELU as torch.nn.GELU() (timm, open_clip) computes it: 0.5 x (1 + erf(x / sqrt 2)).
 
@@ -116,5 +119,3 @@ def gelu(x):
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF).astype(x.dtype))
 
-
-_SQRT_HALF = 0.7071067811865476

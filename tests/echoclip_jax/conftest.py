@@ -1,6 +1,8 @@
 """Session fixtures for the training tests: a tiny synthetic cohort converted to TFRecords once, a
 tiny-config override that trains on it in seconds, and `run_train`, which trains in a fresh process."""
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -95,3 +97,16 @@ def run_train(records_dir, workdir, *extra: str, devices: int = 2, prelude: str 
     if check and r.returncode != 0:
         raise AssertionError(f"echoclip_jax.train exited with {r.returncode}:\n{r.stderr[-4000:]}")
     return r
+
+
+def read_metrics(workdir) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a jax.distributed coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,12 +6,10 @@ Whole runs go through `run_train` (conftest): a fresh `python -m echoclip_jax.tr
 bounded by a timeout. Already covered elsewhere (not repeated here): SIGKILL + resume bit-identical and
 SIGTERM saves and exits 0 (test_train.py), restore onto another device count (test_checkpoint.py,
 test_train.py), a non-finite loss at step 0 (test_train.py)."""
-import json
 import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +22,13 @@ from data_prep import records
 from data_prep.synthetic import read_phi
 from echoclip_jax import checkpoint, data, sharding
 
-from .conftest import REPO, run_train, tiny_overrides, train_command, xla_flags
+from .conftest import REPO, free_port, read_metrics, run_train, tiny_overrides, train_command, xla_flags
 
 
 def _mesh():
     import ml_collections
 
     return sharding.build_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _all_finite(params) -> bool:
@@ -163,7 +156,7 @@ def test_nan_batch_mid_run_stops_before_any_checkpoint_holds_it(records_dir, tmp
 def test_nan_batch_mid_run_is_skipped_with_policy_skip(records_dir, tmp_path):
     run_train(records_dir, tmp_path, "--config.checkpoint_every_steps=2", "--config.eval_batches=0",
               "--config.log_every_steps=1", "--config.optim.nan_policy=skip", prelude=NAN_BATCH)
-    rows = _metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert [r["skipped"] for r in rows] == [float(r["step"] == NAN_STEP + 1) for r in rows]
     assert rows[NAN_STEP]["loss"] is None  # logged as null, not NaN, in metrics.jsonl
     assert checkpoint.all_steps(str(tmp_path))[-3:] == [4, 6, 8]
@@ -173,12 +166,6 @@ def test_nan_batch_mid_run_is_skipped_with_policy_skip(records_dir, tmp_path):
 
 
 # -------------------------------------------------------------------------------------- multi-host
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 HEARTBEAT = 10  # distributed.heartbeat_timeout, seconds
@@ -191,7 +178,7 @@ def test_peer_killed_mid_run_makes_the_survivor_exit_with_a_clear_error(records_
     non-zero, saying that another process died, within twice the heartbeat timeout: either its collective
     with the dead peer fails (echoclip_jax.train's PeerLostError, at once), or JAX's distributed service
     aborts it (within the heartbeat timeout)."""
-    port = _free_port()
+    port = free_port()
     extra = ["--config.total_steps=1000", "--config.checkpoint_every_steps=500", "--config.eval_batches=0",
              "--config.log_every_steps=1", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
              "--config.distributed.num_processes=2", f"--config.distributed.heartbeat_timeout={HEARTBEAT}"]
@@ -201,7 +188,7 @@ def test_peer_killed_mid_run_makes_the_survivor_exit_with_a_clear_error(records_
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         t = time.time()
-        while not (os.path.exists(tmp_path / "metrics.jsonl") and len(_metrics(tmp_path)) >= 2):
+        while not (os.path.exists(tmp_path / "metrics.jsonl") and len(read_metrics(tmp_path)) >= 2):
             assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
             assert time.time() - t < 600
             time.sleep(0.2)
@@ -253,7 +240,7 @@ def test_no_phi_in_records_training_outputs_or_logs(records_dir, tmp_path):
     r = run_train(records_dir, tmp_path)
     hits, files = _phi_hits(phi, [records_dir, tmp_path], {"stdout": r.stdout, "stderr": r.stderr})
     assert files > 20 and any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
-    assert "val/recall_at_1" in _metrics(tmp_path)[-1] and "step 8/8" in r.stderr  # the run and its log happened
+    assert "val/recall_at_1" in read_metrics(tmp_path)[-1] and "step 8/8" in r.stderr  # the run and its log happened
     assert hits == []
     # the check can fail: a report carrying a PHI string would be found in the shards
     assert _phi_hits(phi[:1], [], {"planted": f"report ... {phi[0].upper()} ..."})[0]

@@ -5,7 +5,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,7 @@ import pytest
 
 from echoclip_jax import checkpoint, train
 
-from .conftest import REPO, run_train, tiny_overrides, train_command
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from .conftest import REPO, free_port, read_metrics, run_train, tiny_overrides, train_command
 
 
 def _logged_steps(workdir, skip=0) -> list[int]:
@@ -36,18 +30,18 @@ def _logged_steps(workdir, skip=0) -> list[int]:
 
 
 def _losses(workdir):
-    return [m["loss"] for m in _metrics(workdir) if "loss" in m]
+    return [m["loss"] for m in read_metrics(workdir) if "loss" in m]
 
 
 def test_tiny_trains_and_loss_falls(records_dir, tmp_path):
     run_train(records_dir, tmp_path)  # 8 steps, evaluation at the end
     losses = _losses(tmp_path)
-    assert [m["step"] for m in _metrics(tmp_path) if "loss" in m] == [2, 4, 6, 8]
+    assert [m["step"] for m in read_metrics(tmp_path) if "loss" in m] == [2, 4, 6, 8]
     assert losses[-1] < losses[0] - 0.2, losses
-    row = _metrics(tmp_path)[0]
+    row = read_metrics(tmp_path)[0]
     for key in ("lr", "logit_scale", "grad_norm", "samples_per_s", "step_time", "tflops_per_device"):
         assert row[key] is not None and row[key] > 0, key
-    last = _metrics(tmp_path)[-1]
+    last = read_metrics(tmp_path)[-1]
     assert 0.0 <= last["val/recall_at_1"] <= 1.0 and last["val/loss"] is not None
     assert checkpoint.all_steps(str(tmp_path)) == [4, 8]
     params = checkpoint.restore_params(str(tmp_path))
@@ -63,7 +57,7 @@ def test_checkpoint_from_eight_devices_continues_on_two(records_dir, tmp_path):
     after = checkpoint.restore_params(str(tmp_path))
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(params))]
     assert jax.tree.structure(after) == jax.tree.structure(params) and sum(changed) > len(changed) // 2
-    assert _metrics(tmp_path)[-1]["step"] == 10
+    assert read_metrics(tmp_path)[-1]["step"] == 10
 
     # a new run initialised from that checkpoint's weights (lr 0: they come through unchanged)
     run_train(records_dir, tmp_path / "from_ckpt", "--config.eval_batches=0", "--config.init.kind=checkpoint",
@@ -101,21 +95,15 @@ def test_dp_fsdp_fsdp_tp_give_the_same_loss_trajectory(records_dir, tmp_path):
 def test_nan_skip_policy_skips_the_step(records_dir, tmp_path):
     run_train(records_dir, tmp_path, "--config.model.init_logit_scale=nan", "--config.optim.nan_policy=skip",
               "--config.total_steps=2", "--config.eval_batches=0")
-    assert [m["skipped"] for m in _metrics(tmp_path)] == [1.0]  # step 2, the one logged
+    assert [m["skipped"] for m in read_metrics(tmp_path)] == [1.0]  # step 2, the one logged
     assert np.isnan(checkpoint.restore_params(str(tmp_path))["logit_scale"])
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(records_dir, tmp_path):
     extra = ["--config.total_steps=4", "--config.eval_batches=0"]
     run_train(records_dir, tmp_path / "single", *extra, devices=4)
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in range(2):
         distributed = [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
@@ -204,7 +192,7 @@ def test_sigterm_saves_and_exits_zero(records_dir, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     step = checkpoint.latest_step(str(tmp_path))
     assert step is not None and 2 <= step < 8 and f"preempted: saved step {step}, exiting" in out, out[-3000:]
-    assert _metrics(tmp_path)[-1]["step"] == step  # it stopped at the step it saved
+    assert read_metrics(tmp_path)[-1]["step"] == step  # it stopped at the step it saved
 
 
 @pytest.mark.parametrize("script,args,expect", [
