@@ -143,7 +143,8 @@ def main(argv=None):
     ap.add_argument("--configs", default="tiny,echoclip", help="comma-separated configs/*.py names")
     ap.add_argument("--batch", type=int, default=0, help="batch for every config (default: tiny 32, echoclip 2)")
     ap.add_argument("--dtype", default="float32", help="model compute dtype (bfloat16 on a GPU)")
-    ap.add_argument("--impls", default="shifted,lax", help="depthwise_impl values to time ('auto' resolves per backend)")
+    ap.add_argument("--impls", default="auto,shifted",
+                    help="depthwise_impl values to time (auto: per backend and feature-map size; lax: slow on CPU)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (one step of each per round)")
     ap.add_argument("--matmul", type=int, default=2048, help="n of the n x n matmul that measures the peak")
     ap.add_argument("--no_torch", action="store_true", help="skip open_clip (e.g. on a GPU host without it)")
@@ -151,8 +152,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import jax
-
-    from echoclip_jax.models import depthwise_conv
 
     device = jax.devices()[0]
     backend = jax.default_backend()
@@ -171,8 +170,7 @@ def main(argv=None):
         steps, compile_s = {}, {}
         for impl in impls:
             config = load_config(name, batch, args.dtype, impl)
-            resolved = depthwise_conv.resolve_impl(impl)
-            label = f"jax {impl}" + (f" (= {resolved})" if resolved != impl else "")
+            label = f"jax {impl}"
             print(f"[{name}] compiling {label} ...", flush=True)
             steps[label] = JaxStep(config, device)
             compile_s[label] = steps[label].compile_s
@@ -185,7 +183,8 @@ def main(argv=None):
         torch_t = common.median(times["open_clip (PyTorch)"]) if not args.no_torch else None
         # One FLOP count for every row: the shifted variant's, whose depthwise products are explicit
         # multiply-adds. cost_analysis() counts lax's grouped-convolution kernel gradient as a dense one
-        # (C times too many), so the lax count is shown but not used for MFU.
+        # (C times too many), and the matmul form (in CPU "auto") multiplies its matrices' zeros too, so
+        # those counts are shown but not used for MFU.
         net_flops = next((flops[k] for k in flops if "shifted" in k), min(flops.values()))
         for label, ts in times.items():
             t = common.median(ts)
@@ -203,7 +202,8 @@ def main(argv=None):
     body = "\n\n".join(lines) + "\n\n" + common.table(headers, rows)
     body += ("\n\nGFLOP/sample is each compiled step's cost_analysis() (forward + backward + AdamW, per "
              "sample); the lax row's count is inflated because XLA counts the grouped convolution's kernel "
-             "gradient as a dense convolution. MFU uses the shifted step's count for every row (its depthwise "
+             "gradient as a dense convolution, and the auto row's because on CPU its depthwise convolutions of "
+             "at most 8x8 positions are matmuls with a [HW, HW] matrix per channel, zeros included. MFU uses the shifted step's count for every row (its depthwise "
              "products are explicit multiply-adds) / step time / the measured matmul peak of the same "
              "framework. 'vs open_clip' = open_clip step time / ours (>= 1: ours is at least as fast).")
     if backend == "cpu":

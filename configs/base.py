@@ -38,7 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.vision.image_size = 224
     c.model.vision.drop_path_rate = 0.1
     c.model.vision.head = "linear"  # "linear" or "mlp"
-    c.model.vision.depthwise_impl = "auto"  # ConvNeXt depthwise conv: auto | shifted | lax (lax compiles faster on CPU)
+    c.model.vision.depthwise_impl = "auto"  # ConvNeXt depthwise conv: auto | shifted | matmul | lax (lax compiles faster on CPU)
 
     c.model.text = ml_collections.ConfigDict()
     c.model.text.vocab_size = 49408

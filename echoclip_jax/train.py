@@ -203,16 +203,16 @@ def build_train_step(config, mesh, total_steps: int) -> TrainStep:
 
         (loss, _), grads = optim.accumulate_gradients(loss_and_grad, state["params"], batch, accum)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, max_ls)  # as open_clip, after each step
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         apply = finite & (state["bad_step"] < 0) if stop_on_nan else finite
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+        # apply=False: zero updates and an unchanged optimizer state (optim.adamw), with no select over the state
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"], apply=apply)
+        params = optax.apply_updates(state["params"], updates)
+        params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, max_ls)  # as open_clip, after each step
         new_state = {
             "step": state["step"] + 1,
-            "params": keep(params, state["params"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
+            "params": params,
+            "opt_state": opt_state,
             "rng": state["rng"],
             "bad_step": jnp.where(~finite & (state["bad_step"] < 0), state["step"], state["bad_step"]),
         }

@@ -1,15 +1,25 @@
 """Depthwise 2-D convolution ('SAME', stride 1), implemented per backend.
 
 XLA's CPU grouped convolution (`feature_group_count=C`) is ~30x slower than PyTorch's for ConvNeXt's
-7x7 depthwise kernel, and its gradient even slower (issue 10). On CPU we therefore write the
-convolution as k*k shifted multiply-adds, with a custom VJP whose backward pass is also shifted sums
-(input gradient = the same correlation with the flipped kernel; kernel gradient = k*k reductions).
+7x7 depthwise kernel, and its gradient even slower (issue 10). On CPU we therefore use one of two
+forms. Large feature maps take k*k shifted multiply-adds ("shifted"), with a custom VJP whose
+backward pass is also shifted sums: the input gradient is the same correlation with the flipped
+kernel, and the kernel gradient is k*k reductions. Maps of at most 64 positions ("matmul") take one
+[HW, HW] matrix per channel, built from the kernel. Its product with the flattened map is a plain
+matmul, forward and backward: more multiply-adds, but no materialised shifted copies.
 On GPU/TPU `lax.conv_general_dilated` is kept: cuDNN and the TPU compiler handle it well.
 """
 from __future__ import annotations
 
+import numpy as np
 import jax
 import jax.numpy as jnp
+
+IMPLS = ("auto", "shifted", "matmul", "lax")
+# "auto" on CPU takes the matmul form up to this many positions (8x8). The tiny config's 8x8, 4x4 and 2x2
+# stages (10 of its 12 blocks) then take 1.13x less step time; at 16x16, with 4x the multiply-adds of
+# the shifted form, it was no faster (BENCHMARKS.md).
+MATMUL_MAX_POSITIONS = 64
 
 
 def _conv_lax(x, kernel):
@@ -88,22 +98,42 @@ def _kernel_grad_matmul(xpad, g, k):
 _conv_shifted.defvjp(_conv_shifted_fwd, _conv_shifted_bwd)
 
 
+def _band(n: int, k: int, dtype):
+    """[n, n, k] one-hot: band[p, q, a] = 1 where input q feeds output p through tap a (q = p + a - k//2)."""
+    a = np.arange(n)[None, :] - np.arange(n)[:, None] + k // 2
+    return jnp.asarray(a[..., None] == np.arange(k), dtype)
+
+
+def _conv_matmul(x, kernel):
+    """y[b, p, c] = sum_q m[c, p, q] x[b, q, c] over the flattened positions, m[c] built from kernel[:, :, c]."""
+    b, h, w, c = x.shape
+    k = kernel.shape[0]
+    m = jnp.einsum("ika,jlb,abc->cijkl", _band(h, k, kernel.dtype), _band(w, k, kernel.dtype), kernel)
+    y = jnp.einsum("cpq,bqc->bpc", m.reshape(c, h * w, h * w), x.reshape(b, h * w, c))
+    return y.reshape(b, h, w, c)
+
+
 def depthwise_conv2d(x, kernel, bias=None, *, impl: str = "auto"):
     """x [B, H, W, C], kernel [k, k, C] (k odd), bias [C] -> [B, H, W, C], zero 'SAME' padding.
 
-    impl: "auto" (shifted sums on CPU, lax.conv elsewhere), "shifted" or "lax".
+    impl: "auto" (on CPU: matmul up to MATMUL_MAX_POSITIONS positions, shifted sums above; lax.conv
+    elsewhere), "shifted", "matmul" or "lax".
     """
     k = kernel.shape[0]
     if kernel.ndim != 3 or kernel.shape[1] != k or k % 2 != 1 or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"depthwise kernel must be [k, k, C] with odd k and C={x.shape[-1]}, got {kernel.shape}")
-    y = _conv_shifted(x, kernel) if resolve_impl(impl) == "shifted" else _conv_lax(x, kernel)
+    conv = {"shifted": _conv_shifted, "matmul": _conv_matmul, "lax": _conv_lax}[
+        resolve_impl(impl, x.shape[1] * x.shape[2])]
+    y = conv(x, kernel)
     return y if bias is None else y + bias
 
 
-def resolve_impl(impl: str) -> str:
-    """"auto" -> the implementation used on this backend; "shifted" and "lax" pass through."""
+def resolve_impl(impl: str, positions: int) -> str:
+    """"auto" -> the implementation used on this backend for a feature map of `positions` (H*W)."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown depthwise conv impl {impl!r}; use one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "shifted" if jax.default_backend() == "cpu" else "lax"
-    if impl not in ("shifted", "lax"):
-        raise ValueError(f"unknown depthwise conv impl {impl!r}; use 'auto', 'shifted' or 'lax'")
+        if jax.default_backend() != "cpu":
+            return "lax"
+        return "matmul" if positions <= MATMUL_MAX_POSITIONS else "shifted"
     return impl

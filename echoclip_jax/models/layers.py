@@ -6,6 +6,7 @@ afterwards (`nnx.get_partition_spec` under `flax.core.spmd.logical_axis_rules`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -22,6 +23,42 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: tuple, dtype) -> nn
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=names, eager_sharding=False)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project(x, kernel, n_in: int = 1):
+    """x [..., *in] . kernel [*in, *out] -> [..., *out]: the kernel's first `n_in` axes contracted with x's last.
+
+    The forward is the plain product. The custom VJP fixes the kernel gradient's operand order,
+    activations first (dk = x^T g). JAX's own transpose rule computes (g^T x)^T, and XLA:CPU then
+    materialises g^T. For a projection that feeds the residual stream, g is a sum over every later
+    layer's contribution. XLA fuses that whole sum into the transposed copy, re-reading about 20
+    activation-sized inputs per layer. That copy was 16% of the tiny train step; with this
+    order it is gone (BENCHMARKS.md). Einsum-style axes, no reshapes, so sharded axes are left alone.
+    """
+    return _project(x, kernel, n_in)
+
+
+def _project(x, kernel, n_in):
+    return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+
+
+def _project_fwd(x, kernel, n_in):
+    return _project(x, kernel, n_in), (x, kernel)
+
+
+def _project_bwd(n_in, res, g):
+    x, kernel = res
+    n_lead = x.ndim - n_in
+    dx = jax.lax.dot_general(g, kernel, ((tuple(range(n_lead, g.ndim)), tuple(range(n_in, kernel.ndim))), ((), ())))
+    # Leading (batch, token) axes merged into one: XLA:CPU's matmul reads a single contracted leading
+    # axis in place, where several would be transposed into a copy first.
+    x2, g2 = x.reshape((-1,) + x.shape[n_lead:]), g.reshape((-1,) + g.shape[n_lead:])
+    dk = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel + bias with kernel [in, out]; computes in `dtype`, stores in `param_dtype`."""
 
@@ -33,10 +70,21 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        y = project(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def _mean_last(x):
+    """Mean over the last axis (kept). On CPU it is a product with a 1/n column. XLA:CPU fuses what feeds a
+    reduction into a YNNPACK fusion that takes every input materialised: before ConvNeXt's norm, 49
+    shifted copies and 49 broadcast kernels of each depthwise convolution. A product takes one
+    materialised input. It cut the tiny CPU step by 1.08x (BENCHMARKS.md). Other backends fuse
+    reductions well and keep `mean`."""
+    if jax.default_backend() == "cpu":
+        return x @ jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
+    return jnp.mean(x, axis=-1, keepdims=True)
 
 
 class LayerNorm(nnx.Module):
@@ -51,8 +99,8 @@ class LayerNorm(nnx.Module):
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        mean = _mean_last(x32)
+        var = _mean_last(jnp.square(x32 - mean))
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)

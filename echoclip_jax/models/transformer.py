@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from echoclip_jax.models.layers import DropPath, LayerNorm, Linear, gelu, param
+from echoclip_jax.models.layers import DropPath, LayerNorm, Linear, gelu, param, project
 
 LN_EPS = 1e-5
 
@@ -35,7 +35,7 @@ class Attention(nnx.Module):
         # layout cost one per layer, forward and backward). q is scaled before the product, as in
         # PyTorch's attention. The parameters keep their per-head shapes (tensor-parallel "heads").
         dt = self.dtype
-        qkv = jnp.einsum("bld,dthk->blthk", x.astype(dt), self.qkv_kernel[...].astype(dt))
+        qkv = project(x.astype(dt), self.qkv_kernel[...].astype(dt))  # [b, l, 3, heads, head_dim]
         qkv = qkv + self.qkv_bias[...].astype(dt)
         q, k, v = qkv[:, :, 0] * (qkv.shape[-1] ** -0.5), qkv[:, :, 1], qkv[:, :, 2]
         scores = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
@@ -45,7 +45,7 @@ class Attention(nnx.Module):
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-        return jnp.einsum("bqhk,hkd->bqd", out, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
+        return project(out, self.out_kernel[...].astype(dt), 2) + self.out_bias[...].astype(dt)
 
 
 class ResidualBlock(nnx.Module):

@@ -1,4 +1,5 @@
-"""Depthwise convolution (CPU shifted-sum implementation vs lax.conv), drop path, preprocessing."""
+"""Depthwise convolution (the CPU shifted-sum and matmul implementations vs lax.conv), projections' custom
+gradient, drop path, preprocessing."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,11 +8,12 @@ from flax import nnx
 
 from echoclip_jax.models import preprocess_images
 from echoclip_jax.models.depthwise_conv import depthwise_conv2d
-from echoclip_jax.models.layers import DropPath
+from echoclip_jax.models.layers import DropPath, project
 
 
-@pytest.mark.parametrize("k,shape", [(7, (2, 9, 11, 5)), (3, (1, 4, 4, 8)), (7, (2, 5, 20, 3))])
-def test_shifted_depthwise_matches_lax_values_and_gradients(k, shape):
+@pytest.mark.parametrize("impl", ["shifted", "matmul"])
+@pytest.mark.parametrize("k,shape", [(7, (2, 9, 11, 5)), (3, (1, 4, 4, 8)), (7, (2, 5, 20, 3)), (7, (3, 2, 2, 4))])
+def test_cpu_depthwise_matches_lax_values_and_gradients(impl, k, shape):
     rng = np.random.default_rng(k)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, k, shape[-1])), jnp.float32)
@@ -21,19 +23,20 @@ def test_shifted_depthwise_matches_lax_values_and_gradients(k, shape):
     def loss(impl):
         return lambda x, w, b: jnp.sum(depthwise_conv2d(x, w, b, impl=impl) * ct)
 
-    np.testing.assert_allclose(depthwise_conv2d(x, w, b, impl="shifted"), depthwise_conv2d(x, w, b, impl="lax"),
+    np.testing.assert_allclose(depthwise_conv2d(x, w, b, impl=impl), depthwise_conv2d(x, w, b, impl="lax"),
                                rtol=1e-5, atol=1e-5)
-    g_shift = jax.grad(loss("shifted"), argnums=(0, 1, 2))(x, w, b)
+    g_ours = jax.grad(loss(impl), argnums=(0, 1, 2))(x, w, b)
     g_lax = jax.grad(loss("lax"), argnums=(0, 1, 2))(x, w, b)
-    for a, r in zip(g_shift, g_lax):
+    for a, r in zip(g_ours, g_lax):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
 
 
-def test_depthwise_numpy_reference_and_bad_kernel():
+@pytest.mark.parametrize("impl", ["shifted", "matmul"])
+def test_depthwise_numpy_reference_and_bad_kernel(impl):
     # a 3x3 kernel with one non-zero tap shifts the image: an independent, hand-checkable reference
     x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
     w = jnp.zeros((3, 3, 1)).at[0, 0, 0].set(1.0)  # out[y, x] = in[y-1, x-1]
-    y = depthwise_conv2d(x, w, impl="shifted")
+    y = depthwise_conv2d(x, w, impl=impl)
     np.testing.assert_array_equal(y[:, 1:, 1:, 0], x[:, :-1, :-1, 0])
     np.testing.assert_array_equal(y[:, 0, :, 0], 0)
     with pytest.raises(ValueError, match="odd k"):
@@ -42,12 +45,35 @@ def test_depthwise_numpy_reference_and_bad_kernel():
         depthwise_conv2d(x, w, impl="fft")
 
 
-def test_auto_impl_is_shifted_on_cpu_and_jits():
-    x = jnp.ones((1, 8, 8, 4))
+def test_auto_impl_on_cpu_is_matmul_up_to_8x8_and_shifted_above():
     w = jnp.ones((7, 7, 4))
-    jaxpr = str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b))(x, w))
-    assert "conv_general_dilated" not in jaxpr and "custom_vjp" in jaxpr
-    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b, impl="lax"))(x, w))
+    small = str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b))(jnp.ones((1, 8, 8, 4)), w))
+    large = str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b))(jnp.ones((1, 9, 8, 4)), w))
+    assert "conv_general_dilated" not in small and "custom_vjp" not in small and "dot_general" in small
+    assert "conv_general_dilated" not in large and "custom_vjp" in large
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b, impl="lax"))(
+        jnp.ones((1, 8, 8, 4)), w))
+
+
+@pytest.mark.parametrize("x_shape,k_shape,n_in", [((2, 5, 6), (6, 3, 2, 4), 1), ((2, 5, 3, 4), (3, 4, 6), 2),
+                                                  ((7, 6), (6, 5), 1)])
+def test_project_matches_einsum_values_and_gradients(x_shape, k_shape, n_in):
+    # the custom VJP only reorders the kernel gradient's product: every value must equal plain autodiff's
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    k = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
+    out_shape = x_shape[:len(x_shape) - n_in] + k_shape[n_in:]
+    ct = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+
+    def plain(x, k):
+        return jnp.tensordot(x, k, axes=n_in)
+
+    np.testing.assert_allclose(project(x, k, n_in), plain(x, k), rtol=1e-5, atol=1e-5)
+    ours = jax.grad(lambda x, k: jnp.sum(project(x, k, n_in) * ct), argnums=(0, 1))(x, k)
+    ref = jax.grad(lambda x, k: jnp.sum(plain(x, k) * ct), argnums=(0, 1))(x, k)
+    for a, r in zip(ours, ref):
+        assert a.shape == r.shape
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
 
 
 def test_drop_path_is_per_sample_and_off_in_eval():

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs.base import get_base_config
@@ -96,3 +97,63 @@ def test_accumulation_averages_micro_batch_gradients():
     assert float(aux["n"]) == 2.0
     with pytest.raises(ValueError, match="grad_accum_steps"):
         optim.accumulate_gradients(loss_and_grad, params, batch, 4)
+
+
+def _decay_params():
+    return {"w": jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32),
+            "norm": {"scale": jnp.linspace(0.5, 1.5, 3)}, "b": jnp.zeros(3)}
+
+
+def test_adamw_matches_optax_adamw_with_decay_mask():
+    # same hyper-parameters, schedule and mask: our AdamW must follow optax's (and so PyTorch's) AdamW
+    cfg = _cfg(lr=1e-2, warmup_steps=2, weight_decay=0.1, grad_clip_norm=0.0, b1=0.9, b2=0.98, eps=1e-6)
+    p = _decay_params()
+    tx, schedule = optim.make_optimizer(cfg, 10, p)
+    ref = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+                      mask=jax.tree.map_with_path(optim.decays, p))
+    ours, theirs = (p, tx.init(p)), (p, ref.init(p))
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p)
+        u, s = tx.update(g, ours[1], ours[0])
+        ours = (optax.apply_updates(ours[0], u), s)
+        u, s = ref.update(g, theirs[1], theirs[0])
+        theirs = (optax.apply_updates(theirs[0], u), s)
+    for a, b in zip(jax.tree.leaves(ours[0]), jax.tree.leaves(theirs[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(ours[0]["w"], p["w"])  # it moved
+
+
+def test_adamw_skipped_step_changes_nothing_even_with_nan_gradients():
+    cfg = _cfg(lr=1e-2, warmup_steps=0, weight_decay=0.1, grad_clip_norm=1.0)
+    p = _decay_params()
+    tx, _ = optim.make_optimizer(cfg, 10, p)
+    g = jax.tree.map(jnp.ones_like, p)
+    u, s1 = tx.update(g, tx.init(p), p)
+    p1 = optax.apply_updates(p, u)
+    nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), p)
+    u, s_skip = jax.jit(lambda g, s, q: tx.update(g, s, q, apply=jnp.array(False)))(nan, s1, p1)
+    p_skip = optax.apply_updates(p1, u)
+    for a, b in zip(jax.tree.leaves((p_skip, s_skip)), jax.tree.leaves((p1, s1))):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+    # and the run goes on as if the skipped step never happened
+    u, s2 = tx.update(g, s_skip, p_skip)
+    u_ref, s2_ref = tx.update(g, s1, p1)
+    for a, b in zip(jax.tree.leaves((u, s2)), jax.tree.leaves((u_ref, s2_ref))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adamw_donated_update_copies_no_state_buffer():
+    # the skip switch must not cost a copy of every parameter and moment per step (the old select did)
+    p = {"w": jnp.ones((64, 32)), "norm": {"scale": jnp.ones(32)}}
+    tx, _ = optim.make_optimizer(_cfg(lr=1e-3, warmup_steps=0), 10, p)
+
+    def step(state, g):
+        ok = jnp.isfinite(optax.global_norm(g))
+        u, opt = tx.update(g, state[1], state[0], apply=ok)
+        return optax.apply_updates(state[0], u), opt
+
+    hlo = jax.jit(step, donate_argnums=0).lower((p, tx.init(p)), p).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    copies = [line for line in entry.splitlines() if " copy(" in line and "[]" not in line.split("=")[1][:12]]
+    assert not copies, copies
