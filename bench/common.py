@@ -18,19 +18,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
 
 
-def alternate(fns: dict[str, Callable[[], object]], *, rounds: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], object]], *, rounds: int = 5, warmup: int = 1,
+              pause: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call of each fn, called in turn (A, B, C, A, B, C, ...) after `warmup` calls each.
 
     Each fn must block until its work is done (e.g. `jax.block_until_ready`), or the time is a lie.
+    `pause` seconds of sleep before each timed call let the previous call's after-effects settle
+    (PyTorch's spinning OpenMP threads and freed memory slowed the next call by up to 10%).
     """
-    if rounds < 1 or warmup < 0:
-        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds}, {warmup}")
+    if rounds < 1 or warmup < 0 or pause < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup, pause >= 0, got {rounds}, {warmup}, {pause}")
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

@@ -118,7 +118,7 @@ def main(argv=None):
             fns[(part, who)] = with_cpu_time(table[part], cpu[(part, who)])
     header = f"Machine: {common.machine()}."
     print(header, flush=True)
-    times = common.alternate(fns, rounds=args.rounds, warmup=2)
+    times = common.alternate(fns, rounds=args.rounds, warmup=2, pause=0.5)
     rows = []
     for part in ours:
         t_ours, t_theirs = (common.median(times[(part, w)]) for w in ("ours", "open_clip"))

@@ -157,7 +157,7 @@ def main(argv=None):
     backend = jax.default_backend()
     lines = [f"Machine: {common.machine()}; JAX backend {backend} ({device.device_kind}), 1 device, "
              f"dtype {args.dtype}, AdamW + grad clipping + CLIP loss, synthetic batch; {args.rounds} alternating "
-             f"rounds after a warm-up, median step time (min-max)."]
+             f"rounds after a warm-up, 1 s idle before each timed step, median step time (min-max)."]
     peak_jax = common.matmul_flops_jax(args.matmul)
     peak_torch = None if args.no_torch else common.matmul_flops_torch(args.matmul)
     lines.append(f"Measured fp32 {args.matmul}^3 matmul peak: JAX {peak_jax / 1e9:.1f} GFLOP/s"
@@ -179,7 +179,7 @@ def main(argv=None):
         if not args.no_torch:
             print(f"[{name}] building open_clip ...", flush=True)
             fns["open_clip (PyTorch)"] = TorchStep(config, next(iter(steps.values())).params_numpy())
-        times = common.alternate(fns, rounds=args.rounds, warmup=1)
+        times = common.alternate(fns, rounds=args.rounds, warmup=1, pause=1.0)
         torch_t = common.median(times["open_clip (PyTorch)"]) if not args.no_torch else None
         # One FLOP count for every row: the shifted variant's, whose depthwise products are explicit
         # multiply-adds. cost_analysis() counts lax's grouped-convolution kernel gradient as a dense one

@@ -3,8 +3,8 @@
 XLA's CPU grouped convolution (`feature_group_count=C`) is ~30x slower than PyTorch's for ConvNeXt's
 7x7 depthwise kernel, and its gradient even slower (issue 10). On CPU we therefore use one of two
 forms. Large feature maps take k*k shifted multiply-adds ("shifted"), with a custom VJP whose
-backward pass is also shifted sums: the input gradient is the same correlation with the flipped
-kernel, and the kernel gradient is k*k reductions. Maps of at most 64 positions ("matmul") take one
+backward pass is also shifted sums for the input gradient (the same correlation with the flipped
+kernel) and k per-channel matmuls for the kernel gradient. Maps of at most 64 positions ("matmul") take one
 [HW, HW] matrix per channel, built from the kernel. Its product with the flattened map is a plain
 matmul, forward and backward: more multiply-adds, but no materialised shifted copies.
 On GPU/TPU `lax.conv_general_dilated` is kept: cuDNN and the TPU compiler handle it well.
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "shifted", "matmul", "lax")
-# "auto" on CPU takes the matmul form up to this many positions (8x8). The tiny config's 8x8, 4x4 and 2x2
-# stages (10 of its 12 blocks) then take 1.13x less step time; at 16x16, with 4x the multiply-adds of
-# the shifted form, it was no faster (BENCHMARKS.md).
+# "auto" on CPU takes the matmul form up to this many positions (8x8). With it on the tiny config's 8x8,
+# 4x4 and 2x2 stages (10 of its 12 blocks) the step ran 1.13x faster. At 16x16 (4x the shifted form's
+# multiply-adds) it was no faster, and at echoclip's 14x14 (batch 2) 2.9x slower (BENCHMARKS.md).
 MATMUL_MAX_POSITIONS = 64
 
 
@@ -60,39 +60,29 @@ def _conv_shifted_bwd(res, g):
     h, w = x.shape[1], x.shape[2]
     # d/dx: correlate the padded cotangent with the kernel flipped in both spatial axes.
     dx = _correlate(_pad(g, k // 2), kernel[::-1, ::-1], h, w)
-    xpad = _pad(x, k // 2)
-    grad = _kernel_grad_matmul if w <= MATMUL_KERNEL_GRAD_MAX_WIDTH else _kernel_grad_sums
-    return dx, grad(xpad, g, k).astype(kernel.dtype)
+    return dx, _kernel_grad(_pad(x, k // 2), g, k).astype(kernel.dtype)
 
 
-# Widths up to this take the kernel gradient as k batched matmuls (bench/train_step.py, BENCHMARKS.md):
-# 3.4x faster at 16x16 (ConvNeXt at 64 px), 1.2x at 14x14, but 1.1x slower at 56x56, where the
-# matmul's (w + k - 1) / k extra multiply-adds outweigh its better use of the vector units.
-MATMUL_KERNEL_GRAD_MAX_WIDTH = 16
+def _kernel_grad(xpad, g, k):
+    """d/dkernel[i, j, c] = sum_{b, y, x} xpad[b, y+i, x+j, c] * g[b, y, x, c], per kernel row i as one
+    matmul per channel over (batch, row): a[c, x, x'] = sum_{b, y} g[b, y, x, c] * xpad[b, y+i, x', c];
+    then dkernel[i, j, c] = sum_x a[c, x, x+j], the first k diagonals, read by one skewed reshape.
 
-
-def _kernel_grad_sums(xpad, g, k):
-    """d/dkernel[i, j, c] = sum_{b, y, x} xpad[b, y+i, x+j, c] * g[b, y, x, c]: k*k reductions."""
-    h, w = g.shape[1], g.shape[2]
-    acc_dtype = jnp.promote_types(xpad.dtype, jnp.float32)
-    g32 = g.astype(acc_dtype)
-    return jnp.stack([jnp.stack([
-        jnp.sum(xpad[:, i:i + h, j:j + w, :].astype(acc_dtype) * g32, axis=(0, 1, 2)) for j in range(k)])
-        for i in range(k)])
-
-
-def _kernel_grad_matmul(xpad, g, k):
-    """The same sums, per kernel row i as one matmul per channel over (batch, row):
-    a[c, x, x'] = sum_{b, y} g[b, y, x, c] * xpad[b, y+i, x', c]; then dkernel[i, j, c] = sum_x a[c, x, x+j]."""
+    With k*k separate reductions instead, the echoclip CPU step took 1.3x as long: XLA:CPU gave each one
+    a materialised shifted copy of the input and recomputed that input's producer (a LayerNorm) for each.
+    """
     b, h, w, c = g.shape
+    wp = w + k - 1
     gt = jnp.transpose(g, (3, 2, 0, 1)).reshape(c, w, b * h)  # [C, x, (b, y)]
     xt = jnp.transpose(xpad, (3, 0, 1, 2))  # [C, B, H + k - 1, W + k - 1]
     rows = []
     for i in range(k):
-        xi = xt[:, :, i:i + h].reshape(c, b * h, w + k - 1)  # [C, (b, y), x']
-        a = jnp.einsum("cvn,cnu->cvu", gt, xi, preferred_element_type=jnp.float32)
-        rows.append(jnp.stack([jnp.trace(a, offset=j, axis1=1, axis2=2) for j in range(k)]))
-    return jnp.stack(rows)
+        xi = xt[:, :, i:i + h].reshape(c, b * h, wp)  # [C, (b, y), x']
+        a = jnp.einsum("cvn,cnu->cvu", gt, xi, preferred_element_type=jnp.float32)  # [C, x, x']
+        # a[c, x, x + j] sits at x * (wp + 1) + j of the flattened rows, padded to w * (wp + 1)
+        skewed = jnp.pad(a.reshape(c, w * wp), ((0, 0), (0, w))).reshape(c, w, wp + 1)
+        rows.append(jnp.sum(skewed[:, :, :k], axis=1))  # [C, k]
+    return jnp.transpose(jnp.stack(rows), (0, 2, 1))  # [k, k, C]
 
 
 _conv_shifted.defvjp(_conv_shifted_fwd, _conv_shifted_bwd)
