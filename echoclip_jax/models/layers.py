@@ -31,8 +31,8 @@ def project(x, kernel, n_in: int = 1):
     activations first (dk = x^T g). JAX's own transpose rule computes (g^T x)^T, and XLA:CPU then
     materialises g^T. For a projection that feeds the residual stream, g is a sum over every later
     layer's contribution. XLA fuses that whole sum into the transposed copy, re-reading about 20
-    activation-sized inputs per layer. That copy was 16% of the tiny train step; with this
-    order it is gone (BENCHMARKS.md). Einsum-style axes, no reshapes, so sharded axes are left alone.
+    activation-sized inputs per layer. With this order the tiny CPU step ran 1.11x faster (BENCHMARKS.md).
+    Only the leading (batch, token) axes are merged; the kernel keeps its axes (e.g. sharded "heads").
     """
     return _project(x, kernel, n_in)
 
@@ -80,7 +80,7 @@ def _mean_last(x):
     """Mean over the last axis (kept). On CPU it is a product with a 1/n column. XLA:CPU fuses what feeds a
     reduction into a YNNPACK fusion that takes every input materialised: before ConvNeXt's norm, 49
     shifted copies and 49 broadcast kernels of each depthwise convolution. A product takes one
-    materialised input. It cut the tiny CPU step by 1.08x (BENCHMARKS.md). Other backends fuse
+    materialised input. The tiny CPU step ran 1.08x faster (BENCHMARKS.md). Other backends fuse
     reductions well and keep `mean`."""
     if jax.default_backend() == "cpu":
         return x @ jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
