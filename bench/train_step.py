@@ -203,8 +203,9 @@ def main(argv=None):
     body += ("\n\nGFLOP/sample is each compiled step's cost_analysis() (forward + backward + AdamW, per "
              "sample); the lax row's count is inflated because XLA counts the grouped convolution's kernel "
              "gradient as a dense convolution, and the auto row's because on CPU its depthwise convolutions of "
-             "at most 8x8 positions are matmuls with a [HW, HW] matrix per channel, zeros included. MFU uses the shifted step's count for every row (its depthwise "
-             "products are explicit multiply-adds) / step time / the measured matmul peak of the same "
+             "at most 8x8 positions are matmuls with a [HW, HW] matrix per channel, zeros included. MFU uses "
+             "the shifted step's count for every row (its depthwise products are explicit multiply-adds) / "
+             "step time / the measured matmul peak of the same "
              "framework. 'vs open_clip' = open_clip step time / ours (>= 1: ours is at least as fast).")
     if backend == "cpu":
         body += ("\n\nGPU figures (bf16 MFU, images/s at a batch that fills the GPU, and the paper's 50-epoch "

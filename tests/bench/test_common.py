@@ -40,3 +40,11 @@ def test_append_section_keeps_existing_text(tmp_path):
 
 def test_machine_names_cores():
     assert f"{os.cpu_count()} cores" in common.machine()
+
+
+def test_alternate_pauses_before_each_timed_call_only():
+    # the idle pause is outside the timed region: a no-op fn still times as (almost) nothing
+    times = common.alternate({"a": lambda: None}, rounds=2, warmup=0, pause=0.05)
+    assert all(t < 0.05 for t in times["a"])
+    with pytest.raises(ValueError, match="pause"):
+        common.alternate({"a": lambda: None}, pause=-1)
