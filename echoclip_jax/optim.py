@@ -67,9 +67,9 @@ def adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float) ->
     `where(apply, new, old)` over the parameters and moments, made XLA copy every donated state buffer
     each step (366 copies); without them the tiny CPU step ran 1.05x faster (BENCHMARKS.md).
     """
-    def init(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return AdamWState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+    def init(params):  # mu and nu are separate buffers: both are donated to the step
+        return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                          jax.tree.map(jnp.zeros_like, params))
 
     def update(grads, state, params=None, *, apply=True, **_):
         if params is None:
