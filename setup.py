@@ -35,6 +35,7 @@ INSTALL_REQUIRES = [
     "python-dateutil==2.9.0.post0",
     "ftfy==6.3.1",
     "regex==2026.11.15",
+    "phonenumbers==9.0.43",
 ]
 
 EXTRAS = {

@@ -10,6 +10,8 @@ shard is converted by one worker into a temporary file and renamed when complete
 so a rerun after a crash or Ctrl-C skips finished shards and redoes the rest.
 
 Privacy: only the fields of data_prep.records.SCHEMA leave the conversion. The salt is never written.
+Report text is de-identified (data_prep.report_deid) with its study's own header identifiers, patterns and
+any `--report_detector` before it is normalised and written; only counts per category are reported.
 Manifest lines name each input by a salted hash of its relative path (`--manifest_paths relative` writes
 the path itself, for exports whose file names are known to carry no PHI).
 """
@@ -31,7 +33,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from data_prep import dicom_io, echonet, records, sector
+from data_prep import dicom_io, echonet, records, report_deid, sector
 from data_prep.dicom_io import SkipVideo
 
 _PARTS = ".parts"  # per-shard manifest parts: a shard is done when it and its part exist
@@ -67,6 +69,7 @@ class Job:
     fps: float
     num_frames: int
     regions: tuple = ()
+    report_removed: tuple = ()  # (category, count) of identifiers removed from the report (no values)
 
 
 def salted_hash(salt: bytes, kind: str, value: str) -> str:
@@ -108,14 +111,14 @@ def _parse_reports_csv(path: str, text: str) -> tuple[list[dict], dict[int, str]
 
 
 def read_reports(path: str, study_column: str, report_column: str) -> tuple[dict[str, str], dict[str, str]]:
-    """reports CSV -> ({study key: cleaned report}, {study key: reason it is unusable}).
+    """reports CSV -> ({study key: raw report}, {study key: reason it is unusable}).
+
+    The raw text still carries identifiers: `deidentify_reports` scrubs and normalises it before use.
 
     Several rows for one study (e.g. addenda) are joined in file order. Rows that are not valid UTF-8, have
     broken quoting or the wrong number of fields make that study's videos skip with the reason; a file
     without the named columns is an error.
     """
-    from data_prep.reports import clean_text  # owned by the tokenizers part: one home for normalisation
-
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8-sig", errors="surrogateescape")
@@ -146,8 +149,35 @@ def read_reports(path: str, study_column: str, report_column: str) -> tuple[dict
             continue
         if raw.strip():
             texts[key].append(raw)
-    reports = {key: clean_text(" ".join(parts)) for key, parts in texts.items() if key not in bad}
+    reports = {key: " ".join(parts) for key, parts in texts.items() if key not in bad}
     return reports, bad
+
+
+def _deid_one(task) -> tuple[str, dict]:
+    from data_prep.reports import clean_text  # one home for normalisation, shared with the tokenizers
+
+    deid, raw, identifiers = task
+    text, removed = deid(raw, identifiers) if deid is not None else (raw, {})
+    return clean_text(text), removed
+
+
+def deidentify_reports(reports: dict[str, str], identifiers: dict[str, set], deid, workers: int, ctx):
+    """{key: raw report} -> {key: (de-identified, clean_text-normalised report, {category: removed})}.
+
+    `identifiers[key]` are the header identifiers of every video of that study; `deid` None keeps the text."""
+    keys = sorted(reports)
+    tasks = [(deid, reports[k], tuple(sorted(identifiers.get(k, ())))) for k in keys]
+    return dict(zip(keys, _map(_deid_one, tasks, workers, ctx)))
+
+
+def deid_summary(results: dict, deid) -> dict:
+    """What dataset_info and the log say about report de-identification: counts only, never values."""
+    removed = collections.Counter()
+    for _, counts in results.values():
+        removed.update(counts)
+    return {"mode": "on" if deid is not None else "off", "detectors": list(deid.specs) if deid else [],
+            "reports": len(results), "reports_with_removals": sum(bool(c) for _, c in results.values()),
+            "removed": dict(sorted(removed.items()))}
 
 
 def study_key_attr(study_column: str, override: str | None) -> str:
@@ -189,8 +219,17 @@ def _map(fn, items, workers: int, ctx):
         return pool.map(fn, items, chunksize=max(1, min(64, len(items) // (4 * workers) or 1)))
 
 
-def plan_dicom(args, salt: bytes, ctx) -> tuple[list[Job], list[dict], dict]:
-    """Pass 1 for a DICOM export: (jobs, manifest lines of skipped inputs, per-video split)."""
+def make_deidentifier(args):
+    """The report de-identifier of the settings, or None with `--report_deid off`."""
+    if getattr(args, "report_deid", "on") == "off":
+        return None
+    region = getattr(args, "phone_region", "US")
+    return report_deid.Deidentifier(getattr(args, "report_detector", None) or (),
+                                    None if region.lower() == "none" else region.upper())
+
+
+def plan_dicom(args, salt: bytes, ctx) -> tuple[list[Job], list[dict], dict, dict]:
+    """Pass 1 for a DICOM export: (jobs, manifest lines of skipped inputs, per-video split, de-id summary)."""
     fractions = args.split_fractions
     attr = study_key_attr(args.study_column, args.study_key)
     reports, bad_reports = read_reports(args.reports, args.study_column, args.report_column)
@@ -207,6 +246,12 @@ def plan_dicom(args, salt: bytes, ctx) -> tuple[list[Job], list[dict], dict]:
             skipped.append(_line(ref, "skipped", "no PatientID (cannot split by patient)"))
         else:
             ok.append((path, ref, h))
+    study_ids = collections.defaultdict(set)
+    for _, _, h in ok:
+        study_ids[getattr(h.keys, attr)].update(h.keys.identifiers)
+    deid = make_deidentifier(args)
+    scrubbed = deidentify_reports({k: v for k, v in reports.items() if k in study_ids}, study_ids, deid,
+                                  args.workers, ctx)
     first_day = {}
     for _, _, h in ok:
         if h.keys.study_date is not None:
@@ -227,17 +272,20 @@ def plan_dicom(args, salt: bytes, ctx) -> tuple[list[Job], list[dict], dict]:
         if key in bad_reports:
             skipped.append(_line(ref, "skipped", bad_reports[key], video_id))
             continue
-        if key not in reports:
+        if key not in scrubbed:
             skipped.append(_line(ref, "skipped", "no report for this study", video_id))
             continue
+        report, removed = scrubbed[key]
         day = (k.study_date - first_day[k.patient_id]).days if k.study_date and k.patient_id in first_day else -1
         jobs.append(Job(
             path=path, ref=ref, source="dicom", video_id=video_id,
             patient_id=salted_hash(salt, "patient", k.patient_id),
             study_id=salted_hash(salt, "study", k.study_uid or k.accession), study_day=day,
-            report=reports[key], ef=math.nan, fps=h.fps, num_frames=h.num_frames, regions=h.regions))
+            report=report, ef=math.nan, fps=h.fps, num_frames=h.num_frames, regions=h.regions,
+            report_removed=tuple(sorted(removed.items()))))
     splits = {j.video_id: split_of(j.patient_id, fractions) for j in jobs}
-    return jobs, skipped, splits
+    paired = {getattr(h.keys, attr) for _, _, h in ok} & set(scrubbed)
+    return jobs, skipped, splits, deid_summary({k: scrubbed[k] for k in paired}, deid)
 
 
 def plan_echonet(args, salt: bytes) -> tuple[list[Job], list[dict], dict]:
@@ -265,8 +313,11 @@ def _ref(salt: bytes, rel: str, mode: str) -> str:
     return rel if mode == "relative" else "sha256:" + salted_hash(salt, "path", rel)[:32]
 
 
-def _line(ref: str, status: str, reason: str = "", video_id: str = "", shard: str = "") -> dict:
-    return {"input": ref, "status": status, "reason": reason, "video_id": video_id, "shard": shard}
+def _line(ref: str, status: str, reason: str = "", video_id: str = "", shard: str = "", removed=()) -> dict:
+    line = {"input": ref, "status": status, "reason": reason, "video_id": video_id, "shard": shard}
+    if removed:
+        line["report_removed"] = dict(removed)
+    return line
 
 
 def assign_shards(jobs: list[Job], splits: dict, shard_size: int) -> dict[str, list[Job]]:
@@ -331,7 +382,7 @@ def write_shard(task: tuple[str, str, list[Job], Settings]) -> tuple[str, list[d
         for job in jobs:
             try:
                 writer.write(convert_video(job, settings))
-                lines.append(_line(job.ref, "converted", "", job.video_id, name))
+                lines.append(_line(job.ref, "converted", "", job.video_id, name, job.report_removed))
             except SkipVideo as e:
                 lines.append(_line(job.ref, "skipped", str(e), job.video_id))
         part = os.path.join(out_dir, _PARTS, name + ".jsonl")
@@ -381,8 +432,9 @@ def prepare(args, ctx=None) -> tuple[Settings, list[tuple], dict[str, list[dict]
     os.makedirs(os.path.join(args.out, _PARTS), exist_ok=True)
     if args.echonet_dir:
         jobs, skipped, splits = plan_echonet(args, salt)
+        deid = {"mode": "no reports (EchoNet-Dynamic)"}
     else:
-        jobs, skipped, splits = plan_dicom(args, salt, ctx)
+        jobs, skipped, splits, deid = plan_dicom(args, salt, ctx)
     shards = assign_shards(jobs, splits, settings.shard_size)
     fingerprint = _fingerprint(shards, settings, skipped)
     plan_path = os.path.join(args.out, _PLAN)
@@ -391,9 +443,8 @@ def prepare(args, ctx=None) -> tuple[Settings, list[tuple], dict[str, list[dict]
             if json.load(f).get("fingerprint") != fingerprint:
                 raise ValueError(f"{args.out} holds a different conversion (other inputs, salt or settings); "
                                  "use an empty --out")
-    else:
-        with open(plan_path, "w") as f:
-            json.dump({"fingerprint": fingerprint}, f)
+    with open(plan_path, "w") as f:
+        json.dump({"fingerprint": fingerprint, "report_deid": deid}, f)
     done, todo = {}, []
     for name, members in shards.items():
         lines = shard_done(args.out, name)
@@ -403,6 +454,7 @@ def prepare(args, ctx=None) -> tuple[Settings, list[tuple], dict[str, list[dict]
             done[name] = lines
     print(f"{len(jobs)} videos planned in {len(shards)} shards ({len(done)} already done); "
           f"{len(skipped)} inputs skipped at scan", file=sys.stderr)
+    print(_deid_line(deid), file=sys.stderr)
     return settings, todo, done, skipped, len(jobs)
 
 
@@ -427,6 +479,22 @@ def run(args) -> int:
     return finish(args, settings, done, skipped)
 
 
+def _deid_line(deid: dict) -> str:
+    if deid.get("mode") == "off":
+        return ("report de-identification is OFF (--report_deid off): report text is written as given; use this "
+                "only for reports that are already de-identified")
+    if deid.get("mode") != "on":
+        return f"report de-identification: {deid.get('mode')}"
+    removed = ", ".join(f"{k} {v}" for k, v in deid["removed"].items()) or "nothing found"
+    return (f"report de-identification: {sum(deid['removed'].values())} identifiers removed from "
+            f"{deid['reports_with_removals']} of {deid['reports']} reports ({removed})")
+
+
+def _plan_deid(out: str) -> dict:
+    with open(os.path.join(out, _PLAN)) as f:
+        return json.load(f).get("report_deid", {})
+
+
 def finish(args, settings: Settings, done, skipped) -> int:
     """Write manifest.jsonl and dataset_info.json from every shard's lines; print the summary; exit status."""
     manifest = list(skipped) + [line for name in sorted(done) for line in done[name]]
@@ -449,6 +517,7 @@ def finish(args, settings: Settings, done, skipped) -> int:
         "features": records.SCHEMA,
         "max_frames": settings.frames, "image_size": settings.image_size, "jpeg_quality": settings.jpeg_quality,
         "text_field": "report", "report_normalisation": "data_prep.reports.clean_text",
+        "report_deid": _plan_deid(args.out),
         "num_inputs": len(manifest), "num_converted": converted, "num_skipped": len(manifest) - converted,
         "skipped_reasons": dict(reasons),
     }
@@ -518,6 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip videos whose frames have more pixels (Rows x Columns) than this: bounds memory")
     p.add_argument("--time_limit", type=float, default=120.0,
                    help="seconds per video; a video taking longer is skipped with that reason")
+    p.add_argument("--report_deid", choices=("on", "off"), default="on",
+                   help="remove identifiers from report text (default); off only for already de-identified reports")
+    p.add_argument("--report_detector", action="append", default=[], metavar="SPEC",
+                   help="extra report identifier detector (repeatable): wordlist:PATH (e.g. staff names, one per "
+                        "line), presidio (needs presidio-analyzer and a spaCy model), python:MODULE:NAME")
+    p.add_argument("--phone_region", default="US",
+                   help="region for phone numbers without a country code (ISO code, e.g. GB), or none")
     p.add_argument("--manifest_paths", choices=("hash", "relative"), default="hash",
                    help="name inputs in manifest.jsonl by a salted hash of the relative path (default) or the path")
     return p
@@ -533,6 +609,15 @@ def check(parser: argparse.ArgumentParser, args) -> None:
             and args.max_pixels >= 256 and args.time_limit > 0):
         parser.error("--jpeg_quality 1..100, --image_size >= 16, --shard_size >= 1, --frames >= 0, "
                      "--max_pixels >= 256, --time_limit > 0")
+    if getattr(args, "echonet_dir", None) is None:
+        import phonenumbers
+
+        if args.phone_region.lower() != "none" and args.phone_region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            parser.error(f"--phone_region {args.phone_region!r}: not a region code (e.g. US, GB, DE) or none")
+        try:
+            report_deid.build_detectors(args.report_detector)
+        except ValueError as e:
+            parser.error(str(e))
 
 
 def main(argv=None) -> int:

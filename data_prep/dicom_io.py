@@ -11,8 +11,9 @@ are box-reduced by the same scale right after decoding, and monochrome ones may 
 Every input is bounded: non-regular files are refused unopened, Rows x Columns above `max_pixels` is
 refused from the header, and `time_limit` bounds the work on one video.
 
-Identifying header values (patient id, UIDs, accession, date) are returned in `HeaderKeys` only so the
-caller can derive salted hashes and day offsets; nothing here writes them anywhere.
+Identifying header values (patient id, UIDs, accession, date, and the names and ids its study's report
+must not carry) are returned in `HeaderKeys` only so the caller can derive salted hashes and day offsets
+and scrub the report; nothing here writes them anywhere.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from PIL import Image
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, iter_pixels
+
+from data_prep import report_deid
 
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -87,6 +90,7 @@ class HeaderKeys:
     accession: str
     sop_uid: str
     study_date: datetime.date | None
+    identifiers: tuple[tuple[str, str], ...] = ()  # (category, value): names, ids, institution, to scrub reports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +215,7 @@ def _header_from(ds, max_pixels: int) -> Header:
         accession=str(ds.get("AccessionNumber", "") or ""),
         sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
         study_date=_parse_date(ds.get("StudyDate", "") or ds.get("AcquisitionDate", "") or ""),
+        identifiers=report_deid.identifiers_from_dataset(ds),
     )
     return Header(keys, num_frames, rows, cols, frame_rate(ds), spacing, regions)
 

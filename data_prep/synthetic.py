@@ -13,10 +13,14 @@ Writes, under ``--out``:
   dicom/Pnnnnn/Snn/IMnnnn.dcm  Ultrasound Multi-frame Image Storage; JPEG Baseline YBR_FULL_422 for most,
                                explicit-VR uncompressed RGB or MONOCHROME2 for some; most carry a
                                SequenceOfUltrasoundRegions (tissue sector + ECG), some do not.
-  reports.csv                  StudyInstanceUID, AccessionNumber, report (one EchoCLIP-style report per study)
+  reports.csv                  StudyInstanceUID, AccessionNumber, report (one EchoCLIP-style report per study,
+                               with the patient's and staff's identifiers in a header line and sign-off)
+  reports_clinical.csv         StudyInstanceUID, report: the same reports' clinical text alone (never read by
+                               the pipeline; what a de-identified report must still say)
   truth.csv                    per video: the true EF, devices, LV size, heart rate, geometry (never read
                                by the pipeline; for tests and evaluation only)
   phi.json                     every fake PHI string written anywhere, for privacy tests to grep for
+                               (`strings`; `by_field.report_numbers` are bare numbers, to look for in text)
   cohort.json                  the arguments and counts
 
 Pure numpy + Pillow + pydicom: no JAX, so it runs wherever data_prep runs.
@@ -47,6 +51,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from data_prep.synthetic_reports import REPORT_GRADE_PROB, clinical_report, systolic_function, write_report  # noqa: F401
+
 EF_DEFINITION = "(EDA-ESA)/EDA of the LV cavity area in the image plane, percent"
 DEVICES = ("pacemaker", "tavr", "mitraclip")
 LV_SIZES = ("normal", "mild", "moderate", "severe")
@@ -54,7 +60,6 @@ LV_SCALE = {"normal": 1.0, "mild": 1.1, "moderate": 1.2, "severe": 1.3}  # ED ca
 # Reduced EF goes with a dilated LV, as in dilated cardiomyopathy: the lower bound of EF for each size.
 # This makes EF partly visible in a single frame, as it is in real echo (the paper trains on one frame).
 LV_SIZE_EF_FLOOR = {"normal": 50, "mild": 40, "moderate": 28, "severe": 0}
-REPORT_GRADE_PROB = 0.5  # chance that a report states the LV size (and, separately, the systolic grade)
 ENCODINGS = ("jpeg_ybr_full_422", "rgb", "monochrome2")
 
 # Invented names (no real person): distinctive, so a privacy test can grep every output byte for them.
@@ -228,7 +233,7 @@ def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec],
                 phi["SOPInstanceUID"].add(videos[-1].phi["SOPInstanceUID"])
             studies.append(dict(StudyInstanceUID=study_uid, AccessionNumber=accession, patient=f"P{p + 1:05d}",
                                 ef=ef, devices=devices, n_mitraclips=n_clips if "mitraclip" in devices else 0,
-                                lv_size=size, heart_rate=hr0, report_seed=(seed, p, s)))
+                                lv_size=size, heart_rate=hr0, report_seed=(seed, p, s), phi=study_phi))
     return videos, studies, {k: sorted(v) for k, v in phi.items()}
 
 
@@ -638,59 +643,11 @@ def _make_one(args: tuple[VideoSpec, str]) -> dict:
 # Reports.
 # ----------------------------------------------------------------------------------------------
 
-_FILLER = ("NORMAL PERICARDIUM WITH NO PERICARDIAL EFFUSION.", "NORMAL APPEARANCE OF THE TRICUSPID VALVE.",
-           "NORMAL LEFT ATRIAL SIZE AND MORPHOLOGY.", "NORMAL RIGHT ATRIAL SIZE AND MORPHOLOGY.",
-           "NORMAL RIGHT VENTRICULAR SYSTOLIC FUNCTION.", "NORMAL LEFT VENTRICULAR WALL THICKNESS.")
-
-
-def systolic_function(ef: int) -> str:
-    """The report's grade of LV systolic function for an EF (percent)."""
-    if ef >= 70:
-        return "THERE IS HYPERDYNAMIC LEFT VENTRICULAR SYSTOLIC FUNCTION."
-    if ef >= 55:
-        return "NORMAL LEFT VENTRICULAR SYSTOLIC FUNCTION."
-    grade = "MILD" if ef >= 45 else "MODERATE" if ef >= 30 else "SEVERE"
-    return f"{grade} DEPRESSED LEFT VENTRICULAR SYSTOLIC FUNCTION."
-
-
-def write_report(study: dict) -> str:
-    """One EchoCLIP-style report (upper case, template phrases) consistent with the study's truth."""
-    rng = np.random.default_rng(list(study["report_seed"]) + [7])
-    parts = []
-    if "tavr" in study["devices"]:
-        parts.append("A BIOPROSTHETIC STENT-VALVE IS PRESENT IN THE AORTIC POSITION.")
-    hr = study["heart_rate"]
-    rhythm = "SINUS BRADYCARDIA" if hr < 60 else "SINUS TACHYCARDIA" if hr > 100 else "NORMAL SINUS RHYTHM"
-    parts.append(f"THE PATIENT IS IN {rhythm} DURING THE STUDY.")
-    # Like real reports, many give the EF number without the size or systolic grade: the number alone must
-    # carry what the pixels show, so a model learns what the digits mean (zero-shot EF prompts hold only them).
-    size = study["lv_size"]
-    if rng.random() < REPORT_GRADE_PROB:
-        parts.append("NORMAL LEFT VENTRICULAR SIZE." if size == "normal" else f"{size.upper()} DILATED LEFT VENTRICLE.")
-    if rng.random() < REPORT_GRADE_PROB:
-        parts.append(systolic_function(study["ef"]))
-    ef = study["ef"]
-    parts.append(f"LV EJECTION FRACTION IS {ef}%." if rng.random() < 0.6
-                 else f"THE LEFT VENTRICULAR EJECTION FRACTION IS ESTIMATED TO BE {ef}%.")
-    if study["n_mitraclips"] == 1:
-        parts.append("ONE MITRACLIP IS SEEN ON THE ANTERIOR AND POSTERIOR LEAFLETS OF THE MITRAL VALVE.")
-    elif study["n_mitraclips"] == 2:
-        parts.append("TWO MITRACLIPS ARE SEEN ON THE ANTERIOR AND POSTERIOR LEAFLETS OF THE MITRAL VALVE.")
-    parts.append("NORMAL RIGHT VENTRICULAR SIZE.")
-    if "pacemaker" in study["devices"]:
-        parts.append("ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD.")
-    parts += [p for p in _FILLER if rng.random() < 0.5]
-    if not {"tavr", "mitraclip"} & set(study["devices"]) and rng.random() < 0.5:
-        parts.append("THERE IS NO SIGNIFICANT VALVULAR HEART DISEASE.")
-    parts.append("THE STUDY IMAGES ARE OF TECHNICALLY ADEQUATE QUALITY.")
-    return " ".join(parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # The cohort.
 # ----------------------------------------------------------------------------------------------
 
-_OUTPUTS = ("reports.csv", "truth.csv", "phi.json", "cohort.json")
+_OUTPUTS = ("reports.csv", "reports_clinical.csv", "truth.csv", "phi.json", "cohort.json")
 
 
 def generate(out_dir, patients: int, seed: int = 0, small: bool = False, workers: int = 1) -> dict:
@@ -711,12 +668,18 @@ def generate(out_dir, patients: int, seed: int = 0, small: bool = False, workers
         writer = csv.DictWriter(fh, fieldnames=list(truth[0]))
         writer.writeheader()
         writer.writerows(truth)
-    with open(out / "reports.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
+    with open(out / "reports.csv", "w", newline="") as fh, open(out / "reports_clinical.csv", "w", newline="") as ch:
+        writer, clinical = csv.writer(fh), csv.writer(ch)
         writer.writerow(["StudyInstanceUID", "AccessionNumber", "report"])
+        clinical.writerow(["StudyInstanceUID", "report"])
         for study in studies:
-            writer.writerow([study["StudyInstanceUID"], study["AccessionNumber"], write_report(study)])
-    all_phi = sorted({s for values in phi.values() for s in values})
+            text, written = write_report(study)
+            writer.writerow([study["StudyInstanceUID"], study["AccessionNumber"], text])
+            clinical.writerow([study["StudyInstanceUID"], clinical_report(study)])
+            for kind, values in written.items():
+                phi.setdefault(kind, []).extend(values)
+    phi = {k: sorted(set(v)) for k, v in phi.items()}
+    all_phi = sorted({s for kind, values in phi.items() if kind != "report_numbers" for s in values})
     (out / "phi.json").write_text(json.dumps({"strings": all_phi, "by_field": phi}, indent=1) + "\n")
     summary = dict(patients=patients, seed=seed, small=small, studies=len(studies), videos=len(videos),
                    ef_definition=EF_DEFINITION, encodings={e: sum(v.encoding == e for v in videos) for e in ENCODINGS},

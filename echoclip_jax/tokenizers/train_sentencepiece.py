@@ -3,8 +3,10 @@
     python -m echoclip_jax.tokenizers.train_sentencepiece --reports R --vocab_size V --out M.model
         [--template_vocab template_vocab.txt] [--model_type unigram|bpe] [--column report]
 
-R is a CSV with a report column (data_prep's input reports.csv), a text file with one report per line, or a
-data_prep output directory (the `report` of every record of the train split). Reports are `clean_text`-
+R is a data_prep output directory (the `report` of every record of the train split, already de-identified
+with each study's header identifiers), a CSV with a report column, or a text file with one report per line.
+Raw reports from a CSV or text file are de-identified by data_prep.report_deid's patterns (no headers are at
+hand, so prefer the output directory), because a tokenizer's pieces can memorise a name. Reports are `clean_text`-
 normalised and de-duplicated (a study's report is stored once per video). With --template_vocab, the fixed
 wording of each template phrase (the text between its `<#>` variables, at least two words) becomes a
 user-defined piece, so a whole echo concept is one token. Ids: pad 0, unk 1, BOS 2, EOS V-1: the highest id,
@@ -26,7 +28,8 @@ _WORD = "▁"  # SentencePiece's whitespace symbol
 
 
 def read_reports(path: str, column: str = "report") -> list[str]:
-    """Raw report texts from a CSV, a text file or a data_prep output directory; errors name the path."""
+    """Report texts from a data_prep output directory, or de-identified ones from a CSV or text file; errors
+    name the path."""
     if os.path.isdir(path):
         from data_prep import records
 
@@ -46,12 +49,20 @@ def read_reports(path: str, column: str = "report") -> list[str]:
                 reader = csv.DictReader(fh)
                 if not reader.fieldnames or column not in reader.fieldnames:
                     raise ValueError(f"{path}: no {column!r} column (columns: {reader.fieldnames}); use --column")
-                return [row[column] or "" for row in reader]
-            return fh.read().splitlines()
+                texts = [row[column] or "" for row in reader]
+            else:
+                texts = fh.read().splitlines()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except csv.Error as e:
         raise ValueError(f"{path}: malformed CSV ({e})") from None
+    from data_prep.report_deid import Deidentifier
+
+    deid = Deidentifier()
+    texts = [deid(t)[0] for t in texts]
+    print(f"{path}: raw reports, de-identified by pattern only (no DICOM headers); a data_prep output directory "
+          "is scrubbed with each study's own identifiers too", file=sys.stderr)
+    return texts
 
 
 def corpus(texts) -> list[str]:

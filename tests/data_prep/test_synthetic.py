@@ -218,8 +218,11 @@ def test_reports_are_consistent_with_truth(cohort, truth, decoded):
     assert set(by_study) == {r["StudyInstanceUID"] for r in truth}
     accession = {ds.StudyInstanceUID: ds.AccessionNumber for _, ds, _, _ in decoded}
     stated = {"size": 0, "grade": 0}
+    with open(cohort[0] / "reports_clinical.csv", newline="") as fh:
+        clinical = {r["StudyInstanceUID"]: r["report"] for r in csv.DictReader(fh)}
     for uid, videos in _group(truth, "StudyInstanceUID").items():
-        report = by_study[uid]["report"]
+        report = clinical[uid]  # the clinical text; reports.csv wraps it in identifiers
+        assert report in by_study[uid]["report"]
         assert by_study[uid]["AccessionNumber"] == accession[uid]
         assert report == report.upper()
         assert len({v["ef"] for v in videos}) == 1 and len({v["devices"] for v in videos}) == 1
@@ -294,12 +297,24 @@ def test_phi_json_lists_what_was_written(cohort, decoded):
     for _, ds, _, _ in decoded:
         last, first = str(ds.PatientName).split("^")
         assert f"{last}, {first}" in burned and ds.PatientID in burned
-    # Reports and truth are PHI-free apart from the study keys the pipeline joins on.
+    # Truth and the clinical reports are PHI-free apart from the study keys the pipeline joins on.
     names = set(fields["PatientName"]) | set(fields["PatientID"]) | set(fields["PatientBirthDate"])
-    for name in ("reports.csv", "truth.csv"):
-        text = (cohort[0] / name).read_text()
-        assert not any(s in text for s in names)
+    in_reports = {s for k, v in fields.items() if k.startswith("report_") for s in v}
+    for name in ("reports_clinical.csv", "truth.csv"):
+        text = (cohort[0] / name).read_text().upper()
+        assert not any(s.upper() in text for s in names | in_reports)
         assert not any(s.split("^")[0] in text for s in fields["PatientName"])
+    # The hospital's reports carry identifiers of every kind around that clinical text, as real ones do.
+    reports = {r["StudyInstanceUID"]: r["report"] for r in csv.DictReader(open(cohort[0] / "reports.csv"))}
+    clinical = {r["StudyInstanceUID"]: r["report"] for r in csv.DictReader(open(cohort[0] / "reports_clinical.csv"))}
+    assert reports.keys() == clinical.keys() and all(clinical[k] in reports[k] for k in reports)
+    text = " ".join(reports.values()).upper()
+    for kind in ("report_header_values", "report_staff", "report_dates", "report_contact", "report_numbers"):
+        assert fields[kind] and all(s.upper() in text for s in fields[kind]), kind
+    assert set(fields["report_numbers"]).isdisjoint(phi["strings"])  # bare numbers: looked for in text only
+    header_names = {w for s in fields["PatientName"] + fields["ReferringPhysicianName"] + fields["OperatorsName"]
+                    for w in s.split("^") if w}
+    assert set(fields["report_staff"]).isdisjoint(header_names)  # names that no header reveals
 
 
 def test_same_seed_same_bytes_any_workers(tmp_path):

@@ -402,3 +402,22 @@ def test_get_tokenizer_and_from_config(vocab_path):
         get_tokenizer("clip_bpe", context_length=1)
     with pytest.raises(TypeError, match="input 1 is bytes"):
         get_tokenizer("clip_bpe").encode(["ok", b"bytes"])
+
+
+def test_sentencepiece_from_raw_reports_learns_no_identifier(tmp_path):
+    """A tokenizer trained on a hospital's raw reports CSV must not hold a piece of a name or number."""
+    from data_prep import synthetic
+
+    synthetic.generate(tmp_path / "syn", patients=12, seed=2, small=True)
+    texts = tsp.read_reports(str(tmp_path / "syn" / "reports.csv"))
+    model = tsp.train(texts, 120, source="reports.csv")
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+    pieces = " ".join(sp.id_to_piece(i) for i in range(sp.get_piece_size())).replace("▁", " ").upper()
+    corpus_text = " ".join(tsp.corpus(texts))
+    by_field = json.loads((tmp_path / "syn" / "phi.json").read_text())["by_field"]
+    staff = by_field["report_staff"]
+    assert staff and not [s for s in staff if s in corpus_text or s in pieces]
+    assert not [s for s in by_field["report_contact"] + by_field["report_dates"] if s.upper() in corpus_text]
+    assert "EJECTION FRACTION" in corpus_text
