@@ -4,18 +4,27 @@
 
 Kinds: `open_clip` (a directory with open_clip_config.json + weights, as
 `open_clip.create_model_and_transforms("local-dir:DIR")` loads; as a source also a bare state-dict file
-.safetensors/.bin/.pt with --config naming the architecture), `safetensors` (our parameter names in
-one file + a JSON of `config.model` beside it: X.safetensors + X.json), and, as sources, `orbax` (a
-training checkpoint or workdir, read through `echoclip_jax.checkpoint.restore_params` with --config) and
-`params` (a params-only Orbax checkpoint: a directory holding the parameter tree and `echoclip_model.json`,
-the small, optimizer-free form to share or to start a run from; also a destination). `--dtype bfloat16`
-halves the written weights. After writing, the destination is read back and the image and text
-embeddings of a fixed input are compared with the source's (tolerance 1e-5 in float32, 2e-2 in bfloat16).
+.safetensors/.bin/.pt, described by the open_clip_config.json beside it or by --config), `safetensors`
+(our parameter names in one file + a JSON of `config.model` beside it: X.safetensors + X.json), and, as
+sources, `orbax` (a training checkpoint or workdir, `W@STEP` for one step, read through
+`echoclip_jax.checkpoint.restore_params` with --config) and `params` (a params-only Orbax checkpoint: a
+directory holding the parameter tree and `echoclip_model.json`, the small, optimizer-free form to share or
+to start a run from; also a destination). `--dtype bfloat16` halves the written weights.
+
+Which config describes the weights when the source stores one and --config is given too: the rule of
+`echoclip_jax.model_config` (architecture from the stored config, which must agree with --config; run
+settings such as the compute dtype from --config). `load` is the one loader of weights that evaluate,
+embed, interpret and train's `init` use as well.
+
+After writing, the destination is read back and the image and text embeddings of a fixed input are
+compared with the source's, both computed in float32 whatever the config's compute dtype (the check
+compares weights; tolerance 1e-5 for float32 weights, 2e-2 for bfloat16).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import jax
@@ -27,6 +36,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from echoclip_jax import open_clip_weights as ocw
+from echoclip_jax.model_config import for_verification, resolve as resolve_model_config
 from echoclip_jax.models import CLIP, build_model, preprocess_images
 
 SOURCE_KINDS = ("open_clip", "safetensors", "orbax", "params")
@@ -63,28 +73,59 @@ def _flat_name(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-# ---------------------------------------------------------------- readers: -> (model_config, flat params)
+# ---------------------------------------------------------------- readers: -> flat params
 
-def _read_open_clip(path: str, model_config):
-    config_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "open_clip_config.json")
+def _open_clip_files(path: str) -> tuple[str, str]:
+    """(weights file, the open_clip_config.json that would describe it) of an open_clip source."""
     if os.path.isdir(path):
         weights = [os.path.join(path, f) for f in _OPEN_CLIP_WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
         if not weights:
             raise FileNotFoundError(f"{path}: no open_clip weights ({', '.join(_OPEN_CLIP_WEIGHT_FILES)})")
-        weights = weights[0]
-    else:
-        weights = path
-    if model_config is None:
+        return weights[0], os.path.join(path, "open_clip_config.json")
+    return path, os.path.join(os.path.dirname(path), "open_clip_config.json")
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _ours(path: str) -> ml_collections.ConfigDict:
+    """The model config stored in one of our JSON files ({"model": config.model})."""
+    stored = _read_json(path)
+    if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
+        raise ValueError(f"{path}: expected a JSON object with a 'model' config")
+    return ml_collections.ConfigDict(stored["model"])
+
+
+def _split_step(path: str) -> tuple[str, int | None]:
+    """"W@200" -> ("W", 200): one step of a training workdir (as evaluate's sweeps name them)."""
+    m = re.fullmatch(r"(.+)@(\d+)", path)
+    if m and not os.path.exists(path):
+        return m.group(1), int(m.group(2))
+    return path, None
+
+
+def stored_config(kind: str, path: str, given=None):
+    """(the model config a KIND:PATH source carries, or None; the file it came from, or PATH)."""
+    if kind == "open_clip":
+        _, config_path = _open_clip_files(path)
         if not os.path.isfile(config_path):
-            raise ValueError(f"{path}: no open_clip_config.json beside the weights; pass --config")
-        with open(config_path) as f:
-            try:
-                model_config = ocw.model_config_from_open_clip(json.load(f), source=config_path)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-    params = ocw.import_state_dict(ocw.read_state_dict(weights), expected_params(model_config), model_config,
-                                   source=weights)
-    return model_config, params
+            return None, path
+        return ocw.model_config_from_open_clip(_read_json(config_path), base=given, source=config_path), config_path
+    if kind == "safetensors":
+        return (_ours(_json_path(path)), _json_path(path)) if os.path.isfile(_json_path(path)) else (None, path)
+    config_path = os.path.join(_split_step(path)[0], PARAMS_CONFIG)  # orbax / params
+    return (_ours(config_path), config_path) if os.path.isfile(config_path) else (None, path)
+
+
+def _read_open_clip(path: str, model_config):
+    weights, _ = _open_clip_files(path)
+    return ocw.import_state_dict(ocw.read_state_dict(weights), expected_params(model_config), model_config,
+                                 source=weights)
 
 
 def _json_path(path: str) -> str:
@@ -95,11 +136,6 @@ def _read_safetensors(path: str, model_config):
     from safetensors.numpy import load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
-    if os.path.isfile(_json_path(path)):
-        with open(_json_path(path)) as f:
-            model_config = ml_collections.ConfigDict(json.load(f)["model"])
-    elif model_config is None:
-        raise ValueError(f"{path}: no {_json_path(path)} beside it; pass --config")
     try:
         tensors = load_file(path)
     except Exception as e:
@@ -112,7 +148,7 @@ def _read_safetensors(path: str, model_config):
                  for n, k in names.items() if n in tensors and tensors[n].shape != expected[k].shape]
     if problems:
         raise ValueError(f"{path}: does not match the model config: {'; '.join(problems[:12])}")
-    return model_config, {k: tensors[n].astype(expected[k].dtype) for n, k in names.items()}
+    return {k: tensors[n].astype(expected[k].dtype) for n, k in names.items()}
 
 
 def _nested(flat: dict) -> dict:
@@ -128,9 +164,6 @@ def _nested(flat: dict) -> dict:
 
 def _read_params_only(path: str, model_config):
     import orbax.checkpoint as ocp
-    with open(os.path.join(path, PARAMS_CONFIG)) as f:
-        stored = ml_collections.ConfigDict(json.load(f)["model"])
-    model_config = model_config if model_config is not None else stored
     expected = expected_params(model_config)
     item = _nested({k: 0 for k in expected})
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
@@ -145,19 +178,18 @@ def _read_params_only(path: str, model_config):
         for key in k:
             node = node[str(key)]
         flat[k] = np.asarray(node).astype(spec.dtype)
-    return model_config, flat
+    return flat
 
 
 def _read_checkpoint(path: str, model_config):
+    path, step = _split_step(path)
     if os.path.isfile(os.path.join(path, PARAMS_CONFIG)):
         return _read_params_only(path, model_config)
-    if model_config is None:
-        raise ValueError(f"{path}: an orbax/params checkpoint needs --config to name its architecture")
     try:
         from echoclip_jax.checkpoint import restore_params
     except ImportError as e:
         raise ImportError(f"{path}: reading Orbax checkpoints needs echoclip_jax.checkpoint ({e})") from e
-    restored = restore_params(path)
+    restored = restore_params(path, step=step)
     if isinstance(restored, nnx.Module):
         restored = nnx.state(restored, nnx.Param)
     if isinstance(restored, nnx.State):
@@ -169,7 +201,11 @@ def _read_checkpoint(path: str, model_config):
     missing = [_flat_name(k) for k in expected if _flat_name(k) not in leaves]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks parameters of the config's model: {', '.join(missing[:8])}")
-    return model_config, {k: np.asarray(jax.device_get(leaves[_flat_name(k)])) for k in expected}
+    problems = [f"{_flat_name(k)}: shape {np.shape(leaves[_flat_name(k)])}, the config needs {s.shape}"
+                for k, s in expected.items() if tuple(np.shape(leaves[_flat_name(k)])) != tuple(s.shape)]
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not match the model config: {'; '.join(problems[:8])}")
+    return {k: np.asarray(jax.device_get(leaves[_flat_name(k)])).astype(s.dtype) for k, s in expected.items()}
 
 
 READERS = {"open_clip": _read_open_clip, "safetensors": _read_safetensors,
@@ -177,14 +213,22 @@ READERS = {"open_clip": _read_open_clip, "safetensors": _read_safetensors,
 
 
 def load(spec: str, model_config=None):
-    """KIND:PATH -> (model_config, flat params {path tuple: numpy array})."""
+    """KIND:PATH -> (model config, flat params {path tuple: numpy array}); the one loader of weights.
+
+    `model_config` is the command's config.model (--config), or None. The config returned follows
+    `echoclip_jax.model_config.resolve`: architecture from the config stored with the weights (which
+    must agree with `model_config` when both exist), run settings (compute dtype, ...) from `model_config`.
+    `orbax:W@STEP` reads one step of a training workdir.
+    """
     kind, path = parse_spec(spec)
-    model_config, params = READERS[kind](path, model_config)
+    stored, where = stored_config(kind, path, model_config)
+    model_config = resolve_model_config(stored, model_config, where)
+    params = READERS[kind](path, model_config)
     return model_config, {k: np.asarray(v) for k, v in params.items()}
 
 
 def load_model(spec: str, model_config=None) -> CLIP:
-    """KIND:PATH -> the model with those weights, in eval mode."""
+    """KIND:PATH -> the model with those weights, in eval mode (config as `load` resolves it)."""
     model_config, params = load(spec, model_config)
     return make_model(model_config, params)
 
@@ -254,15 +298,19 @@ def compare_embeddings(a: CLIP, b: CLIP, model_config) -> dict:
 
 def convert(src: str, dst: str, model_config=None, dtype: str = "float32") -> dict:
     """Converts src -> dst and returns the max relative embedding error of dst vs src (raises above the
-    dtype's tolerance)."""
+    dtype's tolerance). Both are run in float32 (`model_config.for_verification`): the check compares
+    weights, not compute precisions."""
     model_config, params = load(src, model_config)
     save(dst, model_config, params, dtype)
     _, dst_path = parse_spec(dst, DEST_KINDS)
+    check = for_verification(model_config)
+    _, written = load(dst, check)
+    errors = compare_embeddings(make_model(check, params), make_model(check, written), check)
     tolerance = TOLERANCE[dtype]
-    errors = compare_embeddings(make_model(model_config, params), load_model(dst, None), model_config)
     for name, err in errors.items():
         if not err <= tolerance:
-            raise RuntimeError(f"{dst_path}: {name} embeddings differ from the source's by {err:.3g} (relative)")
+            raise RuntimeError(f"{dst_path}: {name} embeddings differ from the source's by {err:.3g} (relative, "
+                               f"float32 compute; tolerance {tolerance:g} for {dtype} weights)")
     return errors
 
 
@@ -286,6 +334,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("src", None, "KIND:PATH to read; KIND one of " + ", ".join(SOURCE_KINDS), required=True)
     flags.DEFINE_string("dst", None, "KIND:PATH to write; KIND one of " + ", ".join(DEST_KINDS), required=True)
     flags.DEFINE_enum("dtype", "float32", list(DTYPES), "dtype of the written floating-point weights")
-    config_flags.DEFINE_config_file("config", None, "configs/*.py naming the architecture (when the source "
-                                    "does not carry it)", lock_config=False)
+    config_flags.DEFINE_config_file("config", None, "configs/*.py: the architecture when the source does not "
+                                    "store one (else it must agree with it), and the run settings",
+                                    lock_config=False)
     app.run(main)

@@ -10,9 +10,11 @@ checkpoint's file name); after every run: `E/summary.csv` (one row per JSON in E
 under `E/tensorboard`, and PNG plots under `E/plots` (ROC curves, predicted vs true values, metric vs
 step). Only aggregate numbers are written: no video, patient or study identifier leaves this module.
 
-Embeddings are computed by jitted functions over fixed-size batches, sharded over a 1-D ("data",) mesh
-of all local devices (parameters replicated). Per-frame embeddings drive the zero-shot tasks (the paper);
-video embeddings (per the model's temporal pool) drive retrieval and patient identification.
+Videos may differ in length (every real export does; `--frames K` keeps K evenly spaced frames of each
+longer video, for speed): embeddings come from `echoclip_jax.embedder` (jitted fixed-shape batches of
+frames laid end to end, sharded over all local devices). Per-frame embeddings drive the zero-shot tasks,
+each frame-wise rule applied per video over its own frames (the paper); video embeddings (the model's
+temporal pool: the mean of the frame embeddings) drive retrieval and patient identification.
 """
 from __future__ import annotations
 
@@ -29,137 +31,16 @@ import numpy as np
 
 from echoclip_jax import metrics
 from echoclip_jax import zero_shot as zs
+from echoclip_jax.embedder import Embedder, SplitEmbeddings, embed_split  # noqa: F401 (this module's API)
 
 PLOT_KEYS = re.compile(r"/(auc|mae|accuracy|mean_rank_fraction)$")
-
-
-# ------------------------------------------------------------------------------------- embeddings
-
-
-class Embedder:
-    """Jitted, batched, device-sharded image/video/text embedding for one set of weights."""
-
-    def __init__(self, config, params, *, batch_size: int = 128):
-        import jax
-        from flax import nnx
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        from echoclip_jax import models, tokenizers
-
-        model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
-        if params is not None:
-            nnx.update(model, params)
-        model.eval()
-        graphdef, state = nnx.split(model)
-        devices = jax.devices()
-        self._mesh = jax.make_mesh((len(devices),), ("data",),
-                                   axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-        self._batch_sharding = NamedSharding(self._mesh, P("data"))
-        self._state = jax.device_put(state, NamedSharding(self._mesh, P()))
-        n = len(devices)
-        self.batch_size = max(n, -(-batch_size // n) * n)
-        self.tokenizer = tokenizers.from_config(config.tokenizer)
-        self.temporal_pool = config.model.get("temporal_pool", "mean")
-
-        def images(state, x):
-            return nnx.merge(graphdef, state).encode_image(models.preprocess_images(x), normalize=True)
-
-        def videos(state, x):
-            return nnx.merge(graphdef, state).encode_video(models.preprocess_images(x))
-
-        def texts(state, tokens):
-            return nnx.merge(graphdef, state).encode_text(tokens, normalize=True)
-
-        self._images, self._videos, self._texts = jax.jit(images), jax.jit(videos), jax.jit(texts)
-        self._put = lambda x: jax.device_put(x, self._batch_sharding)
-
-    def _batched(self, fn, x: np.ndarray, batch: int) -> np.ndarray:
-        out = []
-        for start in range(0, len(x), batch):
-            chunk = x[start:start + batch]
-            pad = batch - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(fn(self._state, self._put(chunk)), dtype=np.float32)[:batch - pad])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-    def images(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 [M, H, W, 3] -> L2-normalised [M, D]."""
-        return self._batched(self._images, frames, self.batch_size)
-
-    def videos(self, videos: np.ndarray) -> np.ndarray:
-        """uint8 [B, T, H, W, 3] -> [B, D] by the model's temporal pool."""
-        per_batch = max(1, self.batch_size // videos.shape[1])
-        n = len(self._mesh.devices.flat)
-        return self._batched(self._videos, videos, -(-per_batch // n) * n)
-
-    def texts(self, texts: list[str]) -> np.ndarray:
-        tokens = np.asarray(self.tokenizer.encode(list(texts)), dtype=np.int32)
-        return self._batched(self._texts, tokens, self.batch_size)
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-@dataclasses.dataclass
-class SplitEmbeddings:
-    frames: np.ndarray  # [N, T, D], L2-normalised per frame
-    videos: np.ndarray  # [N, D]
-    patient_id: list
-    study_id: list
-    study_day: np.ndarray
-    report: list[str]
-    ef: np.ndarray
-
-
-def embed_split(embedder: Embedder, data_dir: str, split: str, *, frames: int | None,
-                image_size: int) -> SplitEmbeddings:
-    """Stream a split's videos through the image tower, a few batches' worth of frames at a time."""
-    from echoclip_jax import data
-
-    meta = {k: [] for k in ("patient_id", "study_id", "study_day", "report", "ef")}
-    frame_embeds, video_embeds, pending = [], [], []
-    first_shape = None
-
-    def flush():
-        if not pending:
-            return
-        stacked = np.stack(pending)  # [B, T, H, W, 3]
-        b, t = stacked.shape[:2]
-        per_frame = embedder.images(stacked.reshape(b * t, *stacked.shape[2:])).reshape(b, t, -1)
-        frame_embeds.append(per_frame)
-        if embedder.temporal_pool == "mean":
-            video_embeds.append(_normalize(per_frame.mean(axis=1)))
-        else:
-            video_embeds.append(embedder.videos(stacked))
-        pending.clear()
-
-    for video in data.iterate_videos(data_dir, split, frames=frames, image_size=image_size):
-        clip = np.asarray(video["frames"])
-        first_shape = first_shape or clip.shape
-        if clip.shape != first_shape:
-            raise ValueError(f"{data_dir} ({split}): videos differ in frames/size, {first_shape} vs "
-                             f"{clip.shape}; pass --frames K to sample K frames per video")
-        pending.append(clip)
-        for k in meta:
-            v = video[k]
-            meta[k].append(v.decode() if isinstance(v, bytes) else v)
-        if len(pending) * clip.shape[0] >= embedder.batch_size * 4:
-            flush()
-    flush()
-    if not frame_embeds:
-        raise ValueError(f"{data_dir}: split {split!r} has no videos")
-    return SplitEmbeddings(frames=np.concatenate(frame_embeds), videos=np.concatenate(video_embeds),
-                           patient_id=meta["patient_id"], study_id=meta["study_id"],
-                           study_day=np.asarray(meta["study_day"], np.float64), report=meta["report"],
-                           ef=np.asarray(meta["ef"], np.float64))
 
 
 # ---------------------------------------------------------------------------------------- metrics
 
 
 def _task_sims(embedder: Embedder, task: zs.Task, split: SplitEmbeddings) -> np.ndarray:
+    """Similarities [M, P] of the split's frames (end to end, `split.lengths` per video) to the prompts."""
     texts, _ = zs.build_prompts(task)
     return zs.similarities(split.frames, embedder.texts(texts))
 
@@ -168,7 +49,10 @@ def compute_metrics(embedder: Embedder, split: SplitEmbeddings, tasks: list[zs.T
                     calibration: SplitEmbeddings | None = None, retrieval_chunk: int = 1024
                     ) -> tuple[dict, dict]:
     """(results, curves): JSON-able metrics of one checkpoint, and arrays for its plots."""
-    results: dict = {"num_videos": int(len(split.videos)), "num_frames": int(split.frames.shape[1]),
+    lengths = split.lengths
+    results: dict = {"num_videos": int(len(split.videos)), "num_frames": int(lengths.sum()),
+                     "frames_per_video": {"min": int(lengths.min()), "max": int(lengths.max()),
+                                          "mean": float(lengths.mean())},
                      "tasks": {}, "clinical_change": {}}
     curves: dict = {"binary": {}, "regression": {}}
     for task in tasks:
@@ -180,8 +64,8 @@ def compute_metrics(embedder: Embedder, split: SplitEmbeddings, tasks: list[zs.T
             c_sims = _task_sims(embedder, task, calibration)
             known = np.isfinite(c_labels)
             if len(np.unique(c_labels[known])) == 2:
-                calib = (c_labels[known].astype(int), zs.score_binary(c_sims[known]))
-        out = zs.evaluate_task(task, sims, labels, calibration=calib)
+                calib = (c_labels[known].astype(int), zs.score_binary(c_sims, calibration.lengths)[known])
+        out = zs.evaluate_task(task, sims, labels, lengths=lengths, calibration=calib)
         curve = out.pop("_curves", None)
         if curve is not None:
             curves["binary" if task.mode == "binary" else "regression"][task.name] = curve
@@ -251,21 +135,6 @@ def list_sources(*, checkpoint: str | None = None, workdir: str | None = None,
     if dupes:
         raise ValueError(f"two checkpoints would write the same result file(s): {dupes}")
     return sources
-
-
-def load_params(spec: str, config):
-    """Weights only (no optimizer) for `spec` = "orbax:PATH[@STEP]" or another KIND:PATH of convert."""
-    kind, path = parse_checkpoint_spec(spec)
-    if kind == "orbax":
-        from echoclip_jax import checkpoint as ckpt
-
-        path, _, step = path.rpartition("@") if re.search(r"@\d+$", path) else (path, "", "")
-        return ckpt.restore_params(path, step=int(step) if step else None)
-    from flax import nnx
-
-    from echoclip_jax import convert
-
-    return nnx.state(convert.load_model(spec, config.model), nnx.Param)
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -425,10 +294,15 @@ def run(config, sources: list[Source], *, data_dir: str, split: str, out_dir: st
     for s in sources:
         if s not in todo:
             log(f"skip {s.name}: {os.path.join(out_dir, s.name + '.json')} exists")
+    from echoclip_jax import convert, tokenizers
+
     image_size = config.model.vision.image_size
     for source in todo:
         log(f"evaluate {source.name} ({source.spec}) on {data_dir} [{split}]")
-        embedder = Embedder(config, load_params(source.spec, config), batch_size=batch_size)
+        # weights and model config through convert.load's one rule (architecture: the stored config, which
+        # must agree with --config; compute dtype and other run settings: --config)
+        embedder = Embedder(convert.load_model(source.spec, config.model), tokenizers.from_config(config.tokenizer),
+                            batch_size=batch_size)
         split_embeds = embed_split(embedder, data_dir, split, frames=frames, image_size=image_size)
         calibration = None
         if calibration_split:
@@ -459,7 +333,8 @@ def _define_flags():
     flags.DEFINE_string("out", None, "output directory E")
     flags.DEFINE_list("tasks", None, "zero-shot tasks (names or aliases); default: every task in the table")
     flags.DEFINE_string("task_table", None, "zero-shot task table JSON (default configs/zero_shot_tasks.json)")
-    flags.DEFINE_integer("frames", None, "frames per video (default: all frames in the records)")
+    flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video, for speed (default: "
+                                         "every frame in the records; videos may differ in length)")
     flags.DEFINE_integer("batch_size", 128, "frames (or prompts) per device batch, over all devices")
     flags.DEFINE_string("calibration_split", None, "choose binary thresholds on this split (e.g. val) "
                                                    "instead of on the evaluated split")
@@ -485,9 +360,12 @@ def main(argv):
                                globs=flags.glob)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate: {e}")
-    done = run(flags.config, sources, data_dir=flags.data_dir, split=flags.split, out_dir=flags.out,
-               tasks=tasks, frames=flags.frames, batch_size=flags.batch_size,
-               calibration_split=flags.calibration_split)
+    try:
+        done = run(flags.config, sources, data_dir=flags.data_dir, split=flags.split, out_dir=flags.out,
+                   tasks=tasks, frames=flags.frames, batch_size=flags.batch_size,
+                   calibration_split=flags.calibration_split)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # weights or records that cannot be used
+        sys.exit(f"evaluate: {e}")
     print(f"evaluated {len(done)} checkpoint(s), skipped {len(sources) - len(done)}; "
           f"summary: {os.path.join(flags.out, 'summary.csv')}")
 

@@ -6,7 +6,8 @@ r"""Prompt saliency maps: where in each frame the image supports a text prompt.
       --limit 20 --prompt "..." --prompt "..." --out maps/ --method both --frames 8
 
 The score is the cosine similarity between a frame's image embedding and the prompt's text embedding.
-Two maps of it, both computed in one jitted call per batch of frames for all prompts at once:
+Two maps of it, both computed in one jitted call per batch of frames for all prompts at once (videos of
+any lengths: consecutive videos' frames share the fixed-size batches, so nothing recompiles or idles):
 - PromptCAM (EchoCLIP's method): Grad-CAM on the last ConvNeXt stage. Channel weights are the spatially
   averaged gradients of the score w.r.t. that stage's feature map; the map is the ReLU of the weighted
   channel sum, bilinearly upsampled to the input size. Coarse (stride 32) but class-discriminative.
@@ -34,6 +35,7 @@ import sys
 import numpy as np
 
 METHODS = ("promptcam", "gradient")
+GROUP_BATCHES = 4  # run(): videos are mapped together in groups of about this many frame batches
 
 
 # ------------------------------------------------------------------------------------------- maps
@@ -143,7 +145,7 @@ class SaliencyMapper:
         for start in range(0, len(frames), self.batch_size):
             chunk = frames[start:start + self.batch_size]
             pad = self.batch_size - len(chunk)
-            if pad:  # a fixed batch shape: one compilation per video length
+            if pad:  # a fixed batch shape: one compilation whatever the video lengths
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
             args = [self._state, jax.device_put(chunk, self._frames_sharding), text]
             if method == "gradient":
@@ -153,6 +155,15 @@ class SaliencyMapper:
             out_maps.append(np.asarray(maps)[:, :len(chunk) - pad])
             out_scores.append(np.asarray(scores)[:, :len(chunk) - pad])
         return np.concatenate(out_maps, axis=1), np.concatenate(out_scores, axis=1)
+
+    def maps_of_videos(self, method: str, videos: list[np.ndarray], text) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`maps` of several videos of any lengths at once: their frames are laid end to end, so batches are
+        full across video boundaries (only the last one is padded), then split back per video."""
+        if not videos:
+            return []
+        maps, scores = self.maps(method, np.concatenate(videos), text)
+        cuts = np.cumsum([len(v) for v in videos])[:-1]
+        return list(zip(np.split(maps, cuts, axis=1), np.split(scores, cuts, axis=1)))
 
 
 # ----------------------------------------------------------------------------------------- videos
@@ -261,14 +272,15 @@ def _write_json(path: str, obj) -> None:
 
 
 def interpret_video(mapper: SaliencyMapper, video: Video, prompts: list[str], text, methods,
-                    out_dir: str) -> dict:
-    """Maps of every method for every prompt of one video, written under out_dir/<video.name>/."""
+                    out_dir: str, computed: dict | None = None) -> dict:
+    """Maps of every method for every prompt of one video, written under out_dir/<video.name>/
+    (`computed`: {method: (maps, scores)} already computed for this video, e.g. with others at once)."""
     from PIL import Image
 
     video_dir = os.path.join(out_dir, video.name)
     entries = [{"prompt": p, "dir": prompt_slug(i, p), "maps": {}} for i, p in enumerate(prompts)]
     for method in methods:
-        maps, scores = mapper.maps(method, video.frames, text)
+        maps, scores = computed[method] if computed else mapper.maps(method, video.frames, text)
         for entry, prompt_maps, prompt_scores in zip(entries, maps, scores):
             prompt_dir = os.path.join(video_dir, entry["dir"])
             os.makedirs(prompt_dir, exist_ok=True)
@@ -296,6 +308,19 @@ def interpret_video(mapper: SaliencyMapper, video: Video, prompts: list[str], te
     return summary
 
 
+def _groups(videos, frames_per_group: int):
+    """Consecutive videos in lists of at least `frames_per_group` frames (the last list: what is left)."""
+    group, count = [], 0
+    for video in videos:
+        group.append(video)
+        count += len(video.frames)
+        if count >= frames_per_group:
+            yield group
+            group, count = [], 0
+    if group:
+        yield group
+
+
 def run(mapper: SaliencyMapper, *, prompts: list[str], out_dir: str, videos, methods=METHODS) -> list[dict]:
     """Saliency maps of every video (an iterable of Video) for every prompt; OUT/index.json lists them."""
     if not prompts:
@@ -303,17 +328,20 @@ def run(mapper: SaliencyMapper, *, prompts: list[str], out_dir: str, videos, met
     text = mapper.text_embeddings(prompts)
     os.makedirs(out_dir, exist_ok=True)
     index, used = [], set()
-    for video in videos:
-        base, n = video.name, 1
-        while video.name in used:  # two inputs with the same file name
-            n += 1
-            video = dataclasses.replace(video, name=f"{base}-{n}")
-        used.add(video.name)
-        summary = interpret_video(mapper, video, prompts, text, methods, out_dir)
-        index.append({"video": video.name, "source": video.source, "num_frames": summary["num_frames"],
-                      "mean_similarity": {e["prompt"]: e["mean_similarity"] for e in summary["prompts"]}})
-        print(f"{video.name}: {summary['num_frames']} frames, {len(prompts)} prompt(s), "
-              f"{'+'.join(methods)}", flush=True)
+    for group in _groups(videos, mapper.batch_size * GROUP_BATCHES):
+        computed = {m: mapper.maps_of_videos(m, [v.frames for v in group], text) for m in methods}
+        for j, video in enumerate(group):
+            base, n = video.name, 1
+            while video.name in used:  # two inputs with the same file name
+                n += 1
+                video = dataclasses.replace(video, name=f"{base}-{n}")
+            used.add(video.name)
+            summary = interpret_video(mapper, video, prompts, text, methods, out_dir,
+                                      computed={m: computed[m][j] for m in methods})
+            index.append({"video": video.name, "source": video.source, "num_frames": summary["num_frames"],
+                          "mean_similarity": {e["prompt"]: e["mean_similarity"] for e in summary["prompts"]}})
+            print(f"{video.name}: {summary['num_frames']} frames, {len(prompts)} prompt(s), "
+                  f"{'+'.join(methods)}", flush=True)
     _write_json(os.path.join(out_dir, "index.json"), {"prompts": prompts, "methods": list(methods),
                                                        "videos": index})
     return index

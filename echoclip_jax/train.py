@@ -103,18 +103,20 @@ def _flops(compiled) -> float | None:
 
 
 def initial_params(config, abstract_params, param_sh):
-    """Random (seeded), an imported open_clip state dict, or the weights of one of our checkpoints."""
+    """Random (seeded), an imported open_clip state dict, or the weights of one of our checkpoints (a training
+    workdir or step, or a params-only export), read by `convert.load` under the rule of `model_config`."""
     kind = config.init.kind
     if kind == "random":
         def init():
             return nnx.to_pure_dict(nnx.state(models.build_model(config.model, rngs=nnx.Rngs(config.seed)), nnx.Param))
         return jax.jit(init, out_shardings=param_sh)()
-    if kind == "checkpoint":
-        loaded = ckpt_lib.restore_params(config.init.path)
-    elif kind == "open_clip":
+    if kind in ("checkpoint", "open_clip"):
+        # the one weights loader (and config rule) of convert/evaluate/embed/interpret: a stored model config
+        # must agree with config.model's architecture; a training or params-only checkpoint, or a state dict
         from echoclip_jax import convert
 
-        _, flat = convert.load(f"open_clip:{config.init.path}", config.model)
+        _, flat = convert.load(f"{'orbax' if kind == 'checkpoint' else 'open_clip'}:{config.init.path}",
+                               config.model)
         loaded = {}
         for path, value in flat.items():  # {path tuple: array} -> nested, as nnx.to_pure_dict
             node = loaded
@@ -123,8 +125,6 @@ def initial_params(config, abstract_params, param_sh):
             node[path[-1]] = value
     else:
         raise ValueError(f"init.kind {kind!r}: expected random, open_clip or checkpoint")
-    if isinstance(loaded, nnx.State):
-        loaded = nnx.to_pure_dict(loaded)
     want = jax.tree.structure(abstract_params)
     if jax.tree.structure(loaded) != want:
         raise ValueError(f"init.path {config.init.path}: parameter tree does not match config.model")

@@ -13,8 +13,9 @@ A task table is a JSON object {task name: spec}, in the format of the paper's pu
   aliases         optional other names for --tasks
 
 Labels come from the report with one rule for every task, driven by the table's phrases (see
-`source_pattern`). Scores come from similarities `sims[N, T, P]` of each video's T L2-normalised frame
-embeddings to P L2-normalised prompt embeddings.
+`source_pattern`). Scores come from similarities of each video's L2-normalised frame embeddings to P
+L2-normalised prompt embeddings: dense `sims[N, T, P]`, or ragged `sims[M, P]` with `lengths[N]` for
+videos of different lengths (every frame-wise rule is applied per video, over its own frames).
 """
 from __future__ import annotations
 
@@ -198,33 +199,70 @@ def task_labels(task: Task, reports: Sequence[str], columns: dict | None = None)
 
 
 # ----------------------------------------------------------------------------------------- scoring
+#
+# Scores take the similarities of each video's frames to the prompts in one of two layouts: dense
+# sims[N, T, P] (every video has T frames), or ragged sims[M, P] over the M frames of all videos laid end
+# to end with `lengths[N]` (video i owns the next lengths[i] rows; real exports have videos of different
+# lengths). Every frame-wise rule is applied per video over that video's own frames.
 
 
 def similarities(frame_embeds, prompt_embeds) -> np.ndarray:
-    """[N, T, D] x [P, D] -> [N, T, P] cosine similarities (inputs already L2-normalised)."""
+    """[..., D] x [P, D] -> [..., P] cosine similarities (inputs already L2-normalised): [N, T, D] frames
+    give [N, T, P]; ragged frames [M, D] give [M, P]."""
     f = np.asarray(frame_embeds, dtype=np.float32)
     p = np.asarray(prompt_embeds, dtype=np.float32)
-    if f.ndim != 3 or p.ndim != 2 or f.shape[-1] != p.shape[-1]:
-        raise ValueError(f"frame embeddings {f.shape} must be [N, T, D] and prompts {p.shape} [P, D]")
+    if f.ndim not in (2, 3) or p.ndim != 2 or f.shape[-1] != p.shape[-1]:
+        raise ValueError(f"frame embeddings {f.shape} must be [N, T, D] or [M, D] and prompts {p.shape} [P, D]")
     return f @ p.T
 
 
-def score_binary(sims: np.ndarray) -> np.ndarray:
-    """Mean cosine similarity over frames and positive prompts."""
-    return sims.mean(axis=(1, 2))
+def ragged(sims: np.ndarray, lengths=None) -> tuple[np.ndarray, np.ndarray]:
+    """(sims [M, P], lengths [N]) of either layout; checks that the lengths cover the frames."""
+    sims = np.asarray(sims)
+    if lengths is None:
+        if sims.ndim != 3:
+            raise ValueError(f"similarities {sims.shape}: expected [N, T, P], or [M, P] with per-video lengths")
+        n, t = sims.shape[:2]
+        return sims.reshape(n * t, sims.shape[2]), np.full(n, t, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    if sims.ndim != 2 or lengths.ndim != 1 or (lengths < 1).any() or int(lengths.sum()) != len(sims):
+        raise ValueError(f"ragged similarities {sims.shape} need [M, P] with lengths >= 1 summing to M; "
+                         f"got {len(lengths)} lengths summing to {int(lengths.sum())}")
+    return sims, lengths
 
 
-def categorical_scores(sims: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def video_mean(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per-video mean of frame-wise values x[M, ...] -> [N, ...] (float64 sums)."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    sums = np.add.reduceat(np.asarray(x), starts, axis=0, dtype=np.float64)
+    return sums / lengths.reshape(-1, *([1] * (sums.ndim - 1)))
+
+
+def select_videos(sims: np.ndarray, lengths, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The videos where `keep[N]` is true, in the layout given (lengths None = dense)."""
+    if lengths is None:
+        return np.asarray(sims)[keep], None
+    lengths = np.asarray(lengths, np.int64)
+    return np.asarray(sims)[np.repeat(keep, lengths)], lengths[keep]
+
+
+def score_binary(sims: np.ndarray, lengths=None) -> np.ndarray:
+    """Mean cosine similarity over a video's frames and the positive prompts."""
+    flat, lengths = ragged(sims, lengths)
+    return video_mean(flat.mean(axis=1, dtype=np.float64), lengths)
+
+
+def categorical_scores(sims: np.ndarray, values: np.ndarray, lengths=None) -> tuple[np.ndarray, np.ndarray]:
     """(classes, scores[N, C]): a class's score is its best prompt's frame-averaged similarity, so the
     argmax over classes is the argmax over class prompts."""
-    per_prompt = sims.mean(axis=1)  # [N, P]
+    per_prompt = video_mean(*ragged(sims, lengths))  # [N, P]
     classes = np.unique(values)
     scores = np.stack([per_prompt[:, values == c].max(axis=1) for c in classes], axis=1)
     return classes, scores
 
 
-def predict_categorical(sims: np.ndarray, values: np.ndarray) -> np.ndarray:
-    classes, scores = categorical_scores(sims, values)
+def predict_categorical(sims: np.ndarray, values: np.ndarray, lengths=None) -> np.ndarray:
+    classes, scores = categorical_scores(sims, values, lengths)
     return classes[scores.argmax(axis=1)]
 
 
@@ -237,50 +275,54 @@ def _ranked_values(sims: np.ndarray, values: np.ndarray) -> np.ndarray:
     return values[np.argsort(-sims, axis=-1, kind="stable")]
 
 
-def predict_regression(sims: np.ndarray, values: np.ndarray, *, variant: str = "paper",
+def predict_regression(sims: np.ndarray, values: np.ndarray, lengths=None, *, variant: str = "paper",
                        top_fraction: float = TOP_FRACTION) -> np.ndarray:
-    """Value predicted for each video from sims[N, T, P] to prompts standing for `values[P]`.
+    """Value predicted for each video from its frames' similarities to prompts standing for `values[P]`.
 
     "paper": per frame, rank the candidate values by similarity and take the median of the top 20%;
-    then average the frames' predictions.
-    "repository": EchoCLIP's released code: rank per frame, average the ranked values across frames
-    rank by rank, then take the median of the top 20% (torch's median: the lower middle value).
+    then average the video's frame predictions.
+    "repository": EchoCLIP's released code: rank per frame, average the ranked values across the video's
+    frames rank by rank, then take the median of the top 20% (torch's median: the lower middle value).
     """
     values = np.asarray(values, dtype=np.float64)
-    if sims.shape[-1] != len(values):
-        raise ValueError(f"{sims.shape[-1]} prompt similarities for {len(values)} values")
+    flat, lengths = ragged(sims, lengths)
+    if flat.shape[-1] != len(values):
+        raise ValueError(f"{flat.shape[-1]} prompt similarities for {len(values)} values")
+    if variant not in ("paper", "repository"):
+        raise ValueError(f"unknown regression variant {variant!r} (use 'paper' or 'repository')")
     k = _top_k(len(values), top_fraction)
-    ranked = _ranked_values(sims, values)[..., :k]  # [N, T, k]
+    ranked = np.concatenate([_ranked_values(flat[i:i + 16384], values)[:, :k]  # [M, k], in slices of frames
+                             for i in range(0, len(flat), 16384)]) if len(flat) else np.zeros((0, k))
     if variant == "paper":
-        return np.median(ranked, axis=-1).mean(axis=1)
-    if variant == "repository":
-        averaged = np.sort(ranked.mean(axis=1), axis=-1)  # [N, k]
-        return averaged[:, (k - 1) // 2]
-    raise ValueError(f"unknown regression variant {variant!r} (use 'paper' or 'repository')")
+        return video_mean(np.median(ranked, axis=-1), lengths)
+    averaged = np.sort(video_mean(ranked, lengths), axis=-1)  # [N, k]
+    return averaged[:, (k - 1) // 2]
 
 
 # ------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_task(task: Task, sims: np.ndarray, labels: np.ndarray, *,
+def evaluate_task(task: Task, sims: np.ndarray, labels: np.ndarray, *, lengths=None,
                   calibration: tuple | None = None) -> dict:
     """Metrics of one task over the videos with a known label (labels NaN = unknown, left out).
 
-    Returns a JSON-able dict of metrics plus "_curves" (arrays for plots) that callers drop before saving.
-    `calibration = (labels, scores)` from another split sets the binary threshold.
+    `sims` dense [N, T, P], or ragged [M, P] with `lengths[N]` (see above). Returns a JSON-able dict of
+    metrics plus "_curves" (arrays for plots) that callers drop before saving. `calibration = (labels,
+    scores)` from another split sets the binary threshold.
     """
     known = np.isfinite(labels)
-    y, s = labels[known], sims[known]
+    y = labels[known]
+    s, ls = select_videos(sims, lengths, known)
     out: dict = {"mode": task.mode, "n": int(known.sum())}
     if not known.any():
         return out
     if task.mode == "binary":
-        scores = score_binary(s)
+        scores = score_binary(s, ls)
         out.update(metrics.binary_metrics(y.astype(int), scores, calibration=calibration))
         out["_curves"] = {"labels": y.astype(int), "scores": scores}
     elif task.mode == "categorical":
         _, values = build_prompts(task)
-        classes, scores = categorical_scores(s, values)
+        classes, scores = categorical_scores(s, values, ls)
         pred = classes[scores.argmax(axis=1)]
         scorable = np.isin(y, classes)  # e.g. "normal" has no prompt: it can never be predicted
         out["accuracy"] = metrics.accuracy(y[scorable], pred[scorable]) if scorable.any() else math.nan
@@ -294,7 +336,7 @@ def evaluate_task(task: Task, sims: np.ndarray, labels: np.ndarray, *,
     else:
         _, values = build_prompts(task)
         for variant in ("paper", "repository"):
-            pred = predict_regression(s, values, variant=variant)
+            pred = predict_regression(s, values, ls, variant=variant)
             suffix = "" if variant == "paper" else "_repository"
             out["mae" + suffix] = metrics.mae(y, pred)
             out["r2" + suffix] = metrics.r2(y, pred)

@@ -31,6 +31,14 @@ def l2_normalize(x, eps: float = 1e-12):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def masked_mean(frames, mask=None):
+    """Mean over axis 1 of frames [B, T, D], over the frames where `mask` [B, T] is true (all when None)."""
+    if mask is None:
+        return jnp.mean(frames, axis=1)
+    m = mask.astype(frames.dtype)[..., None]
+    return jnp.sum(frames * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
+
+
 class AttentionTemporalPool(nnx.Module):
     """Pools T frame embeddings with a learned query (multi-head), residual to their mean.
 
@@ -52,15 +60,19 @@ class AttentionTemporalPool(nnx.Module):
         self.out = param(rngs, nnx.initializers.zeros, (heads, dim // heads, dim), ("heads", "kv", "joint"),
                          param_dtype)
 
-    def __call__(self, frames):
-        """frames [B, T, D] (L2-normalised) -> [B, D] (not normalised)."""
+    def __call__(self, frames, mask=None):
+        """frames [B, T, D] (L2-normalised) -> [B, D] (not normalised). `mask` bool [B, T] marks the real
+        frames of videos padded to T (videos of different lengths); padded frames take no part."""
         h = self.norm(frames)
         k = jnp.einsum("btd,dhk->bthk", h, self.key[...].astype(h.dtype))
         v = jnp.einsum("btd,dhk->bthk", h, self.value[...].astype(h.dtype))
         scores = jnp.einsum("hk,bthk->bht", self.query[...].astype(h.dtype), k) * (k.shape[-1] ** -0.5)
-        attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(h.dtype)
+        scores = scores.astype(jnp.float32)
+        if mask is not None:
+            scores = jnp.where(mask[:, None, :], scores, -jnp.inf)
+        attn = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
         pooled = jnp.einsum("bht,bthk->bhk", attn, v)
-        return jnp.mean(frames, axis=1) + jnp.einsum("bhk,hkd->bd", pooled, self.out[...].astype(h.dtype))
+        return masked_mean(frames, mask) + jnp.einsum("bhk,hkd->bd", pooled, self.out[...].astype(h.dtype))
 
 
 class CLIP(nnx.Module):
@@ -101,10 +113,14 @@ class CLIP(nnx.Module):
         if videos.ndim != 5:
             raise ValueError(f"encode_video wants [B, T, H, W, 3] float videos, got shape {videos.shape}")
         b, t = videos.shape[:2]
-        frames = self.encode_image(videos.reshape((b * t,) + videos.shape[2:])).reshape(b, t, -1)
+        return self.pool_frames(self.encode_image(videos.reshape((b * t,) + videos.shape[2:])).reshape(b, t, -1))
+
+    def pool_frames(self, frames, mask=None):
+        """L2-normalised frame embeddings [B, T, D] -> video embeddings [B, D], L2-normalised, by the model's
+        temporal pool; `mask` bool [B, T] marks the real frames of videos padded to T."""
         if self.temporal_pool is None:
-            return l2_normalize(jnp.mean(frames, axis=1))
-        return l2_normalize(self.temporal_pool(frames))
+            return l2_normalize(masked_mean(frames, mask))
+        return l2_normalize(self.temporal_pool(frames, mask))
 
     def __call__(self, images, tokens):
         """Returns (image_embeds, text_embeds), both L2-normalised; images [B,H,W,3] or videos [B,T,H,W,3]."""

@@ -55,3 +55,23 @@ def test_embed_rejects_float_images(checkpoint, tmp_path):
     r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
             "--images", str(tmp_path / "f.npy"), "--out", str(tmp_path / "o.npy"))
     assert r.returncode == 1 and "f.npy: expected uint8" in r.stderr
+
+
+def test_embed_videos_of_different_lengths_from_npz(checkpoint, tmp_path):
+    """Videos of 1, 3 and 2 frames in one .npz: each row is the model's own mean of that video's frames."""
+    d, model = checkpoint
+    rng = np.random.default_rng(4)
+    clips = [rng.integers(0, 256, (t, 64, 64, 3), dtype=np.uint8) for t in (1, 3, 2)]
+    np.savez(tmp_path / "v.npz", *clips)
+    r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
+            "--images", str(tmp_path / "v.npz"), "--out", str(tmp_path / "ve.npy"), "--batch_size", "8")
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "ve.npy")
+    frames = np.asarray(model.encode_image(preprocess_images(np.concatenate(clips))))
+    want = [frames[a:b].mean(0) for a, b in ((0, 1), (1, 4), (4, 6))]
+    want = np.stack(want) / np.linalg.norm(want, axis=-1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.savez(tmp_path / "bad.npz", clips[0], np.zeros((2, 64, 64, 3), np.float32))
+    r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
+            "--images", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o.npy"))
+    assert r.returncode == 1 and "bad.npz: array 'arr_1': expected uint8" in r.stderr

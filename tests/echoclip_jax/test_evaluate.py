@@ -128,17 +128,22 @@ def test_bad_checkpoint_spec():
 # ------------------------------------------------------------------------- the CLI, end to end
 
 
-def _write_records(out, rng, image_size=64, frames=4):
+RAGGED = (1, 5, 3, 6, 2, 4)  # frames per video, in turn: real exports have videos of different lengths
+
+
+def _write_records(out, rng, image_size=64, frames=RAGGED):
     """A tiny record set in the contract-A format: 2 studies per patient, a pacer appearing in the
-    second study of some patients, EF in every report."""
+    second study of some patients, EF in every report; video i of a split has frames[i % len(frames)]
+    frames (an int: all the same)."""
     import io
 
     from PIL import Image
 
     from data_prep import records
 
-    ids = []
+    ids, cycle = [], (frames,) if isinstance(frames, int) else tuple(frames)
     for split, patients in (("train", 6), ("val", 3), ("test", 4)):
+        count = 0
         path = os.path.join(out, records.shard_name(split, 0, 1))
         with records.TFRecordWriter(path) as w:
             for p in range(patients):
@@ -146,8 +151,9 @@ def _write_records(out, rng, image_size=64, frames=4):
                     pacer = study == 1 and p % 2 == 0
                     for v in range(2):
                         ef = float(rng.integers(20, 75))
-                        jpegs = []
-                        for _ in range(frames):
+                        jpegs, n_frames = [], cycle[count % len(cycle)]
+                        count += 1
+                        for _ in range(n_frames):
                             img = rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
                             buf = io.BytesIO()
                             Image.fromarray(img).save(buf, format="JPEG")
@@ -158,10 +164,10 @@ def _write_records(out, rng, image_size=64, frames=4):
                         w.write(records.encode_example({
                             "video_id": f"{sid}video{v}".encode(), "patient_id": pid.encode(),
                             "study_id": sid.encode(), "study_day": study * 200, "frames": jpegs,
-                            "num_frames": frames, "image_size": image_size, "fps": 30.0,
+                            "num_frames": n_frames, "image_size": image_size, "fps": 30.0,
                             "report": report.encode(), "ef": ef, "source": b"dicom"}))
     with open(os.path.join(out, "dataset_info.json"), "w") as f:
-        json.dump({"source": "dicom", "max_frames": frames, "image_size": image_size,
+        json.dump({"source": "dicom", "max_frames": max(cycle), "image_size": image_size,
                    "features": records.SCHEMA}, f)
     return ids
 
@@ -196,7 +202,10 @@ def test_sweep_over_three_checkpoints_is_resumable(tmp_path):
     assert "evaluated 3 checkpoint(s), skipped 0" in r.stdout
     results = {s: json.load(open(out / f"{s}.json")) for s in steps}
     for s, res in results.items():
-        assert res["step"] == s and res["num_videos"] == 16 and res["num_frames"] == 4
+        # ragged videos (1 to 6 frames), no --frames: every frame of every video is evaluated
+        assert res["step"] == s and res["num_videos"] == 16 and res["num_frames"] == sum(
+            RAGGED[i % len(RAGGED)] for i in range(16))
+        assert res["frames_per_video"]["min"] == 1 and res["frames_per_video"]["max"] == 6
         assert res["tasks"]["ejection_fraction"]["n"] == 16
         assert res["tasks"]["pacemaker"]["n_pos"] == 4  # patients 0 and 2, second study, 2 videos each
         assert 0.0 <= res["tasks"]["pacemaker"]["auc"] <= 1.0
@@ -236,3 +245,52 @@ def test_cli_reports_missing_arguments_and_unknown_tasks(tmp_path):
     r = _cli("echoclip_jax.evaluate", "--config", "configs/tiny.py", "--data_dir", str(tmp_path),
              "--out", str(tmp_path / "e"), "--workdir", str(tmp_path), "--tasks", "ef,nope")
     assert r.returncode != 0 and "unknown task(s) ['nope']" in r.stderr
+
+
+def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path):
+    """Records whose videos have 1 to 6 frames, evaluated without --frames (then with --frames 2): the
+    split's embeddings keep each video's own frames, the zero-shot figures are the per-video rules applied
+    to them, and video embeddings are the mean of each video's frames."""
+    from flax import nnx
+
+    from configs.tiny import get_config
+    from echoclip_jax import convert, models, tokenizers
+
+    data_dir = tmp_path / "records"
+    data_dir.mkdir()
+    _write_records(str(data_dir), np.random.default_rng(0), image_size=32)
+    config = get_config()
+    config.model.vision.image_size, config.model.vision.depthwise_impl, config.model.embed_dim = 32, "lax", 32
+    config.model.text.layers, config.model.text.width, config.model.text.heads = 1, 32, 2
+    model = models.build_model(config.model, rngs=nnx.Rngs(0))
+    weights = tmp_path / "m.safetensors"
+    convert.save(f"safetensors:{weights}", config.model,
+                 {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
+    tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
+    sources = evaluate.list_sources(checkpoint=f"safetensors:{weights}")
+    evaluate.run(config, sources, data_dir=str(data_dir), split="test", out_dir=str(tmp_path / "e"),
+                 tasks=tasks, batch_size=8, log=lambda *_: None)
+    res = json.load(open(tmp_path / "e" / "m.json"))
+    lengths = [RAGGED[i % len(RAGGED)] for i in range(16)]
+    assert res["num_videos"] == 16 and res["num_frames"] == sum(lengths)
+    assert res["frames_per_video"] == {"min": 1, "max": 6, "mean": pytest.approx(np.mean(lengths))}
+
+    embedder = evaluate.Embedder(convert.load_model(f"safetensors:{weights}", config.model),
+                                 tokenizers.from_config(config.tokenizer), batch_size=8)
+    split = evaluate.embed_split(embedder, str(data_dir), "test", frames=None, image_size=32)
+    assert list(split.lengths) == lengths
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    per_video = [split.frames[a:a + n] for a, n in zip(starts, lengths)]
+    for frames, video in zip(per_video, split.videos):
+        mean = frames.mean(0)
+        np.testing.assert_allclose(video, mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+    # EF: the paper's rule per video on its own frames, then the MAE against the records' EF labels
+    texts, values = zs.build_prompts(tasks[0])
+    prompts = embedder.texts(texts)
+    pred = [zs.predict_regression(zs.similarities(f[None], prompts), values)[0] for f in per_video]
+    labels = zs.task_labels(tasks[0], split.report, {"ef": split.ef})
+    assert res["tasks"]["ejection_fraction"]["mae"] == pytest.approx(np.mean(np.abs(np.asarray(pred) - labels)),
+                                                                      rel=1e-5)
+    # --frames K for speed: at most K frames of each video
+    short = evaluate.embed_split(embedder, str(data_dir), "test", frames=2, image_size=32)
+    assert list(short.lengths) == [min(2, n) for n in lengths]

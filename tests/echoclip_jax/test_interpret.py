@@ -180,6 +180,28 @@ def test_frames_beyond_one_batch_are_padded_and_kept_in_order(mapper):
     np.testing.assert_allclose(tail_sims, sims[:, 3:], rtol=1e-5, atol=1e-6)
 
 
+def test_videos_of_different_lengths_share_batches_and_match_one_by_one(mapper, tmp_path):
+    """Ragged videos (1, 5 and 12 frames) mapped together, as run() does: each video's maps and similarities
+    equal those of the video mapped alone, and run() writes every frame of each."""
+    rng = np.random.default_rng(3)
+    videos = [speckle(rng, 1, blob_at=POSITIONS[0]), speckle(rng, 5), device_video()[:4].repeat(3, axis=0)]
+    text = mapper.text_embeddings([DEVICE, NO_DEVICE])
+    for method in interpret.METHODS[:1]:
+        together = mapper.maps_of_videos(method, videos, text)
+        for (maps, sims), frames in zip(together, videos):
+            alone, alone_sims = mapper.maps(method, frames, text)
+            assert maps.shape == (2, len(frames), S, S)
+            np.testing.assert_allclose(maps, alone, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(sims, alone_sims, rtol=1e-5, atol=1e-6)
+    named = [interpret.Video(f"v{i}", "npy", v, list(range(len(v)))) for i, v in enumerate(videos)]
+    index = interpret.run(mapper, prompts=[DEVICE], out_dir=str(tmp_path), videos=iter(named),
+                          methods=("promptcam",))
+    assert [v["num_frames"] for v in index] == [1, 5, 12]
+    for i, frames in enumerate(videos):
+        maps = np.load(tmp_path / f"v{i}" / interpret.prompt_slug(0, DEVICE) / "promptcam.npy")
+        np.testing.assert_allclose(maps, mapper.maps("promptcam", frames, text)[0][0], rtol=1e-5, atol=1e-7)
+
+
 def test_load_video_npy_and_errors(tmp_path):
     video = np.random.default_rng(0).integers(0, 256, size=(10, 40, 40, 3), dtype=np.uint8)
     np.save(tmp_path / "clip one.npy", video)
@@ -228,7 +250,10 @@ def test_cli_end_to_end(tmp_path, planted, reference_dir):
     cmd = [sys.executable, "-m", "echoclip_jax.interpret", "--config", str(REPO / "configs" / "tiny.py"),
            "--checkpoint", f"safetensors:{weights}", "--video", str(tmp_path / "device.npy"),
            "--video", str(reference_dir / "example_video.avi"), "--frames", "3", "--prompt", DEVICE,
-           "--prompt", NO_DEVICE, "--out", str(out), "--batch_size", "8"]
+           "--prompt", NO_DEVICE, "--out", str(out), "--batch_size", "8",
+           # --config must agree with the architecture stored beside the weights (convert.load's rule)
+           "--config.model.embed_dim=32", "--config.model.text.layers=1", "--config.model.text.width=32",
+           "--config.model.text.heads=2"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -150,3 +150,43 @@ def test_evaluate_task_on_constructed_embeddings(tasks):
     assert out["n"] == 5 and out["n_pos"] == 2
     assert out["auc"] == 1.0 and out["f1"] == 1.0
     assert len(out["_curves"]["scores"]) == 5
+
+
+def _ragged_sims(rng, lengths, prompts):
+    """Per-video dense sims [1, T_i, P] and the same frames end to end [M, P]."""
+    per_video = [rng.uniform(-1, 1, size=(1, t, prompts)).astype(np.float32) for t in lengths]
+    return per_video, np.concatenate([v[0] for v in per_video])
+
+
+def test_ragged_scores_equal_each_video_scored_alone(tasks):
+    """Videos of 1, 4, 2 and 7 frames laid end to end: every rule (binary, categorical, both regression
+    variants, evaluate_task) gives each video what it gives that video alone."""
+    rng = np.random.default_rng(7)
+    lengths = [1, 4, 2, 7]
+    per_video, flat = _ragged_sims(rng, lengths, 202)
+    _, values = zs.build_prompts(tasks["ejection_fraction"])
+    for variant in ("paper", "repository"):
+        got = zs.predict_regression(flat, values, lengths, variant=variant)
+        want = [zs.predict_regression(v, values, variant=variant)[0] for v in per_video]
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    per_video, flat = _ragged_sims(rng, lengths, 3)
+    np.testing.assert_allclose(zs.score_binary(flat, lengths), [zs.score_binary(v)[0] for v in per_video],
+                               rtol=1e-6)
+    cat_values = np.array([1.0, 2.0, 2.0])
+    np.testing.assert_array_equal(zs.predict_categorical(flat, cat_values, lengths),
+                                  [zs.predict_categorical(v, cat_values)[0] for v in per_video])
+    # evaluate_task leaves out unlabelled videos frame for frame: the one-frame video unlabelled here
+    labels = np.array([np.nan, 1.0, 0.0, 1.0])
+    got = zs.evaluate_task(tasks["pacemaker"], flat, labels, lengths=lengths)
+    kept = [v[0] for v, y in zip(per_video, labels) if np.isfinite(y)]
+    assert got["n"] == 3 and list(got["_curves"]["labels"]) == [1, 0, 1]
+    np.testing.assert_allclose(got["_curves"]["scores"], [k.mean() for k in kept], rtol=1e-6)
+
+
+def test_ragged_lengths_must_cover_the_frames():
+    with pytest.raises(ValueError, match="lengths >= 1 summing to M"):
+        zs.score_binary(np.zeros((5, 2)), [2, 2])
+    with pytest.raises(ValueError, match="lengths >= 1"):
+        zs.score_binary(np.zeros((2, 2)), [2, 0])
+    with pytest.raises(ValueError, match=r"expected \[N, T, P\]"):
+        zs.score_binary(np.zeros((5, 2)))
