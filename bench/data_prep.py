@@ -20,7 +20,7 @@ import pydicom
 # This file's name equals the package's: keep bench/ off the import path so `data_prep` is the package.
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from data_prep import convert, dicom_io, sector, synthetic
+from data_prep import dicom_io, options, plan, sector, shards, synthetic
 
 
 def _times(fns, paths, repeats):
@@ -56,7 +56,7 @@ def _stages(paths, headers, settings):
         t2 = time.perf_counter()
         out = sector.crop_resize(frames, mask, settings.image_size)
         t3 = time.perf_counter()
-        [convert.encode_jpeg(f, settings.jpeg_quality) for f in out]
+        [shards.encode_jpeg(f, settings.jpeg_quality) for f in out]
         t4 = time.perf_counter()
         for k, dt in zip(total, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             total[k] += dt * 1000 / len(paths)
@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    settings = convert.Settings(frames=args.frames)
+    settings = options.Settings(frames=args.frames)
     with tempfile.TemporaryDirectory() as tmp:
         synthetic.generate(tmp, patients=args.patients, seed=0, small=False)
         paths = sorted(glob.glob(f"{tmp}/dicom/**/*.dcm", recursive=True))
@@ -83,9 +83,9 @@ def main():
 
         def pipeline(p):
             h = headers[p]
-            job = convert.Job(path=p, ref="", source="dicom", video_id="0", patient_id="0", study_id="0",
+            job = plan.Job(path=p, ref="", source="dicom", video_id="0", patient_id="0", study_id="0",
                               study_day=0, report="", ef=0.0, fps=h.fps, num_frames=h.num_frames, regions=h.regions)
-            convert.convert_video(job, settings)
+            shards.convert_video(job, settings)
 
         load = os.getloadavg()[0]
         times = _times({"floor: decode kept frames": floor, "pipeline": pipeline, "naive: decode all frames": naive},

@@ -5,7 +5,7 @@
 
 Pass 1 (read every header, pair reports, hash ids, split, assign shards, resume check) runs here in the
 launcher with `--workers` processes; it reads headers only. Pass 2, the expensive part, is one Beam
-element per unfinished shard running `data_prep.convert.write_shard`, the same unit the local runner
+element per unfinished shard running `data_prep.shards.write_shard`, the same unit the local runner
 uses, so records, manifest lines and resume behave identically. The launcher then writes manifest.jsonl
 and dataset_info.json from the per-shard manifest parts. `--out` and the inputs must be paths every
 worker can open (a shared filesystem such as NFS, Filestore or a GCS FUSE mount).
@@ -15,14 +15,14 @@ from __future__ import annotations
 import os
 import sys
 
-from data_prep import convert
+from data_prep import convert, options, shards
 
 
-def _write(task: tuple) -> tuple[str, int]:
+def _write(task: shards.ShardTask) -> tuple[str, int]:
     """One shard: (shard name, converted count); counters make progress visible in the runner's UI."""
     from apache_beam.metrics import Metrics
 
-    name, lines = convert.write_shard(task)
+    name, lines = shards.write_shard(task)
     converted = sum(line["status"] == "converted" for line in lines)
     Metrics.counter("data_prep", "videos_converted").inc(converted)
     Metrics.counter("data_prep", "videos_skipped").inc(len(lines) - converted)
@@ -30,9 +30,7 @@ def _write(task: tuple) -> tuple[str, int]:
 
 
 def build_parser():
-    p = convert.build_parser()
-    p.prog = "python -m data_prep.beam"
-    p.description = __doc__.split("\n\n")[0]
+    p = options.build_parser("python -m data_prep.beam", __doc__.split("\n\n")[0])
     p.add_argument("--runner", default="DirectRunner",
                    help="Beam runner: DirectRunner (here), DataflowRunner, FlinkRunner, SparkRunner, ...")
     return p
@@ -44,27 +42,27 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
-    convert.check(parser, args)
+    opts = options.from_args(parser, args)
     try:
-        settings, todo, done, skipped, _ = convert.prepare(args)
+        prepared = convert.prepare(opts)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if todo:
-        options = PipelineOptions(beam_args, runner=args.runner)
-        with beam.Pipeline(options=options) as pipeline:
+    done = dict(prepared.done)
+    if prepared.todo:
+        with beam.Pipeline(options=PipelineOptions(beam_args, runner=args.runner)) as pipeline:
             (pipeline
-             | "shards" >> beam.Create(todo)
+             | "shards" >> beam.Create(prepared.todo)
              | "spread" >> beam.Reshuffle()
              | "write" >> beam.Map(_write))
-    for _, name, _, _ in todo:
-        lines = convert.shard_done(args.out, name)
+    for task in prepared.todo:
+        lines = shards.shard_done(opts.out, task.name)
         if lines is None:
-            print(f"error: shard {os.path.join(args.out, name)} was not completed by the pipeline; rerun to "
+            print(f"error: shard {os.path.join(opts.out, task.name)} was not completed by the pipeline; rerun to "
                   "resume", file=sys.stderr)
             return 4
-        done[name] = lines
-    return convert.finish(args, settings, done, skipped)
+        done[task.name] = lines
+    return convert.finish(opts, done, prepared.skipped)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """The record format, defined once: `tf.train.Example` protos in TFRecord shards, plus an offset index.
 
 TFRecord has no random access, so every shard gets a `.index` file with the byte offset and length of each
-record; the training loader (grain) reads records by number through it. Pure Python + numpy +
-google_crc32c: neither the writer here nor the reader in `echoclip_jax` needs TensorFlow, yet the shards are
-standard TFRecords (length, masked CRC32C of the length, payload, masked CRC32C of the payload) that
-`tf.data.TFRecordDataset` reads too.
+record; the training loader (grain) reads records by number through it. Neither the writer here nor the
+reader in `echoclip_jax` needs TensorFlow: Examples are (de)serialised by protobuf with the copy of
+TensorFlow's Example protos that tensorflow_datasets ships, the framing's CRC32C is google_crc32c's, yet the
+shards are standard TFRecords (length, masked CRC32C of the length, payload, masked CRC32C of the payload)
+that `tf.data.TFRecordDataset` reads too.
 
 Index file layout (little endian): magic b"ECLIPIDX", uint32 version (1), uint64 record count N, then N
 pairs (uint64 offset, uint64 payload length), then uint32 CRC32C of everything before it. A flipped byte
@@ -12,6 +13,7 @@ anywhere in it fails the CRC, and the index must agree with the shard's size.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -61,37 +63,20 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-# ------------------------------------------------------------------------------- protobuf wire format
+# ------------------------------------------------------------------------------------- the Example
 
 
-def _varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF  # negative int64 -> two's complement, 10 bytes, as protobuf does
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+@functools.cache
+def _protos():
+    """tensorflow_datasets' copy of TensorFlow's Example protos, serialised by protobuf's upb backend.
+
+    Imported on first use: the header scan and the index readers never need it."""
+    from tensorflow_datasets.proto import tf_example_generated_pb2
+
+    return tf_example_generated_pb2
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+_LIST_FIELD = {BYTES: "bytes_list", FLOAT: "float_list", INT64: "int64_list"}  # Feature's `kind` oneof
 
 
 def _as_list(name: str, value) -> list:
@@ -117,113 +102,51 @@ def _infer_kind(name: str, values: list) -> str:
     raise TypeError(f"feature {name!r}: unsupported element type {type(v).__name__}")
 
 
-def _encode_feature(name: str, kind: str, values: list) -> bytes:
-    if kind == BYTES:
-        items = []
-        for v in values:
-            if isinstance(v, str):
-                v = v.encode("utf-8")
-            if not isinstance(v, (bytes, bytearray, memoryview)):
-                raise TypeError(f"feature {name!r}: expected bytes or str, got {type(v).__name__}")
-            items.append(_field(1, bytes(v)))
-        return _field(1, b"".join(items))  # Feature.bytes_list = 1
-    if kind == FLOAT:
-        try:
-            packed = np.asarray(values, dtype="<f4").tobytes()
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"feature {name!r}: expected floats: {e}") from None
-        return _field(2, _field(1, packed))  # Feature.float_list = 2, packed
-    if kind == INT64:
-        for v in values:
-            if not isinstance(v, (bool, int, np.integer)):
-                raise TypeError(f"feature {name!r}: expected ints, got {type(v).__name__}")
-        return _field(3, _field(1, b"".join(_varint(int(v)) for v in values)))  # int64_list = 3, packed
-    raise ValueError(f"feature {name!r}: unknown kind {kind!r}")
+def _as_bytes(name: str, value) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"feature {name!r}: expected bytes or str, got {type(value).__name__}")
 
 
 def encode_example(features: dict) -> bytes:
     """Serialise a dict to a `tf.train.Example`. Known fields (SCHEMA) get their declared kind; others are
-    inferred from the Python type (bytes/str -> bytes_list, int -> int64_list, float -> float_list)."""
-    entries = []
-    for name in sorted(features):  # sorted: byte-identical output for identical input (resumable runs)
-        values = _as_list(name, features[name])
+    inferred from the Python type (bytes/str -> bytes_list, int -> int64_list, float -> float_list).
+
+    Deterministic (protobuf orders the map entries): identical input gives identical bytes, so a resumed
+    conversion writes the shards a clean one would."""
+    example = _protos().Example()
+    example.features.SetInParent()  # an Example without features still carries the (empty) Features message
+    feature_map = example.features.feature
+    for name, value in features.items():
+        values = _as_list(name, value)
         kind = SCHEMA.get(name) or _infer_kind(name, values)
-        feature = _encode_feature(name, kind, values)
-        entries.append(_field(1, _field(1, name.encode("utf-8")) + _field(2, feature)))
-    return _field(1, b"".join(entries))  # Example.features = 1 -> Features.feature (map) = 1
-
-
-def _iter_fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
-    """Yield (field number, wire type, value) of one message; value is bytes for wire type 2."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos : pos + 8], pos + 8
-        elif wire == 2:
-            n, pos = _read_varint(buf, pos)
-            if pos + n > end:
-                raise ValueError("truncated length-delimited field")
-            value, pos = buf[pos : pos + n], pos + n
-        elif wire == 5:
-            value, pos = buf[pos : pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        if pos > end:
-            raise ValueError("truncated field")
-        yield number, wire, value
-
-
-def _signed64(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _decode_feature(buf: bytes) -> list:
-    out: list = []
-    for kind, _, payload in _iter_fields(buf):
-        for _, wire, v in _iter_fields(payload):
-            if kind == 1:  # bytes_list
-                out.append(bytes(v))
-            elif kind == 2:  # float_list: packed (wire 2) or not (wire 5)
-                out.extend(np.frombuffer(v, dtype="<f4").tolist())
-            elif kind == 3:  # int64_list: packed (wire 2) or not (wire 0)
-                if wire == 0:
-                    out.append(_signed64(v))
-                else:
-                    pos = 0
-                    while pos < len(v):
-                        x, pos = _read_varint(v, pos)
-                        out.append(_signed64(x))
-            else:
-                raise ValueError(f"unknown Feature kind {kind}")
-    return out
+        if kind == BYTES:
+            values = [_as_bytes(name, v) for v in values]
+        target = getattr(feature_map[name], _LIST_FIELD[kind])
+        target.SetInParent()  # an empty list still says which kind it is
+        try:
+            target.value.extend(values)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"feature {name!r}: expected {kind} values ({e})") from None
+    return example.SerializeToString(deterministic=True)
 
 
 def decode_example(data: bytes) -> dict[str, list]:
-    """Parse a serialised `tf.train.Example` into {name: list of bytes | float | int}."""
-    data = bytes(data)
-    result: dict[str, list] = {}
+    """Parse a serialised `tf.train.Example` into {name: list of bytes | float | int}, names sorted."""
+    from google.protobuf.message import DecodeError
+
     try:
-        for number, _, features in _iter_fields(data):
-            if number != 1:
-                continue
-            for fnum, _, entry in _iter_fields(features):
-                if fnum != 1:
-                    continue
-                name, value = None, b""
-                for enum, _, v in _iter_fields(entry):
-                    if enum == 1:
-                        name = bytes(v).decode("utf-8")
-                    elif enum == 2:
-                        value = v
-                if name is None:
-                    raise ValueError("map entry without a key")
-                result[name] = _decode_feature(value)
-    except ValueError as e:
-        raise ValueError(f"not a valid tf.train.Example: {e}") from None
+        example = _protos().Example.FromString(bytes(data))
+    except DecodeError as e:
+        raise ValueError(f"not a valid tf.train.Example ({len(data)} bytes): {e}") from None
+    result: dict[str, list] = {}
+    feature_map = example.features.feature
+    for name in sorted(feature_map):
+        feature = feature_map[name]
+        kind = feature.WhichOneof("kind")
+        result[name] = list(getattr(feature, kind).value) if kind else []
     return result
 
 

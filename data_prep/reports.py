@@ -1,4 +1,5 @@
-"""EchoCLIP's report normalisation: the one home of `clean_text`, used by data_prep and the tokenizers.
+"""Reports: EchoCLIP's normalisation (`clean_text`, used by data_prep and the tokenizers) and reading the
+hospital's reports CSV (`read_reports`, for the conversion's plan).
 
 EchoCLIP-R's template tokenizer only recognises a phrase when the report was normalised exactly the way
 the released model saw it, so every rule here reproduces the released behaviour, quirks included (e.g.
@@ -6,9 +7,13 @@ the released model saw it, so every rule here reproduces the released behaviour,
 are listed in shared/echoclip_reference/README.md and checked against its examples. Pure Python: data_prep
 imports this without JAX.
 """
+import collections
+import csv
+import io
 import re
+import sys
 
-__all__ = ["clean_text", "PERIOD_PHRASES"]
+__all__ = ["clean_text", "PERIOD_PHRASES", "read_reports"]
 
 _NUMBER = r"\d+\.?\d*"
 
@@ -100,3 +105,69 @@ def clean_text(text: str) -> str:
     text = text.strip() + " "
     text = _ADD_PERIOD.sub(r"\1.", text)
     return _PERIOD_RUNS.sub(".", text)
+
+
+# ------------------------------------------------------------------------------------- the reports CSV
+
+
+def _parse_reports_csv(path: str, text: str) -> tuple[list[dict], dict[int, str]]:
+    """CSV text -> (rows, {row number: problem}). A file with broken quoting (an unclosed quote would
+    swallow the following rows into one report) is re-read line by line, and the lines with unbalanced
+    quotes are marked bad instead of silently merging several studies' reports."""
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline=""), strict=True)), {}
+    except csv.Error as e:
+        print(f"warning: {path}: broken CSV quoting ({e}); reading it line by line", file=sys.stderr)
+    lines = text.splitlines()
+    header = next(csv.reader(lines[:1]), [])
+    rows, bad = [], {}
+    for number, line in enumerate(lines[1:], start=2):
+        values = next(csv.reader([line]), [])
+        rows.append(dict(zip(header, values)))
+        if line.count('"') % 2:
+            bad[len(rows) - 1] = f"broken CSV quoting in the reports file (line {number})"
+    return rows, bad
+
+
+def read_reports(path: str, study_column: str, report_column: str) -> tuple[dict[str, str], dict[str, str]]:
+    """reports CSV -> ({study key: raw report}, {study key: reason it is unusable}).
+
+    The raw text still carries identifiers: data_prep.plan.deidentify_reports scrubs and normalises it
+    before use.
+
+    Several rows for one study (e.g. addenda) are joined in file order. Rows that are not valid UTF-8, have
+    broken quoting or the wrong number of fields make that study's videos skip with the reason; a file
+    without the named columns is an error.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig", errors="surrogateescape")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read reports ({type(e).__name__}: {e.strerror})") from None
+    rows, bad_rows = _parse_reports_csv(path, text)
+    columns = list(rows[0]) if rows else []
+    for col in (study_column, report_column):
+        if col not in columns:
+            raise ValueError(f"{path}: no column {col!r} (columns: {columns}); see --study_column/--report_column")
+    texts: dict[str, list[str]] = collections.defaultdict(list)
+    bad: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        key = (row.get(study_column) or "").strip()
+        raw = row.get(report_column) or ""
+        if not key:
+            continue
+        if i in bad_rows:
+            bad[key] = bad_rows[i]
+            continue
+        if None in row or None in row.values():  # DictReader's marks of too many / too few fields
+            bad[key] = "malformed reports CSV row (wrong number of fields)"
+            continue
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            bad[key] = "report is not valid UTF-8"
+            continue
+        if raw.strip():
+            texts[key].append(raw)
+    reports = {key: " ".join(parts) for key, parts in texts.items() if key not in bad}
+    return reports, bad

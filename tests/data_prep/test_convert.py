@@ -6,7 +6,9 @@ import hmac
 import io
 import json
 import os
+import re
 import shutil
+import stat
 import signal
 import subprocess
 import sys
@@ -17,7 +19,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from data_prep import convert, records, synthetic
+from data_prep import convert, options, records, synthetic
+from data_prep.options import Options, Settings
 from data_prep.reports import clean_text
 
 SALT = "unit-test-salt-7f3a"
@@ -44,6 +47,12 @@ def _records(out):
                 ex = records.decode_example(raw)
                 got.setdefault(ex["video_id"][0].decode(), []).append((split, ex))
     return got
+
+
+def _output_files(out):
+    """{path: bytes} of every file a conversion wrote (shards, indexes, manifest parts, plan, manifest, info)."""
+    paths = glob.glob(str(out / "**"), recursive=True) + glob.glob(str(out / ".*" / "*"))
+    return {p: open(p, "rb").read() for p in paths if os.path.isfile(p)}
 
 
 def _hash(kind, value):  # the documented id scheme, recomputed independently
@@ -103,10 +112,7 @@ def test_no_phi_in_any_output_byte_or_log_and_the_text_band_is_blank(cohort, tmp
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     phi = synthetic.read_phi(cohort) + [SALT]
     phi = {form.lower().encode() for s in phi for form in (s, clean_text(s).strip()) if form.strip()}
-    blobs = {"stdout": proc.stdout, "stderr": proc.stderr}
-    for path in glob.glob(str(out / "**"), recursive=True) + glob.glob(str(out / ".*" / "*")):
-        if os.path.isfile(path):
-            blobs[path] = open(path, "rb").read()
+    blobs = {"stdout": proc.stdout, "stderr": proc.stderr, **_output_files(out)}
     assert len(blobs) > 6
     for name, data in blobs.items():
         data = data.lower()  # report text is upper-cased by clean_text: look for every case
@@ -189,3 +195,69 @@ def test_bad_inputs_are_skipped_with_reasons(cohort, tmp_path):
     assert any("cannot decode pixels" in r or "unreadable" in r for r in reasons)
     assert convert.main([*args, "--out", str(tmp_path / "o2"), "--max_skipped_fraction", "0.0"]) == 3
     assert convert.main([*args, "--out", str(tmp_path / "o3"), "--report_column", "text"]) == 2
+
+
+def test_the_command_line_and_the_dataclasses_share_their_defaults(tmp_path):
+    parser = convert.build_parser()
+    args = parser.parse_args(["--dicom_dir", "d", "--reports", "r.csv", "--out", str(tmp_path), "--salt", SALT])
+    assert options.from_args(parser, args) == Options(out=str(tmp_path), dicom_dir="d", reports="r.csv", salt=SALT)
+
+
+def test_options_are_checked_for_library_callers_too(tmp_path):
+    with pytest.raises(ValueError, match="--reports is required with --dicom_dir"):
+        Options(out=str(tmp_path), dicom_dir="d", salt=SALT)
+    with pytest.raises(ValueError, match="--jpeg_quality 1..100"):
+        Options(out=str(tmp_path), echonet_dir="e", salt=SALT, settings=Settings(jpeg_quality=0))
+    with pytest.raises(ValueError, match="inside --out"):  # the default map would sit beside a salt in --out
+        Options(out=str(tmp_path), echonet_dir="e", salt_file=str(tmp_path / "salt"))
+    with pytest.raises(ValueError, match="--phone_region 'XX'"):
+        Options(out=str(tmp_path), dicom_dir="d", reports="r.csv", salt=SALT, phone_region="XX")
+
+
+def test_progress_shows_counts_and_rates_when_asked_and_only_then(cohort, converted, capsys):
+    n = len(synthetic.read_truth(cohort))
+    assert _convert(cohort, converted) == 0  # auto: stderr is not a terminal here, so no bars
+    assert "scan headers" not in capsys.readouterr().err
+    shard = sorted(glob.glob(str(converted / "*.tfrecord")))[0]
+    k = len(records.ShardReader(shard))
+    os.remove(shard)  # so that the rerun converts that shard's videos again
+    assert _convert(cohort, converted, "--progress", "on") == 0
+    err = capsys.readouterr().err
+    assert re.search(rf"scan headers: 100%\S* {n}/{n} \[[^]]*file/s\]", err), err
+    assert re.search(r"de-identify reports: 100%\S* (\d+)/\1 \[[^]]*report/s\]", err), err
+    assert re.search(rf"convert: 100%\S* {k}/{k} \[[^]]*video/s\]", err), err
+
+
+def test_the_path_map_resolves_every_manifest_line_and_stays_out_of_the_output(cohort, tmp_path):
+    src = tmp_path / "export"
+    shutil.copytree(cohort / "dicom" / "P00001", src / "P00001")
+    (src / "P00001" / "notes.txt").write_text("not dicom")
+    truncated = sorted(glob.glob(str(src / "**" / "*.dcm"), recursive=True))[0]
+    raw = open(truncated, "rb").read()
+    open(truncated, "wb").write(raw[: len(raw) // 3])
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "salt").write_text(SALT)
+    args = ["--dicom_dir", str(src), "--reports", str(cohort / "reports.csv"), "--salt_file", str(secret / "salt"),
+            "--frames", "4", "--image_size", "32", "--max_skipped_fraction", "1.0"]
+    out = tmp_path / "out"
+    assert convert.main([*args, "--out", str(out)]) == 0
+    map_file = secret / ("salt" + options.PATH_MAP_SUFFIX)  # beside the salt file by default
+    entries = [json.loads(line) for line in open(map_file)]
+    assert stat.S_IMODE(os.stat(map_file).st_mode) == 0o600
+    paths = {e["input"]: e["path"] for e in entries}
+    manifest = [json.loads(line) for line in open(out / "manifest.jsonl")]
+    assert len(entries) == len(paths) == len(manifest) == len(glob.glob(str(src / "**" / "*.*"), recursive=True))
+    for line in manifest:
+        assert line["input"].startswith("sha256:") and (src / paths[line["input"]]).is_file()
+    skipped = {paths[m["input"]]: m["reason"] for m in manifest if m["status"] == "skipped"}
+    assert skipped["P00001/notes.txt"] == "not a DICOM file"
+    assert os.path.relpath(truncated, src) in skipped and len(skipped) == 2
+    for path, data in _output_files(out).items():
+        assert not [p for p in [str(src), *paths.values()] if p.encode() in data], path
+    assert convert.main([*args, "--out", str(out)]) == 0  # a rerun adds nothing to the map
+    assert [json.loads(line) for line in open(map_file)] == entries
+    inside = tmp_path / "inside"
+    with pytest.raises(SystemExit) as e:
+        convert.main([*args, "--out", str(inside), "--path_map", str(inside / "map.jsonl")])
+    assert e.value.code == 2 and not inside.exists()

@@ -31,7 +31,8 @@ def test_echonet_layout_converts_with_ef_and_split(reference_dir, tmp_path):
         "0X3C,40,1,2,224,224,30,113,VAL\n0X4D,40,1,2,224,224,30,113,VAL\n0X5E,40,1,2,224,224,30,113,OTHER\n")
     out = tmp_path / "out"
     rc = convert.main(["--echonet_dir", str(root), "--out", str(out), "--salt", "echonet-salt-1",
-                       "--frames", "16", "--image_size", "112", "--max_skipped_fraction", "0.7"])
+                       "--frames", "16", "--image_size", "112", "--max_skipped_fraction", "0.7",
+                       "--path_map", str(tmp_path / "paths.jsonl")])
     assert rc == 0
     [train] = [records.decode_example(r) for r in records.ShardReader(records.list_shards(str(out), "train")[0])]
     [test] = [records.decode_example(r) for r in records.ShardReader(records.list_shards(str(out), "test")[0])]
@@ -45,3 +46,8 @@ def test_echonet_layout_converts_with_ef_and_split(reference_dir, tmp_path):
     reasons = sorted(m["reason"] for m in manifest if m["status"] == "skipped")
     assert len(manifest) == 5 and len(reasons) == 3
     assert "video file missing" in reasons and "unknown Split value 'OTHER'" in reasons
+    paths = {e["input"]: e["path"] for e in map(json.loads, open(tmp_path / "paths.jsonl"))}
+    skipped = {paths[m["input"]]: m["reason"] for m in manifest if m["status"] == "skipped"}
+    assert skipped["Videos/0X4D.avi"] == "video file missing" and skipped["0X5E"] == "unknown Split value 'OTHER'"
+    assert "Videos/0X3C.avi" in skipped and {paths[m["input"]] for m in manifest} == {
+        "Videos/0X1A.avi", "Videos/0X2B.avi", "Videos/0X3C.avi", "Videos/0X4D.avi", "0X5E"}

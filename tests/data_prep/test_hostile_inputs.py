@@ -23,7 +23,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 
-from data_prep import convert, dicom_io, records, synthetic
+from data_prep import convert, dicom_io, options, plan, records, shards, synthetic
 
 SALT = "hostile-salt-0d9e"
 JPEG, NATIVE = "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1"
@@ -210,12 +210,12 @@ def test_every_hostile_input_is_listed_and_every_record_is_whole(cohort, tmp_pat
 def test_time_limit_interrupts_a_slow_step(cohort, monkeypatch):
     path = _source(cohort, JPEG)
     h = dicom_io.read_header(path)
-    job = convert.Job(path=path, ref="x", source="dicom", video_id="v", patient_id="p", study_id="s",
+    job = plan.Job(path=path, ref="x", source="dicom", video_id="v", patient_id="p", study_id="s",
                       study_day=0, report="R", ef=float("nan"), fps=h.fps, num_frames=h.num_frames)
-    monkeypatch.setattr(convert.sector, "prepare", lambda *a, **k: time.sleep(30))  # a hang after decoding
+    monkeypatch.setattr(shards.sector, "prepare", lambda *a, **k: time.sleep(30))  # a hang after decoding
     start = time.monotonic()
     with pytest.raises(dicom_io.SkipVideo, match="time limit"):
-        convert.convert_video(job, convert.Settings(frames=4, image_size=32, time_limit_s=0.5))
+        shards.convert_video(job, options.Settings(frames=4, image_size=32, time_limit_s=0.5))
     assert time.monotonic() - start < 5
 
 

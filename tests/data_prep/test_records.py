@@ -1,7 +1,8 @@
 """The record format: Example encoding, TFRecord framing, the index, corruption detection, shard naming.
 
-Independent references: the tf.train.Example proto generated in tensorflow_datasets (protobuf's own
-serializer/parser) and tensorboardX's TFRecord writer (its own masked CRC32C).
+Independent references: bytes written by the hand-written wire-format codec that records.py used before it
+moved to protobuf (every shard converted until then), and tensorboardX's TFRecord writer (its own masked
+CRC32C).
 """
 import math
 import os
@@ -60,9 +61,51 @@ def test_encoding_is_a_real_tf_example():
     assert records.decode_example(ref.SerializeToString()) == {"a": [1, -2, 300], "b": [0.5, -1.25], "c": [b"x", b""]}
 
 
+# An Example written by the previous, hand-written encoder (a varint/wire-type serialiser) from _OLD_INPUT.
+_OLD_INPUT = {"video_id": "ab12", "patient_id": b"p", "study_id": b"s", "study_day": 412,
+              "frames": [b"\xff\xd8a", b"\xff\xd8bc"], "num_frames": 2, "image_size": 224, "fps": 29.97,
+              "report": "LV EJECTION FRACTION IS 55%. ", "ef": float("nan"), "source": b"dicom",
+              "neg": [-5, 2**40], "weights": [0.5, -1.25]}
+_OLD_BYTES = bytes.fromhex(
+    "0ab0020a0e0a026566120812060a040000c07f0a0f0a03667073120812060a048fc2ef410a170a066672616d6573120d0a0b0a03ffd8"
+    "610a04ffd862630a140a0a696d6167655f73697a6512061a040a02e0010a1b0a036e656712141a120a10fbffffffffffffffff018080"
+    "808080200a130a0a6e756d5f6672616d657312051a030a01020a130a0a70617469656e745f696412050a030a01700a2b0a067265706f"
+    "727412210a1f0a1d4c5620454a454354494f4e204652414354494f4e204953203535252e200a130a06736f7572636512090a070a0564"
+    "69636f6d0a130a0973747564795f64617912061a040a029c030a110a0873747564795f696412050a030a01730a140a08766964656f5f"
+    "696412080a060a04616231320a170a0777656967687473120c120a0a080000003f0000a0bf")
+
+
+def test_records_of_the_previous_codec_decode_field_for_field_and_encode_to_the_same_bytes():
+    got = records.decode_example(_OLD_BYTES)
+    assert list(got) == sorted(_OLD_INPUT)
+    for name, value in _OLD_INPUT.items():
+        expected = value if isinstance(value, list) else [value]
+        expected = [v.encode() if isinstance(v, str) else v for v in expected]
+        if name in ("fps", "weights"):  # float32 on the wire
+            assert got[name] == pytest.approx(expected, rel=1e-7), name
+        elif name == "ef":
+            assert len(got[name]) == 1 and math.isnan(got[name][0])
+        else:
+            assert got[name] == expected and [type(v) for v in got[name]] == [type(v) for v in expected], name
+    assert records.encode_example(_OLD_INPUT) == _OLD_BYTES  # records written before and after are alike
+
+
+def test_empty_lists_keep_their_kind():
+    """Feature's `kind` is set even for an empty list; protobuf omits the empty packed numbers (the old
+    codec wrote a zero-length packed field): the same Example either way."""
+    for name, kind in (("frames", "bytes_list"), ("study_day", "int64_list"), ("fps", "float_list")):
+        parsed = example_pb2.Example.FromString(records.encode_example({name: []}))
+        assert parsed.features.feature[name].WhichOneof("kind") == kind
+        assert records.decode_example(parsed.SerializeToString()) == {name: []}
+
+
 def test_schema_kind_is_enforced():
     with pytest.raises(TypeError, match="study_day"):
         records.encode_example({"study_day": "yesterday"})
+    with pytest.raises(TypeError, match="'frames': expected bytes or str, got int"):
+        records.encode_example({"frames": [1]})
+    with pytest.raises(TypeError, match="'big'"):
+        records.encode_example({"big": [2**64]})
     with pytest.raises(ValueError, match="not a valid tf.train.Example"):
         records.decode_example(b"\x0a\xff\xff")
 
