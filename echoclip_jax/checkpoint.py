@@ -2,16 +2,24 @@
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data}`. `state` is the train-state pytree {step, params,
 opt_state, rng, bad_step}; `data` holds one `process_<i>-of-<n>.json` per process. Saves are async;
-Orbax writes each step under a temporary name and renames it when complete, so a step half-written
-when the process died is never listed and is cleaned up on the next start. Restoring goes through
-sharded `jax.ShapeDtypeStruct`s, so a checkpoint loads onto any mesh or device count.
+Orbax writes each step under a temporary name (`<step>.orbax-checkpoint-tmp`) and renames it when
+complete, so a step half-written when the process died is never listed. Restoring goes through sharded
+`jax.ShapeDtypeStruct`s, so a checkpoint loads onto any mesh or device count.
+
+What a killed save leaves is removed by one party, once: `Checkpointer()` on process 0, before any
+process's CheckpointManager exists (`remove_unfinished_saves`); Orbax's own cleanup is switched off. (It
+ran in a background thread whose error the run's first save raised, and since a step's temporary name is
+fixed, the re-save of that step tripped over the same debris again: debris that could not be deleted
+stopped the restarted run. Issue 20.)
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import signal
+import time
 
 import grain
 import jax
@@ -30,17 +38,28 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
     """CheckpointManager keeping the last `keep` steps plus the best by `best_metric` (if given)."""
 
+    _created = 0
+
     def __init__(self, workdir: str, *, keep: int, best_metric: str | None = None, best_mode: str = "max",
-                 async_save: bool = True):
+                 async_save: bool = True, barrier_timeout_s: float = 600):
         policies = [cm.LatestN(n=max(int(keep), 1))]
         if best_metric:
             policies.append(cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1,
                                      keep_checkpoints_without_metrics=False))
+        directory = checkpoint_dir(workdir)
+        if jax.process_index() == 0:
+            remove_unfinished_saves(directory)
+        # no process lists or saves before process 0 is done (a no-op with one process); a barrier's key is
+        # used once, and every process creates its Checkpointers in the same order
+        Checkpointer._created += 1
+        ocp.multihost.get_barrier_sync_fn()(
+            key=f"echoclip_jax.checkpoint: unfinished saves removed ({Checkpointer._created})",
+            timeout_ms=int(barrier_timeout_s * 1000))
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=cm.AnyPreservationPolicy(policies), cleanup_tmp_directories=True,
+            preservation_policy=cm.AnyPreservationPolicy(policies), cleanup_tmp_directories=False,
             enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(
-            checkpoint_dir(workdir), options=options,
+            directory, options=options,
             item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()})
 
     def latest_step(self) -> int | None:
@@ -73,6 +92,49 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # in the name of a step (or item) directory Orbax has not finalised
+DEBRIS_PREFIX = ".unfinished-"  # an unfinished save moved aside; never a step name, deleted at the next start
+
+
+def remove_unfinished_saves(directory: str) -> list[str]:
+    """Removes what saves killed midway left in a checkpoints directory; returns the names it found.
+
+    Each `<step>.orbax-checkpoint-tmp*` is first renamed to a unique hidden `.unfinished-<step>.<ns>`:
+    the rename is atomic, so whoever makes it alone deletes that tree, and the temporary name the re-save
+    of that step will create is free at once, even where the deletion then fails (a file still written or
+    held open by a process of the killed run, an NFS `.nfs*` file). A failure is logged, never raised:
+    what is left is ignored by training and retried at the next start."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith(DEBRIS_PREFIX):
+            trash = path  # moved aside by an earlier start whose deletion failed or was killed
+        elif TMP_SUFFIX in name:
+            trash = os.path.join(directory, f"{DEBRIS_PREFIX}{name.replace(TMP_SUFFIX, '')}.{time.time_ns()}")
+            try:
+                os.rename(path, trash)
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            except OSError as e:
+                log.warning("%s: could not move an unfinished save aside (%s); delete it by hand once no process "
+                            "of the run is alive, or the re-save of that step may fail", path, e)
+                continue
+        else:
+            continue
+        found.append(name)
+        try:
+            shutil.rmtree(trash)
+            log.info("removed %s, left by a save that did not finish", path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("%s: could not delete what an unfinished save left (%s); training ignores it and the "
+                        "next start retries; delete it by hand once no process of the run is alive", trash, e)
+    return found
 
 
 class _IteratorSnapshot:

@@ -1,6 +1,10 @@
 """Checkpointer: state + data iterator saved together, restore onto another mesh, keep-N + best,
-half-written steps ignored, restore_params without an optimizer, SIGTERM flag."""
+half-written steps ignored, debris that cannot be deleted does not stop a save, restore_params without an
+optimizer, SIGTERM flag."""
+import errno
+import logging
 import os
+import shutil
 import signal
 
 import grain
@@ -67,6 +71,46 @@ def test_keeps_last_k_plus_best_and_ignores_half_written_steps(tmp_path):
     os.makedirs(tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1234" / "state")
     assert checkpoint.latest_step(str(tmp_path)) == 5
     assert checkpoint.latest_step(str(tmp_path / "nothing-here")) is None
+
+
+def test_debris_of_a_killed_save_that_cannot_be_deleted_does_not_stop_the_resave(tmp_path, monkeypatch, caplog):
+    """Issue 20. A save of step 2 killed midway left Orbax's temporary directory, and deleting it fails (as when
+    something still writes into it or holds a file open): `rmtree` raises ENOTEMPTY. The next Checkpointer must
+    still save step 2, which needs that very temporary name, and say what it could not delete. With Orbax's
+    own cleanup (background, its error raised by the first save) this save raised the OSError."""
+    mesh = _mesh(1, 8)
+    ck = checkpoint.Checkpointer(str(tmp_path), keep=3)
+    ck.save(1, _state(mesh), _iterator())
+    ck.wait()
+    ck.close()
+    ckdir = tmp_path / "checkpoints"
+    data_dir = ckdir / "2.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp" / "d"
+    os.makedirs(data_dir)
+    (data_dir / "f04c3b29").write_bytes(b"half a chunk")
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree_failing_on_debris(path, *args, **kwargs):
+        if ".orbax-checkpoint-tmp" in str(path) or checkpoint.DEBRIS_PREFIX in str(path):
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), "d")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_failing_on_debris)
+    with caplog.at_level(logging.WARNING, logger="echoclip_jax.checkpoint"):
+        ck = checkpoint.Checkpointer(str(tmp_path), keep=3)
+        ck.save(2, _state(mesh), _iterator())
+        ck.wait()
+        ck.close()
+    assert checkpoint.all_steps(str(tmp_path)) == [1, 2]
+    assert float(checkpoint.restore_params(str(tmp_path), step=2)["logit_scale"]) == 2.5
+    left = [n for n in os.listdir(ckdir) if n.startswith(checkpoint.DEBRIS_PREFIX)]
+    assert len(left) == 1 and not any(".orbax-checkpoint-tmp" in n for n in os.listdir(ckdir)), os.listdir(ckdir)
+    warning, = [r.getMessage() for r in caplog.records if r.name == "echoclip_jax.checkpoint"]
+    assert str(ckdir / left[0]) in warning and "delete it by hand" in warning and "Directory not empty" in warning
+
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)  # deletable again: the next start removes it
+    assert checkpoint.remove_unfinished_saves(str(ckdir)) == left
+    assert sorted(os.listdir(ckdir)) == ["1", "2"]
 
 
 def test_restore_params_reads_weights_only(tmp_path):

@@ -1,13 +1,16 @@
 """Issue 9, training half: tests that try to break a run. A corrupt record read by the training loader, a
-checkpoint step half-written when an async save was killed, a NaN batch in the middle of a run, a peer
-process SIGKILLed in a two-process run, and the privacy of every byte the whole pipeline writes.
+checkpoint step half-written when an async save was killed, a run SIGKILLed or SIGTERMed at each phase of a
+save and restarted (issue 20), a NaN batch in the middle of a run, a peer process SIGKILLed in a two-process
+run, and the privacy of every byte the whole pipeline writes.
 
 Whole runs go through `run_train` (conftest): a fresh `python -m echoclip_jax.train` on 2 CPU devices,
 bounded by a timeout. Already covered elsewhere (not repeated here): SIGKILL + resume bit-identical and
 SIGTERM saves and exits 0 (test_train.py), restore onto another device count (test_checkpoint.py,
 test_train.py), a non-finite loss at step 0 (test_train.py)."""
+import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -115,6 +118,379 @@ def test_half_written_checkpoint_step_is_ignored_on_resume(records_dir, tmp_path
     assert checkpoint.all_steps(str(tmp_path)) == [4, 8] and not half.exists()  # cleaned up, then re-saved
     for a, b in zip(jax.tree.leaves(checkpoint.restore_params(str(tmp_path))), jax.tree.leaves(whole)):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------ killed while a checkpoint is written (issue 20)
+
+# The runs: the tiny config's 8 steps, a save every 2 (2, 4, 6, 8; 3 kept), a metrics row every step, as
+# test_train's SIGKILL runs (the compiled step is shared through the XLA cache). On CPU the loop waits for
+# each save, so one save at most is in flight; its phases are seen on disk: the step's row logged, then
+# `<step>.orbax-checkpoint-tmp/` with `state.orbax-checkpoint-tmp/` and `data.orbax-checkpoint-tmp/`, array
+# files under `ocdbt.process_0/d/` (the async write), the two items renamed, the step renamed `<step>/`.
+KILL_RUN = ("--config.checkpoint_every_steps=2", "--config.eval_batches=0", "--config.log_every_steps=1")
+TMP = checkpoint.TMP_SUFFIX
+SAME = ("loss", "grad_norm", "lr", "logit_scale")  # per-step metrics a resumed run must repeat bit for bit
+
+# A prelude for the narrow phases: every rename of step STEP's temporary directories (the finalisation)
+# waits PAUSE seconds first, so that the test, watching the disk, kills inside the window it means.
+SLOW_RENAMES = """
+import os, time
+_rename, _slow = os.rename, os.sep + os.environ["SLOW_STEP"] + ".orbax-checkpoint-tmp"
+def _paused_rename(src, dst, *args, **kwargs):
+    if _slow in os.fspath(src):
+        time.sleep(float(os.environ["PAUSE"]))
+    return _rename(src, dst, *args, **kwargs)
+os.rename = _paused_rename
+"""
+# Deleting what an unfinished save left fails, as it does when a file in it is still being written or held
+# open (a process of the killed run, NFS's `.nfs*` files): shutil.rmtree raises ENOTEMPTY.
+FAILING_DEBRIS_DELETE = """
+import errno, os, shutil
+_rmtree = shutil.rmtree
+def _failing_rmtree(path, *args, **kwargs):
+    name = os.path.basename(os.fspath(path).rstrip(os.sep))
+    if ".orbax-checkpoint-tmp" in name or name.startswith(".unfinished-"):
+        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), "d")
+    return _rmtree(path, *args, **kwargs)
+shutil.rmtree = _failing_rmtree
+"""
+# Every deletion of what an unfinished save left (echoclip_jax.checkpoint.remove_unfinished_saves) waits first.
+SLOW_DEBRIS_DELETE = """
+import os, shutil, time
+_rmtree = shutil.rmtree
+def _paused_rmtree(path, *args, **kwargs):
+    if os.path.basename(os.fspath(path)).startswith(".unfinished-"):
+        time.sleep(float(os.environ["PAUSE"]))
+    return _rmtree(path, *args, **kwargs)
+shutil.rmtree = _paused_rmtree
+"""
+
+
+def _ckdir(workdir) -> str:
+    return checkpoint.checkpoint_dir(str(workdir))
+
+
+def _debris(workdir) -> list[str]:
+    """What unfinished saves left: Orbax's temporary directories and ours moved aside."""
+    d = _ckdir(workdir)
+    names = os.listdir(d) if os.path.isdir(d) else []
+    return sorted(n for n in names if TMP in n or n.startswith(checkpoint.DEBRIS_PREFIX))
+
+
+def _rows(workdir) -> list[dict]:
+    """metrics.jsonl's complete rows (read while a run may be writing it)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def _files_under(path) -> int:
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def _phase(name: str, step: int):
+    """(condition on a workdir, rows of earlier runs to skip) -> bool: step `step`'s save is at phase `name`."""
+    def tmp(wd, *parts):
+        return os.path.join(_ckdir(wd), f"{step}{TMP}", *parts)
+
+    def renamed(wd) -> int:  # items of the step finalised (renamed from `<item>.orbax-checkpoint-tmp`)
+        return sum(os.path.isdir(tmp(wd, item)) for item in ("state", "data"))
+    return {
+        "row logged": lambda wd, skip: any(r["step"] == step for r in _rows(wd)[skip:]),  # the save starts next
+        "arrays being written": lambda wd, skip: _files_under(tmp(wd, f"state{TMP}", "ocdbt.process_0", "d")) > 0,
+        "one item renamed": lambda wd, skip: renamed(wd) == 1,
+        "items renamed": lambda wd, skip: renamed(wd) == 2,
+        "committed": lambda wd, skip: os.path.isdir(os.path.join(_ckdir(wd), str(step))),
+    }[name]
+
+
+class _Run:
+    """`python -m echoclip_jax.train` (KILL_RUN) in the background, its output in a log file."""
+
+    def __init__(self, records_dir, workdir, log_path, *extra, prelude="", env=None, processes=1, process_id=0,
+                 port=None):
+        self.workdir, self.log_path = workdir, log_path
+        self.skip = len(_rows(workdir))  # rows of earlier runs
+        if processes > 1:
+            extra = (*extra, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                     f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={process_id}",
+                     f"--config.distributed.heartbeat_timeout={HEARTBEAT}")
+        args, base_env = train_command(records_dir, workdir, *KILL_RUN, *extra, prelude=prelude)
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(args, env={**base_env, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        with open(self.log_path) as f:  # written by the process itself
+            return f.read()
+
+    def signal_when(self, cond, sig, timeout=300) -> None:
+        """Sends `sig` as soon as `cond(workdir, rows to skip)` holds (polled every 2 ms, at most `timeout` s)."""
+        t = time.time()
+        while not cond(self.workdir, self.skip):
+            assert self.proc.poll() is None, f"exited {self.proc.returncode} first:\n{self.output()[-3000:]}"
+            assert time.time() - t < timeout, f"not reached in {timeout} s:\n{self.output()[-3000:]}"
+            time.sleep(0.002)
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=300) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
+
+
+def _resumed_at(log: str) -> int | None:
+    for line in log.splitlines():
+        if "resumed from" in line:
+            return int(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _assert_each_step_repeats_bit_for_bit(rows, reference=None):
+    """Every step logged more than once (trained again after a kill) has the same metrics each time, and the
+    same as in `reference` (the uninterrupted run's rows), bit for bit; returns how many rows repeated one."""
+    first = {}
+    for r in reference or []:
+        first[r["step"]] = {k: r[k] for k in SAME}
+    repeated = 0
+    for r in rows:
+        got = {k: r[k] for k in SAME}
+        if r["step"] in first:
+            assert got == first[r["step"]], (r["step"], got, first[r["step"]])
+            repeated += 1
+        first.setdefault(r["step"], got)
+    return repeated
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(records_dir, tmp_path_factory):
+    """The run the kill tests' runs must end as: its final parameters and its metrics rows."""
+    wd = tmp_path_factory.mktemp("uninterrupted")
+    run_train(records_dir, wd, *KILL_RUN)
+    return checkpoint.restore_params(str(wd)), read_metrics(wd)
+
+
+def _assert_ends_as(workdir, uninterrupted):
+    params, rows = uninterrupted
+    for a, b in zip(jax.tree.leaves(checkpoint.restore_params(str(workdir))), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    assert _rows(workdir)[-1]["step"] == 8
+    _assert_each_step_repeats_bit_for_bit(_rows(workdir), rows)
+
+
+def test_sigkill_while_a_save_is_written_then_the_restart_resumes(records_dir, tmp_path):
+    """Default-suite variant of issue 20: SIGKILL once step 4's save has array files on disk (its async
+    write under way), then the same command again, in which deleting that debris fails (FAILING_DEBRIS_DELETE,
+    as when a file in it is still written or held open). The restart must resume from step 2, say what it
+    could not delete, save step 4 again (under the temporary name the debris had) and train steps 3 and 4
+    again with the same loss, gradient norm, lr and logit scale bit for bit. Before the fix it crashed at
+    that first save with the cleanup's `OSError: [Errno 39] Directory not empty: 'd'`."""
+    wd = tmp_path / "run"
+    run = _Run(records_dir, wd, tmp_path / "killed.log")
+    run.signal_when(_phase("arrays being written", 4), signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    assert _debris(wd) == [f"4{TMP}"] and checkpoint.all_steps(str(wd)) == [2]  # killed mid-save
+
+    log = run_train(records_dir, wd, *KILL_RUN, prelude=FAILING_DEBRIS_DELETE).stderr
+    assert _resumed_at(log) == 2, log[-3000:]
+    left = _debris(wd)
+    assert len(left) == 1 and left[0].startswith(checkpoint.DEBRIS_PREFIX + "4."), left  # moved aside, not deleted
+    assert (f"{_ckdir(wd)}/{left[0]}: could not delete what an unfinished save left ([Errno 39] Directory not "
+            "empty: 'd'); training ignores it and the next start retries") in log, log[-3000:]
+    assert checkpoint.all_steps(str(wd)) == [4, 6, 8]
+    rows = _rows(wd)
+    assert [r["step"] for r in rows][-6:] == [3, 4, 5, 6, 7, 8]
+    assert _assert_each_step_repeats_bit_for_bit(rows) >= 2  # steps 3 and 4, trained before and after the kill
+    assert checkpoint.remove_unfinished_saves(_ckdir(wd)) == left and _debris(wd) == []  # the next start's
+
+
+# (phase of step 4's save, prelude, its environment): each kill ends one run, the next run resumes from step 2
+# (from 4 after "committed"); "restart killed mid-cleanup" kills the run that removes the previous kill's debris.
+KILL_POINTS = [
+    ("row logged", "", {}),
+    ("arrays being written", "", {}),
+    ("restart killed mid-cleanup", SLOW_DEBRIS_DELETE, {"PAUSE": "2"}),
+    ("one item renamed", SLOW_RENAMES, {"SLOW_STEP": "4", "PAUSE": "2"}),
+    ("items renamed", SLOW_RENAMES, {"SLOW_STEP": "4", "PAUSE": "2"}),
+    ("committed", "", {}),
+]
+
+
+@pytest.mark.slow
+def test_sigkill_at_each_phase_of_a_save_then_resume_is_bit_identical(records_dir, tmp_path, uninterrupted):
+    """Issue 20: one workdir, SIGKILLed 6 times at successive phases of step 4's save (once while the restart
+    removes the previous kill's debris), each time restarted with the same command; the last run ends with the
+    uninterrupted run's parameters, every step trained twice repeats its metrics bit for bit, no debris left."""
+    wd = tmp_path / "run"
+    for i, (point, prelude, env) in enumerate(KILL_POINTS):
+        latest = checkpoint.latest_step(str(wd))
+        run = _Run(records_dir, wd, tmp_path / f"kill{i}.log", prelude=prelude, env=env)
+        if point == "restart killed mid-cleanup":
+            prefix = checkpoint.DEBRIS_PREFIX
+            run.signal_when(lambda w, _: any(n.startswith(prefix) for n in os.listdir(_ckdir(w))), signal.SIGKILL)
+        else:
+            run.signal_when(_phase(point, 4), signal.SIGKILL)
+        assert run.wait() == -signal.SIGKILL, run.output()[-3000:]
+        left, steps = _debris(wd), checkpoint.all_steps(str(wd))
+        print(f"killed at {point!r}: steps {steps}, debris {left}")
+        if point == "restart killed mid-cleanup":
+            assert [n for n in left if n.startswith(checkpoint.DEBRIS_PREFIX)] and steps == [2]
+        elif point == "committed":
+            assert steps == [2, 4] and left == []
+        elif point != "row logged":  # the save may or may not have begun
+            assert steps == [2] and left == [f"4{TMP}"], (point, steps, left)
+        if i and point != "restart killed mid-cleanup":
+            assert _resumed_at(run.output()) == latest, run.output()[-3000:]
+    log = run_train(records_dir, wd, *KILL_RUN).stderr
+    assert _resumed_at(log) == 4
+    assert _debris(wd) == [] and checkpoint.all_steps(str(wd)) == [4, 6, 8]
+    _assert_ends_as(wd, uninterrupted)
+
+
+# A process that saves steps 1, 2, ... through echoclip_jax.checkpoint (8 MB each, 2 kept) and checks, when it
+# resumes, that the restored state and data iterator are exactly those of the step it resumed from.
+SAVER = """
+import sys
+import grain, jax, jax.numpy as jnp, numpy as np
+from echoclip_jax import checkpoint
+
+def state(step):
+    return {"step": jnp.int32(step), "w": {str(i): jnp.full((256, 1024), step + i / 8, jnp.float32) for i in range(8)}}
+
+ck = checkpoint.Checkpointer(sys.argv[1], keep=2)
+it = iter(grain.MapDataset.range(10 ** 6).to_iter_dataset())
+start = ck.latest_step() or 0
+if start:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state(0))
+    restored = ck.restore(start, abstract, it)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state(start))):
+        np.testing.assert_array_equal(a, b)
+print("resumed", start, flush=True)
+for step in range(start + 1, int(sys.argv[2]) + 1):
+    position = int(next(it))
+    assert position == step - 1, f"data iterator at {position}, expected {step - 1}"
+    ck.save(step, state(step), it)
+    ck.wait()
+    print("saved", step, flush=True)
+ck.close()
+"""
+
+
+def _save_phase(workdir) -> str:
+    """Where a SAVER process was when it died, from what it left on disk."""
+    names = os.listdir(_ckdir(workdir))
+    tmp = [n for n in names if TMP in n]
+    if tmp:
+        items = os.listdir(os.path.join(_ckdir(workdir), tmp[0]))
+        return "mid-write" if any(TMP in n for n in items) and not {"state", "data"} & set(items) else "finalising"
+    if len([n for n in names if n.isdigit()]) > 2:
+        return "committed, oldest step being deleted"
+    return "between saves"
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_of_saves_then_every_restore_is_exact(tmp_path):
+    """Issue 20, at random: a SAVER process is SIGKILLed a uniformly random 0-2 s after it resumed, over and
+    over for 90 s (at least 10 kills; seeded), so the kills land in every phase of a save and of the deletion
+    of the oldest step that follows it. Every restart must resume from the latest complete step with the exact state and
+    iterator position; at least 3 kills must land mid-write; a last run saves 2 more steps and leaves no debris."""
+    wd, rng, phases = tmp_path / "run", random.Random(20), {}
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags(2)}
+    t0 = time.time()
+    while time.time() - t0 < 90 or sum(phases.values()) < 10:
+        assert time.time() - t0 < 400, phases
+        latest = checkpoint.latest_step(str(wd)) or 0
+        with open(tmp_path / "saver.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-c", SAVER, str(wd), "1000000"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True)
+        _wait_for_line(proc, tmp_path / "saver.log", f"resumed {latest}")
+        time.sleep(rng.uniform(0, 2))  # the random moment: nothing to wait for
+        assert proc.poll() is None, (tmp_path / "saver.log").read_text()[-3000:]
+        proc.kill()
+        proc.wait()
+        phase = _save_phase(wd)
+        phases[phase] = phases.get(phase, 0) + 1
+    print(f"{sum(phases.values())} kills in {time.time() - t0:.0f} s: {phases}")
+    assert phases.get("mid-write", 0) >= 3, phases
+    latest = checkpoint.latest_step(str(wd))
+    r = subprocess.run([sys.executable, "-c", SAVER, str(wd), str(latest + 2)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and f"resumed {latest}" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _debris(wd) == [] and checkpoint.all_steps(str(wd)) == [latest + 1, latest + 2]
+
+
+def _wait_for_line(proc, log_path, line, timeout=300):
+    t = time.time()
+    while True:
+        text = open(log_path).read()
+        if line in text.splitlines():
+            return
+        assert proc.poll() is None, f"exited {proc.returncode} before printing {line!r}:\n{text[-3000:]}"
+        assert time.time() - t < timeout, f"no {line!r} in {timeout} s:\n{text[-3000:]}"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_save_then_sigkill_during_the_preemption_save(records_dir, tmp_path, uninterrupted):
+    """SIGTERM while step 4 is being saved: the run finishes that save, saves step 5 and exits 0. Restarted,
+    SIGTERM while step 6 is saved, then SIGKILL (the grace period over) while the preemption save of step 7
+    is written. The third run resumes from 6 and ends bit-identical to the uninterrupted run."""
+    wd = tmp_path / "run"
+    run = _Run(records_dir, wd, tmp_path / "sigterm.log")
+    run.signal_when(_phase("arrays being written", 4), signal.SIGTERM)
+    assert run.wait() == 0, run.output()[-3000:]
+    assert "preempted: saved step 5, exiting" in run.output()
+    assert checkpoint.all_steps(str(wd)) == [2, 4, 5] and _debris(wd) == []
+
+    run = _Run(records_dir, wd, tmp_path / "sigterm-sigkill.log")
+    run.signal_when(_phase("arrays being written", 6), signal.SIGTERM)
+    run.signal_when(_phase("arrays being written", 7), signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    assert _resumed_at(run.output()) == 5
+    assert checkpoint.all_steps(str(wd)) == [4, 5, 6] and _debris(wd) == [f"7{TMP}"]
+
+    log = run_train(records_dir, wd, *KILL_RUN).stderr
+    assert _resumed_at(log) == 6 and _debris(wd) == []
+    _assert_ends_as(wd, uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator", "worker"])
+def test_two_processes_one_killed_mid_save_then_both_restart(records_dir, tmp_path, victim):
+    """Two processes (2 CPU devices each); one is SIGKILLed while step 4's save is written, the other exits
+    (the peer is gone); both are restarted. They resume from step 2, process 0 removes the debris, and steps
+    3 and 4, trained twice, repeat their metrics bit for bit."""
+    wd = tmp_path / "run"
+
+    def start(name):
+        port = free_port()
+        return [_Run(records_dir, wd, tmp_path / f"{name}{i}.log", processes=2, process_id=i, port=port)
+                for i in range(2)]
+
+    runs = start("killed")
+    try:
+        runs[victim].signal_when(_phase("arrays being written", 4), signal.SIGKILL)
+        assert runs[victim].wait() == -signal.SIGKILL
+        t = time.time()
+        assert runs[1 - victim].wait(timeout=4 * HEARTBEAT) != 0  # the survivor does not hang
+        print(f"survivor exited {time.time() - t:.1f} s after the kill")
+    finally:
+        for r in runs:
+            r.wait(timeout=1)
+    assert checkpoint.all_steps(str(wd)) == [2]
+    runs = start("restarted")
+    for r in runs:
+        assert r.wait(timeout=600) == 0, r.output()[-3000:]
+        assert _resumed_at(r.output()) == 2
+    assert _debris(wd) == [] and checkpoint.all_steps(str(wd)) == [4, 6, 8]
+    rows = _rows(wd)
+    assert [r["step"] for r in rows][-6:] == [3, 4, 5, 6, 7, 8]
+    assert _assert_each_step_repeats_bit_for_bit(rows) >= 2
 
 
 # --------------------------------------------------------------------------------------- NaN batches
