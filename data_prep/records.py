@@ -2,9 +2,8 @@
 
 TFRecord has no random access, so every shard gets a `.index` file with the byte offset and length of each
 record; the training loader (grain) reads records by number through it. Neither the writer here nor the
-reader in `echoclip_jax` needs TensorFlow: Examples are (de)serialised by protobuf with the copy of
-TensorFlow's Example protos that tensorflow_datasets ships, the framing's CRC32C is google_crc32c's, yet the
-shards are standard TFRecords (length, masked CRC32C of the length, payload, masked CRC32C of the payload)
+reader in `echoclip_jax` needs TensorFlow: Examples are (de)serialised by protobuf from TensorFlow's
+Example message descriptors, the framing's CRC32C is google_crc32c's, yet the shards are standard TFRecords (length, masked CRC32C of the length, payload, masked CRC32C of the payload)
 that `tf.data.TFRecordDataset` reads too.
 
 Index file layout (little endian): magic b"ECLIPIDX", uint32 version (1), uint64 record count N, then N
@@ -13,7 +12,6 @@ anywhere in it fails the CRC, and the index must agree with the shard's size.
 """
 from __future__ import annotations
 
-import functools
 import glob
 import os
 import re
@@ -66,16 +64,52 @@ def masked_crc32c(data: bytes) -> int:
 # ------------------------------------------------------------------------------------- the Example
 
 
-@functools.cache
-def _protos():
-    """tensorflow_datasets' copy of TensorFlow's Example protos, serialised by protobuf's upb backend.
+def _example_protos():
+    """TensorFlow's `tf.train.Example` messages (tensorflow/core/example/{example,feature}.proto: the same
+    package, names, field numbers and types, so the bytes are TensorFlow's), registered with protobuf from
+    their descriptor and serialised by its upb backend.
 
-    Imported on first use: the header scan and the index readers never need it."""
-    from tensorflow_datasets.proto import tf_example_generated_pb2
+    Built here at import, in the importing thread, rather than imported from a package that ships them:
+    loader threads then never import anything while they decode, and no TensorFlow or TFDS is loaded."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-    return tf_example_generated_pb2
+    F = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="echoclip_jax/tf_example.proto", package="tensorflow",
+                                               syntax="proto3")
+
+    def message(name, *fields, nested=()):
+        m = proto.message_type.add(name=name)
+        for entry in nested:
+            m.nested_type.add().CopyFrom(entry)
+        for field_name, number, kind, label, type_name, *oneof in fields:
+            f = m.field.add(name=field_name, number=number, type=kind, label=label)
+            if type_name:
+                f.type_name = type_name
+            if oneof:
+                f.oneof_index = 0
+        return m
+
+    repeated, optional = F.LABEL_REPEATED, F.LABEL_OPTIONAL
+    message("BytesList", ("value", 1, F.TYPE_BYTES, repeated, ""))
+    message("FloatList", ("value", 1, F.TYPE_FLOAT, repeated, ""))
+    message("Int64List", ("value", 1, F.TYPE_INT64, repeated, ""))
+    feature = message("Feature", ("bytes_list", 1, F.TYPE_MESSAGE, optional, ".tensorflow.BytesList", 0),
+                      ("float_list", 2, F.TYPE_MESSAGE, optional, ".tensorflow.FloatList", 0),
+                      ("int64_list", 3, F.TYPE_MESSAGE, optional, ".tensorflow.Int64List", 0))
+    feature.oneof_decl.add(name="kind")
+    entry = descriptor_pb2.DescriptorProto(name="FeatureEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=optional)
+    entry.field.add(name="value", number=2, type=F.TYPE_MESSAGE, label=optional, type_name=".tensorflow.Feature")
+    message("Features", ("feature", 1, F.TYPE_MESSAGE, repeated, ".tensorflow.Features.FeatureEntry"),
+            nested=[entry])
+    message("Example", ("features", 1, F.TYPE_MESSAGE, optional, ".tensorflow.Features"))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
 
 
+Example = _example_protos()
 _LIST_FIELD = {BYTES: "bytes_list", FLOAT: "float_list", INT64: "int64_list"}  # Feature's `kind` oneof
 
 
@@ -116,7 +150,7 @@ def encode_example(features: dict) -> bytes:
 
     Deterministic (protobuf orders the map entries): identical input gives identical bytes, so a resumed
     conversion writes the shards a clean one would."""
-    example = _protos().Example()
+    example = Example()
     example.features.SetInParent()  # an Example without features still carries the (empty) Features message
     feature_map = example.features.feature
     for name, value in features.items():
@@ -138,7 +172,7 @@ def decode_example(data: bytes) -> dict[str, list]:
     from google.protobuf.message import DecodeError
 
     try:
-        example = _protos().Example.FromString(bytes(data))
+        example = Example.FromString(bytes(data))
     except DecodeError as e:
         raise ValueError(f"not a valid tf.train.Example ({len(data)} bytes): {e}") from None
     result: dict[str, list] = {}
