@@ -36,6 +36,7 @@ INSTALL_REQUIRES = [
     "ftfy==6.3.1",
     "regex==2026.11.15",
     "phonenumbers==9.0.43",
+    "faiss-cpu==1.15.1",  # echoclip_jax.search: exact and IVF vector search
 ]
 
 EXTRAS = {

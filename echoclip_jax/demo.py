@@ -5,7 +5,8 @@
 Every stage is the project's own command-line entry point, run as a user would run it, so the demo
 is also the proof that the parts fit: synthetic DICOM cohort -> data_prep.convert -> train
 configs/tiny.py -> convert the final checkpoint to safetensors -> evaluate on held-out patients ->
-saliency maps. A stage whose output already exists is not redone, so an interrupted demo resumes.
+saliency maps -> preliminary reports by retrieval for the held-out studies (echoclip_jax.report), scored
+against the cohort's truth beside k random reports. A stage whose output already exists is not redone, so an interrupted demo resumes.
 The results table prints every figure beside the baseline it has to beat; `OUT/results.json` holds them.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from echoclip_jax import zero_shot as zs
 
 CONFIG = "configs/tiny.py"
 EVAL_TASKS = ("ejection_fraction", "pacemaker", "tavr", "mitraclip")
+REPORT_K = 10  # reports retrieved per held-out study or video
 SALIENCY_PROMPTS = (
     "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD.",
     "LV EJECTION FRACTION IS 25%.",
@@ -127,6 +129,34 @@ def summarise(eval_json: dict, base: dict) -> dict:
     return rows
 
 
+def report_rows(report_dir: str, cohort: str, salt_file: str) -> dict:
+    """Agreement of the retrieval reports' voted findings with the cohort's truth (truth.csv, joined by the
+    salted study id; only the demo reads it), beside the same vote over k random bank reports."""
+    from data_prep.plan import salted_hash
+    from data_prep.synthetic import read_truth
+    from echoclip_jax import report
+
+    with open(salt_file, "rb") as f:
+        salt = f.read().strip()
+    truth = {}
+    for r in read_truth(cohort):
+        truth.setdefault(salted_hash(salt, "study", r["StudyInstanceUID"]),
+                         {"ef": float(r["ef"]), "lv_size": r["lv_size"], **{d: int(r[d]) for d in report.DEVICES}})
+    rows = {}
+    for level, keys in (("study", ("ef_within_5", "ef_band_accuracy", "devices_balanced_accuracy", "lv_size_accuracy")),
+                        ("video", ("ef_within_5", "devices_balanced_accuracy"))):
+        with open(os.path.join(report_dir, f"{level}_reports.jsonl")) as f:
+            found = [json.loads(line) for line in f]
+        true = [truth[x["study_id"]] for x in found]
+        got = report.agreement([x["findings"] for x in found], true)
+        chance = report.agreement([x["random_findings"] for x in found], true)
+        for key in keys:
+            v, b = got[key], chance[key]
+            rows[f"report_{level}_{key}"] = {"value": v, "baseline": b, "better": "higher", "n": got["n"],
+                                             "beats_baseline": bool(v is not None and b is not None and v > b)}
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="everything is written under this directory")
@@ -147,6 +177,7 @@ def main(argv=None) -> int:
     cohort, data_dir = os.path.join(out, "cohort"), os.path.join(out, "records")
     workdir, export = os.path.join(out, "train"), os.path.join(out, "export", "model.safetensors")
     eval_dir, saliency_dir = os.path.join(out, "eval"), os.path.join(out, "saliency")
+    report_dir = os.path.join(out, "report")
     # The salt is the hospital's secret; the demo makes one for its synthetic cohort.
     salt_file = os.path.join(out, "secrets", "salt")
     if not os.path.exists(salt_file):
@@ -183,11 +214,17 @@ def main(argv=None) -> int:
             py, "-m", "echoclip_jax.interpret", f"--config={config}", *overrides[3:], "--checkpoint", checkpoint,
             "--data_dir", data_dir, "--split", "test", "--limit", "3", "--frames", "4", "--out", saliency_dir,
             *[a for prompt in SALIENCY_PROMPTS for a in ("--prompt", prompt)]], logs)
+    if not os.path.exists(os.path.join(report_dir, "summary.json")):
+        timings["report"] = _run("report", [
+            py, "-m", "echoclip_jax.report", f"--config={config}", *overrides[3:], "--checkpoint", checkpoint,
+            "--data_dir", data_dir, "--split", "test", "--level", "both", "--baseline", "--k", str(REPORT_K),
+            "--out", report_dir], logs)
 
     eval_files = sorted(f for f in os.listdir(eval_dir) if f.endswith(".json"))
     with open(os.path.join(eval_dir, eval_files[-1])) as f:
         eval_json = json.load(f)
     rows = summarise(eval_json, baselines(data_dir))
+    rows.update(report_rows(report_dir, cohort, salt_file))
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         train_log = [json.loads(line) for line in f if line.strip()]
     losses = [r["loss"] for r in train_log if "loss" in r]
@@ -198,7 +235,7 @@ def main(argv=None) -> int:
         "num_test_videos": eval_json.get("num_videos"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "paths": {"cohort": cohort, "records": data_dir, "workdir": workdir, "export": export,
-                  "evaluation": eval_dir, "saliency": saliency_dir, "logs": logs},
+                  "evaluation": eval_dir, "saliency": saliency_dir, "report": report_dir, "logs": logs},
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -1,0 +1,336 @@
+"""A preliminary report by retrieval: the k reports of a report bank nearest to a study, and a vote over them.
+
+  python -m echoclip_jax.report --checkpoint KIND:PATH --config C --video study_dir_or.dcm --bank BANK --out R
+  python -m echoclip_jax.report --checkpoint KIND:PATH --config C --data_dir O --split test [--bank BANK]
+      [--k 10] [--level study|video|both] [--match text|image] --out R
+
+It is a retrieval, not a diagnosis, and every output says so: what is reported is what the reports of the
+most similar studies in the bank said.
+
+Bank (`--bank`): a search index built with `python -m echoclip_jax.search build --reports` (its train
+studies), a records directory (its train split's de-identified reports, one per study; the default with
+--data_dir is that directory), or a user's own CSV of reports (a `report` column, optional `id`; scrubbed by
+data_prep.report_deid's patterns and normalised with data_prep.reports.clean_text, but de-identify it first:
+the text is copied into R). With --data_dir, reports of the query's own patient are left out.
+
+Matching (`--match`): the query study's embedding (the mean of its videos' L2-normalised embeddings,
+re-normalised) against the bank reports' text embeddings, "text", the default: the cross-modal similarity
+CLIP training optimises, it needs only the bank's text (any CSV of reports works), and on the demo's held-out
+studies it agreed with the truth as often as "image" (the bank studies' own video embeddings, then their
+reports: EF within +-5 0.971 both, devices 0.987 both, EF band 0.883 vs 0.893, LV size 0.981 vs 0.961), in
+half the time (the bank's videos need not be embedded).
+
+Findings, extracted from each bank report with the zero-shot tasks' label rules (`zero_shot.extract_label`
+over configs/zero_shot_tasks.json: ejection_fraction, pacemaker, tavr, mitraclip; LV size with the table's
+LV-size phrases cut to their common "... DILATED LEFT VENTRICLE" and the normal phrase): EF (median of the
+k reports' numbers; support = reports within +-5), EF band, each device present/absent, LV size (votes
+among the reports that state it). Each finding carries its support (how many of k agree), how many of k
+state it, and the agreeing reports' mean similarity. Outputs: R/report.json + R/report.txt (--video), or
+R/study_reports.jsonl, R/video_reports.jsonl, R/reports.txt and R/summary.json (--data_dir; salted ids).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+
+import numpy as np
+
+from echoclip_jax import zero_shot as zs
+from echoclip_jax.search.bank import Bank, load_bank  # noqa: F401 (this module's API)
+
+DISCLAIMER = ("PRELIMINARY REPORT BY RETRIEVAL, NOT A DIAGNOSIS: the findings are votes over the reports of the "
+              "most similar studies in a report bank; a cardiologist must read this study.")
+EF_BANDS = ((70, "hyperdynamic"), (55, "normal"), (45, "mildly reduced"), (30, "moderately reduced"),
+            (0, "severely reduced"))  # the systolic-function grades of EchoCLIP-style reports
+DEVICES = ("pacemaker", "tavr", "mitraclip")
+FINDINGS = ("ef", "ef_band", *DEVICES, "lv_size")
+EF_TOLERANCE = 5.0
+_LV_SIZES = ("normal", "mild", "moderate", "severe")
+LV_SIZE_TASK = zs.Task(  # the zero-shot table's LV-size phrases without "BY VOLUME" / "BY LINEAR CAVITY
+    name="lv_size", mode="categorical",  # DIMENSION", plus the normal phrase; unstated -> unknown (no 0 class)
+    label_sources=("NORMAL LEFT VENTRICULAR SIZE.", "MILD DILATED LEFT VENTRICLE", "MODERATE DILATED LEFT VENTRICLE",
+                   "SEVERE DILATED LEFT VENTRICLE"),
+    testers=("NORMAL LEFT VENTRICULAR SIZE.",), source_values=(1.0, 2.0, 3.0, 4.0), tester_values=(1.0,),
+    value_mapping={1.0: "normal", 2.0: "mild", 3.0: "moderate", 4.0: "severe"})
+
+
+def ef_band(ef) -> str | None:
+    if ef is None or not np.isfinite(ef):
+        return None
+    return next(name for floor, name in EF_BANDS if ef >= floor)
+
+
+def report_findings(reports: list[str]) -> list[dict]:
+    """Per report: {ef: float|None, ef_band, pacemaker/tavr/mitraclip: "present"|"absent", lv_size: str|None}."""
+    tasks = {t.name: t for t in zs.load_tasks(None, ["ejection_fraction", *DEVICES])}
+    ef = zs.task_labels(tasks["ejection_fraction"], reports)
+    devices = {d: zs.task_labels(tasks[d], reports) for d in DEVICES}
+    lv = zs.task_labels(LV_SIZE_TASK, reports)
+    out = []
+    for i in range(len(reports)):
+        e = float(ef[i]) if np.isfinite(ef[i]) else None
+        row = {"ef": e, "ef_band": ef_band(e)}
+        row.update({d: "present" if devices[d][i] == 1 else "absent" for d in DEVICES})
+        row["lv_size"] = LV_SIZE_TASK.value_mapping.get(lv[i]) if np.isfinite(lv[i]) else None
+        out.append(row)
+    return out
+
+
+def vote(findings: list[dict], sims: np.ndarray) -> dict:
+    """Per finding, the value most of the k neighbours give (ties: the larger summed similarity), with
+    support (how many agree), stated (how many give a value) and the agreeing neighbours' mean similarity.
+    EF: the median of the stated numbers, support = neighbours within +-5."""
+    k, sims = len(findings), np.asarray(sims, np.float64)
+    out = {}
+    efs = np.asarray([f["ef"] if f["ef"] is not None else np.nan for f in findings], np.float64)
+    stated = np.isfinite(efs)
+    if stated.any():
+        median = float(np.median(efs[stated]))
+        agree = stated & (np.abs(efs - median) <= EF_TOLERANCE)
+        out["ef"] = {"value": median, "support": int(agree.sum()), "stated": int(stated.sum()), "of": k,
+                     "mean_similarity": float(sims[agree].mean())}
+    else:
+        out["ef"] = {"value": None, "support": 0, "stated": 0, "of": k, "mean_similarity": None}
+    for name in FINDINGS[1:]:
+        values = [f[name] for f in findings]
+        tally = collections.defaultdict(float)
+        counts = collections.Counter(v for v in values if v is not None)
+        for v, s in zip(values, sims):
+            if v is not None:
+                tally[v] += s
+        if not counts:
+            out[name] = {"value": None, "support": 0, "stated": 0, "of": k, "mean_similarity": None}
+            continue
+        best = max(counts, key=lambda v: (counts[v], tally[v]))
+        agree = np.asarray([v == best for v in values])
+        out[name] = {"value": best, "support": int(counts[best]), "stated": int(sum(counts.values())), "of": k,
+                     "mean_similarity": float(sims[agree].mean())}
+    return out
+
+
+def findings_of(bank: Bank) -> list[dict]:
+    """The findings of every bank report (computed once per bank)."""
+    if getattr(bank, "findings", None) is None:
+        bank.findings = report_findings(bank.texts)
+    return bank.findings
+
+
+def compose(bank: Bank, rows: np.ndarray, sims: np.ndarray) -> dict:
+    """A report from the retrieved rows: the nearest report, the vote, the neighbours (ids, similarity)."""
+    findings = findings_of(bank)
+    return {"disclaimer": DISCLAIMER, "k": int(len(rows)), "match": bank.match,
+            "nearest_report": {"id": bank.ids[rows[0]], "similarity": float(sims[0]), "text": bank.texts[rows[0]]},
+            "findings": vote([findings[r] for r in rows], sims),
+            "neighbours": [{"id": bank.ids[r], "similarity": float(s)} for r, s in zip(rows, sims)]}
+
+
+def random_findings(bank: Bank, k: int, rng: np.random.Generator) -> dict:
+    """The baseline: the same vote over k reports drawn at random from the bank (similarity 0)."""
+    rows = rng.choice(len(bank.ids), size=min(k, len(bank.ids)), replace=False)
+    return vote([findings_of(bank)[r] for r in rows], np.zeros(len(rows)))
+
+
+def render(report: dict, title: str) -> str:
+    """The report as text: the disclaimer first, then the voted findings, then the nearest report."""
+    f, k = report["findings"], report["k"]
+
+    def line(name, label, fmt=str):
+        x = f[name]
+        if x["value"] is None:
+            return f"  {label}: not stated in any of the {k} reports"
+        return (f"  {label}: {fmt(x['value'])}  (support {x['support']}/{k}, stated in {x['stated']}, mean "
+                f"similarity {x['mean_similarity']:.3f})")
+
+    lines = [DISCLAIMER, "", title, f"Findings voted over the {k} nearest reports ({report['match']} match):",
+             line("ef", "LV ejection fraction", lambda v: f"about {v:.0f}% (median; support: within +-5)"),
+             line("ef_band", "LV systolic function"),
+             *[line(d, {"tavr": "aortic valve prosthesis (TAVR)", "mitraclip": "MitraClip"}.get(d, d)) for d in DEVICES],
+             line("lv_size", "LV size"), "",
+             f"Nearest report (similarity {report['nearest_report']['similarity']:.3f}):",
+             "  " + report["nearest_report"]["text"], ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def agreement(predicted: list[dict], truth: list[dict]) -> dict:
+    """How often voted findings agree with the truth ({ef, pacemaker/tavr/mitraclip: 0|1 or bool, lv_size}):
+    EF within +-5, EF band, each device's accuracy and balanced accuracy (present/absent), LV size accuracy.
+    Only the evaluation (tests, the demo) has a truth; the report never reads one."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    def values(name):
+        return [p[name]["value"] for p in predicted]
+
+    pred_ef = np.asarray([np.nan if v is None else v for v in values("ef")], np.float64)
+    true_ef = np.asarray([t["ef"] for t in truth], np.float64)
+    out = {"n": len(truth), "ef_within_5": float(np.mean(np.abs(pred_ef - true_ef) <= EF_TOLERANCE)),
+           "ef_band_accuracy": float(np.mean([b == ef_band(e) for b, e in zip(values("ef_band"), true_ef)]))}
+    balanced = []
+    for d in DEVICES:
+        y = np.asarray([bool(int(t[d])) for t in truth])
+        p = np.asarray([v == "present" for v in values(d)])
+        out[f"{d}_accuracy"] = float(np.mean(y == p))
+        out[f"{d}_balanced_accuracy"] = float(balanced_accuracy_score(y, p)) if len(set(y)) == 2 else None
+        if out[f"{d}_balanced_accuracy"] is not None:
+            balanced.append(out[f"{d}_balanced_accuracy"])
+    out["devices_balanced_accuracy"] = float(np.mean(balanced)) if balanced else None
+    out["lv_size_accuracy"] = float(np.mean([v == t["lv_size"] for v, t in zip(values("lv_size"), truth)]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+
+def _write_jsonl(path: str, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def report_records(embedder, bank: Bank, data_dir: str, split: str, *, out: str, k: int, levels,
+                   frames=None, image_size=None, baseline: bool = False, seed: int = 0, log=print) -> dict:
+    """Reports for every study (and/or video) of a split of records, written under `out` (see the doc)."""
+    from echoclip_jax.search import embedding as emb
+
+    metas, videos = emb.embed_stream(embedder, emb.record_videos(data_dir, split, frames=frames,
+                                                                 image_size=image_size), log=log)
+    if not metas:
+        raise ValueError(f"{data_dir}: split {split!r} has no videos")
+    order, studies = emb.study_means([m["study_id"] for m in metas], videos)
+    patient = {m["study_id"]: m["patient_id"] for m in metas}
+    queries = {"study": [({"study_id": s, "videos": sum(m["study_id"] == s for m in metas)}, v)
+                         for s, v in zip(order, studies)],
+               "video": [({"video_id": m["video_id"], "study_id": m["study_id"]}, v) for m, v in zip(metas, videos)]}
+    by_patient = collections.defaultdict(set)
+    for bid, p in zip(bank.ids, bank.patients or ()):
+        by_patient[p].add(bid)
+    rng = np.random.default_rng(seed)
+    os.makedirs(out, exist_ok=True)
+    summary = {"disclaimer": DISCLAIMER, "bank": bank.source, "bank_reports": len(bank.ids), "match": bank.match,
+               "k": k, "split": split, "levels": {}}
+    for level in levels:
+        rows = []
+        for query, vector in queries[level]:
+            own = {query["study_id"]} | by_patient[patient[query["study_id"]]]  # other patients' reports only
+            picked, sims = bank.retrieve(vector, k, own)
+            row = {**query, **compose(bank, picked, sims)}
+            if baseline:
+                row["random_findings"] = random_findings(bank, k, rng)
+            rows.append(row)
+        _write_jsonl(os.path.join(out, f"{level}_reports.jsonl"), rows)
+        summary["levels"][level] = len(rows)
+        if level == "study":
+            with open(os.path.join(out, "reports.txt"), "w", encoding="utf-8") as f:
+                f.write("\n".join(render(r, f"Study {r['study_id']} ({r['videos']} videos)") for r in rows))
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def report_files(embedder, bank: Bank, path: str, *, out: str, k: int, image_size: int, frames=None) -> dict:
+    """The report of one study: a DICOM/AVI/.npy video, or a study directory of .dcm files."""
+    from echoclip_jax.search import embedding as emb
+
+    files = emb.video_files(path)
+    _, study = emb.study_means(["query"] * len(files), emb.embed_files(embedder, files, image_size=image_size,
+                                                                       frames=frames))
+    picked, sims = bank.retrieve(study[0], k)
+    report = {"query": emb.dicom_name(path), "files": len(files), "bank": bank.source, **compose(bank, picked, sims)}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    text = render(report, f"Study {report['query']} ({len(files)} video file(s))")
+    with open(os.path.join(out, "report.txt"), "w", encoding="utf-8") as f:
+        f.write(text)
+    return report
+
+
+def _query_frames(bank_spec: str, max_frames_of) -> int | None:
+    """Frames to read of a --video query: as many as the bank's records kept (an index stores it)."""
+    meta = os.path.join(bank_spec, "index.json")
+    if os.path.isfile(meta):
+        with open(meta, encoding="utf-8") as f:
+            return json.load(f)["model"].get("query_frames")
+    return max_frames_of(bank_spec) if os.path.isdir(bank_spec) else None
+
+
+def main(argv) -> int:
+    from absl import flags
+
+    from echoclip_jax import convert, tokenizers
+    from echoclip_jax.embedder import Embedder
+    from echoclip_jax.search.embedding import fingerprint, max_frames_of
+
+    FLAGS = flags.FLAGS
+    del argv
+    config = FLAGS.config
+    if (FLAGS.video is None) == (FLAGS.data_dir is None):
+        print("report: error: give exactly one of --video (a file or study directory) or --data_dir", file=sys.stderr)
+        return 2
+    bank_spec = FLAGS.bank or FLAGS.data_dir
+    if bank_spec is None:
+        print("report: error: --video needs --bank (a search index with --reports, a records directory or a CSV)",
+              file=sys.stderr)
+        return 2
+    levels = ("study", "video") if FLAGS.level == "both" else (FLAGS.level,)
+    image_size = int(config.model.vision.image_size)
+    try:
+        embedder = Embedder(convert.load_model(FLAGS.checkpoint, config.model), tokenizers.from_config(config.tokenizer),
+                            batch_size=FLAGS.batch_size)
+        embedder.fingerprint = fingerprint(embedder, config.model)
+        bank = load_bank(bank_spec, embedder, match=FLAGS.match, splits=FLAGS.bank_split, frames=FLAGS.frames,
+                         image_size=image_size)
+        print(f"report: bank {bank.source}: {len(bank.ids)} reports, {FLAGS.match} match, k={FLAGS.k}")
+        if FLAGS.video is not None:
+            frames = FLAGS.frames or _query_frames(FLAGS.bank, max_frames_of)
+            report = report_files(embedder, bank, FLAGS.video, out=FLAGS.out, k=FLAGS.k, image_size=image_size,
+                                  frames=frames)
+            print(render(report, f"Study {report['query']} ({report['files']} video file(s))"))
+            print(f"report: wrote {os.path.join(FLAGS.out, 'report.json')} and report.txt")
+        else:
+            summary = report_records(embedder, bank, FLAGS.data_dir, FLAGS.split, out=FLAGS.out, k=FLAGS.k,
+                                     levels=levels, frames=FLAGS.frames, image_size=image_size,
+                                     baseline=FLAGS.baseline, seed=FLAGS.seed,
+                                     log=lambda m: print(f"report: {m}", flush=True))
+            counts = ", ".join(f"{n} {lv} reports" for lv, n in summary["levels"].items())
+            print(f"report: {DISCLAIMER}\nreport: wrote {counts} under {FLAGS.out}")
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("checkpoint", None, "KIND:PATH (see echoclip_jax.convert)", required=True)
+    config_flags.DEFINE_config_file("config", None, "configs/*.py", lock_config=False)
+    flags.DEFINE_string("video", None, "one study: a .dcm/.avi/.npy video or a directory of its .dcm files")
+    flags.DEFINE_string("data_dir", None, "records (data_prep.convert): a report for every study of --split")
+    flags.DEFINE_string("split", "test", "with --data_dir: the split to report on")
+    flags.DEFINE_string("bank", None, "search index (build --reports), records directory or CSV of reports "
+                                      "(default with --data_dir: that directory's --bank_split)")
+    flags.DEFINE_list("bank_split", ["train"], "the bank's splits (index or records bank)")
+    flags.DEFINE_enum("match", "text", ["text", "image"], "query study embedding vs the bank's report text "
+                                                          "embeddings (text) or its studies' embeddings (image)")
+    flags.DEFINE_integer("k", 10, "reports retrieved and voted over")
+    flags.DEFINE_enum("level", "study", ["study", "video", "both"], "with --data_dir: report per study, video or both")
+    flags.DEFINE_string("out", None, "output directory R", required=True)
+    flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video")
+    flags.DEFINE_integer("batch_size", 128, "frames (or texts) per device batch")
+    flags.DEFINE_boolean("baseline", False, "with --data_dir: also vote over k random bank reports per query "
+                                            "(random_findings), the chance level an evaluation compares with")
+    flags.DEFINE_integer("seed", 0, "random baseline seed")
+    flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
