@@ -27,6 +27,10 @@ def test_demo_learns_on_held_out_patients(tmp_path):
         assert row["n"] and row["value"] > 0.7, (device, row)  # well above chance on unseen patients
     assert figures["retrieval_video_to_report_mean_rank_fraction"]["value"] < 0.4
     assert figures["patient_identification_auc"]["value"] > 0.6
+    # The retrieval-based preliminary report agrees with the truth far more often than random reports do.
+    ef5 = figures["report_study_ef_within_5"]
+    assert ef5["value"] > max(2 * ef5["baseline"], 0.5), ef5
+    assert figures["report_study_devices_balanced_accuracy"]["value"] > 0.8
     assert results["train"]["last_loss"] < results["train"]["first_loss"]
 
     # Everything the demo promises to write is there.
