@@ -10,7 +10,7 @@ DEMO_OUT ?= demo_out
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==25.3"
-	$(PY) -m pip install --quiet -e ".[test,interop,beam]"
+	$(PY) -m pip install --quiet -e ".[test,interop,beam,tpu]"
 	touch $(STAMP)
 
 setup: $(STAMP)

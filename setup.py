@@ -45,6 +45,9 @@ EXTRAS = {
     "interop": ["torch==2.14.1", "torchvision==0.29.1", "open-clip-torch==3.3.0"],
     "beam": ["apache-beam==2.77.0"],
     "tf": ["tensorflow-cpu==2.20.0"],
+    # Compile-only TPU topologies for `python -m echoclip_jax.aot` (no TPU needed); the libtpu that jax's own
+    # `tpu` extra pins for jax 0.10.2. On a TPU VM the same package runs the chips.
+    "tpu": ["libtpu==0.0.42.1"],
 }
 
 setup(

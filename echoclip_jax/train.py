@@ -26,6 +26,7 @@ from flax import nnx
 
 from echoclip_jax import checkpoint as ckpt_lib
 from echoclip_jax import data, losses, models, optim, sharding
+from echoclip_jax.models import backend
 
 log = logging.getLogger("echoclip_jax.train")
 
@@ -222,14 +223,15 @@ def build_train_step(config, mesh, total_steps: int) -> TrainStep:
 
     batch_sh = {"images": sharding.batch_sharding(mesh, 5 if config.data.frames_per_sample > 1 else 4),
                 "tokens": sharding.batch_sharding(mesh, 2)}
-    p_train_step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
-                           donate_argnums=0)
+    # traced for the mesh's platform, not this host's default backend (they differ in echoclip_jax.aot)
+    p_train_step = jax.jit(backend.for_mesh(mesh, train_step), in_shardings=(state_sh, batch_sh),
+                           out_shardings=(state_sh, repl), donate_argnums=0)
 
     def embed(params, batch):
         img, txt, _, _ = forward(eval_graph, params, fresh_rest(jax.random.key(0)), batch)
         return img, txt
 
-    p_embed = jax.jit(embed, in_shardings=(param_sh, batch_sh), out_shardings=repl)
+    p_embed = jax.jit(backend.for_mesh(mesh, embed), in_shardings=(param_sh, batch_sh), out_shardings=repl)
     init_state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
                                     "rng": jax.random.key_data(jax.random.key(config.seed)),
                                     "bad_step": jnp.full((), -1, jnp.int32)},

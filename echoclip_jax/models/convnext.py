@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from echoclip_jax.models import backend
 from echoclip_jax.models.layers import Conv, DepthwiseConv, DropPath, LayerNorm, Linear, gelu, param
 
 # (depths, dims) per timm variant
@@ -61,6 +62,7 @@ class ConvNeXtStage(nnx.Module):
             x = self.downsample_conv(self.downsample_norm(x))
         for block in self.blocks:
             x = nnx.remat(lambda b, h: b(h))(block, x) if self.remat else block(x)
+            x = backend.constrain_batch(x)  # each block keeps the batch split (FSDP gathers weights instead)
         return x
 
 
@@ -100,7 +102,7 @@ class ConvNeXt(nnx.Module):
 
     def forward_features(self, images):
         """images [B, H, W, 3] -> the last stage's feature map [B, H/32, W/32, C] (PromptCAM's layer)."""
-        x = self.stem_norm(self.stem_conv(images))
+        x = backend.constrain_batch(self.stem_norm(self.stem_conv(images)))
         for stage in self.stages:
             x = stage(x)
         return x

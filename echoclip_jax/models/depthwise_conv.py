@@ -7,7 +7,8 @@ backward pass is also shifted sums for the input gradient (the same correlation 
 kernel) and k per-channel matmuls for the kernel gradient. Maps of at most 64 positions ("matmul") take one
 [HW, HW] matrix per channel, built from the kernel. Its product with the flattened map is a plain
 matmul, forward and backward: more multiply-adds, but no materialised shifted copies.
-On GPU/TPU `lax.conv_general_dilated` is kept: cuDNN and the TPU compiler handle it well.
+On GPU/TPU `lax.conv_general_dilated` is kept: cuDNN and the TPU compiler handle it well. Which form
+"auto" takes is decided by `backend.depthwise_impl`, for the platform the program is compiled for.
 """
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "shifted", "matmul", "lax")
-# "auto" on CPU takes the matmul form up to this many positions (8x8). With it on the tiny config's 8x8,
-# 4x4 and 2x2 stages (10 of its 12 blocks) the step ran 1.13x faster. At 16x16 (4x the shifted form's
-# multiply-adds) it was no faster, and at echoclip's 14x14 (batch 2) 2.9x slower (BENCHMARKS.md).
-MATMUL_MAX_POSITIONS = 64
+from echoclip_jax.models import backend
+
+IMPLS = backend.DEPTHWISE_IMPLS
+MATMUL_MAX_POSITIONS = backend.MATMUL_MAX_POSITIONS
 
 
 def _conv_lax(x, kernel):
@@ -107,7 +107,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, impl: str = "auto"):
     """x [B, H, W, C], kernel [k, k, C] (k odd), bias [C] -> [B, H, W, C], zero 'SAME' padding.
 
     impl: "auto" (on CPU: matmul up to MATMUL_MAX_POSITIONS positions, shifted sums above; lax.conv
-    elsewhere), "shifted", "matmul" or "lax".
+    elsewhere; see backend.depthwise_impl), "shifted", "matmul" or "lax".
     """
     k = kernel.shape[0]
     if kernel.ndim != 3 or kernel.shape[1] != k or k % 2 != 1 or kernel.shape[2] != x.shape[-1]:
@@ -119,11 +119,5 @@ def depthwise_conv2d(x, kernel, bias=None, *, impl: str = "auto"):
 
 
 def resolve_impl(impl: str, positions: int) -> str:
-    """"auto" -> the implementation used on this backend for a feature map of `positions` (H*W)."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown depthwise conv impl {impl!r}; use one of {', '.join(IMPLS)}")
-    if impl == "auto":
-        if jax.default_backend() != "cpu":
-            return "lax"
-        return "matmul" if positions <= MATMUL_MAX_POSITIONS else "shifted"
-    return impl
+    """"auto" -> the implementation for a feature map of `positions` (H*W) on the platform traced for."""
+    return backend.depthwise_impl(impl, positions)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from echoclip_jax.models import backend
 from echoclip_jax.models.depthwise_conv import depthwise_conv2d
 
 
@@ -81,8 +82,8 @@ def _mean_last(x):
     reduction into a YNNPACK fusion that takes every input materialised: before ConvNeXt's norm, 49
     shifted copies and 49 broadcast kernels of each depthwise convolution. A product takes one
     materialised input. The tiny CPU step ran 1.08x faster (BENCHMARKS.md). Other backends fuse
-    reductions well and keep `mean`."""
-    if jax.default_backend() == "cpu":
+    reductions well and keep `mean`. Decided by `backend.mean_as_product` for the platform compiled for."""
+    if backend.mean_as_product():
         return x @ jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
     return jnp.mean(x, axis=-1, keepdims=True)
 
@@ -142,8 +143,10 @@ class DepthwiseConv(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        return depthwise_conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                                self.bias[...].astype(self.dtype), impl=self.impl)
+        # per device on its own rows, the (tiny) kernel gathered whole: see backend.batch_local
+        conv = lambda h, k: depthwise_conv2d(h, k, impl=self.impl)
+        y = backend.batch_local(conv, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y + self.bias[...].astype(self.dtype)
 
 
 class DropPath(nnx.Module):

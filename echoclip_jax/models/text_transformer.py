@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from echoclip_jax.models import backend
 from echoclip_jax.models.layers import LayerNorm, param
 from echoclip_jax.models.transformer import LN_EPS, Transformer
 
@@ -39,7 +40,7 @@ class TextTransformer(nnx.Module):
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
             raise ValueError(f"tokens must be [batch, {self.context_length}], got shape {tokens.shape}")
         x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(self.dtype)
-        x = x + self.positional_embedding[...].astype(self.dtype)
+        x = backend.constrain_batch(x + self.positional_embedding[...].astype(self.dtype))
         x = self.ln_final(self.transformer(x, causal=True))
         if self.pool == "argmax":
             idx = jnp.argmax(tokens, axis=-1)

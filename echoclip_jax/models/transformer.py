@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from echoclip_jax.models import backend
 from echoclip_jax.models.layers import DropPath, LayerNorm, Linear, gelu, param, project
 
 LN_EPS = 1e-5
@@ -84,4 +85,5 @@ class Transformer(nnx.Module):
                 x = nnx.remat(lambda b, h: b(h, causal))(block, x)
             else:
                 x = block(x, causal)
+            x = backend.constrain_batch(x)  # each block keeps the batch split (FSDP gathers weights instead)
         return x

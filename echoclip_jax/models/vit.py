@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from echoclip_jax.models import backend
 from echoclip_jax.models.layers import Conv, LayerNorm, param
 from echoclip_jax.models.transformer import LN_EPS, Transformer
 
@@ -48,5 +49,6 @@ class VisionTransformer(nnx.Module):
         x = x.reshape(b, h * w, c)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, c))
         x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(self.dtype)
+        x = backend.constrain_batch(x)
         x = self.ln_post(self.transformer(self.ln_pre(x)))
         return x[:, 0] @ self.proj[...].astype(self.dtype)
