@@ -24,9 +24,10 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
+
+from echoclip_jax.aot_hlo import scan_hlo
 
 log = logging.getLogger("echoclip_jax.aot")
 
@@ -161,71 +162,6 @@ def replicated_state(abs_state, min_bytes: int = 1 << 20) -> list[tuple[str, int
     return sorted(out, key=lambda x: -x[1])
 
 
-_DEF = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<dtype>\w+)\[(?P<shape>[\d,]*)\]\S*\s+(?P<op>[\w\-]+)\("
-                  r"(?P<args>[^)]*)\)(?P<attrs>.*)$")
-_HOST = re.compile(r"is_host_transfer=true|custom_call_target=\"(MoveToHost|MoveToDevice|\w*callback\w*)\"|"
-                   r"\s(infeed|outfeed)\(")
-
-
-def _dims(s: str) -> list[int]:
-    return [int(d) for d in s.split(",") if d]
-
-
-def _mean_taps(attrs: str, labels, lhs: list[int], out: list[int]) -> float:
-    """Mean number of window taps per output element that read a real input element. The TPU compiler writes
-    batched and small matmuls as convolutions over padded or dilated size-1 "spatial" axes, where most taps
-    read padding: counting every tap would overstate their FLOPs many times over."""
-    window = re.search(r"window=\{([^}]*)\}", attrs)
-    fields = dict(kv.split("=") for kv in window[1].split()) if window else {}
-    spatial = [c for c in labels[1] if c.isdigit()]
-    mean = 1.0
-    for j in range(len(spatial)):
-        get = lambda key, default: int(fields[key].split("x")[j]) if key in fields else default
-        k, stride, ld, rd = get("size", 1), get("stride", 1), get("lhs_dilate", 1), get("rhs_dilate", 1)
-        lo = int(fields["pad"].split("x")[j].split("_")[0]) if "pad" in fields else 0
-        n, m = lhs[labels[1].index(str(j))], out[labels[3].index(str(j))]
-        last = (n - 1) * ld
-        hits = sum(1 for o in range(m) for t in range(k)
-                   if 0 <= (p := o * stride + t * rd - lo) <= last and p % ld == 0)
-        mean *= hits / max(m, 1)
-    return mean
-
-
-def scan_hlo(text: str) -> dict:
-    """Matmul FLOPs by operand dtype, and host transfers, from an optimized HLO module's text (operands are
-    named, not typed, in it: their types come from their own definitions)."""
-    defs, matmuls, host = {}, [], 0
-    for line in text.splitlines():
-        if _HOST.search(line):
-            host += 1
-        m = _DEF.match(line)
-        if m:
-            defs[m["name"]] = (m["dtype"], _dims(m["shape"]))
-            if m["op"] in ("dot", "convolution"):
-                matmuls.append(m)
-    by_dtype, f32_ops = {}, []
-    for m in matmuls:
-        names = re.findall(r"%([\w.\-]+)", m["args"])[:2]
-        if len(names) < 2 or any(n not in defs for n in names):
-            continue
-        (lt, lhs), (rt, rhs) = defs[names[0]], defs[names[1]]
-        if m["op"] == "dot":
-            c = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", m["attrs"])
-            contracted = math.prod(lhs[i] for i in _dims(c[1])) if c else 1
-        else:  # convolution: input features x the window taps that meet real (unpadded, undilated) input
-            labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", m["attrs"])
-            if not labels:
-                continue
-            contracted = rhs[labels[2].index("i")] * _mean_taps(m["attrs"], labels, lhs, _dims(m["shape"]))
-        flops = int(2 * math.prod(_dims(m["shape"])) * contracted)
-        dtype = "f32" if "f32" in (lt, rt) else lt
-        by_dtype[dtype] = by_dtype.get(dtype, 0) + flops
-        if dtype == "f32":
-            f32_ops.append((flops, f"{m['op']} {lt}[{','.join(map(str, lhs))}] x {rt}[{','.join(map(str, rhs))}]"))
-    f32_ops.sort(reverse=True)
-    return {"matmul_flops_by_dtype": by_dtype, "host_transfers": host, "largest_f32_matmuls": [s for _, s in f32_ops[:3]]}
-
-
 def _oom_message(err: Exception) -> str | None:
     msg = str(err)
     if "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg or "exceeds the memory" in msg.lower():
@@ -282,7 +218,11 @@ def compile_for_topology(config, topology: str, hlo_path: str = "") -> dict:
                   + mem.host_output_size_in_bytes)
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
-    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    text = compiled.as_text()
+    report.update(scan_hlo(text))
+    # cost_analysis() counts a loop body once: add the matmuls of the repeated runs (bytes are not corrected)
+    flops = float(cost.get("flops", 0.0)) + report["loop_matmul_flops"]
+    accessed = float(cost.get("bytes accessed", 0.0))
     xla_s = float(cost.get("optimal_seconds", -1.0))
     compute_s, memory_s = flops / chip.peak_flops, accessed / chip.hbm_bandwidth
     step_s = xla_s if xla_s > 0 else max(compute_s, memory_s)
@@ -292,8 +232,6 @@ def compile_for_topology(config, topology: str, hlo_path: str = "") -> dict:
                   samples_per_s=int(config.batch_size) / step_s if step_s > 0 else None,
                   mfu=flops / step_s / chip.peak_flops if step_s > 0 else None,
                   recipe_steps=recipe_steps, recipe_hours=recipe_steps * step_s / 3600)
-    text = compiled.as_text()
-    report.update(scan_hlo(text))
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(text)
@@ -332,6 +270,9 @@ def format_report(r: dict) -> list[str]:
     issues = []
     if r["host_transfers"] or r["host_bytes"]:
         issues.append(f"{r['host_transfers']} host transfers in the step ({_mib(r['host_bytes'])} in host memory)")
+    if r["loops"]:
+        issues.append(f"{r['loops']} loops in the step: their matmuls are counted for every trip "
+                      f"(+{r['loop_matmul_flops']:.3e} FLOPs per device), their HBM traffic once (XLA's count)")
     if r["replicated_state"]:
         big = ", ".join(f"{p} {_mib(b)}" for p, b in r["replicated_state"][:3])
         issues.append(f"{len(r['replicated_state'])} state arrays of >= 1 MiB replicated on every device: {big}")

@@ -97,6 +97,14 @@ def test_scan_hlo_counts_matmul_flops_by_dtype():
     # the TPU compiler writes these products as convolutions
     assert scan["host_transfers"] == 0 and scan["largest_f32_matmuls"] == ["convolution f32[8,16] x f32[16,4]"]
 
+    def loop(x, w):  # a loop body's matmul counts once per trip (cost_analysis() counts it once)
+        return jax.lax.fori_loop(0, 6, lambda i, h: jnp.tanh(h @ w), x)
+
+    square = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16, sharding=one)
+    scan = aot.scan_hlo(jax.jit(loop).lower(square, square).compile().as_text())
+    assert scan["matmul_flops_by_dtype"] == {"bf16": 6 * 2 * 256 ** 3}
+    assert scan["loops"] == 1 and scan["loop_matmul_flops"] == 5 * 2 * 256 ** 3
+
 
 def check_memory_against_state(r: dict, shards: int, padding: float):
     """Per-device arguments = the train state / shards + this device's batch, plus at most `padding` of it
