@@ -141,4 +141,11 @@ def batch_local(fn, x, *weights):
     if not axes:
         return fn(x, *weights)
     spec = P(axes)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) + (P(),) * len(weights), out_specs=spec)(x, *weights)
+
+    def local(rows, *whole):
+        # The weights enter invariant (replicated); cast them to varying over the batch axes so that a custom
+        # VJP inside `fn` (the depthwise kernels') may return per-device weight gradients: the cast's
+        # transpose sums them over the batch axes, which is the weights' gradient.
+        return fn(rows, *(jax.lax.pcast(w, axes, to="varying") for w in whole))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) + (P(),) * len(weights), out_specs=spec)(x, *weights)
