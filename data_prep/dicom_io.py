@@ -5,8 +5,9 @@ COLOR / YBR_FULL(_422) in either endianness, JPEG Baseline, JPEG 2000 and RLE, s
 `pydicom.pixels.iter_pixels(path, indices=...)` decodes only the requested frames (for encapsulated
 data only those frames' fragments), so subsampling K of N frames costs K decodes, not N. YBR JPEG Baseline,
 ultrasound's usual encoding, skips pydicom's decode machinery: Pillow decodes each kept frame's own bytes
-(the same pixels, ~3x cheaper), optionally at a reduced DCT scale (read_frames_scaled); other encodings
-are box-reduced by the same scale right after decoding, and monochrome ones may stay one channel.
+(the same pixels, at a fraction of the cost; BENCHMARKS.md), optionally at a reduced DCT scale
+(read_frames_scaled); other encodings are box-reduced by the same scale right after decoding, and
+monochrome ones may stay one channel.
 
 Every input is bounded: non-regular files are refused unopened, Rows x Columns above `max_pixels` is
 refused from the header, and `time_limit` bounds the work on one video.

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-_MOTION_THRESHOLD = 6  # grey levels of temporal range: above JPEG noise on static text, below speckle (12 found
+_MOTION_THRESHOLD = 6  # grey levels of temporal range: above JPEG noise on static text, below speckle (12 finds
 # only 52-80% of 600x800 synthetic fans, whose speckle is smoother; 6 finds 95%)
 _MIN_SECTOR_FRACTION = 0.02  # a moving region smaller than this share of the search area is not a sector
 _MOTION_FRAMES = 12  # frames (evenly spaced) whose range finds the moving region: enough, and cheap
@@ -48,7 +48,7 @@ def region_mask(shape: tuple[int, int], regions) -> np.ndarray:
 
 
 def _grey(frame: np.ndarray) -> np.ndarray:
-    """Brightest channel; chained np.maximum (a reduction over a size-3 last axis is ~30x slower)."""
+    """Brightest channel; chained np.maximum (numpy's reduction over a size-3 last axis is far slower)."""
     if frame.shape[-1] == 1:
         return frame[..., 0]
     return np.maximum(np.maximum(frame[..., 0], frame[..., 1]), frame[..., 2])
@@ -73,7 +73,7 @@ def _upsample_inside(mask: np.ndarray, f: int, shape: tuple[int, int]) -> np.nda
 def sector_mask(frames: np.ndarray, regions=()) -> np.ndarray:
     """Boolean [H, W] mask of the scan sector of uint8 frames [K, H, W, C] (C = 3, or 1 for grey).
 
-    Searched on every f-th pixel (f from _MASK_RESOLUTION; 600x800 -> f=2), which is 4x cheaper and, with
+    Searched on every f-th pixel (f from _MASK_RESOLUTION; 600x800 -> f=2), 1/f^2 of the pixels, and, with
     the erosion in _upsample_inside, never wider than the full-resolution search.
     """
     k, h, w, _ = frames.shape
@@ -119,7 +119,7 @@ def crop_resize(frames: np.ndarray, mask: np.ndarray, image_size: int) -> np.nda
     """Zero pixels outside `mask`, crop the square around it (zero padded), resize -> [K, S, S, 3].
 
     Only the crop is masked, as [K, rows, cols * C] against a mask repeated per channel, so numpy runs one
-    contiguous multiply per row instead of broadcasting over a size-3 axis (25x faster). The resize is a
+    contiguous multiply per row, not a broadcast over a size-3 axis (far slower). The resize is a
     box reduce by an integer factor, then bilinear (Pillow's reducing_gap=1). Grey frames (C = 1) are
     resized as one channel (Pillow stores RGB as 4 bytes a pixel) and made RGB only at the output size.
     """

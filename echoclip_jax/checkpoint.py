@@ -7,10 +7,10 @@ complete, so a step half-written when the process died is never listed. Restorin
 `jax.ShapeDtypeStruct`s, so a checkpoint loads onto any mesh or device count.
 
 What a killed save leaves is removed by one party, once: `Checkpointer()` on process 0, before any
-process's CheckpointManager exists (`remove_unfinished_saves`); Orbax's own cleanup is switched off. (It
-ran in a background thread whose error the run's first save raised, and since a step's temporary name is
-fixed, the re-save of that step tripped over the same debris again: debris that could not be deleted
-stopped the restarted run. Issue 20.)
+process's CheckpointManager exists (`remove_unfinished_saves`); Orbax's own cleanup is switched off:
+it runs in a background thread whose error the run's first save raises, and since a step's temporary
+name is fixed, the re-save of that step would meet the same debris again, so debris that cannot be
+deleted would stop the restarted run. Here such debris is moved aside, logged and ignored.
 """
 from __future__ import annotations
 

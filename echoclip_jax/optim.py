@@ -63,9 +63,9 @@ def adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float) ->
 
     With `apply` False the updates are zero and the state comes back unchanged, bit for bit, without a
     select over the state. The moments move by apply * (1 - b) * (g - m), PyTorch's lerp form, and a
-    skipped step's gradient (maybe NaN) is replaced by zeros first. The guard it replaces,
-    `where(apply, new, old)` over the parameters and moments, made XLA copy every donated state buffer
-    each step (366 copies); without them the tiny CPU step ran 1.05x faster (BENCHMARKS.md).
+    skipped step's gradient (maybe NaN) is replaced by zeros first. Not `where(apply, new, old)` over the
+    parameters and moments: that select makes XLA copy every donated state buffer each step
+    (BENCHMARKS.md).
     """
     def init(params):  # mu and nu are separate buffers: both are donated to the step
         return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),

@@ -14,15 +14,16 @@ The choices, each with the measurement behind it in BENCHMARKS.md:
   "matmul" up to MATMUL_MAX_POSITIONS positions, "shifted" above (see depthwise_conv.py).
 - `mean_as_product()`: LayerNorm statistics as a product with a 1/C column on CPU only (layers.py).
 
-The mesh of the scope also places activations and weights where FSDP wants them (found in the compiled
-TPU step by echoclip_jax.aot, BENCHMARKS.md):
+The mesh of the scope also places activations and weights where FSDP wants them (visible in the TPU
+step that echoclip_jax.aot compiles; BENCHMARKS.md):
 - `constrain_batch(x)`: activations split over the mesh's batch axes at the towers' block boundaries.
-  Without it GSPMD let the FSDP-sharded "embed" axis of the token embedding decide the text tower's
-  layout: every device ran the whole global batch through the text tower with the width split.
+  Without it GSPMD lets the FSDP-sharded "embed" axis of the token embedding decide the text tower's
+  layout: every device runs the whole global batch through the text tower with the width split.
 - `batch_local(fn, x, *weights)`: fn on each device's rows of x with the weights whole (shard_map).
-  ConvNeXt's depthwise kernels are sharded over their channels at rest, and GSPMD moved the activations
-  to channel sharding for each depthwise convolution (two all-to-alls forward, two backward, per block)
-  rather than gather 7x7xC weights; a sharding constraint on the kernel alone did not stop it everywhere.
+  ConvNeXt's depthwise kernels are sharded over their channels at rest, and GSPMD would otherwise move the
+  activations to channel sharding for each depthwise convolution (two all-to-alls forward, two backward,
+  per block) rather than gather 7x7xC weights; a sharding constraint on the kernel alone does not prevent
+  it everywhere.
 """
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from echoclip_jax.sharding import BATCH_AXES
 
 DEPTHWISE_IMPLS = ("auto", "shifted", "matmul", "lax")
-# "auto" on CPU takes the matmul form up to this many positions (8x8). With it on the tiny config's 8x8,
-# 4x4 and 2x2 stages (10 of its 12 blocks) the step ran 1.13x faster. At 16x16 (4x the shifted form's
-# multiply-adds) it was no faster, and at echoclip's 14x14 (batch 2) 2.9x slower (BENCHMARKS.md).
+# "auto" on CPU takes the matmul form up to this many positions (8x8): there it avoids the shifted form's
+# materialised copies (the tiny config's 8x8, 4x4 and 2x2 stages, 10 of its 12 blocks). Larger maps pay
+# for its extra multiply-adds (at 16x16, 4x the shifted form's), so they stay shifted (BENCHMARKS.md).
 MATMUL_MAX_POSITIONS = 64
 PLATFORMS = ("cpu", "gpu", "tpu")
 

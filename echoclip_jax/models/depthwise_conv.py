@@ -1,7 +1,7 @@
 """Depthwise 2-D convolution ('SAME', stride 1), implemented per backend.
 
-XLA's CPU grouped convolution (`feature_group_count=C`) is ~30x slower than PyTorch's for ConvNeXt's
-7x7 depthwise kernel, and its gradient even slower (issue 10). On CPU we therefore use one of two
+XLA's CPU grouped convolution (`feature_group_count=C`) is far slower than PyTorch's for ConvNeXt's
+7x7 depthwise kernel, and its gradient slower still (BENCHMARKS.md). On CPU we therefore use one of two
 forms. Large feature maps take k*k shifted multiply-adds ("shifted"), with a custom VJP whose
 backward pass is also shifted sums for the input gradient (the same correlation with the flipped
 kernel) and k per-channel matmuls for the kernel gradient. Maps of at most 64 positions ("matmul") take one
@@ -68,8 +68,8 @@ def _kernel_grad(xpad, g, k):
     matmul per channel over (batch, row): a[c, x, x'] = sum_{b, y} g[b, y, x, c] * xpad[b, y+i, x', c];
     then dkernel[i, j, c] = sum_x a[c, x, x+j], the first k diagonals, read by one skewed reshape.
 
-    With k*k separate reductions instead, the echoclip CPU step took 1.3x as long: XLA:CPU gave each one
-    a materialised shifted copy of the input and recomputed that input's producer (a LayerNorm) for each.
+    Not k*k separate reductions: XLA:CPU gives each one a materialised shifted copy of the input and
+    recomputes that input's producer (a LayerNorm) for each (BENCHMARKS.md).
     """
     b, h, w, c = g.shape
     wp = w + k - 1

@@ -32,7 +32,7 @@ def project(x, kernel, n_in: int = 1):
     activations first (dk = x^T g). JAX's own transpose rule computes (g^T x)^T, and XLA:CPU then
     materialises g^T. For a projection that feeds the residual stream, g is a sum over every later
     layer's contribution. XLA fuses that whole sum into the transposed copy, re-reading about 20
-    activation-sized inputs per layer. With this order the tiny CPU step ran 1.11x faster (BENCHMARKS.md).
+    activation-sized inputs per layer; with x^T g that copy is not made (BENCHMARKS.md).
     Only the leading (batch, token) axes are merged; the kernel keeps its axes (e.g. sharded "heads").
     """
     return _project(x, kernel, n_in)
@@ -81,8 +81,8 @@ def _mean_last(x):
     """Mean over the last axis (kept). On CPU it is a product with a 1/n column. XLA:CPU fuses what feeds a
     reduction into a YNNPACK fusion that takes every input materialised: before ConvNeXt's norm, 49
     shifted copies and 49 broadcast kernels of each depthwise convolution. A product takes one
-    materialised input. The tiny CPU step ran 1.08x faster (BENCHMARKS.md). Other backends fuse
-    reductions well and keep `mean`. Decided by `backend.mean_as_product` for the platform compiled for."""
+    materialised input (BENCHMARKS.md). Other backends fuse reductions well and keep `mean`. Decided by
+    `backend.mean_as_product` for the platform compiled for."""
     if backend.mean_as_product():
         return x @ jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
     return jnp.mean(x, axis=-1, keepdims=True)
