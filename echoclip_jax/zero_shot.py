@@ -11,6 +11,9 @@ A task table is a JSON object {task name: spec}, in the format of the paper's pu
   range           regression: [lo, hi]; prompts are filled with every integer in it
   label_column    optional record field that holds the label when known (EchoNet's "ef"); wins over the report
   aliases         optional other names for --tasks
+  report_phrases  optional: more phrases (same syntax) that define the label as label_sources do, but are
+                  never prompts: other wordings of the finding as readers write it (clean_text form)
+  report_phrase_values  categorical: the class value of each report phrase
 
 Labels come from the report with one rule for every task, driven by the table's phrases (see
 `source_pattern`). Scores come from similarities of each video's L2-normalised frame embeddings to P
@@ -49,6 +52,8 @@ class Task:
     value_range: tuple[int, int] | None = None  # regression
     label_column: str | None = None
     aliases: tuple[str, ...] = ()
+    report_phrases: tuple[str, ...] = ()  # label-defining wordings that are not prompts
+    report_phrase_values: tuple[float, ...] = ()  # categorical
 
 
 # ------------------------------------------------------------------------------------ the table
@@ -72,6 +77,17 @@ def _task_from_spec(name: str, spec: dict, path: str) -> Task:
         raise bad("testers must be a non-empty list of strings")
     fields = dict(name=name, mode=mode, label_sources=tuple(sources), testers=tuple(testers),
                   label_column=spec.get("label_column"), aliases=tuple(spec.get("aliases", ())))
+    phrases = spec.get("report_phrases", [])
+    if not isinstance(phrases, list) or not all(isinstance(s, str) and s.strip() for s in phrases):
+        raise bad("report_phrases must be a list of non-empty strings")
+    fields["report_phrases"] = tuple(phrases)
+    if mode == "categorical":
+        phrase_values = spec.get("report_phrase_values", [])
+        if not isinstance(phrase_values, list) or len(phrase_values) != len(phrases):
+            raise bad(f"categorical needs 'report_phrase_values', one per report phrase ({len(phrases)})")
+        fields["report_phrase_values"] = tuple(float(v) for v in phrase_values)
+    if mode == "regression" and any("<#>" not in p for p in phrases):
+        raise bad("every regression report phrase needs a <#> for the value")
     if mode == "categorical":
         values = spec.get("values")
         if not isinstance(values, list) or len(values) != len(sources):
@@ -152,16 +168,22 @@ def source_pattern(source: str) -> re.Pattern:
 
 
 def _compiled(task: Task) -> list[re.Pattern]:
-    return [source_pattern(s) for s in task.label_sources]
+    """The label sources' patterns, then the report phrases' (values: `_values`)."""
+    return [source_pattern(s) for s in task.label_sources + task.report_phrases]
+
+
+def _values(task: Task) -> tuple[float, ...]:
+    """Categorical: the class value of each pattern of `_compiled`."""
+    return task.source_values + task.report_phrase_values
 
 
 def extract_label(task: Task, report: str, patterns: list[re.Pattern] | None = None) -> float | None:
     """The task's label in a (clean_text-normalised) report, or None when the report does not say.
 
-    binary: 1 if any label source occurs, else 0. categorical: the largest value among the sources that
-    occur (the most severe grade mentioned); a report that matches none gets class 0 when the table
-    names a 0 class, else None. regression: the number in the leftmost occurring source, None when
-    absent or outside the range.
+    Label sources and report phrases count alike. binary: 1 if any occurs, else 0. categorical: the
+    largest value among those that occur (the most severe grade mentioned); a report that matches none
+    gets class 0 when the table names a 0 class, else None. regression: the number in the leftmost
+    occurring one, None when absent or outside the range.
     """
     patterns = patterns or _compiled(task)
     text = " ".join(report.upper().split())
@@ -170,7 +192,8 @@ def extract_label(task: Task, report: str, patterns: list[re.Pattern] | None = N
         return 1.0 if matches else 0.0
     if task.mode == "categorical":
         if matches:
-            return max(task.source_values[i] for _, i in matches)
+            values = _values(task)
+            return max(values[i] for _, i in matches)
         return 0.0 if 0.0 in task.value_mapping else None
     if not matches:
         return None

@@ -23,9 +23,26 @@ Writes, under ``--out``:
                                (`strings`; `by_field.report_numbers` are bare numbers, to look for in text)
   cohort.json                  the arguments and counts
 
+Cohort version 2 (`--cohort_version 2`; the default stays 1, byte-identical to earlier releases): each
+study holds 3-4 (full size: 4-5) videos, each a different standard view (apical 4- and 2-chamber,
+parasternal long and short axis, subcostal; `views`), the LV beating to the study's EF in every view and a
+device drawn only in the views that would show it (`views.DEVICE_VIEWS`), so a study tells more than any
+one of its videos. No header, burned-in label or report names the view. Reports are worded as different
+readers write them (`reports_v2`), with none of the zero-shot prompts' sentences; the header line and
+sign-off with the identifiers are version 1's. It writes, besides the files above:
+  truth.csv                    also: view, pacemaker_visible / tavr_visible / mitraclip_visible (the
+                               device is in the study AND this view shows it), device_pixels_max (the
+                               largest device mask of any frame, pixels), and what the report states
+                               besides the findings: no_valvular_heart_disease, normal_wall_thickness
+  device_geometry.jsonl        per video, each frame's device shapes in the DICOM frame's pixels (never
+                               read by the pipeline); `device_mask(out_dir, path)` redraws the exact
+                               boolean mask [frames, rows, cols] the renderer used (`device_shapes`)
+
 Pure numpy + Pillow + pydicom: no JAX, so it runs wherever data_prep runs. The package's modules, by what
 they draw: `cohort` (the plan: patients, studies, videos, fake PHI), `geometry` (sector and chambers),
-`devices`, `overlays` (burned-in text, ECG), `render` (the frames), `dicom_writer`, `reports`.
+`devices`, `overlays` (burned-in text, ECG), `render` (the frames), `dicom_writer`, `reports`; version 2's
+`views` (the standard views' scenes), `device_shapes` (devices as pixel shapes, their masks),
+`render_views` (the frames), `reports_v2` (readers' wording).
 """
 from __future__ import annotations
 
@@ -37,16 +54,25 @@ import pathlib
 import sys
 
 from data_prep.synthetic.cohort import (  # noqa: F401  (the cohort's vocabulary, for tests and callers)
-    DEVICES, EF_DEFINITION, ENCODINGS, LV_SIZES, VideoSpec, plan_cohort)
+    COHORT_VERSIONS, DEVICES, EF_DEFINITION, ENCODINGS, LV_SIZES, VideoSpec, plan_cohort)
+from data_prep.synthetic.device_shapes import device_mask, rasterize, read_device_geometry  # noqa: F401
 from data_prep.synthetic.dicom_writer import write_dicom
 from data_prep.synthetic.render import render_video
+from data_prep.synthetic.render_views import render_view_video
 from data_prep.synthetic.reports import clinical_report, systolic_function, write_report  # noqa: F401
+from data_prep.synthetic.reports_v2 import clinical_report_v2
+from data_prep.synthetic.views import DEVICE_VIEWS, VIEWS  # noqa: F401
 
 
-def _make_one(args: tuple[VideoSpec, str]) -> dict:
-    """Render one video, write its DICOM file, return its truth.csv row (run in worker processes)."""
+def _make_one(args: tuple[VideoSpec, str]) -> tuple[dict, dict | None]:
+    """Render one video, write its DICOM file, return its truth.csv row and (version 2) its line of
+    device_geometry.jsonl (run in worker processes)."""
     spec, out_dir = args
-    frames, geo_truth = render_video(spec)
+    if spec.version == 1:
+        (frames, geo_truth), geometry = render_video(spec), None
+    else:
+        frames, geo_truth, shapes = render_view_video(spec)
+        geometry = dict(path=spec.path, rows=frames.shape[1], cols=frames.shape[2], frames=shapes)
     write_dicom(pathlib.Path(out_dir) / spec.path, frames, spec, geo_truth)
     return dict(
         path=spec.path, StudyInstanceUID=spec.phi["StudyInstanceUID"], patient=spec.patient,
@@ -55,26 +81,35 @@ def _make_one(args: tuple[VideoSpec, str]) -> dict:
         pacemaker=int("pacemaker" in spec.devices), tavr=int("tavr" in spec.devices), mitraclip=int("mitraclip" in spec.devices),
         n_mitraclips=spec.n_mitraclips, lv_size=spec.lv_size, heart_rate=spec.heart_rate,
         fps=round(spec.fps, 4), frame_time_ms=spec.frame_time_ms, frames=spec.frames, rows=frames.shape[1],
-        cols=frames.shape[2], encoding=spec.encoding, has_us_regions=int(spec.has_regions), **geo_truth)
+        cols=frames.shape[2], encoding=spec.encoding, has_us_regions=int(spec.has_regions), **geo_truth), geometry
 
 
-_OUTPUTS = ("reports.csv", "reports_clinical.csv", "truth.csv", "phi.json", "cohort.json")
+_OUTPUTS = ("reports.csv", "reports_clinical.csv", "truth.csv", "phi.json", "cohort.json", "device_geometry.jsonl")
 
 
-def generate(out_dir, patients: int, seed: int = 0, small: bool = False, workers: int = 1) -> dict:
-    """Writes the cohort under `out_dir` (which must not already hold one); returns cohort.json's content."""
+def generate(out_dir, patients: int, seed: int = 0, small: bool = False, workers: int = 1,
+             version: int = 1) -> dict:
+    """Writes the cohort under `out_dir` (which must not already hold one); returns cohort.json's content.
+    `version` 1: one A4C-like phantom per video (byte-identical to earlier releases); 2: standard views,
+    reports in readers' own words, device geometry per frame (see the package docstring)."""
     out = pathlib.Path(out_dir)
     existing = [name for name in ("dicom", *_OUTPUTS) if (out / name).exists()]
     if existing:
         raise FileExistsError(f"{out} already holds a cohort ({', '.join(existing)}); choose an empty --out")
-    videos, studies, phi = plan_cohort(patients, seed, small)
+    videos, studies, phi = plan_cohort(patients, seed, small, version)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(spec, str(out)) for spec in videos]
     if workers > 1:
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-            truth = list(pool.map(_make_one, jobs, chunksize=4))
+            made = list(pool.map(_make_one, jobs, chunksize=4))
     else:
-        truth = [_make_one(job) for job in jobs]
+        made = [_make_one(job) for job in jobs]
+    truth = [row for row, _ in made]
+    if version == 2:
+        states = {s["StudyInstanceUID"]: clinical_report_v2(s)[1] for s in studies}
+        truth = [dict(row, **states[row["StudyInstanceUID"]]) for row in truth]
+        with open(out / "device_geometry.jsonl", "w") as fh:
+            fh.writelines(json.dumps(geometry, separators=(",", ":")) + "\n" for _, geometry in made)
     with open(out / "truth.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(truth[0]))
         writer.writeheader()
@@ -92,9 +127,12 @@ def generate(out_dir, patients: int, seed: int = 0, small: bool = False, workers
     phi = {k: sorted(set(v)) for k, v in phi.items()}
     all_phi = sorted({s for kind, values in phi.items() if kind != "report_numbers" for s in values})
     (out / "phi.json").write_text(json.dumps({"strings": all_phi, "by_field": phi}, indent=1) + "\n")
-    summary = dict(patients=patients, seed=seed, small=small, studies=len(studies), videos=len(videos),
+    summary = dict(patients=patients, seed=seed, small=small) | ({} if version == 1 else dict(cohort_version=2))
+    summary |= dict(studies=len(studies), videos=len(videos),
                    ef_definition=EF_DEFINITION, encodings={e: sum(v.encoding == e for v in videos) for e in ENCODINGS},
                    without_us_regions=sum(not v.has_regions for v in videos))
+    if version == 2:
+        summary["views"] = {view: sum(v.view == view for v in videos) for view in VIEWS}
     (out / "cohort.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -123,9 +161,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="160x208 frames, 16-24 per video (fast tests)")
     parser.add_argument("--workers", type=int, default=1, help="processes (the output is the same for any)")
+    parser.add_argument("--cohort_version", type=int, choices=COHORT_VERSIONS, default=1, help=(
+        "1 (default): one apical-4-chamber-like phantom per video, reports in the zero-shot prompts' own "
+        "sentences (byte-identical to earlier releases); 2: several standard views per study (A4C, A2C, PLAX, "
+        "PSAX, subcostal; devices only where each view shows them), reports worded by different readers "
+        "with none of the prompts' sentences, per-frame device geometry in device_geometry.jsonl"))
     args = parser.parse_args(argv)
     try:
-        summary = generate(args.out, args.patients, args.seed, args.small, args.workers)
+        summary = generate(args.out, args.patients, args.seed, args.small, args.workers, args.cohort_version)
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """The synthetic cohort's plan: patients, studies and videos, with their fake PHI and their true findings.
 
-Cheap and sequential, drawn from one seeded generator, so the same (patients, seed, small) always plans
-the same cohort; the pixels of each video come later from its own seed (data_prep.synthetic.render).
+Cheap and sequential, drawn from one seeded generator, so the same (patients, seed, small, version) always
+plans the same cohort; the pixels of each video come later from its own seed (data_prep.synthetic.render,
+or render_views for version 2, whose studies hold several standard views each).
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ LV_SCALE = {"normal": 1.0, "mild": 1.1, "moderate": 1.2, "severe": 1.3}  # ED ca
 # This makes EF partly visible in a single frame, as it is in real echo (the paper trains on one frame).
 LV_SIZE_EF_FLOOR = {"normal": 50, "mild": 40, "moderate": 28, "severe": 0}
 ENCODINGS = ("jpeg_ybr_full_422", "rgb", "monochrome2")
+COHORT_VERSIONS = (1, 2)
+# Version 2: more videos per study, each a different standard view (a study shows more than any one video).
+VIDEOS_PER_STUDY_V2 = {True: (3, 4), False: (4, 5)}  # keyed by `small`
 
 # Invented names (no real person): distinctive, so a privacy test can grep every output byte for them.
 _LAST = ("QUILLAMORE", "VANTERBUSH", "ZEPHYRANT", "MARLOWICK", "OSTRAVEN", "BRINDLEFOX", "KESTRANE",
@@ -76,6 +80,8 @@ class VideoSpec:
     has_regions: bool
     small: bool
     phi: dict  # header + burned-in values for this study
+    version: int = 1  # cohort version (1: one A4C-like phantom per video; 2: standard views)
+    view: str = "a4c"  # the standard view drawn (version 2: one of views.VIEWS)
 
 
 def _uid(seed: int, *parts) -> str:
@@ -115,10 +121,14 @@ def _lv_size(ef: int) -> str:
     return next(size for size in LV_SIZES if ef >= LV_SIZE_EF_FLOOR[size])
 
 
-def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec], list[dict], dict]:
-    """Returns (videos, studies, phi) for the cohort; deterministic for (patients, seed, small)."""
+def plan_cohort(patients: int, seed: int, small: bool, version: int = 1) -> tuple[list[VideoSpec], list[dict], dict]:
+    """Returns (videos, studies, phi) for the cohort; deterministic for (patients, seed, small, version).
+    Version 1 draws exactly the stream it always drew (its cohorts stay byte-identical); version 2 plans
+    each study's videos as distinct standard views (`_views_v2`) from the same stream."""
     if patients < 1:
         raise ValueError(f"--patients must be >= 1, got {patients}")
+    if version not in COHORT_VERSIONS:
+        raise ValueError(f"--cohort_version must be one of {COHORT_VERSIONS}, got {version}")
     layout = SMALL if small else FULL
     rng = np.random.default_rng(seed)
     names = _patient_names(rng, patients)
@@ -129,6 +139,7 @@ def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec],
         "InstitutionAddress", "StudyDate", "ReferringPhysicianName", "OperatorsName",
         "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "burned_in")}
     counter = 0
+    uid_tag = () if version == 1 else ("v2",)  # v2 cohorts never share a UID with v1 ones of the same seed
     for p in range(patients):
         last, first = names[p]
         pid = f"MRN{rng.integers(10**6, 10**7)}"
@@ -149,7 +160,7 @@ def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec],
             devices = tuple(d for d in DEVICES if onset[d] is not None and s >= onset[d])
             hr0 = float(rng.uniform(50, 110))
             inst = int(rng.integers(len(_INSTITUTIONS)))
-            study_uid = _uid(seed, "study", p, s)
+            study_uid = _uid(seed, *uid_tag, "study", p, s)
             accession = f"ACC{rng.integers(10**8, 10**9)}"
             operator = f"{_LAST[int(rng.integers(len(_LAST)))]}^{_FIRST[int(rng.integers(len(_FIRST)))]}"
             study_time = f"{int(rng.integers(7, 18)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}"
@@ -168,7 +179,9 @@ def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec],
                         "StudyInstanceUID"):
                 phi[key].add(study_phi[key])
             phi["burned_in"].update([study_phi["burned_name"], pid, burned_date])
-            n_videos = int(rng.integers(layout.videos_per_study[0], layout.videos_per_study[1] + 1))
+            lo, hi = layout.videos_per_study if version == 1 else VIDEOS_PER_STUDY_V2[small]
+            n_videos = int(rng.integers(lo, hi + 1))
+            views = ("a4c",) * n_videos if version == 1 else _views_v2(rng, n_videos, devices)
             for v in range(n_videos):
                 hr = float(np.clip(hr0 + rng.normal(0, 3), 45, 115))
                 frames, fps = _frames_and_rate(rng, layout, hr, small)
@@ -182,14 +195,35 @@ def plan_cohort(patients: int, seed: int, small: bool) -> tuple[list[VideoSpec],
                     devices=devices, n_mitraclips=n_clips if "mitraclip" in devices else 0, lv_size=size,
                     heart_rate=round(hr, 1), fps=1000.0 / frame_time, frame_time_ms=frame_time,
                     frames=frames, encoding=encoding, has_regions=has_regions, small=small,
-                    phi=dict(study_phi, SeriesInstanceUID=_uid(seed, "series", p, s, v),
-                             SOPInstanceUID=_uid(seed, "sop", p, s, v), SeriesNumber=v + 1)))
+                    phi=dict(study_phi, SeriesInstanceUID=_uid(seed, *uid_tag, "series", p, s, v),
+                             SOPInstanceUID=_uid(seed, *uid_tag, "sop", p, s, v), SeriesNumber=v + 1),
+                    version=version, view=views[v]))
                 phi["SeriesInstanceUID"].add(videos[-1].phi["SeriesInstanceUID"])
                 phi["SOPInstanceUID"].add(videos[-1].phi["SOPInstanceUID"])
             studies.append(dict(StudyInstanceUID=study_uid, AccessionNumber=accession, patient=f"P{p + 1:05d}",
                                 ef=ef, devices=devices, n_mitraclips=n_clips if "mitraclip" in devices else 0,
-                                lv_size=size, heart_rate=hr0, report_seed=(seed, p, s), phi=study_phi))
+                                lv_size=size, heart_rate=hr0, report_seed=(seed, p, s), phi=study_phi,
+                                version=version))
     return videos, studies, {k: sorted(v) for k, v in phi.items()}
+
+
+def _views_v2(rng, n_videos: int, devices: tuple[str, ...]) -> tuple[str, ...]:
+    """A study's views (version 2): n distinct standard views, the apical 4-chamber mostly among them, as a
+    complete transthoracic study has it, and every device of the study shown by at least one of them (a
+    view that shows none is swapped for one that does); the order of acquisition varies."""
+    from data_prep.synthetic.views import DEVICE_VIEWS, VIEWS  # views imports this module
+    others = [VIEWS[i] for i in rng.permutation(np.arange(1, len(VIEWS)))]
+    chosen = (["a4c"] + others[:n_videos - 1]) if rng.random() < 0.8 else others[:n_videos]
+    for d in devices:
+        if any(v in DEVICE_VIEWS[d] for v in chosen):
+            continue
+        # A slot whose view no other device of the study needs as its only view.
+        sole = {v for e in devices for v in chosen if v in DEVICE_VIEWS[e]
+                and sum(w in DEVICE_VIEWS[e] for w in chosen) == 1}
+        slot = next(i for i in rng.permutation(n_videos) if chosen[i] not in sole)
+        options = [v for v in DEVICE_VIEWS[d] if v not in chosen]
+        chosen[slot] = options[int(rng.integers(len(options)))]
+    return tuple(chosen[i] for i in rng.permutation(n_videos))
 
 
 def _frames_and_rate(rng, layout: Layout, hr: float, small: bool) -> tuple[int, float]:

@@ -81,14 +81,14 @@ def write_dicom(path: pathlib.Path, frames: np.ndarray, spec: VideoSpec, geo_tru
     ds.AccessionNumber = phi["AccessionNumber"]
     ds.Modality = "US"
     ds.Manufacturer = "SYNTHECHO"
-    ds.ManufacturerModelName = "PHANTOM A4C"
+    ds.ManufacturerModelName = "PHANTOM A4C" if spec.version == 1 else "PHANTOM"  # v2: no header names the view
     ds.InstitutionName = phi["InstitutionName"]
     ds.InstitutionAddress = phi["InstitutionAddress"]
     ds.StationName = "ECHOLAB3"
     ds.ReferringPhysicianName = phi["ReferringPhysicianName"]
     ds.OperatorsName = phi["OperatorsName"]
     ds.StudyDescription = "TTE COMPLETE"
-    ds.SeriesDescription = "A4C"
+    ds.SeriesDescription = "A4C" if spec.version == 1 else "2D CINE"
     ds.PatientName = phi["PatientName"]
     ds.PatientID = phi["PatientID"]
     ds.PatientBirthDate = phi["PatientBirthDate"]

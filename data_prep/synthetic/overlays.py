@@ -16,8 +16,10 @@ def ecg_value(phase: np.ndarray) -> np.ndarray:
     return g(0, 0.012) - 0.2 * g(0.03, 0.01) - 0.1 * g(-0.025, 0.008) + 0.3 * g(0.3, 0.045) + 0.15 * g(-0.15, 0.03)
 
 
-def draw_overlay(spec: VideoSpec, layout: Layout, geo: Geometry, fan: np.ndarray, phase0: float):
-    """Static burned-in graphics outside the sector, as (mask, RGB colour) images, and the ECG sweep."""
+def draw_overlay(spec: VideoSpec, layout: Layout, geo: Geometry, fan: np.ndarray, phase0: float,
+                 label: str = "A4C"):
+    """Static burned-in graphics outside the sector, as (mask, RGB colour) images, and the ECG sweep.
+    `label` is burned in beside the fan (version 1: "A4C"; version 2: a probe name, never the view)."""
     img = Image.new("RGB", (layout.cols, layout.rows))
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=layout.font_px)
@@ -29,7 +31,7 @@ def draw_overlay(spec: VideoSpec, layout: Layout, geo: Geometry, fan: np.ndarray
         draw.text((layout.cols - 3 - draw.textlength(text, font=font), 1 + i * line), text, fill=white, font=font)
     # A label in the bounding box's corner, beside the fan: cropping alone does not remove it.
     x0, y0, x1, y1 = geo.bbox
-    draw.text((x0 + 1, y0 + 2), "A4C", fill=(200, 200, 120), font=font)
+    draw.text((x0 + 1, y0 + 2), label, fill=(200, 200, 120), font=font)
     px_per_cm = geo.radius / geo.depth_cm
     for cm in range(0, int(geo.depth_cm) + 1):  # depth ticks beside the fan (kept only outside it)
         y = geo.apex_y + cm * px_per_cm

@@ -43,7 +43,11 @@ def systolic_function(ef: int) -> str:
 
 
 def clinical_report(study: dict) -> str:
-    """The report's clinical text (upper case, template phrases), consistent with the study's truth."""
+    """The report's clinical text (upper case, template phrases), consistent with the study's truth.
+    Version-2 studies get data_prep.synthetic.reports_v2's wording instead."""
+    if study.get("version", 1) == 2:
+        from data_prep.synthetic.reports_v2 import clinical_report_v2
+        return clinical_report_v2(study)[0]
     rng = np.random.default_rng(list(study["report_seed"]) + [7])
     parts = []
     if "tavr" in study["devices"]:

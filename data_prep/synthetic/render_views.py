@@ -1,0 +1,106 @@
+"""Cohort version 2's frames: one standard view (data_prep.synthetic.views) per video, with the LV beating to
+its known EF and the devices this view shows drawn from exact pixel shapes (device_shapes), which come back
+as truth. Tissue, speckle, attenuation and the overlays are version 1's (render.py); the view's name is
+never burned in (the probe label is the same on every view)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from data_prep.synthetic.cohort import FULL, SMALL, VideoSpec, lv_scale
+from data_prep.synthetic.device_shapes import frame_shapes, rasterize, visible_devices
+from data_prep.synthetic.geometry import ellipse, myocardial_thickness, volume_fraction
+from data_prep.synthetic.overlays import draw_overlay
+from data_prep.synthetic.render import box_blur
+from data_prep.synthetic.views import PROBE_LABEL, Scene, make_scene, make_view_geometry
+
+_MOTION = {"ventricle": lambda f: math.sqrt(1 - 0.6 * (1 - f)), "atrium": lambda f: math.sqrt(1 + 0.25 * (1 - f)),
+           "static": lambda f: 1.0}
+
+
+def scene_echogenicity(u, v, scene: Scene, f: float) -> tuple[np.ndarray, float]:
+    """(mean echo brightness 0 blood .. 1 bright, the LV base's distance from its centre) at sector
+    coordinates (u, v), the LV cavity at `f` times its end-diastolic area. Tissue stays below the
+    devices' near-saturated metal."""
+    e = 0.30 + 0.12 * np.exp(-v / 0.06) + 0.05 * np.sin(7 * u + 3 * v)  # tissue + near-field clutter
+    if scene.liver:  # echogenic, coarse liver parenchyma above the diaphragm
+        liver = ellipse(u, v, 0.0, 0.0, *scene.rims[0][1], 0.0) < 1
+        e = np.where(liver, 0.42 + 0.07 * np.sin(17 * u + 11 * v) * np.cos(9 * v - 5 * u), e)
+    for (cu, cv), (a, b), ang, half in scene.rims:  # pericardium, diaphragm: bright rims (half: of radius 1)
+        e = np.where(np.abs(np.sqrt(ellipse(u, v, cu, cv, a, b, ang)) - 1) < half, 0.6, e)
+    for ch in scene.chambers:
+        k = _MOTION[ch.motion](f)
+        (cu, cv), a, b = ch.c, ch.ab[0] * k, ch.ab[1] * k
+        e = np.where(ellipse(u, v, cu, cv, a + 0.03, b + 0.03, ch.angle) <= 1, 0.6, e)
+        e = np.where(ellipse(u, v, cu, cv, a, b, ch.angle) <= 1, 0.05, e)
+    h = scene.heart  # LV territory: tissue out to its ED epicardium, so no other chamber shows where it shrank
+    cu, cv = h.lv_c
+    e = np.where(ellipse(u, v, cu, cv, (h.lv_a + h.wall) * 1.04, (h.lv_b + h.wall) * 1.04, h.lv_axis) <= 1, 0.40, e)
+    k = math.sqrt(f)
+    a, b = h.lv_a * k, h.lv_b * k
+    t = float(myocardial_thickness(a, b, h))
+    e = np.where(ellipse(u, v, cu, cv, a + t, b + t, h.lv_axis) <= 1, 0.65, e)
+    e = np.where(ellipse(u, v, cu, cv, a, b, h.lv_axis) <= 1, 0.045, e)
+    return e, b + t
+
+
+def render_view_video(spec: VideoSpec, draw_devices: bool = True) -> tuple[np.ndarray, dict, list[list[dict]]]:
+    """Frames (T, H, W, 3) uint8 RGB, the per-video truth (geometry in pixels, the view, which devices it
+    shows) and each frame's device shapes. `draw_devices=False` renders the very same video without them
+    (every random draw is the same), to check that the shapes cover what the devices change."""
+    layout = SMALL if spec.small else FULL
+    rng = np.random.default_rng(list(spec.seed) + [2])
+    geo = make_view_geometry(rng, layout, spec.view)
+    scene = make_scene(rng, spec.view, lv_scale(spec.ef))
+    heart = scene.heart
+    gain = float(rng.uniform(0.85, 1.15))
+    phase0 = float(rng.uniform(0, 1))
+    x0, y0, x1, y1 = geo.bbox
+    yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1].astype(np.float32)
+    u, v = (xx - geo.apex_x) / geo.radius, (yy - geo.apex_y) / geo.radius
+    r, ang = np.hypot(u, v), np.arctan2(u, v)
+    fan_box = (r <= 1.0) & (np.abs(ang) <= geo.half_angle)
+    fan = np.zeros((layout.rows, layout.cols), bool)
+    fan[y0:y1 + 1, x0:x1 + 1] = fan_box
+    overlay, sweep_s = draw_overlay(spec, layout, geo, fan, phase0, label=PROBE_LABEL)
+    overlay_mask = overlay.any(-1)
+    ecg_cursor_rows = slice(layout.rows - layout.ecg, layout.rows)
+    depth_gain = (1.0 - 0.25 * v) * gain  # attenuation, partly compensated
+    frames = np.zeros((spec.frames, layout.rows, layout.cols, 3), np.uint8)
+    all_shapes, most_pixels = [], 0
+    for i in range(spec.frames):
+        t = i * spec.frame_time_ms / 1000.0
+        phase = phase0 + t * spec.heart_rate / 60.0
+        f = float(volume_fraction(np.array(phase), spec.ef / 100.0))
+        e, base_dist = scene_echogenicity(u, v, scene, f)
+        speckle = 0.45 + 0.55 * rng.rayleigh(math.sqrt(2 / math.pi), size=e.shape)
+        img = box_blur(e * speckle * depth_gain * 255.0, *layout.speckle_blur)
+        img += rng.normal(0, 2.0, size=img.shape)
+        metal = 250.0 + rng.normal(0, 3.0, size=img.shape)  # drawn whether or not a device is: same stream
+        shapes = frame_shapes(scene, geo, spec.devices, spec.n_mitraclips, float(np.mod(phase, 1.0)), base_dist)
+        all_shapes.append(shapes)
+        if shapes:
+            device = rasterize(shapes, layout.rows, layout.cols)
+            most_pixels = max(most_pixels, int(device.sum()))
+            if draw_devices:
+                img = np.where(device[y0:y1 + 1, x0:x1 + 1], metal, img)
+        gray = np.where(fan_box, np.clip(img, 0, 255), 0).astype(np.uint8)
+        frame = frames[i]
+        frame[y0:y1 + 1, x0:x1 + 1] = gray[..., None]
+        frame[overlay_mask] = overlay[overlay_mask]
+        cursor = int((t % sweep_s) / sweep_s * layout.cols)
+        frame[ecg_cursor_rows, cursor] = (255, 255, 255)
+    shown = visible_devices(spec.devices, spec.view)
+    truth = dict(
+        view=spec.view, sector_apex_x=round(geo.apex_x, 2), sector_apex_y=round(geo.apex_y, 2),
+        sector_radius=round(geo.radius, 2), sector_half_angle_deg=round(math.degrees(geo.half_angle), 2),
+        sector_x0=x0, sector_y0=y0, sector_x1=x1, sector_y1=y1, depth_cm=round(geo.depth_cm, 3),
+        lv_center_x=round(geo.apex_x + heart.lv_c[0] * geo.radius, 2),
+        lv_center_y=round(geo.apex_y + heart.lv_c[1] * geo.radius, 2),
+        lv_ed_semi_across_px=round(heart.lv_a * geo.radius, 2),
+        lv_ed_semi_along_px=round(heart.lv_b * geo.radius, 2),
+        lv_axis_deg=round(math.degrees(heart.lv_axis), 3),
+        **{f"{d}_visible": int(d in shown) for d in ("pacemaker", "tavr", "mitraclip")},
+        device_pixels_max=most_pixels)
+    return frames, truth, all_shapes
