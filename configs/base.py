@@ -7,6 +7,8 @@ import math
 
 import ml_collections
 
+from echoclip_jax import model_config
+
 
 def get_base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -22,33 +24,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0 = only at the end
     c.eval_batches = 8
 
-    # --- model (echoclip_jax.models) ---
-    c.model = ml_collections.ConfigDict()
-    c.model.embed_dim = 512
-    c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
-    c.model.param_dtype = "float32"  # master weights
-    c.model.remat = False  # rematerialise each block (saves activation memory)
-    c.model.init_logit_scale = math.log(1 / 0.07)
-    c.model.init_logit_bias = None  # e.g. -10.0 for the sigmoid (SigLIP) loss
-    c.model.temporal_pool = "mean"  # "mean" (EchoCLIP) or "attention" for multi-frame training
-
-    c.model.vision = ml_collections.ConfigDict()
-    c.model.vision.kind = "convnext"  # "convnext" or "vit"
-    c.model.vision.variant = "base"  # convnext: atto femto pico nano tiny small base large; vit: tiny B/32 B/16
-    c.model.vision.image_size = 224
-    c.model.vision.drop_path_rate = 0.1
-    c.model.vision.head = "linear"  # "linear" or "mlp"
-    c.model.vision.depthwise_impl = "auto"  # ConvNeXt depthwise conv: auto | shifted | matmul | lax (lax compiles faster on CPU)
-
-    c.model.text = ml_collections.ConfigDict()
-    c.model.text.vocab_size = 49408
-    c.model.text.context_length = 77
-    c.model.text.width = 512
-    c.model.text.heads = 8
-    c.model.text.layers = 12
-    c.model.text.dropout = 0.0
-    c.model.text.pool = "argmax"  # "argmax" (CLIP BPE: EOT has the highest id) or "eos" (template: EOS id)
-    c.model.text.eos_id = 49407
+    # --- model (echoclip_jax.models; defaults and the architecture/run-setting split in echoclip_jax.model_config) ---
+    c.model = model_config.defaults()
 
     # --- tokenizer (echoclip_jax.tokenizers.get_tokenizer) ---
     c.tokenizer = ml_collections.ConfigDict()

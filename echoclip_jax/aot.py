@@ -174,15 +174,14 @@ def compile_for_topology(config, topology: str, hlo_path: str = "") -> dict:
     """Compiles `config`'s train step for `topology`; returns the report (see module docstring). With
     `hlo_path`, the optimized HLO of the compiled step is written there."""
     from echoclip_jax import sharding, train
+    from echoclip_jax.config_validation import validate
 
     topo = get_topology(topology)
     chip = CHIPS[topo.chip]
     devices = topology_devices(topo)
+    validate(config, num_devices=len(devices), num_processes=1, compile_only=True)
     mesh = sharding.build_mesh(config.mesh, devices)
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if int(config.batch_size) % data_shards:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the mesh's data x fsdp = {data_shards} "
-                         f"devices on {topo.name}; set --config.batch_size to a multiple of {data_shards}")
     recipe_steps = math.ceil(RECIPE_EPOCHS * RECIPE_VIDEOS / int(config.batch_size))
     ts = train.build_train_step(config, mesh, int(config.total_steps))
     batch = abstract_batch(config, ts.batch_sh)

@@ -6,7 +6,7 @@ Images: uint8 RGB `.npy` (N, H, W, 3). Videos: `.npy` (N, T, H, W, 3) when all h
 with one uint8 (T_i, H, W, 3) array per video, any T_i (real videos differ in length; `np.savez(path,
 *videos)` keeps their order, which is the order of the output rows). A video's embedding is its frames'
 embeddings pooled by the model's temporal pool (EchoCLIP: their mean). CLIP normalisation is applied
-here. Texts: one per line, tokenised by the config's tokenizer. KIND as in `echoclip_jax.convert`, whose
+here. Texts: one per line, tokenised by the config's tokenizer. KIND as in `echoclip_jax.weights`, whose
 `load` decides the model config (architecture from the config stored with the weights, which must agree
 with --config; compute dtype and other run settings from --config). Batches are jitted with fixed shapes
 and sharded over all local devices (`echoclip_jax.embedder`).
@@ -19,7 +19,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from echoclip_jax.convert import load_model
+from echoclip_jax.config_validation import validate
+from echoclip_jax.weights import load_model
 from echoclip_jax.embedder import Embedder
 from echoclip_jax.models import CLIP
 
@@ -79,6 +80,7 @@ def main(argv):
         print("embed: error: pass exactly one of --images or --texts", file=sys.stderr)
         return 1
     try:
+        validate(config, training=False)
         model = load_model(FLAGS.checkpoint, config.model)
         if FLAGS.images is not None:
             images = read_images(FLAGS.images)
@@ -102,7 +104,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("checkpoint", None, "KIND:PATH (see echoclip_jax.convert)", required=True)
+    flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights)", required=True)
     config_flags.DEFINE_config_file("config", None, "configs/*.py", lock_config=False)
     flags.DEFINE_string("images", None, "uint8 .npy (N, H, W, 3) or (N, T, H, W, 3), or .npz of videos "
                                         "(T_i, H, W, 3) of any lengths")

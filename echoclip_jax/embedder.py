@@ -1,9 +1,9 @@
 """Embeddings on the devices: images, texts, and videos of any lengths, in fixed-shape sharded batches.
 
 One `Embedder` serves evaluate (zero-shot tasks, retrieval, patient identification; `embed_split` reads a
-split of records) and the embed CLI. Its programs are jitted over a 1-D ("data",) mesh of all local
-devices (parameters replicated, batches split), and every call has one of a few fixed shapes, so no
-length of video triggers a compilation.
+split of records), the embed CLI, search and report. Its programs run through
+`echoclip_jax.inference.ShardedModel` (parameters replicated on every local device, batches split), and
+every call has one of a few fixed shapes, so no length of video triggers a compilation.
 
 Videos of different lengths (every real export): their frames are laid end to end and cut into batches of
 `batch_size` frames, so the image tower runs one compiled shape and computes only real frames (the last
@@ -48,59 +48,42 @@ class Embedder:
 
     def __init__(self, model, tokenizer=None, *, batch_size: int = 128):
         import jax
-        from flax import nnx
-        from jax.sharding import NamedSharding, PartitionSpec as P
 
         from echoclip_jax import models
+        from echoclip_jax.inference import ShardedModel
 
-        model.eval()
-        graphdef, state = nnx.split(model)
-        devices = jax.devices()
-        n = len(devices)
-        self._mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-        self._put = lambda x: jax.device_put(x, NamedSharding(self._mesh, P("data")))
-        self._state = jax.device_put(state, NamedSharding(self._mesh, P()))
-        self.batch_size = max(n, -(-int(batch_size) // n) * n)
-        self._pool_group = -(-POOL_GROUP // n) * n
+        self.sharded = sm = ShardedModel(model, batch_size=batch_size)
+        self.batch_size = sm.batch_size
+        self._pool_group = -(-POOL_GROUP // sm.num_devices) * sm.num_devices
         self.tokenizer = tokenizer
         self.embed_dim = int(model.embed_dim)
         self.temporal_pool = "mean" if model.temporal_pool is None else "attention"
 
         def images(state, x):
-            return nnx.merge(graphdef, state).encode_image(models.preprocess_images(x), normalize=True)
+            return sm.module(state).encode_image(models.preprocess_images(x), normalize=True)
 
         def texts(state, tokens):
-            return nnx.merge(graphdef, state).encode_text(tokens, normalize=True)
+            return sm.module(state).encode_text(tokens, normalize=True)
 
         def pool(state, frames, mask):
-            return nnx.merge(graphdef, state).pool_frames(frames, mask)
+            return sm.module(state).pool_frames(frames, mask)
 
         self._images, self._texts, self._pool = jax.jit(images), jax.jit(texts), jax.jit(pool)
 
-    def _batched(self, fn, x: np.ndarray, batch: int) -> np.ndarray:
-        """fn over x in batches of `batch` rows (the last padded with zeros and the padding dropped); all
-        batches are dispatched before the first result is read, so transfers overlap the computation."""
-        outs = []
-        for start in range(0, len(x), batch):
-            chunk = x[start:start + batch]
-            pad = batch - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            outs.append((fn(self._state, self._put(chunk)), batch - pad))
-        if not outs:
-            return np.zeros((0, self.embed_dim), np.float32)
-        return np.concatenate([np.asarray(o, np.float32)[:keep] for o, keep in outs])
+    def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+        out = self.sharded.map_batches(fn, x)
+        return np.zeros((0, self.embed_dim), np.float32) if out is None else np.asarray(out, np.float32)
 
     def images(self, frames: np.ndarray) -> np.ndarray:
         """uint8 [M, H, W, 3] -> L2-normalised [M, D] float32."""
-        return self._batched(self._images, np.asarray(frames), self.batch_size)
+        return self._batched(self._images, np.asarray(frames))
 
     def texts(self, texts: list[str]) -> np.ndarray:
         """N strings -> L2-normalised [N, D] float32 (needs the tokenizer)."""
         if self.tokenizer is None:
             raise ValueError("this Embedder has no tokenizer: pass one to embed texts")
         tokens = np.asarray(self.tokenizer.encode(list(texts)), dtype=np.int32)
-        return self._batched(self._texts, tokens, self.batch_size)
+        return self._batched(self._texts, tokens)
 
     def frame_embeddings(self, videos: Iterable[np.ndarray], lengths: list | None = None) -> np.ndarray:
         """Frame embeddings [M, D] of videos uint8 [T_i, H, W, 3] (any T_i >= 1, one H, W), end to end,
@@ -151,7 +134,7 @@ class Embedder:
             for row, v in enumerate(idx):
                 padded[row, :lengths[v]] = frames[starts[v]:starts[v] + lengths[v]]
                 mask[row, :lengths[v]] = True
-            pooled = self._pool(self._state, self._put(padded), self._put(mask))
+            pooled = self._pool(self.sharded.state, self.sharded.put(padded), self.sharded.put(mask))
             out.append(np.asarray(pooled, np.float32)[:len(idx)])
         return np.concatenate(out)
 

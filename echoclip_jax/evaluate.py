@@ -91,27 +91,25 @@ def compute_metrics(embedder: Embedder, split: SplitEmbeddings, tasks: list[zs.T
 class Source:
     name: str  # the output file stem
     step: int | None
-    spec: str  # what to load: "orbax:PATH@STEP" or "KIND:PATH"
-
-
-def parse_checkpoint_spec(spec: str) -> tuple[str, str]:
-    kind, sep, path = spec.partition(":")
-    if not sep or not path:
-        raise ValueError(f"--checkpoint {spec!r}: expected KIND:PATH (KIND one of orbax, params, "
-                         f"safetensors, open_clip)")
-    return kind, path
+    spec: str  # what to load, as `echoclip_jax.weights.load` reads it: KIND:PATH[@STEP]
 
 
 def list_sources(*, checkpoint: str | None = None, workdir: str | None = None,
                  steps: list[int] | None = None, globs: list[str] | None = None) -> list[Source]:
     """The checkpoints to evaluate, in step order, each with its output name."""
     from echoclip_jax import checkpoint as ckpt
+    from echoclip_jax import weights
 
     sources = []
     if checkpoint:
-        kind, path = parse_checkpoint_spec(checkpoint)
-        name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-        sources.append(Source(name=name, step=None, spec=f"{kind}:{path}"))
+        try:
+            spec = weights.parse(checkpoint)
+        except ValueError as e:
+            raise ValueError(f"--checkpoint {e}") from None
+        name = os.path.splitext(os.path.basename(os.path.normpath(spec.path)))[0]
+        if spec.step is not None:
+            name = f"{name}@{spec.step}"
+        sources.append(Source(name=name, step=spec.step, spec=str(spec)))
     if workdir:
         available = ckpt.all_steps(workdir)
         if not available:
@@ -121,7 +119,7 @@ def list_sources(*, checkpoint: str | None = None, workdir: str | None = None,
             if missing:
                 raise ValueError(f"{workdir}: no checkpoint for step(s) {missing}; have {available}")
             available = [s for s in available if s in set(steps)]
-        sources += [Source(name=str(s), step=s, spec=f"orbax:{workdir}@{s}") for s in available]
+        sources += [Source(name=str(s), step=s, spec=str(weights.Spec("orbax", workdir, s))) for s in available]
     for pattern in globs or ():
         matched = sorted(globlib.glob(pattern))
         if not matched:
@@ -294,14 +292,14 @@ def run(config, sources: list[Source], *, data_dir: str, split: str, out_dir: st
     for s in sources:
         if s not in todo:
             log(f"skip {s.name}: {os.path.join(out_dir, s.name + '.json')} exists")
-    from echoclip_jax import convert, tokenizers
+    from echoclip_jax import tokenizers, weights
 
     image_size = config.model.vision.image_size
     for source in todo:
         log(f"evaluate {source.name} ({source.spec}) on {data_dir} [{split}]")
-        # weights and model config through convert.load's one rule (architecture: the stored config, which
+        # weights and model config through weights.load's one rule (architecture: the stored config, which
         # must agree with --config; compute dtype and other run settings: --config)
-        embedder = Embedder(convert.load_model(source.spec, config.model), tokenizers.from_config(config.tokenizer),
+        embedder = Embedder(weights.load_model(source.spec, config.model), tokenizers.from_config(config.tokenizer),
                             batch_size=batch_size)
         split_embeds = embed_split(embedder, data_dir, split, frames=frames, image_size=image_size)
         calibration = None
@@ -355,6 +353,8 @@ def main(argv):
     except ValueError:
         sys.exit(f"evaluate: --steps must be integers, got {flags.steps}")
     try:
+        from echoclip_jax.config_validation import validate
+        validate(flags.config, training=False)
         tasks = zs.load_tasks(flags.task_table, flags.tasks)
         sources = list_sources(checkpoint=flags.checkpoint, workdir=flags.workdir, steps=steps,
                                globs=flags.glob)

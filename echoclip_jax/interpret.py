@@ -48,26 +48,17 @@ class SaliencyMapper:
                  smoothgrad_samples: int = 0, smoothgrad_sigma: float = 0.15, seed: int = 0):
         import jax
         import jax.numpy as jnp
-        from flax import nnx
-        from jax.sharding import NamedSharding, PartitionSpec as P
 
         from echoclip_jax import models
+        from echoclip_jax.inference import ShardedModel
 
         if smoothgrad_samples < 0 or smoothgrad_sigma < 0:
             raise ValueError("smoothgrad_samples and smoothgrad_sigma must be >= 0")
         if not hasattr(model.visual, "forward_features"):
             raise ValueError(f"PromptCAM needs a ConvNeXt image tower; this model's is "
                              f"{type(model.visual).__name__}")
-        model.eval()
-        graphdef, state = nnx.split(model)
-        devices = jax.devices()
-        mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                             devices=devices)
-        self._frames_sharding = NamedSharding(mesh, P("data"))
-        self._replicated = NamedSharding(mesh, P())
-        self._state = jax.device_put(state, self._replicated)
-        n = len(devices)
-        self.batch_size = max(n, -(-batch_size // n) * n)
+        self.sharded = sm = ShardedModel(model, batch_size=batch_size)
+        self.batch_size = sm.batch_size
         self.image_size = int(image_size)
         self.tokenizer = tokenizer
         self.smoothgrad_samples = smoothgrad_samples
@@ -87,7 +78,7 @@ class SaliencyMapper:
             return scores, grads
 
         def promptcam(state, frames, text):
-            model = nnx.merge(graphdef, state)
+            model = sm.module(state)
             feats = model.visual.forward_features(models.preprocess_images(frames))  # [B, h, w, C]
 
             def score(f):
@@ -103,7 +94,7 @@ class SaliencyMapper:
             return cam.astype(jnp.float32), scores.T.astype(jnp.float32)
 
         def gradient(state, frames, text, key):
-            model = nnx.merge(graphdef, state)
+            model = sm.module(state)
 
             def score(x):
                 return model.encode_image(models.preprocess_images(x), normalize=True) @ text.T
@@ -121,17 +112,15 @@ class SaliencyMapper:
             return jnp.abs(grads).max(axis=-1), scores.T.astype(jnp.float32)
 
         def texts(state, tokens):
-            return nnx.merge(graphdef, state).encode_text(tokens, normalize=True)
+            return sm.module(state).encode_text(tokens, normalize=True)
 
         self._fns = {"promptcam": jax.jit(promptcam), "gradient": jax.jit(gradient)}
         self._texts = jax.jit(texts)
 
     def text_embeddings(self, prompts: list[str]):
         """L2-normalised text embeddings [P, D] of the prompts, replicated over the devices."""
-        import jax
-
         tokens = np.asarray(self.tokenizer.encode(list(prompts)), dtype=np.int32)
-        return jax.device_put(self._texts(self._state, tokens), self._replicated)
+        return self.sharded.replicate(self._texts(self.sharded.state, tokens))
 
     def maps(self, method: str, frames: np.ndarray, text) -> tuple[np.ndarray, np.ndarray]:
         """uint8 frames [K, S, S, 3], text embeddings [P, D] -> (maps [P, K, S, S], similarity [P, K])."""
@@ -139,22 +128,15 @@ class SaliencyMapper:
 
         if method not in METHODS:
             raise ValueError(f"unknown saliency method {method!r}; expected one of {METHODS}")
-        if frames.ndim != 4 or frames.shape[1:] != (self.image_size, self.image_size, 3):
+        if frames.ndim != 4 or not len(frames) or frames.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"frames must be [K, {self.image_size}, {self.image_size}, 3], got {frames.shape}")
-        out_maps, out_scores = [], []
-        for start in range(0, len(frames), self.batch_size):
-            chunk = frames[start:start + self.batch_size]
-            pad = self.batch_size - len(chunk)
-            if pad:  # a fixed batch shape: one compilation whatever the video lengths
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            args = [self._state, jax.device_put(chunk, self._frames_sharding), text]
-            if method == "gradient":
-                self._key, key = jax.random.split(self._key)
-                args.append(key)
-            maps, scores = self._fns[method](*args)
-            out_maps.append(np.asarray(maps)[:, :len(chunk) - pad])
-            out_scores.append(np.asarray(scores)[:, :len(chunk) - pad])
-        return np.concatenate(out_maps, axis=1), np.concatenate(out_scores, axis=1)
+
+        def key():
+            self._key, k = jax.random.split(self._key)
+            return (k,)
+
+        return self.sharded.map_batches(self._fns[method], frames, text, out_axis=1,
+                                        per_batch=key if method == "gradient" else None)
 
     def maps_of_videos(self, method: str, videos: list[np.ndarray], text) -> list[tuple[np.ndarray, np.ndarray]]:
         """`maps` of several videos of any lengths at once: their frames are laid end to end, so batches are
@@ -380,13 +362,15 @@ def main(argv):
         sys.exit("interpret: give --video X (.dcm/.avi/.npy) or --data_dir O, not both")
     if f.frames < 0 or f.limit < 0:
         sys.exit("interpret: --frames and --limit must be >= 0")
-    from echoclip_jax import convert, tokenizers
+    from echoclip_jax import tokenizers, weights
+    from echoclip_jax.config_validation import validate
 
     methods = METHODS if f.method == "both" else (f.method,)
     try:
-        model_config, params = convert.load(f.checkpoint, f.config.model)
+        validate(f.config, training=False)
+        model_config, params = weights.load(f.checkpoint, f.config.model)
         image_size = int(model_config.vision.image_size)
-        mapper = SaliencyMapper(convert.make_model(model_config, params), tokenizers.from_config(f.config.tokenizer),
+        mapper = SaliencyMapper(weights.make_model(model_config, params), tokenizers.from_config(f.config.tokenizer),
                                 image_size=image_size, batch_size=f.batch_size, smoothgrad_samples=f.smoothgrad,
                                 smoothgrad_sigma=f.smoothgrad_sigma, seed=f.config.seed)
         if f.video:

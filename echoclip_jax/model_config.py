@@ -1,6 +1,6 @@
 """Which model config describes a set of weights: the one rule every command that loads weights follows.
 
-convert, evaluate, embed, interpret and train's `init` all load weights through `echoclip_jax.convert.load`,
+convert, evaluate, embed, interpret and train's `init` all load weights through `echoclip_jax.weights.load`,
 which calls `resolve` below, so the rule is the same everywhere:
 
 - A checkpoint may carry a *stored* model config: `X.json` beside `X.safetensors`, `echoclip_model.json`
@@ -9,7 +9,7 @@ which calls `resolve` below, so the rule is the same everywhere:
 - The stored config describes the weights, so it decides the architecture: the fields in ARCHITECTURE
   (what sets a parameter's shape or presence, and the input size the weights were made for).
 - Everything else in `config.model` is a run setting and comes from the given config, or from
-  configs/base.py's defaults when there is none: compute `dtype`, `param_dtype`, `remat`,
+  `defaults()` when there is none: compute `dtype`, `param_dtype`, `remat`,
   `vision.drop_path_rate`, `vision.depthwise_impl`, `text.dropout`, `init_logit_scale` and the value of
   `init_logit_bias`. A stored copy of a run setting is never used (the compute dtype is a choice of the
   run, not a property of the weights).
@@ -22,6 +22,8 @@ Verification of a conversion is a comparison of weights, so it runs both models 
 run's compute dtype (`for_verification`).
 """
 from __future__ import annotations
+
+import math
 
 import ml_collections
 
@@ -56,10 +58,35 @@ def architecture(mc) -> dict:
     return arch
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-    from configs.base import get_base_config
+def defaults() -> ml_collections.ConfigDict:
+    """`config.model`'s defaults (configs/base.py starts from these): the paper's convnext_base CLIP."""
+    m = ml_collections.ConfigDict()
+    m.embed_dim = 512
+    m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
+    m.param_dtype = "float32"  # master weights
+    m.remat = False  # rematerialise each block (saves activation memory)
+    m.init_logit_scale = math.log(1 / 0.07)
+    m.init_logit_bias = None  # e.g. -10.0 for the sigmoid (SigLIP) loss
+    m.temporal_pool = "mean"  # "mean" (EchoCLIP) or "attention" for multi-frame training
 
-    return get_base_config().model
+    m.vision = ml_collections.ConfigDict()
+    m.vision.kind = "convnext"  # "convnext" or "vit"
+    m.vision.variant = "base"  # convnext: atto femto pico nano tiny small base large; vit: tiny B/32 B/16
+    m.vision.image_size = 224
+    m.vision.drop_path_rate = 0.1
+    m.vision.head = "linear"  # "linear" or "mlp"
+    m.vision.depthwise_impl = "auto"  # ConvNeXt depthwise conv: auto | shifted | matmul | lax (lax compiles faster on CPU)
+
+    m.text = ml_collections.ConfigDict()
+    m.text.vocab_size = 49408
+    m.text.context_length = 77
+    m.text.width = 512
+    m.text.heads = 8
+    m.text.layers = 12
+    m.text.dropout = 0.0
+    m.text.pool = "argmax"  # "argmax" (CLIP BPE: EOT has the highest id) or "eos" (template: EOS id)
+    m.text.eos_id = 49407
+    return m
 
 
 def resolve(stored, given, where: str) -> ml_collections.ConfigDict:
@@ -68,7 +95,7 @@ def resolve(stored, given, where: str) -> ml_collections.ConfigDict:
     (or the weights, when nothing is stored) in errors. Returns a new ConfigDict; inputs are not changed."""
     if stored is None and given is None:
         raise ValueError(f"{where}: carries no model config; pass --config naming the architecture")
-    out = (given if given is not None else default_model_config()).to_dict()
+    out = (given if given is not None else defaults()).to_dict()
     if stored is None:
         return ml_collections.ConfigDict(out)
     want = architecture(stored)

@@ -261,7 +261,8 @@ def _query_frames(bank_spec: str, max_frames_of) -> int | None:
 def main(argv) -> int:
     from absl import flags
 
-    from echoclip_jax import convert, tokenizers
+    from echoclip_jax import tokenizers, weights
+    from echoclip_jax.config_validation import validate
     from echoclip_jax.embedder import Embedder
     from echoclip_jax.search.embedding import fingerprint, max_frames_of
 
@@ -279,7 +280,8 @@ def main(argv) -> int:
     levels = ("study", "video") if FLAGS.level == "both" else (FLAGS.level,)
     image_size = int(config.model.vision.image_size)
     try:
-        embedder = Embedder(convert.load_model(FLAGS.checkpoint, config.model), tokenizers.from_config(config.tokenizer),
+        validate(config, training=False)
+        embedder = Embedder(weights.load_model(FLAGS.checkpoint, config.model), tokenizers.from_config(config.tokenizer),
                             batch_size=FLAGS.batch_size)
         embedder.fingerprint = fingerprint(embedder, config.model)
         bank = load_bank(bank_spec, embedder, match=FLAGS.match, splits=FLAGS.bank_split, frames=FLAGS.frames,
@@ -308,7 +310,7 @@ def _define_flags():
     from absl import flags
     from ml_collections import config_flags
 
-    flags.DEFINE_string("checkpoint", None, "KIND:PATH (see echoclip_jax.convert)", required=True)
+    flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights)", required=True)
     config_flags.DEFINE_config_file("config", None, "configs/*.py", lock_config=False)
     flags.DEFINE_string("video", None, "one study: a .dcm/.avi/.npy video or a directory of its .dcm files")
     flags.DEFINE_string("data_dir", None, "records (data_prep.convert): a report for every study of --split")

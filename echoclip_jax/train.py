@@ -25,7 +25,10 @@ import optax
 from flax import nnx
 
 from echoclip_jax import checkpoint as ckpt_lib
-from echoclip_jax import data, losses, models, optim, sharding
+from echoclip_jax.distributed import PeerLostError, init_distributed, wait_for_other_processes
+from echoclip_jax import data, losses, models, optim, sharding, weights
+from echoclip_jax import metrics as metrics_lib
+from echoclip_jax.config_validation import ConfigError, validate
 from echoclip_jax.models import backend
 
 log = logging.getLogger("echoclip_jax.train")
@@ -34,37 +37,6 @@ log = logging.getLogger("echoclip_jax.train")
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
               "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
               "NVIDIA RTX A6000": 155e12}
-
-
-def init_distributed(dc) -> None:
-    """jax.distributed across hosts: explicit coordinator flags, or auto-detected (SLURM, TPU pod).
-    When a process dies, the others abort ("...another task died") within dc.heartbeat_timeout seconds."""
-    timeouts = dict(initialization_timeout=int(dc.initialization_timeout),
-                    heartbeat_timeout_seconds=int(dc.heartbeat_timeout))
-    if dc.coordinator_address:
-        jax.distributed.initialize(coordinator_address=dc.coordinator_address,
-                                   num_processes=int(dc.num_processes) or None,
-                                   process_id=int(dc.process_id) if dc.process_id >= 0 else None, **timeouts)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize(**timeouts)
-    else:
-        return
-    log.info("process %d of %d; a process that stops responding for %d s aborts the others",
-             jax.process_index(), jax.process_count(), timeouts["heartbeat_timeout_seconds"])
-
-
-def wait_for_other_processes(name: str, timeout_s: float) -> None:
-    """A barrier through jax.distributed's coordination service (not a collective), for multi-process runs.
-
-    Gloo (the CPU collectives) sets a communicator up at a program's first collective and gives up when the
-    other processes have not joined within 30 s: processes that compiled at different speeds meet here first."""
-    from jax._src import distributed  # the client has no public handle in this JAX version
-
-    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
-
-
-class PeerLostError(RuntimeError):
-    """A collective with the other processes of a multi-process run failed: one of them most likely died."""
 
 
 class MetricsLog:
@@ -105,25 +77,17 @@ def _flops(compiled) -> float | None:
 
 def initial_params(config, abstract_params, param_sh):
     """Random (seeded), an imported open_clip state dict, or the weights of one of our checkpoints (a training
-    workdir or step, or a params-only export), read by `convert.load` under the rule of `model_config`."""
+    workdir, `W@STEP`, or a params-only export), read by `weights.load` under its config rule."""
     kind = config.init.kind
     if kind == "random":
         def init():
             return nnx.to_pure_dict(nnx.state(models.build_model(config.model, rngs=nnx.Rngs(config.seed)), nnx.Param))
         return jax.jit(init, out_shardings=param_sh)()
     if kind in ("checkpoint", "open_clip"):
-        # the one weights loader (and config rule) of convert/evaluate/embed/interpret: a stored model config
-        # must agree with config.model's architecture; a training or params-only checkpoint, or a state dict
-        from echoclip_jax import convert
-
-        _, flat = convert.load(f"{'orbax' if kind == 'checkpoint' else 'open_clip'}:{config.init.path}",
-                               config.model)
-        loaded = {}
-        for path, value in flat.items():  # {path tuple: array} -> nested, as nnx.to_pure_dict
-            node = loaded
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = value
+        spec = (weights.parse(f"orbax:{config.init.path}") if kind == "checkpoint"  # a workdir may name W@STEP
+                else weights.Spec("open_clip", config.init.path))
+        _, flat = weights.load(spec, config.model)
+        loaded = weights.nested(flat)
     else:
         raise ValueError(f"init.kind {kind!r}: expected random, open_clip or checkpoint")
     want = jax.tree.structure(abstract_params)
@@ -243,118 +207,141 @@ def build_train_step(config, mesh, total_steps: int) -> TrainStep:
                      abs_state=abs_state, param_sh=param_sh, state_sh=state_sh, batch_sh=batch_sh, schedule=schedule)
 
 
+def restore_or_init(config, ts: TrainStep, checkpointer, iterator) -> tuple[dict, int]:
+    """(state, step): the latest checkpoint of the workdir with the data position it saved, or a fresh
+    state from `config.init` at step 0."""
+    start = checkpointer.latest_step()
+    if start is not None:
+        state = checkpointer.restore(start, ts.abs_state, iterator)
+        log.info("resumed from %s at step %d", checkpointer.manager.directory, start)
+        return state, start
+    return ts.init_state(initial_params(config, ts.abs_params, ts.param_sh)), 0
+
+
+def validation_metrics(params, batches, embed, loss_fn, num_records: int) -> dict:
+    """Validation loss and retrieval recall (`metrics.retrieval_metrics`) over `batches` of the eval split;
+    a split smaller than the batches wraps round, so only its first `num_records` pairs count."""
+    imgs, txts = [], []
+    for batch in batches:
+        i, t = embed(params, batch)
+        imgs.append(np.asarray(i))
+        txts.append(np.asarray(t))
+    img, txt = np.concatenate(imgs)[:num_records], np.concatenate(txts)[:num_records]
+    bias = float(np.asarray(params["logit_bias"])) if "logit_bias" in params else None
+    out = {"val/loss": float(loss_fn(jnp.asarray(img), jnp.asarray(txt), float(np.asarray(params["logit_scale"])),
+                                     bias))}
+    retrieval = metrics_lib.retrieval_metrics(img, txt)
+    for name, key in (("i2t", "image_to_text"), ("t2i", "text_to_image")):
+        for k in (1, 5):
+            out[f"val/{name}_recall_at_{k}"] = retrieval[key][f"recall@{k}"]
+    out["val/recall_at_1"] = 0.5 * (out["val/i2t_recall_at_1"] + out["val/t2i_recall_at_1"])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """What a finished step calls for: a metrics row (`log`), a checkpoint (`save`), an evaluation."""
+    log: bool
+    save: bool
+    eval: bool
+
+
+def due(config, step: int, total: int) -> Due:
+    last = step == total
+    return Due(log=step % config.log_every_steps == 0 or last,
+               save=step % config.checkpoint_every_steps == 0 or last,
+               eval=config.eval_batches > 0 and (bool(config.eval_every_steps and step % config.eval_every_steps == 0)
+                                                 or last))
+
+
+def metrics_row(step_metrics, *, seconds_per_step: float, batch_size: int, flops, peak, corrupt_skipped: int) -> dict:
+    """One metrics.jsonl row: the step's metrics, its speed, MFU where the chip's peak is known."""
+    m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    m.update(step_time=seconds_per_step, samples_per_s=batch_size / seconds_per_step,
+             corrupt_records_skipped=corrupt_skipped,
+             mfu=(flops / seconds_per_step / peak) if flops and peak else None,
+             tflops_per_device=(flops / seconds_per_step / 1e12) if flops else None)
+    return m
+
+
+def _check_finite(state, checkpointer) -> None:
+    bad = int(state["bad_step"])
+    if bad >= 0:
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {bad}; stopping without applying it or saving a checkpoint "
+            f"(latest good checkpoint: step {checkpointer.latest_step()}). Set --config.optim.nan_policy=skip "
+            f"to skip such steps instead.")
+
+
 def train(config, workdir: str, *, devices=None) -> dict:
     """Runs (or resumes) training; returns the last logged metrics. `devices` restricts the mesh."""
     os.makedirs(workdir, exist_ok=True)
     init_distributed(config.distributed)
-    if config.optim.nan_policy not in ("stop", "skip"):
-        raise ValueError(f"optim.nan_policy {config.optim.nan_policy!r}: expected 'stop' or 'skip'")
+    validate(config, num_devices=len(devices) if devices is not None else None)
     total = int(config.total_steps)
 
     # ---- mesh and input
     mesh = sharding.build_mesh(config.mesh, devices)
     train_data = data.train_loader(config, mesh)
-    eval_data_fn = (lambda: data.eval_loader(config, mesh)) if config.eval_batches > 0 else None
-    eval_records = len(data.ShardedRecords(config.data_dir, config.data.eval_split)) if eval_data_fn else 0
+    evaluating = config.eval_batches > 0
+    eval_records = len(data.ShardedRecords(config.data_dir, config.data.eval_split)) if evaluating else 0
 
-    # ---- model, shardings, optimiser and the jitted update step (shared with bench/)
+    # ---- model, shardings, optimiser and the jitted update step (shared with bench/ and aot)
     ts = build_train_step(config, mesh, total)
-    state_sh, p_train_step, p_embed = ts.state_sh, ts.step, ts.embed
-    stop_on_nan = config.optim.nan_policy == "stop"
-    p_copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), in_shardings=(state_sh,), out_shardings=state_sh)
-
-    # ---- checkpoint: resume, or initialise
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                         best_metric="val/recall_at_1" if config.eval_batches > 0 else None)
-    t_init = time.perf_counter()
-    start = checkpointer.latest_step()
-    if start is not None:
-        state = checkpointer.restore(start, ts.abs_state, train_data.iterator)
-        log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
-    else:
-        start = 0
-        state = ts.init_state(initial_params(config, ts.abs_params, ts.param_sh))
-
+    p_copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), in_shardings=(ts.state_sh,), out_shardings=ts.state_sh)
     eval_loss_config = config.loss.copy_and_resolve_references()
     eval_loss_config.impl = "plain"  # the gathered eval embeddings are on the host
     eval_loss = losses.make_loss_fn(eval_loss_config)
 
+    # ---- checkpoint: resume, or initialise
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                         best_metric="val/recall_at_1" if evaluating else None)
+    t_init = time.perf_counter()
+    state, start = restore_or_init(config, ts, checkpointer, train_data.iterator)
     log.info("state ready in %.1f s", time.perf_counter() - t_init)
-
-    # ---- evaluation: val loss + retrieval recall over the first eval_batches batches of the val split
-    def evaluate(params) -> dict:
-        imgs, txts = [], []
-        for batch in eval_data_fn():
-            i, t = p_embed(params, batch)
-            imgs.append(np.asarray(i))
-            txts.append(np.asarray(t))
-        n = min(len(imgs) * config.batch_size, eval_records)  # a small split wraps round: drop repeats
-        img, txt = np.concatenate(imgs)[:n], np.concatenate(txts)[:n]
-        ls, bias = float(np.asarray(params["logit_scale"])), None
-        if "logit_bias" in params:
-            bias = float(np.asarray(params["logit_bias"]))
-        out = {"val/loss": float(eval_loss(jnp.asarray(img), jnp.asarray(txt), ls, bias))}
-        sim = img @ txt.T
-        for name, s in (("i2t", sim), ("t2i", sim.T)):
-            rank = (s > np.diagonal(s)[:, None]).sum(axis=1)  # 0 = the true pair is the best match
-            for k in (1, 5):
-                out[f"val/{name}_recall_at_{k}"] = float(np.mean(rank < k))
-        out["val/recall_at_1"] = 0.5 * (out["val/i2t_recall_at_1"] + out["val/t2i_recall_at_1"])
-        return out
 
     # ---- loop
     metrics_log = MetricsLog(workdir)
     preemption = ckpt_lib.Preemption()
     batch = next(train_data) if start < total else None
     t_compile = time.perf_counter()
-    flops = _flops(p_train_step.lower(state, batch).compile()) if batch is not None else None
+    flops = _flops(ts.step.lower(state, batch).compile()) if batch is not None else None
     log.info("train step compiled in %.1f s (%s FLOPs per device per step)", time.perf_counter() - t_compile, flops)
     multi = jax.process_count() > 1
     if multi:
         wait_for_other_processes("echoclip_jax.train: step compiled", config.distributed.initialization_timeout)
     peak = PEAK_FLOPS.get(next((k for k in PEAK_FLOPS if jax.devices()[0].device_kind.startswith(k)), ""))
     last, t0, t_steps = {}, time.perf_counter(), 0
-    cpu_backend = jax.default_backend() == "cpu"
     step = start
     try:
         while step < total:
-            state, metrics = p_train_step(state, batch)
+            state, step_metrics = ts.step(state, batch)
             step += 1
             t_steps += 1
-            log_now = step % config.log_every_steps == 0 or step == total
-            ckpt_now = step % config.checkpoint_every_steps == 0 or step == total
-            eval_now = config.eval_batches > 0 and (
-                (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total)
-            preempted = preemption.agreed() if (log_now or not multi) else False
-            if log_now or ckpt_now or eval_now or preempted:
-                bad = int(state["bad_step"])
-                if bad >= 0 and stop_on_nan:
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient at step {bad}; stopping without applying it or saving a "
-                        f"checkpoint (latest good checkpoint: step {checkpointer.latest_step()}). Set "
-                        f"--config.optim.nan_policy=skip to skip such steps instead.")
-            if log_now or eval_now:  # one metrics.jsonl row per logged step, eval metrics in it
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = (time.perf_counter() - t0) / t_steps
-                m.update(step_time=dt, samples_per_s=config.batch_size / dt,
-                         corrupt_records_skipped=train_data.corrupt_skipped,
-                         mfu=(flops / dt / peak) if flops and peak else None,
-                         tflops_per_device=(flops / dt / 1e12) if flops else None)
+            now = due(config, step, total)
+            preempted = preemption.agreed() if (now.log or not multi) else False
+            if config.optim.nan_policy == "stop" and (now.log or now.save or now.eval or preempted):
+                _check_finite(state, checkpointer)
+            eval_metrics = None
+            if now.log or now.eval:  # one metrics.jsonl row per logged step, eval metrics in it
+                m = metrics_row(step_metrics, seconds_per_step=(time.perf_counter() - t0) / t_steps,
+                                batch_size=config.batch_size, flops=flops, peak=peak,
+                                corrupt_skipped=train_data.corrupt_skipped)
                 log.info("step %d/%d loss %.4f lr %.3g logit_scale %.2f %.1f samples/s", step, total, m["loss"],
                          m["lr"], m["logit_scale"], m["samples_per_s"])
-                eval_metrics = evaluate(state["params"]) if eval_now else None
-                if eval_metrics:
+                if now.eval:
+                    eval_metrics = validation_metrics(state["params"], data.eval_loader(config, mesh), ts.embed,
+                                                      eval_loss, min(config.eval_batches * config.batch_size,
+                                                                     eval_records))
                     m.update(eval_metrics)
                     log.info("step %d eval: %s", step, eval_metrics)
                 metrics_log.write(step, m)
                 last, t0, t_steps = m, time.perf_counter(), 0
-            else:
-                eval_metrics = None
-            if ckpt_now or preempted:
+            if now.save or preempted:
                 # the async save reads its arrays in the background while the next step donates (frees)
                 # the state's buffers, so it gets its own copy
                 checkpointer.save(step, p_copy(state), train_data.iterator, metrics=eval_metrics)
-                if cpu_backend:
+                if jax.default_backend() == "cpu":
                     # XLA:CPU's in-process collectives abort when a rendezvous stalls; the background save
                     # competing for the host's cores can stall one. On CPU the "device" is the host anyway.
                     checkpointer.wait()
@@ -389,7 +376,7 @@ def main(argv) -> None:
     FLAGS = flags.FLAGS
     try:
         train(FLAGS.config, FLAGS.workdir)
-    except FloatingPointError as e:
+    except (FloatingPointError, ConfigError) as e:
         sys.exit(f"echoclip_jax.train: {e}")
     except PeerLostError as e:
         # exit now: at a normal exit jax.distributed's shutdown barrier would wait for the dead process until

@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from echoclip_jax.config_validation import validate
 from echoclip_jax.search import archive as archive_lib
 from echoclip_jax.search import ops
 
@@ -69,6 +70,8 @@ def main(argv):
         return 2
     command, rest = args[0], args[1:]
     try:
+        if FLAGS.config is not None:
+            validate(FLAGS.config, training=False)
         if command == "build":
             if rest or not (FLAGS.out and FLAGS.checkpoint and FLAGS.config and FLAGS.data_dir):
                 raise ValueError("build takes no positional argument and needs --checkpoint KIND:PATH, --config C, "
@@ -94,7 +97,7 @@ def main(argv):
 
 
 def _define_flags():
-    flags.DEFINE_string("checkpoint", None, "KIND:PATH (see echoclip_jax.convert); build: required; add/query: "
+    flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights); build: required; add/query: "
                                             "default the index's own")
     config_flags.DEFINE_config_file("config", None, "configs/*.py (with --checkpoint)", lock_config=False)
     flags.DEFINE_string("data_dir", None, "records from data_prep.convert (build, add)")

@@ -28,12 +28,12 @@ def describe_model(checkpoint: str, config, *, frames: int | None) -> dict:
 
 
 def load_embedder(model: dict, *, batch_size: int = 128, with_tokenizer: bool = True):
-    """An Embedder for the model an index describes (`describe_model`); loaded through convert.load."""
-    from echoclip_jax import convert, tokenizers
+    """An Embedder for the model an index describes (`describe_model`); loaded through weights.load."""
+    from echoclip_jax import tokenizers, weights
     from echoclip_jax.embedder import Embedder
 
     mc = ml_collections.ConfigDict(model["model_config"])
-    net = convert.load_model(model["checkpoint"], mc)
+    net = weights.load_model(model["checkpoint"], mc)
     tok = tokenizers.from_config(ml_collections.ConfigDict(model["tokenizer"])) if with_tokenizer else None
     embedder = Embedder(net, tok, batch_size=batch_size)
     embedder.fingerprint = fingerprint(embedder, mc)

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from echoclip_jax import convert
+from echoclip_jax import convert, weights
 from echoclip_jax.model_config import architecture
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -43,24 +43,24 @@ def test_safetensors_round_trip_and_errors(tmp_path):
     from configs import tiny
     mc = tiny.get_config().model
     params = {k: np.random.default_rng(0).normal(size=s.shape).astype(s.dtype)
-              for k, s in convert.expected_params(mc).items()}
+              for k, s in weights.expected_params(mc).items()}
     convert.save(f"safetensors:{tmp_path / 'a.safetensors'}", mc, params)
-    mc2, back = convert.load(f"safetensors:{tmp_path / 'a.safetensors'}")
+    mc2, back = weights.load(f"safetensors:{tmp_path / 'a.safetensors'}")
     assert mc2.vision.variant == "atto" and set(back) == set(params)
     assert all(np.array_equal(back[k], params[k]) for k in params)
 
     with pytest.raises(ValueError, match="KIND:PATH"):
-        convert.parse_spec("pickle:/x")
+        weights.parse("pickle:/x")
     with pytest.raises(ValueError, match="KIND:PATH"):
-        convert.parse_spec(f"orbax:{tmp_path}", convert.DEST_KINDS)
+        weights.parse(f"orbax:{tmp_path}", convert.DEST_KINDS)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"bad\.safetensors: not a readable safetensors file"):
-        convert.load(f"safetensors:{tmp_path / 'bad.safetensors'}", mc)
+        weights.load(f"safetensors:{tmp_path / 'bad.safetensors'}", mc)
     other = tiny.get_config().model
     other.embed_dim = 64
     (tmp_path / "a.json").unlink()
     with pytest.raises(ValueError, match=r"a\.safetensors: does not match the model config"):
-        convert.load(f"safetensors:{tmp_path / 'a.safetensors'}", other)
+        weights.load(f"safetensors:{tmp_path / 'a.safetensors'}", other)
     r = run("--src", f"open_clip:{tmp_path / 'missing.bin'}", "--dst", f"safetensors:{tmp_path / 'x.safetensors'}",
             "--config", "configs/tiny.py")
     assert r.returncode == 1 and "missing.bin" in r.stderr
@@ -72,13 +72,13 @@ def test_params_only_checkpoint_and_bfloat16_export(tmp_path):
     from configs import tiny
     mc = tiny.get_config().model
     params = {k: np.random.default_rng(1).normal(scale=0.05, size=s.shape).astype(s.dtype)
-              for k, s in convert.expected_params(mc).items()}
+              for k, s in weights.expected_params(mc).items()}
     src = f"safetensors:{tmp_path / 'src.safetensors'}"
     convert.save(src, mc, params)
 
     errors = convert.convert(src, f"params:{tmp_path / 'shared'}")
     assert errors == {"image": 0.0, "text": 0.0}
-    mc2, back = convert.load(f"params:{tmp_path / 'shared'}")  # the config travels with the weights
+    mc2, back = weights.load(f"params:{tmp_path / 'shared'}")  # the config travels with the weights
     assert architecture(mc2) == architecture(mc)  # run settings (dtype, drop path) are not the stored ones
     assert all(np.array_equal(back[k], params[k]) for k in params)
     with pytest.raises(ValueError, match="already exists"):
@@ -116,8 +116,8 @@ def test_echoclip_config_as_shipped_converts_to_every_kind_and_back(tmp_path):
     assert convert.convert(f"open_clip:{back}", f"params:{tmp_path / 'p'}", mc) == {"image": 0.0, "text": 0.0}
     assert convert.convert(f"params:{tmp_path / 'p'}", f"safetensors:{tmp_path / 'm2.safetensors'}", mc) == {
         "image": 0.0, "text": 0.0}
-    _, first = convert.load(f"safetensors:{m}", mc)
-    _, last = convert.load(f"safetensors:{tmp_path / 'm2.safetensors'}", mc)
+    _, first = weights.load(f"safetensors:{m}", mc)
+    _, last = weights.load(f"safetensors:{tmp_path / 'm2.safetensors'}", mc)
     assert len(first) == len(last) and all(np.array_equal(first[k], last[k]) for k in first)
 
     loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{back}")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from echoclip_jax import convert
+from echoclip_jax import convert, weights
 from echoclip_jax.models import preprocess_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,9 +18,9 @@ def checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
     mc = tiny.get_config().model
     params = {k: (np.random.default_rng(1).normal(size=s.shape) * 0.05).astype(s.dtype)
-              for k, s in convert.expected_params(mc).items()}
+              for k, s in weights.expected_params(mc).items()}
     convert.save(f"safetensors:{d / 'm.safetensors'}", mc, params)
-    return d, convert.make_model(mc, params)
+    return d, weights.make_model(mc, params)
 
 
 def run(*args):

@@ -121,8 +121,8 @@ def test_flatten_keeps_numbers_only():
 
 
 def test_bad_checkpoint_spec():
-    with pytest.raises(ValueError, match="expected KIND:PATH"):
-        evaluate.parse_checkpoint_spec("/just/a/path")
+    with pytest.raises(ValueError, match="--checkpoint '/just/a/path': expected KIND:PATH"):
+        evaluate.list_sources(checkpoint="/just/a/path")
 
 
 # ------------------------------------------------------------------------- the CLI, end to end
@@ -254,7 +254,7 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path):
     from flax import nnx
 
     from configs.tiny import get_config
-    from echoclip_jax import convert, models, tokenizers
+    from echoclip_jax import convert, models, tokenizers, weights
 
     data_dir = tmp_path / "records"
     data_dir.mkdir()
@@ -263,11 +263,11 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path):
     config.model.vision.image_size, config.model.vision.depthwise_impl, config.model.embed_dim = 32, "lax", 32
     config.model.text.layers, config.model.text.width, config.model.text.heads = 1, 32, 2
     model = models.build_model(config.model, rngs=nnx.Rngs(0))
-    weights = tmp_path / "m.safetensors"
-    convert.save(f"safetensors:{weights}", config.model,
+    weights_file = tmp_path / "m.safetensors"
+    convert.save(f"safetensors:{weights_file}", config.model,
                  {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
     tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
-    sources = evaluate.list_sources(checkpoint=f"safetensors:{weights}")
+    sources = evaluate.list_sources(checkpoint=f"safetensors:{weights_file}")
     evaluate.run(config, sources, data_dir=str(data_dir), split="test", out_dir=str(tmp_path / "e"),
                  tasks=tasks, batch_size=8, log=lambda *_: None)
     res = json.load(open(tmp_path / "e" / "m.json"))
@@ -275,7 +275,7 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path):
     assert res["num_videos"] == 16 and res["num_frames"] == sum(lengths)
     assert res["frames_per_video"] == {"min": 1, "max": 6, "mean": pytest.approx(np.mean(lengths))}
 
-    embedder = evaluate.Embedder(convert.load_model(f"safetensors:{weights}", config.model),
+    embedder = evaluate.Embedder(weights.load_model(f"safetensors:{weights_file}", config.model),
                                  tokenizers.from_config(config.tokenizer), batch_size=8)
     split = evaluate.embed_split(embedder, str(data_dir), "test", frames=None, image_size=32)
     assert list(split.lengths) == lengths

@@ -251,7 +251,7 @@ def test_cli_end_to_end(tmp_path, planted, reference_dir):
            "--checkpoint", f"safetensors:{weights}", "--video", str(tmp_path / "device.npy"),
            "--video", str(reference_dir / "example_video.avi"), "--frames", "3", "--prompt", DEVICE,
            "--prompt", NO_DEVICE, "--out", str(out), "--batch_size", "8",
-           # --config must agree with the architecture stored beside the weights (convert.load's rule)
+           # --config must agree with the architecture stored beside the weights (weights.load's rule)
            "--config.model.embed_dim=32", "--config.model.text.layers=1", "--config.model.text.width=32",
            "--config.model.text.heads=2"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from echoclip_jax import convert
+from echoclip_jax import convert, weights
 from echoclip_jax import model_config as mcfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +24,7 @@ def small(dtype="float32"):
 
 def random_params(mc, seed=0):
     rng = np.random.default_rng(seed)
-    return {k: (rng.normal(size=s.shape) * 0.05).astype(s.dtype) for k, s in convert.expected_params(mc).items()}
+    return {k: (rng.normal(size=s.shape) * 0.05).astype(s.dtype) for k, s in weights.expected_params(mc).items()}
 
 
 def test_stored_architecture_with_run_settings_from_the_config(tmp_path):
@@ -33,25 +33,25 @@ def test_stored_architecture_with_run_settings_from_the_config(tmp_path):
     convert.save(f"safetensors:{path}", stored, random_params(stored))
     given = small("float32")
     given.vision.drop_path_rate = 0.3
-    mc, _ = convert.load(f"safetensors:{path}", given)
+    mc, _ = weights.load(f"safetensors:{path}", given)
     assert mc.dtype == "float32" and mc.vision.drop_path_rate == 0.3  # run settings: --config
-    mc, _ = convert.load(f"safetensors:{path}")  # no --config: the stored architecture, default run settings
+    mc, _ = weights.load(f"safetensors:{path}")  # no --config: the stored architecture, default run settings
     assert mcfg.architecture(mc) == mcfg.architecture(stored) and mc.dtype == "float32"
 
     other = small()
     other.text.width = 64
     with pytest.raises(ValueError) as e:
-        convert.load(f"safetensors:{path}", other)
+        weights.load(f"safetensors:{path}", other)
     msg = str(e.value)
     assert str(tmp_path / "m.json") in msg and "model.text.width = 32" in msg and "has 64" in msg
     assert "--config.model.text.width=32" in msg
     bias = small()
     bias.init_logit_bias = -10.0
     with pytest.raises(ValueError, match="model.init_logit_bias"):
-        convert.load(f"safetensors:{path}", bias)
+        weights.load(f"safetensors:{path}", bias)
     os.remove(tmp_path / "m.json")
     with pytest.raises(ValueError, match=r"m\.safetensors: carries no model config; pass --config"):
-        convert.load(f"safetensors:{path}")
+        weights.load(f"safetensors:{path}")
 
 
 def test_bfloat16_compute_config_converts_to_every_kind_and_back(tmp_path):
@@ -67,14 +67,14 @@ def test_bfloat16_compute_config_converts_to_every_kind_and_back(tmp_path):
     for a, b in zip(chain, chain[1:]):
         assert convert.convert(a, b, mc) == {"image": 0.0, "text": 0.0}, (a, b)
     for spec in chain[1:]:
-        got_mc, got = convert.load(spec, mc)
+        got_mc, got = weights.load(spec, mc)
         assert got_mc.dtype == "bfloat16"  # the run's compute dtype is kept for the run
         assert all(np.array_equal(got[k], params[k]) for k in params), spec
 
 
 def test_train_init_follows_the_same_rule(tmp_path):
     """train's init reads a params-only export (init.kind=checkpoint) and an open_clip directory through
-    convert.load: same weights when the architecture agrees, the same clear error when it does not."""
+    weights.load: same weights when the architecture agrees, the same clear error when it does not."""
     import jax
     from flax import nnx
 

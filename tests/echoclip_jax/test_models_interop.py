@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from configs import echoclip, tiny  # noqa: E402
-from echoclip_jax import convert, open_clip_weights as ocw  # noqa: E402
+from echoclip_jax import convert, open_clip_weights as ocw, weights  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
@@ -38,9 +38,9 @@ def assert_close(ours, theirs):
 
 def check_parity(model_config, torch_model, tmp_path):
     sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    params = ocw.import_state_dict(sd, convert.expected_params(model_config), model_config, "test")
+    params = ocw.import_state_dict(sd, weights.expected_params(model_config), model_config, "test")
     assert sum(v.size for v in params.values()) == sum(p.numel() for p in torch_model.parameters())
-    ours = convert.make_model(model_config, params)
+    ours = weights.make_model(model_config, params)
     images, tokens = convert.fixed_inputs(model_config)
     theirs = open_clip_embeddings(torch_model, images, tokens)
     assert_close(ours.encode_image(images), theirs[0])
@@ -75,7 +75,7 @@ def test_state_dict_mismatch_names_the_key():
     del sd["visual.trunk.stem.0.weight"]
     sd["token_embedding.weight"] = sd["token_embedding.weight"][:100]
     with pytest.raises(ValueError, match=r"^src\.bin: ") as err:
-        ocw.import_state_dict(sd, convert.expected_params(mc), mc, "src.bin")
+        ocw.import_state_dict(sd, weights.expected_params(mc), mc, "src.bin")
     assert "missing visual.trunk.stem.0.weight" in str(err.value)
     assert "token_embedding.weight: shape (100, 128)" in str(err.value)
 
@@ -92,7 +92,7 @@ def test_echoclip_config_has_open_clip_convnext_base_parameter_count(convnext_ba
     ref = open_clip.create_model("convnext_base")
     n = sum(p.numel() for p in ref.parameters())
     assert n == sum(p.numel() for p in m.parameters())
-    assert n == sum(int(np.prod(s.shape)) for s in convert.expected_params(mc).values())
+    assert n == sum(int(np.prod(s.shape)) for s in weights.expected_params(mc).values())
     assert 151e6 < n < 152e6
 
 

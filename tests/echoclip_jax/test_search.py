@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from data_prep.plan import salted_hash
-from echoclip_jax import convert, data
+from echoclip_jax import convert, data, weights
 from echoclip_jax.models import preprocess_images
 from echoclip_jax.search import archive as archive_lib
 from echoclip_jax.search import ops
@@ -110,7 +110,7 @@ def tiny(records_dir, tmp_path_factory):
     params = init_params(c.model, 0)
     path = tmp_path_factory.mktemp("model") / "m.safetensors"
     convert.save(f"safetensors:{path}", c.model, params)
-    return c, f"safetensors:{path}", convert.make_model(c.model, params)
+    return c, f"safetensors:{path}", weights.make_model(c.model, params)
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ def test_two_processes_match_one(records_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # The checkpoint both hosts wrote converts on one CPU process (one device), verifying its own embeddings.
-    from echoclip_jax import convert
+    from echoclip_jax import convert, weights
 
     overrides = [f"--config.{k}={v}" for k, v in tiny_overrides(records_dir).items()]
     dst = tmp_path / "shared.safetensors"
@@ -135,7 +135,7 @@ def test_two_processes_match_one(records_dir, tmp_path):
                         *overrides], cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert r.returncode == 0 and "verified" in r.stdout, r.stderr[-3000:]
-    _, exported = convert.load(f"safetensors:{dst}")
+    _, exported = weights.load(f"safetensors:{dst}")
     flat = lambda arrays: np.sort(np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in arrays]))
     assert np.array_equal(flat(exported.values()), flat(jax.tree.leaves(multi)))  # the same weights, all of them
 
@@ -214,7 +214,7 @@ def test_launch_scripts_dry_run_print_the_command(script, args, expect):
 def test_init_from_an_open_clip_state_dict(tiny_config, tmp_path):
     from flax import nnx
 
-    from echoclip_jax import convert, models
+    from echoclip_jax import convert, models, weights
 
     source = models.build_model(tiny_config.model, rngs=nnx.Rngs(3))
     flat = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(source, nnx.Param))}
