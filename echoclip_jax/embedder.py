@@ -157,6 +157,7 @@ class SplitEmbeddings:
     report: list[str]
     ef: np.ndarray
     lengths: np.ndarray | None = None  # [N] frames per video; None: `frames` is dense [N, T, D]
+    video_id: list | None = None  # [N] the records' salted video ids (to join labels kept elsewhere)
 
     def __post_init__(self):
         if self.lengths is None:
@@ -177,7 +178,7 @@ def embed_split(embedder: Embedder, data_dir: str, split: str, *, frames: int | 
     `frames` K keeps at most K evenly spaced frames of each, and only those are decoded)."""
     from echoclip_jax import data
 
-    meta = {k: [] for k in ("patient_id", "study_id", "study_day", "report", "ef")}
+    meta = {k: [] for k in ("video_id", "patient_id", "study_id", "study_day", "report", "ef")}
 
     def clips():
         for video in data.iterate_videos(data_dir, split, frames=frames, image_size=image_size):
@@ -192,4 +193,4 @@ def embed_split(embedder: Embedder, data_dir: str, split: str, *, frames: int | 
     return SplitEmbeddings(frames=out.frames, videos=out.videos, lengths=out.lengths,
                            patient_id=meta["patient_id"], study_id=meta["study_id"],
                            study_day=np.asarray(meta["study_day"], np.float64), report=meta["report"],
-                           ef=np.asarray(meta["ef"], np.float64))
+                           ef=np.asarray(meta["ef"], np.float64), video_id=meta["video_id"])

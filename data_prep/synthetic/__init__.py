@@ -154,6 +154,22 @@ def read_truth(out_dir) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def truth_by_video_id(out_dir, salt: str | bytes) -> dict[str, dict]:
+    """truth.csv rows keyed by the `video_id` that data_prep.convert gives each video with this `salt` (the
+    salted hash of the DICOM's SOPInstanceUID), so evaluation can join records to their truth. Only for the
+    synthetic cohort: the truth never travels with the records."""
+    import pydicom
+
+    from data_prep.plan import salted_hash
+
+    salt = salt.encode("utf-8") if isinstance(salt, str) else salt
+    out = {}
+    for row in read_truth(out_dir):
+        sop = pydicom.dcmread(pathlib.Path(out_dir) / row["path"], stop_before_pixels=True).SOPInstanceUID
+        out[salted_hash(salt, "video", str(sop))] = row
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (created; must not hold a cohort)")

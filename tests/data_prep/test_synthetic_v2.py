@@ -264,6 +264,21 @@ def test_convert_reads_a_version_2_cohort(cohort, tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     manifest = [json.loads(line) for line in open(tmp_path / "records" / "manifest.jsonl")]
     assert sum(m["status"] == "converted" for m in manifest) == cohort[1]["videos"]
+    # every record joins its truth row through the salted video id (what evaluation of the cohort uses)
+    from data_prep import records
+    from data_prep.plan import salted_hash
+    from data_prep.synthetic import truth_by_video_id
+
+    truth = truth_by_video_id(cohort[0], "v2-test-salt-0415")
+    seen = 0
+    for split in ("train", "val", "test"):
+        for shard in records.list_shards(str(tmp_path / "records"), split):
+            for raw in records.ShardReader(shard):
+                ex = records.decode_example(raw)
+                row = truth[ex["video_id"][0].decode()]
+                assert ex["study_id"][0].decode() == salted_hash(b"v2-test-salt-0415", "study", row["StudyInstanceUID"])
+                seen += 1
+    assert seen == cohort[1]["videos"] == len(truth)
 
 
 def test_same_seed_same_bytes(tmp_path):
