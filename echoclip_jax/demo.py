@@ -167,6 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--frames", type=int, default=16, help="frames kept per video by data_prep")
     p.add_argument("--workers", type=int, default=2, help="data_prep processes")
+    p.add_argument("--cohort_version", type=int, choices=(1, 2), default=1,
+                   help="synthetic cohort: 1 (one view, prompt-worded reports) or 2 (several views per study, "
+                        "reports in readers' own words)")
     args = p.parse_args(argv)
 
     out = os.path.abspath(args.out)
@@ -189,7 +192,8 @@ def main(argv=None) -> int:
     if not os.path.exists(os.path.join(cohort, "truth.csv")):
         timings["synthetic"] = _run("synthetic", [
             py, "-m", "data_prep.synthetic", "--out", cohort, "--patients", str(args.patients),
-            "--seed", str(args.seed), "--small", "--workers", str(args.workers)], logs)
+            "--seed", str(args.seed), "--small", "--workers", str(args.workers),
+            "--cohort_version", str(args.cohort_version)], logs)
     if not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
         timings["data_prep"] = _run("data_prep", [
             py, "-m", "data_prep.convert", "--dicom_dir", os.path.join(cohort, "dicom"),
