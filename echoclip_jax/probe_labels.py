@@ -1,0 +1,90 @@
+"""Labels CSVs for `echoclip_jax.probe` from a synthetic cohort's truth, keyed by the records' salted ids.
+
+  python -m echoclip_jax.probe_labels --cohort COHORT --salt_file SALT --out labels_video.csv
+  python -m echoclip_jax.probe_labels --cohort COHORT --salt SALT --key study_id --out labels_study.csv
+
+The records never carry the truth (only salted ids), so a probe of the synthetic cohort joins the two here:
+video_id is the salted hash data_prep.convert gives the video (`data_prep.synthetic.truth_by_video_id`),
+study_id the salted hash of the StudyInstanceUID (`data_prep.plan.salted_hash(salt, "study", uid)`). Use the
+salt the records were converted with (--salt, or the content of --salt_file, stripped as convert reads it).
+The CSV holds salted ids: keep it beside the records, not with the probe's outputs.
+
+Columns: video key: video_id, view (cohort version 2 only), ef, pacemaker, tavr, mitraclip, lv_size; study
+key: study_id, ef, pacemaker, tavr, mitraclip, lv_size (study-level truths: every video of a study has the
+same; view is per video and left out).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+VIDEO_COLUMNS = ("view", "ef", "pacemaker", "tavr", "mitraclip", "lv_size")
+STUDY_COLUMNS = ("ef", "pacemaker", "tavr", "mitraclip", "lv_size")
+
+
+def read_salt(salt: str | bytes | None = None, salt_file: str | None = None) -> bytes:
+    """The salt as data_prep.convert reads it: --salt_file's content (stripped) or --salt's UTF-8 bytes,
+    at least 8 bytes."""
+    if salt_file:
+        with open(salt_file, "rb") as f:
+            value = f.read().strip()
+    else:
+        value = salt.encode("utf-8") if isinstance(salt, str) else (salt or b"")
+    if len(value) < 8:
+        raise ValueError("the salt must be at least 8 bytes (the one the records were converted with)")
+    return value
+
+
+def synthetic_label_rows(cohort_dir: str, salt: bytes, key: str = "video_id") -> tuple[list[str], list[dict]]:
+    """(columns, rows) of the labels CSV for `key` ("video_id" or "study_id")."""
+    from data_prep.plan import salted_hash
+    from data_prep.synthetic import truth_by_video_id
+
+    truth = truth_by_video_id(cohort_dir, salt)
+    first = next(iter(truth.values()), {})
+    if key == "video_id":
+        columns = [c for c in VIDEO_COLUMNS if c in first]
+        return ["video_id", *columns], [{"video_id": vid, **{c: row[c] for c in columns}} for vid, row in truth.items()]
+    if key != "study_id":
+        raise ValueError(f"key {key!r}: expected video_id or study_id")
+    columns = [c for c in STUDY_COLUMNS if c in first]
+    studies: dict[str, dict] = {}
+    for row in truth.values():
+        sid = salted_hash(salt, "study", row["StudyInstanceUID"])
+        values = {c: row[c] for c in columns}
+        if studies.setdefault(sid, values) != values:
+            raise ValueError(f"{cohort_dir}: a study's videos disagree on {sorted(values)}")
+    return ["study_id", *columns], [{"study_id": sid, **values} for sid, values in studies.items()]
+
+
+def write_synthetic_labels(cohort_dir: str, salt: str | bytes, out_csv: str, key: str = "video_id") -> int:
+    """Writes the labels CSV for `key`; returns its number of rows."""
+    columns, rows = synthetic_label_rows(cohort_dir, read_salt(salt), key)
+    with open(out_csv, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m echoclip_jax.probe_labels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cohort", required=True, help="a data_prep.synthetic output directory")
+    salt = parser.add_mutually_exclusive_group(required=True)
+    salt.add_argument("--salt", help="the salt the records were converted with")
+    salt.add_argument("--salt_file", help="a file holding it")
+    parser.add_argument("--key", choices=("video_id", "study_id"), default="video_id")
+    parser.add_argument("--out", required=True, help="the labels CSV to write")
+    args = parser.parse_args(argv)
+    try:
+        n = write_synthetic_labels(args.cohort, read_salt(args.salt, args.salt_file), args.out, args.key)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"probe_labels: {e}", file=sys.stderr)
+        return 2
+    print(f"probe_labels: {n} {args.key.split('_')[0]} rows -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
