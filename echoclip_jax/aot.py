@@ -287,7 +287,9 @@ def main(argv) -> None:
     del argv
     from absl import flags
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from echoclip_jax import logs
+
+    logs.setup()
     FLAGS = flags.FLAGS
     try:
         report = compile_for_topology(FLAGS.config, FLAGS.topology, FLAGS.hlo)

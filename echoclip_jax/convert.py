@@ -123,6 +123,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from echoclip_jax import logs
+
+    logs.setup()
     config = FLAGS.config
     try:
         errors = convert(FLAGS.src, FLAGS.dst, config.model if config is not None else None, FLAGS.dtype)

@@ -75,6 +75,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from echoclip_jax import logs
+
+    logs.setup()
     config = FLAGS.config
     if (FLAGS.images is None) == (FLAGS.texts is None):
         print("embed: error: pass exactly one of --images or --texts", file=sys.stderr)

@@ -266,6 +266,9 @@ def main(argv) -> int:
     from echoclip_jax.embedder import Embedder
     from echoclip_jax.search.embedding import fingerprint, max_frames_of
 
+    from echoclip_jax import logs
+
+    logs.setup()
     FLAGS = flags.FLAGS
     del argv
     config = FLAGS.config

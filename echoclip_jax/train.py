@@ -372,7 +372,9 @@ def main(argv) -> None:
     del argv
     from absl import flags
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from echoclip_jax import logs
+
+    logs.setup()
     FLAGS = flags.FLAGS
     try:
         train(FLAGS.config, FLAGS.workdir)

@@ -64,6 +64,9 @@ def _query(path: str) -> None:
 
 
 def main(argv):
+    from echoclip_jax import logs
+
+    logs.setup()
     args = argv[1:]
     if not args or args[0] not in COMMANDS:
         print(f"search: error: the first argument is one of {', '.join(COMMANDS)} (see --help)", file=sys.stderr)

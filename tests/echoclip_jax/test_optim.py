@@ -153,7 +153,10 @@ def test_adamw_donated_update_copies_no_state_buffer():
         u, opt = tx.update(g, state[1], state[0], apply=ok)
         return optax.apply_updates(state[0], u), opt
 
-    hlo = jax.jit(step, donate_argnums=0).lower((p, tx.init(p)), p).compile().as_text()
-    entry = hlo[hlo.index("ENTRY"):]
-    copies = [line for line in entry.splitlines() if " copy(" in line and "[]" not in line.split("=")[1][:12]]
-    assert not copies, copies
+    state = (p, tx.init(p))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    memory = jax.jit(step, donate_argnums=0).lower(state, p).compile().memory_analysis()
+    # every parameter and moment is updated in place (donated); temporaries hold about one update of the
+    # largest parameter, far from a copy of the state (parameters + 2 moments) that a select would make
+    assert memory.alias_size_in_bytes >= state_bytes - 64
+    assert memory.temp_size_in_bytes < 0.5 * state_bytes, (memory.temp_size_in_bytes, state_bytes)

@@ -238,5 +238,18 @@ def test_train_step_has_no_conditional(tiny_config):
     b, size, length = tiny_config.batch_size, tiny_config.model.vision.image_size, tiny_config.tokenizer.context_length
     batch = {"images": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=ts.batch_sh["images"]),
              "tokens": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=ts.batch_sh["tokens"])}
-    text = ts.step.lower(ts.abs_state, batch).as_text()
-    assert "stablehlo.case" not in text and "stablehlo.if" not in text
+    # a deadlock under load cannot be provoked reliably in a test, so the step's program is checked for what
+    # causes it: a conditional (cond/switch) anywhere in the traced step, nested scans and custom VJPs included
+    closed = jax.make_jaxpr(ts.step)(ts.abs_state, batch)
+
+    def primitives(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn.primitive.name
+            for v in eqn.params.values():
+                for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from primitives(inner)
+
+    names = set(primitives(closed.jaxpr))
+    assert "cond" not in names and "dot_general" in names

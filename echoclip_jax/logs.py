@@ -1,0 +1,36 @@
+"""What a command prints: the project's own lines, and libraries' only when they warn.
+
+absl turns every library's INFO on once flags are parsed (Orbax alone logs hundreds of lines per training
+run). `setup()` keeps the project's loggers (`echoclip_jax.*`) at INFO on stderr and puts absl, Orbax, grain
+and JAX at WARNING, unless the command was given absl's `--verbosity` (0: libraries' INFO too, 1: DEBUG).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+FORMAT = "%(asctime)s %(name)s: %(message)s"
+
+
+def setup(verbosity: int | None = None) -> None:
+    """Call once in a command's main, after flags are parsed. `verbosity`: absl's level to use for libraries
+    (None: the --verbosity flag when it was given, else WARNING)."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if verbosity is None and flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
+        verbosity = flags.FLAGS.verbosity
+    if verbosity is None:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger().setLevel(logging.WARNING)
+    else:
+        absl_logging.set_verbosity(verbosity)
+        logging.getLogger().setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
+    own = logging.getLogger("echoclip_jax")
+    own.setLevel(logging.DEBUG if verbosity is not None and verbosity >= 1 else logging.INFO)
+    if not any(getattr(h, "_echoclip", False) for h in own.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT))
+        handler._echoclip = True
+        own.addHandler(handler)
+    own.propagate = False
