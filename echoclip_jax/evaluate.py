@@ -1,39 +1,52 @@
-"""Evaluate checkpoints: zero-shot tasks, retrieval, patient identification, clinical change.
+"""Evaluate checkpoints: zero-shot tasks, retrieval, patient identification, clinical change; per video
+and per study.
 
   python -m echoclip_jax.evaluate --config configs/tiny.py --workdir W --data_dir O --split test --out E
   python -m echoclip_jax.evaluate --config configs/echoclip.py --checkpoint open_clip:/path/model.bin ...
+      [--level video|study|both] [--study_pool mean|weighted] [--study_temperature 0.01]
 
 A sweep (`--workdir`, optionally `--steps 100,200`, or `--glob 'W/checkpoints/*'`) evaluates every
-checkpoint that has no `E/<name>.json` yet, so re-running after new checkpoints appear (or after an
-interruption) does only the new work. Per checkpoint: `E/<name>.json` (name = training step, or the
-checkpoint's file name); after every run: `E/summary.csv` (one row per JSON in E), TensorBoard scalars
-under `E/tensorboard`, and PNG plots under `E/plots` (ROC curves, predicted vs true values, metric vs
-step). Only aggregate numbers are written: no video, patient or study identifier leaves this module.
+checkpoint that has no `E/<name>.json` yet (or one without a level asked for: that level is added to it),
+so re-running after new checkpoints appear (or after an interruption) does only the new work. Per
+checkpoint: `E/<name>.json` (name = training step, or the checkpoint's file name); after every run:
+`E/summary.csv` (one row per JSON in E), TensorBoard scalars under `E/tensorboard`, and PNG plots under
+`E/plots` (ROC curves, predicted vs true values, video vs study, metric vs step; `echoclip_jax.eval_outputs`).
+Only aggregate numbers are written: no video, patient or study identifier leaves this module.
+
+Levels (`--level`, default both). Video level (the paper): the JSON's top-level `tasks`, `retrieval`,
+`patient_identification`, `clinical_change`, `num_videos`, ... Study level (EchoPrime, PanEcho: one
+answer per study over all its views): the same structure under `study` (`study.tasks`, `study.retrieval`,
+`study.patient_identification`, `study.num_studies`, ...), from `echoclip_jax.study_level`: a study's
+frames are its videos' frames end to end, its labels come from its report, its embedding is the
+re-normalised mean of its videos' embeddings, and `--study_pool weighted` weights each view by its
+zero-shot relevance to the task. The video-level figures do not depend on whether the study level runs.
 
 Videos may differ in length (every real export does; `--frames K` keeps K evenly spaced frames of each
 longer video, for speed): embeddings come from `echoclip_jax.embedder` (jitted fixed-shape batches of
 frames laid end to end, sharded over all local devices). Per-frame embeddings drive the zero-shot tasks,
-each frame-wise rule applied per video over its own frames (the paper); video embeddings (the model's
-temporal pool: the mean of the frame embeddings) drive retrieval and patient identification.
+each frame-wise rule applied per video over its own frames (the paper), or per study over its videos'
+frames; video (study) embeddings drive retrieval and patient identification.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import glob as globlib
 import json
-import math
 import os
-import re
 import sys
 
 import numpy as np
 
-from echoclip_jax import metrics
+from echoclip_jax import metrics, study_level
 from echoclip_jax import zero_shot as zs
 from echoclip_jax.embedder import Embedder, SplitEmbeddings, embed_split  # noqa: F401 (this module's API)
+from echoclip_jax.eval_outputs import (  # noqa: F401 (this module's API, as before the split)
+    PLOT_KEYS, flatten, level_panels, plot_checkpoint, plot_levels, plot_metrics_vs_step, read_results,
+    write_json, write_summary, write_tensorboard)
 
-PLOT_KEYS = re.compile(r"/(auc|mae|accuracy|mean_rank_fraction)$")
+LEVELS = {"video": ("video",), "study": ("study",), "both": ("video", "study")}
+VIDEO_KEYS = ("num_videos", "num_frames", "frames_per_video", "tasks", "clinical_change", "retrieval",
+              "patient_identification")  # the video level's keys of a result JSON (top level)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -46,22 +59,40 @@ def _task_sims(embedder: Embedder, task: zs.Task, split: SplitEmbeddings) -> np.
 
 
 def compute_metrics(embedder: Embedder, split: SplitEmbeddings, tasks: list[zs.Task], *,
-                    calibration: SplitEmbeddings | None = None, retrieval_chunk: int = 1024
-                    ) -> tuple[dict, dict]:
-    """(results, curves): JSON-able metrics of one checkpoint, and arrays for its plots."""
+                    calibration: SplitEmbeddings | None = None, retrieval_chunk: int = 1024,
+                    level: str = "both", study_pool: str = "mean",
+                    study_temperature: float = study_level.TEMPERATURE) -> tuple[dict, dict]:
+    """(results, curves): JSON-able metrics of one checkpoint, and arrays for its plots.
+
+    `level` "video": today's keys (VIDEO_KEYS); "study": only `results["study"]` (curves["study"]);
+    "both": both. Each task's similarities are computed once and serve both levels.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
+    video = "video" in LEVELS[level]
+    study = (study_level.StudyMetrics(split, pool=study_pool, temperature=study_temperature,
+                                      calibration=calibration) if "study" in LEVELS[level] else None)
     lengths = split.lengths
-    results: dict = {"num_videos": int(len(split.videos)), "num_frames": int(lengths.sum()),
-                     "frames_per_video": {"min": int(lengths.min()), "max": int(lengths.max()),
-                                          "mean": float(lengths.mean())},
-                     "tasks": {}, "clinical_change": {}}
-    curves: dict = {"binary": {}, "regression": {}}
+    results: dict = {}
+    curves: dict = {}
+    if video:
+        results = {"num_videos": int(len(split.videos)), "num_frames": int(lengths.sum()),
+                   "frames_per_video": {"min": int(lengths.min()), "max": int(lengths.max()),
+                                        "mean": float(lengths.mean())},
+                   "tasks": {}, "clinical_change": {}}
+        curves = {"binary": {}, "regression": {}}
     for task in tasks:
-        labels = zs.task_labels(task, split.report, {"ef": split.ef})
         sims = _task_sims(embedder, task, split)
+        c_sims = (_task_sims(embedder, task, calibration)
+                  if calibration is not None and task.mode == "binary" else None)
+        if study is not None:
+            study.add_task(task, sims, c_sims)
+        if not video:
+            continue
+        labels = zs.task_labels(task, split.report, {"ef": split.ef})
         calib = None
-        if calibration is not None and task.mode == "binary":
+        if c_sims is not None:
             c_labels = zs.task_labels(task, calibration.report, {"ef": calibration.ef})
-            c_sims = _task_sims(embedder, task, calibration)
             known = np.isfinite(c_labels)
             if len(np.unique(c_labels[known])) == 2:
                 calib = (c_labels[known].astype(int), zs.score_binary(c_sims, calibration.lengths)[known])
@@ -73,14 +104,17 @@ def compute_metrics(embedder: Embedder, split: SplitEmbeddings, tasks: list[zs.T
         if task.mode == "binary":
             results["clinical_change"][task.name] = metrics.clinical_change(
                 split.videos, split.patient_id, split.study_id, split.study_day, np.nan_to_num(labels))
-    has_report = np.asarray([bool(r.strip()) for r in split.report])
-    if has_report.sum() >= 2:
-        report_embeds = embedder.texts([r for r, h in zip(split.report, has_report) if h])
-        results["retrieval"] = metrics.retrieval_metrics(split.videos[has_report], report_embeds,
-                                                         chunk_size=retrieval_chunk)
-    pid = metrics.patient_identification(split.videos, split.patient_id, split.study_id)
-    curves["patient_identification"] = {"labels": pid.pop("labels"), "scores": pid.pop("scores")}
-    results["patient_identification"] = pid
+    if video:
+        has_report = np.asarray([bool(r.strip()) for r in split.report])
+        if has_report.sum() >= 2:
+            report_embeds = embedder.texts([r for r, h in zip(split.report, has_report) if h])
+            results["retrieval"] = metrics.retrieval_metrics(split.videos[has_report], report_embeds,
+                                                             chunk_size=retrieval_chunk)
+        pid = metrics.patient_identification(split.videos, split.patient_id, split.study_id)
+        curves["patient_identification"] = {"labels": pid.pop("labels"), "scores": pid.pop("scores")}
+        results["patient_identification"] = pid
+    if study is not None:
+        results["study"], curves["study"] = study.finish(embedder.texts, retrieval_chunk=retrieval_chunk)
     return results, curves
 
 
@@ -135,168 +169,42 @@ def list_sources(*, checkpoint: str | None = None, workdir: str | None = None,
     return sources
 
 
-# ---------------------------------------------------------------------------------------- outputs
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def flatten(results: dict, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves as {"a/b/c": value}; strings and lists are dropped."""
-    flat = {}
-    for k, v in results.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(flatten(v, key + "/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            flat[key] = float(v)
-        elif v is None:
-            flat[key] = math.nan
-    return flat
-
-
-def write_json(path: str, obj: dict) -> None:
-    """Write via a temporary name, so an interrupted run never leaves a result that a resume would skip."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
-
-
-def read_results(out_dir: str) -> list[dict]:
-    rows = []
-    for path in sorted(globlib.glob(os.path.join(out_dir, "*.json"))):
-        with open(path, encoding="utf-8") as f:
-            rows.append(json.load(f))
-    rows.sort(key=lambda r: (r.get("step") is None, r.get("step") or 0, r.get("name", "")))
-    return rows
-
-
-def write_summary(out_dir: str) -> str:
-    """E/summary.csv: one row per result JSON in E, one column per numeric metric."""
-    rows = read_results(out_dir)
-    flats = [flatten({k: v for k, v in r.items() if k not in ("name", "step")}) for r in rows]
-    columns = sorted({k for f in flats for k in f})
-    path = os.path.join(out_dir, "summary.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["name", "step", *columns])
-        for r, flat in zip(rows, flats):
-            writer.writerow([r["name"], "" if r.get("step") is None else r["step"],
-                             *("" if math.isnan(flat.get(c, math.nan)) else f"{flat[c]:.6g}"
-                               for c in columns)])
-    return path
-
-
-def write_tensorboard(out_dir: str, name: str, step: int | None, results: dict) -> None:
-    from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-    for key, value in flatten(results).items():
-        if math.isfinite(value):
-            writer.add_scalar(f"eval/{key}", value, global_step=step if step is not None else 0)
-    writer.close()
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_checkpoint(out_dir: str, name: str, curves: dict) -> list[str]:
-    """ROC curves (binary tasks, patient identification) and predicted vs true (regression tasks)."""
-    plt = _pyplot()
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
-    written = []
-    rocs = dict(curves["binary"])
-    rocs["patient identification"] = curves["patient_identification"]
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for task, c in rocs.items():
-        y = np.asarray(c["labels"]).astype(int)
-        if 0 < y.sum() < len(y):
-            fpr, tpr, _ = metrics.roc_curve(y, c["scores"])
-            ax.plot(fpr, tpr, label=f"{task} (AUC {metrics.roc_auc(y, c['scores']):.3f})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, checkpoint {name}")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower right")
-    path = os.path.join(out_dir, "plots", f"{name}_roc.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
-    for task, c in curves["regression"].items():
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.scatter(c["true"], c["pred"], s=8, alpha=0.6)
-        lo = float(min(np.min(c["true"]), np.min(c["pred"])))
-        hi = float(max(np.max(c["true"]), np.max(c["pred"])))
-        ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
-        ax.set(xlabel=f"true {task}", ylabel=f"predicted {task}",
-               title=f"{task}: MAE {metrics.mae(c['true'], c['pred']):.2f}, checkpoint {name}")
-        path = os.path.join(out_dir, "plots", f"{name}_{task}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def plot_metrics_vs_step(out_dir: str) -> str | None:
-    """Headline metrics (AUCs, MAEs, accuracies, retrieval rank fractions) against the training step."""
-    rows = [r for r in read_results(out_dir) if r.get("step") is not None]
-    if not rows:
-        return None
-    flats = [flatten({k: v for k, v in r.items() if k not in ("name", "step")}) for r in rows]
-    keys = sorted({k for f in flats for k in f if PLOT_KEYS.search(k) and "per_class" not in k})
-    if not keys:
-        return None
-    plt = _pyplot()
-    cols = 4
-    nrows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.6 * nrows), squeeze=False)
-    steps = [r["step"] for r in rows]
-    for ax, key in zip(axes.flat, keys):
-        ax.plot(steps, [f.get(key, math.nan) for f in flats], "o-")
-        ax.set_title(key, fontsize=8)
-        ax.set_xlabel("step", fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.tight_layout()
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
-    path = os.path.join(out_dir, "plots", "metrics_vs_step.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
 # ------------------------------------------------------------------------------------------ driver
+
+
+def _missing_levels(path: str, levels: tuple[str, ...]) -> tuple[tuple[str, ...], dict]:
+    """(levels of `levels` that the result at `path` lacks, that result or {}): video = "tasks" present,
+    study = "study" present. A result from before levels existed is a complete video level."""
+    if not os.path.exists(path):
+        return levels, {}
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    have = {"video": "tasks" in old, "study": "study" in old}
+    return tuple(lv for lv in levels if not have[lv]), old
 
 
 def run(config, sources: list[Source], *, data_dir: str, split: str, out_dir: str,
         tasks: list[zs.Task], frames: int | None = None, batch_size: int = 128,
-        calibration_split: str | None = None, log=print) -> list[str]:
-    """Evaluate every source without a result in out_dir; returns the names evaluated."""
+        calibration_split: str | None = None, level: str = "both", study_pool: str = "mean",
+        study_temperature: float = study_level.TEMPERATURE, log=print) -> list[str]:
+    """Evaluate every source whose result in out_dir lacks a level asked for (a result that has one
+    level keeps it and gains the other); returns the names evaluated."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
     os.makedirs(out_dir, exist_ok=True)
-    todo = [s for s in sources if not os.path.exists(os.path.join(out_dir, f"{s.name}.json"))]
+    todo = []
     for s in sources:
-        if s not in todo:
-            log(f"skip {s.name}: {os.path.join(out_dir, s.name + '.json')} exists")
+        path = os.path.join(out_dir, f"{s.name}.json")
+        missing, old = _missing_levels(path, LEVELS[level])
+        if missing:
+            todo.append((s, missing, old))
+        else:
+            log(f"skip {s.name}: {path} exists")
     from echoclip_jax import tokenizers, weights
 
     image_size = config.model.vision.image_size
-    for source in todo:
-        log(f"evaluate {source.name} ({source.spec}) on {data_dir} [{split}]")
+    for source, missing, old in todo:
+        log(f"evaluate {source.name} ({source.spec}) on {data_dir} [{split}], level {'+'.join(missing)}")
         # weights and model config through weights.load's one rule (architecture: the stored config, which
         # must agree with --config; compute dtype and other run settings: --config)
         embedder = Embedder(weights.load_model(source.spec, config.model), tokenizers.from_config(config.tokenizer),
@@ -306,15 +214,22 @@ def run(config, sources: list[Source], *, data_dir: str, split: str, out_dir: st
         if calibration_split:
             calibration = embed_split(embedder, data_dir, calibration_split, frames=frames,
                                       image_size=image_size)
-        results, curves = compute_metrics(embedder, split_embeds, tasks, calibration=calibration)
+        results, curves = compute_metrics(embedder, split_embeds, tasks, calibration=calibration,
+                                          level="both" if len(missing) == 2 else missing[0],
+                                          study_pool=study_pool, study_temperature=study_temperature)
+        kept = {k: v for k, v in old.items() if k in (*VIDEO_KEYS, "study")}  # the level it already has
         record = {"name": source.name, "step": source.step, "checkpoint": source.spec, "split": split,
-                  "calibration_split": calibration_split, **results}
-        plot_checkpoint(out_dir, source.name, curves)
+                  "calibration_split": calibration_split, **kept, **results}
+        if "video" in missing:
+            plot_checkpoint(out_dir, source.name, curves)
+        if "study" in missing:
+            plot_checkpoint(out_dir, source.name, curves["study"], level="study")
+        plot_levels(out_dir, source.name, record)
         write_tensorboard(out_dir, source.name, source.step, results)
         write_json(os.path.join(out_dir, f"{source.name}.json"), record)
     write_summary(out_dir)
     plot_metrics_vs_step(out_dir)
-    return [s.name for s in todo]
+    return [s.name for s, _, _ in todo]
 
 
 def _define_flags():
@@ -336,11 +251,21 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 128, "frames (or prompts) per device batch, over all devices")
     flags.DEFINE_string("calibration_split", None, "choose binary thresholds on this split (e.g. val) "
                                                    "instead of on the evaluated split")
+    flags.DEFINE_enum("level", "both", list(LEVELS), "answer per video (the paper), per study (all its "
+                                                     "videos; the JSON's `study` block) or both")
+    flags.DEFINE_enum("study_pool", "mean", list(study_level.POOLS),
+                      "study level: every frame of every video counts alike (mean), or each video weighted "
+                      "by softmax of its zero-shot relevance to the task (weighted; see study_level)")
+    flags.DEFINE_float("study_temperature", study_level.TEMPERATURE,
+                       "softmax temperature of --study_pool weighted (smaller: closer to the best view alone)")
     return flags.FLAGS
 
 
 def main(argv):
     del argv
+    from echoclip_jax import logs
+
+    logs.setup()
     flags = FLAGS
     if flags.config is None or flags.data_dir is None or flags.out is None:
         sys.exit("evaluate: --config, --data_dir and --out are required")
@@ -363,7 +288,8 @@ def main(argv):
     try:
         done = run(flags.config, sources, data_dir=flags.data_dir, split=flags.split, out_dir=flags.out,
                    tasks=tasks, frames=flags.frames, batch_size=flags.batch_size,
-                   calibration_split=flags.calibration_split)
+                   calibration_split=flags.calibration_split, level=flags.level,
+                   study_pool=flags.study_pool, study_temperature=flags.study_temperature)
     except (ValueError, FileNotFoundError, ImportError) as e:  # weights or records that cannot be used
         sys.exit(f"evaluate: {e}")
     print(f"evaluated {len(done)} checkpoint(s), skipped {len(sources) - len(done)}; "

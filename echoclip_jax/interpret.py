@@ -3,25 +3,35 @@ r"""Prompt saliency maps: where in each frame the image supports a text prompt.
   python -m echoclip_jax.interpret --config configs/echoclip.py --checkpoint open_clip:/path/echoclip \
       --video study.dcm --prompt "PACEMAKER LEAD IS SEEN." --out maps/
   python -m echoclip_jax.interpret --config configs/tiny.py --checkpoint orbax:W --data_dir O --split test \
-      --limit 20 --prompt "..." --prompt "..." --out maps/ --method both --frames 8
+      --limit 20 --prompt "..." --prompt "..." --out maps/ --method both --frames 8 --cam_stage 1
+  python -m echoclip_jax.interpret --config configs/tiny.py --checkpoint safetensors:M --data_dir O \
+      --split test --limit 40 --frames 4 --score_truth COHORT --salt_file SALT --out scores/
 
 The score is the cosine similarity between a frame's image embedding and the prompt's text embedding.
-Two maps of it, both computed in one jitted call per batch of frames for all prompts at once (videos of
-any lengths: consecutive videos' frames share the fixed-size batches, so nothing recompiles or idles):
-- PromptCAM (EchoCLIP's method): Grad-CAM on the last ConvNeXt stage. Channel weights are the spatially
-  averaged gradients of the score w.r.t. that stage's feature map; the map is the ReLU of the weighted
-  channel sum, bilinearly upsampled to the input size. Coarse (stride 32) but class-discriminative.
+Two maps of it (echoclip_jax.saliency), both computed in one jitted call per batch of frames for all
+prompts at once (videos of any lengths share the fixed-size batches, so nothing recompiles or idles):
+- PromptCAM: Grad-CAM on a ConvNeXt stage, `--cam_stage` (default `last`, EchoCLIP's method, stride 32:
+  2x2 at 64 px, so it cannot localise there; 0..3 = an earlier stage, stride 4 * 2**stage, e.g. 1 =
+  8x8 at 64 px). Channel weights are the spatially averaged gradients of the score w.r.t. that stage's
+  feature map; the map is the ReLU of the weighted channel sum, bilinearly upsampled to the input size.
 - Input gradient: |d score / d pixel| (pixels on the 0..255 scale, before the model's normalisation),
   the maximum over the colour channels (Simonyan et al. 2014); optionally SmoothGrad (Smilkov et al.
-  2017): the gradient averaged over noisy copies of the frame before taking the magnitude.
+  2017, `--smoothgrad N`): the gradient averaged over noisy copies of the frame before the magnitude.
+Every map is zero outside the scan sector: for DICOM the sector data_prep finds, carried through the
+same crop and resize; for records, AVI and .npy (blank outside the sector) where any frame is not black
+(echoclip_jax.saliency_truth.sector_from_frames).
 
 Outputs, per video and prompt, in `OUT/<video>/<pNN-prompt>/`: `<method>.npy` (float32 [K, S, S], the
 raw maps of the K frames), `<method>_NNN.png` (frame NNN with the map blended in, scaled by the map's
 maximum over the video, so frames are comparable), and per video `OUT/<video>/summary.json` (prompts,
-per-frame similarities, map statistics, files). `OUT/index.json` lists the videos. Frames are read the
-way data_prep.convert reads them (DICOM: scan sector only, so burned-in text never reaches an overlay;
-AVI: resize only), and a DICOM's output is named by a hash of its path, never by its file name or
-header values.
+per-frame similarities, map statistics, files, cam_stage). `OUT/index.json` lists the videos. Frames are
+read the way data_prep.convert reads them (DICOM: scan sector only, so burned-in text never reaches an
+overlay; AVI: resize only), and a DICOM's output is named by a hash of its path, never by its file name
+or header values; a record's by its salted video id.
+
+With `--score_truth COHORT --salt_file F` (records of a version-2 synthetic cohort) no maps are written:
+the maps of `--score_methods` are scored against the devices' true masks (pointing game, mass share, and
+uniform and centre baselines) into OUT/scores.json and OUT/score_frames.png; echoclip_jax.saliency_scores.
 """
 from __future__ import annotations
 
@@ -34,118 +44,9 @@ import sys
 
 import numpy as np
 
-METHODS = ("promptcam", "gradient")
+from echoclip_jax.saliency import DEFAULT_SCORE_METHODS, METHODS, SaliencyMapper  # the maps (re-exported)
+
 GROUP_BATCHES = 4  # run(): videos are mapped together in groups of about this many frame batches
-
-
-# ------------------------------------------------------------------------------------------- maps
-
-
-class SaliencyMapper:
-    """Jitted, batched (over frames, sharded over devices) PromptCAM and input-gradient maps."""
-
-    def __init__(self, model, tokenizer, *, image_size: int, batch_size: int = 16,
-                 smoothgrad_samples: int = 0, smoothgrad_sigma: float = 0.15, seed: int = 0):
-        import jax
-        import jax.numpy as jnp
-
-        from echoclip_jax import models
-        from echoclip_jax.inference import ShardedModel
-
-        if smoothgrad_samples < 0 or smoothgrad_sigma < 0:
-            raise ValueError("smoothgrad_samples and smoothgrad_sigma must be >= 0")
-        if not hasattr(model.visual, "forward_features"):
-            raise ValueError(f"PromptCAM needs a ConvNeXt image tower; this model's is "
-                             f"{type(model.visual).__name__}")
-        self.sharded = sm = ShardedModel(model, batch_size=batch_size)
-        self.batch_size = sm.batch_size
-        self.image_size = int(image_size)
-        self.tokenizer = tokenizer
-        self.smoothgrad_samples = smoothgrad_samples
-        self.smoothgrad_sigma = smoothgrad_sigma
-        self._key = jax.random.key(seed)
-
-        def per_prompt_vjp(fn, x, text):
-            """Scores [B, P] of fn(x) and, for each prompt p, d sum_b score[b, p] / d x -> [P, *x.shape].
-
-            Frames are independent in eval mode, so the gradient of the batch sum w.r.t. frame b is
-            the gradient of frame b's own score."""
-            scores, vjp = jax.vjp(fn, x)
-            num_prompts = text.shape[0]
-            onehots = jnp.broadcast_to(jnp.eye(num_prompts, dtype=scores.dtype)[:, None, :],
-                                       (num_prompts, *scores.shape))
-            (grads,) = jax.vmap(vjp)(onehots)
-            return scores, grads
-
-        def promptcam(state, frames, text):
-            model = sm.module(state)
-            feats = model.visual.forward_features(models.preprocess_images(frames))  # [B, h, w, C]
-
-            def score(f):
-                emb = model.visual.forward_head(f)
-                emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
-                return emb @ text.T
-
-            scores, grads = per_prompt_vjp(score, feats, text)  # grads [P, B, h, w, C]
-            weights = grads.mean(axis=(2, 3))  # [P, B, C]
-            cam = jax.nn.relu(jnp.einsum("pbc,bhwc->pbhw", weights, feats.astype(weights.dtype)))
-            b, h, w = frames.shape[:3]
-            cam = jax.image.resize(cam, (text.shape[0], b, h, w), method="bilinear")
-            return cam.astype(jnp.float32), scores.T.astype(jnp.float32)
-
-        def gradient(state, frames, text, key):
-            model = sm.module(state)
-
-            def score(x):
-                return model.encode_image(models.preprocess_images(x), normalize=True) @ text.T
-
-            x = frames.astype(jnp.float32)
-            scores, grads = per_prompt_vjp(score, x, text)
-            if smoothgrad_samples:
-                def noisy(total, k):
-                    noise = jax.random.normal(k, x.shape, x.dtype) * (smoothgrad_sigma * 255.0)
-                    return total + per_prompt_vjp(score, x + noise, text)[1], None
-
-                total = jnp.zeros_like(grads)
-                grads, _ = jax.lax.scan(noisy, total, jax.random.split(key, smoothgrad_samples))
-                grads = grads / smoothgrad_samples
-            return jnp.abs(grads).max(axis=-1), scores.T.astype(jnp.float32)
-
-        def texts(state, tokens):
-            return sm.module(state).encode_text(tokens, normalize=True)
-
-        self._fns = {"promptcam": jax.jit(promptcam), "gradient": jax.jit(gradient)}
-        self._texts = jax.jit(texts)
-
-    def text_embeddings(self, prompts: list[str]):
-        """L2-normalised text embeddings [P, D] of the prompts, replicated over the devices."""
-        tokens = np.asarray(self.tokenizer.encode(list(prompts)), dtype=np.int32)
-        return self.sharded.replicate(self._texts(self.sharded.state, tokens))
-
-    def maps(self, method: str, frames: np.ndarray, text) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 frames [K, S, S, 3], text embeddings [P, D] -> (maps [P, K, S, S], similarity [P, K])."""
-        import jax
-
-        if method not in METHODS:
-            raise ValueError(f"unknown saliency method {method!r}; expected one of {METHODS}")
-        if frames.ndim != 4 or not len(frames) or frames.shape[1:] != (self.image_size, self.image_size, 3):
-            raise ValueError(f"frames must be [K, {self.image_size}, {self.image_size}, 3], got {frames.shape}")
-
-        def key():
-            self._key, k = jax.random.split(self._key)
-            return (k,)
-
-        return self.sharded.map_batches(self._fns[method], frames, text, out_axis=1,
-                                        per_batch=key if method == "gradient" else None)
-
-    def maps_of_videos(self, method: str, videos: list[np.ndarray], text) -> list[tuple[np.ndarray, np.ndarray]]:
-        """`maps` of several videos of any lengths at once: their frames are laid end to end, so batches are
-        full across video boundaries (only the last one is padded), then split back per video."""
-        if not videos:
-            return []
-        maps, scores = self.maps(method, np.concatenate(videos), text)
-        cuts = np.cumsum([len(v) for v in videos])[:-1]
-        return list(zip(np.split(maps, cuts, axis=1), np.split(scores, cuts, axis=1)))
 
 
 # ----------------------------------------------------------------------------------------- videos
@@ -156,8 +57,9 @@ class Video:
     name: str  # output directory name: never a DICOM file name or header value
     source: str  # dicom | avi | npy | record
     frames: np.ndarray  # uint8 [K, S, S, 3]
-    frame_indices: list[int] | None  # which frames of the file were kept (None for records)
+    frame_indices: list[int] | None  # which frames of the file (records: of the record) were kept
     video_id: str = ""  # records: the salted hash
+    sector: np.ndarray | None = None  # boolean [S, S] scan sector; None: sector_from_frames(frames)
 
 
 def _even(num_frames: int, frames: int) -> list[int]:
@@ -172,6 +74,7 @@ def load_video(path: str, *, image_size: int, frames: int = 0) -> Video:
     masked, like EchoNet): resized only."""
     from data_prep import dicom_io, echonet, sector
     from data_prep.dicom_io import SkipVideo
+    from echoclip_jax.saliency_truth import to_output
 
     ext = os.path.splitext(path)[1].lower()
     if not os.path.isfile(path):
@@ -180,9 +83,11 @@ def load_video(path: str, *, image_size: int, frames: int = 0) -> Video:
         if ext == ".dcm":
             header = dicom_io.read_header(path)
             indices = _even(header.num_frames, frames)
-            out = sector.prepare(dicom_io.read_frames(path, indices), header.regions, image_size)
+            raw = dicom_io.read_frames(path, indices)
+            found = sector.sector_mask(raw, header.regions)
+            out = sector.crop_resize(raw, found, image_size)
             name = "dicom-" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
-            return Video(name, "dicom", out, indices)
+            return Video(name, "dicom", out, indices, sector=to_output(found, found, image_size))
         if ext == ".avi":
             raw = echonet.read_frames(path, None)
             indices = _even(len(raw), frames)
@@ -217,15 +122,16 @@ def _safe_name(path: str) -> str:
 
 
 def record_videos(data_dir: str, split: str, *, image_size: int, frames: int = 0, limit: int = 0):
-    """Videos of a split of records (data_prep.convert output), named by their salted video_id."""
+    """Videos of a split of records (data_prep.convert output), named by their salted video_id; `frames`
+    of the record's frames picked as evaluation does (data.pick_frames), their positions in frame_indices."""
     from echoclip_jax import data
 
-    for i, item in enumerate(data.iterate_videos(data_dir, split, frames=frames or None,
-                                                 image_size=image_size)):
+    for i, item in enumerate(data.iterate_videos(data_dir, split, image_size=image_size)):
         if limit and i >= limit:
             return
-        video_id = str(item["video_id"])
-        yield Video(_safe_name(video_id), "record", np.asarray(item["frames"], np.uint8), None, video_id)
+        video_id, n = str(item["video_id"]), len(item["frames"])
+        keep = [int(p) for p in data.pick_frames(n, min(frames, n), None)] if frames else list(range(n))
+        yield Video(_safe_name(video_id), "record", np.asarray(item["frames"][keep], np.uint8), keep, video_id)
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -259,10 +165,14 @@ def interpret_video(mapper: SaliencyMapper, video: Video, prompts: list[str], te
     (`computed`: {method: (maps, scores)} already computed for this video, e.g. with others at once)."""
     from PIL import Image
 
+    from echoclip_jax.saliency_truth import sector_from_frames
+
     video_dir = os.path.join(out_dir, video.name)
+    sector = video.sector if video.sector is not None else sector_from_frames(video.frames)
     entries = [{"prompt": p, "dir": prompt_slug(i, p), "maps": {}} for i, p in enumerate(prompts)]
     for method in methods:
         maps, scores = computed[method] if computed else mapper.maps(method, video.frames, text)
+        maps = maps * sector  # nothing outside the scan sector is evidence
         for entry, prompt_maps, prompt_scores in zip(entries, maps, scores):
             prompt_dir = os.path.join(video_dir, entry["dir"])
             os.makedirs(prompt_dir, exist_ok=True)
@@ -279,8 +189,10 @@ def interpret_video(mapper: SaliencyMapper, video: Video, prompts: list[str], te
                                      "peak_frame_y_x": [int(v) for v in peak]}
     summary = {"video": video.name, "source": video.source, "num_frames": int(len(video.frames)),
                "image_size": int(video.frames.shape[1]), "frame_indices": video.frame_indices,
-               "methods": list(methods), "prompts": entries,
+               "methods": list(methods), "prompts": entries, "sector_pixels": int(sector.sum()),
                "map_shape": [int(len(video.frames)), int(video.frames.shape[1]), int(video.frames.shape[2])]}
+    if "promptcam" in methods:
+        summary["cam_stage"] = {"stage": mapper.cam_stage, "grid": mapper.cam_grid_size()}
     if "gradient" in methods and mapper.smoothgrad_samples:
         summary["smoothgrad"] = {"samples": mapper.smoothgrad_samples, "sigma": mapper.smoothgrad_sigma}
     if video.video_id:
@@ -350,14 +262,27 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 16, "frames per jitted batch, over all devices")
     flags.DEFINE_integer("smoothgrad", 0, "gradient maps: average over this many noisy copies (0 = plain)")
     flags.DEFINE_float("smoothgrad_sigma", 0.15, "SmoothGrad noise, as a fraction of the 0..255 range")
+    flags.DEFINE_string("cam_stage", "last", "PromptCAM's ConvNeXt stage: last (EchoCLIP's, stride 32) or "
+                                             "0..3 (stride 4 * 2**stage: 1 = 8x8 at 64 px)")
+    flags.DEFINE_string("score_truth", None, "a version-2 synthetic cohort: score the maps of --data_dir's "
+                                             "device videos against its device masks (no maps written)")
+    flags.DEFINE_string("salt_file", None, "with --score_truth: the salt the records were converted with")
+    flags.DEFINE_string("score_methods", ",".join(DEFAULT_SCORE_METHODS), "with --score_truth: maps to score, "
+                        "comma-separated: promptcam[:last|0..3], gradient, smoothgrad:N")
     return flags.FLAGS
 
 
 def main(argv):
     del argv
+    from echoclip_jax import logs
+
+    logs.setup()
     f = FLAGS
-    if f.config is None or f.checkpoint is None or f.out is None or not f.prompt:
+    if f.config is None or f.checkpoint is None or f.out is None or not (f.prompt or f.score_truth):
         sys.exit("interpret: --config, --checkpoint, --prompt and --out are required")
+    if f.score_truth and (not f.data_dir or not f.salt_file or f.video or f.prompt):
+        sys.exit("interpret: --score_truth needs --data_dir and --salt_file (its prompts are the device tasks'; "
+                 "no --video or --prompt)")
     if bool(f.video) == bool(f.data_dir):
         sys.exit("interpret: give --video X (.dcm/.avi/.npy) or --data_dir O, not both")
     if f.frames < 0 or f.limit < 0:
@@ -372,7 +297,15 @@ def main(argv):
         image_size = int(model_config.vision.image_size)
         mapper = SaliencyMapper(weights.make_model(model_config, params), tokenizers.from_config(f.config.tokenizer),
                                 image_size=image_size, batch_size=f.batch_size, smoothgrad_samples=f.smoothgrad,
-                                smoothgrad_sigma=f.smoothgrad_sigma, seed=f.config.seed)
+                                smoothgrad_sigma=f.smoothgrad_sigma, seed=f.config.seed, cam_stage=f.cam_stage)
+        if f.score_truth:
+            from echoclip_jax import saliency_scores
+
+            result = saliency_scores.score(mapper, data_dir=f.data_dir, split=f.split, cohort_dir=f.score_truth,
+                                           salt=saliency_scores.read_salt(f.salt_file), out_dir=f.out,
+                                           methods=f.score_methods, frames=f.frames, limit=f.limit)
+            print(saliency_scores.format_scores(result))
+            return
         if f.video:
             videos = (load_video(v, image_size=image_size, frames=f.frames) for v in f.video)
         else:

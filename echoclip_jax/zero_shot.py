@@ -19,6 +19,8 @@ Labels come from the report with one rule for every task, driven by the table's 
 `source_pattern`). Scores come from similarities of each video's L2-normalised frame embeddings to P
 L2-normalised prompt embeddings: dense `sims[N, T, P]`, or ragged `sims[M, P]` with `lengths[N]` for
 videos of different lengths (every frame-wise rule is applied per video, over its own frames).
+The same rules answer per study (`echoclip_jax.study_level`): a study's frames are its videos' frames end
+to end, and optional per-frame `weights` (each unit's summing to 1) turn every frame mean into a weighted one.
 """
 from __future__ import annotations
 
@@ -254,9 +256,17 @@ def ragged(sims: np.ndarray, lengths=None) -> tuple[np.ndarray, np.ndarray]:
     return sims, lengths
 
 
-def video_mean(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Per-video mean of frame-wise values x[M, ...] -> [N, ...] (float64 sums)."""
+def video_mean(x: np.ndarray, lengths: np.ndarray, weights=None) -> np.ndarray:
+    """Per-video mean of frame-wise values x[M, ...] -> [N, ...] (float64 sums); with `weights[M]` the
+    weighted mean (each unit's weights normalised by their sum: the study-level weighted pool)."""
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    if weights is not None:
+        w = np.asarray(weights, np.float64)
+        if w.shape != (len(x),):
+            raise ValueError(f"{w.shape} frame weights for {len(x)} frames")
+        sums = np.add.reduceat(np.asarray(x) * w.reshape(-1, *([1] * (np.ndim(x) - 1))), starts, axis=0,
+                               dtype=np.float64)
+        return sums / np.add.reduceat(w, starts).reshape(-1, *([1] * (sums.ndim - 1)))
     sums = np.add.reduceat(np.asarray(x), starts, axis=0, dtype=np.float64)
     return sums / lengths.reshape(-1, *([1] * (sums.ndim - 1)))
 
@@ -269,16 +279,17 @@ def select_videos(sims: np.ndarray, lengths, keep: np.ndarray) -> tuple[np.ndarr
     return np.asarray(sims)[np.repeat(keep, lengths)], lengths[keep]
 
 
-def score_binary(sims: np.ndarray, lengths=None) -> np.ndarray:
-    """Mean cosine similarity over a video's frames and the positive prompts."""
+def score_binary(sims: np.ndarray, lengths=None, weights=None) -> np.ndarray:
+    """Mean cosine similarity over a video's frames and the positive prompts (`weights`: see video_mean)."""
     flat, lengths = ragged(sims, lengths)
-    return video_mean(flat.mean(axis=1, dtype=np.float64), lengths)
+    return video_mean(flat.mean(axis=1, dtype=np.float64), lengths, weights)
 
 
-def categorical_scores(sims: np.ndarray, values: np.ndarray, lengths=None) -> tuple[np.ndarray, np.ndarray]:
+def categorical_scores(sims: np.ndarray, values: np.ndarray, lengths=None,
+                       weights=None) -> tuple[np.ndarray, np.ndarray]:
     """(classes, scores[N, C]): a class's score is its best prompt's frame-averaged similarity, so the
     argmax over classes is the argmax over class prompts."""
-    per_prompt = video_mean(*ragged(sims, lengths))  # [N, P]
+    per_prompt = video_mean(*ragged(sims, lengths), weights)  # [N, P]
     classes = np.unique(values)
     scores = np.stack([per_prompt[:, values == c].max(axis=1) for c in classes], axis=1)
     return classes, scores
@@ -299,13 +310,14 @@ def _ranked_values(sims: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def predict_regression(sims: np.ndarray, values: np.ndarray, lengths=None, *, variant: str = "paper",
-                       top_fraction: float = TOP_FRACTION) -> np.ndarray:
+                       top_fraction: float = TOP_FRACTION, weights=None) -> np.ndarray:
     """Value predicted for each video from its frames' similarities to prompts standing for `values[P]`.
 
     "paper": per frame, rank the candidate values by similarity and take the median of the top 20%;
     then average the video's frame predictions.
     "repository": EchoCLIP's released code: rank per frame, average the ranked values across the video's
     frames rank by rank, then take the median of the top 20% (torch's median: the lower middle value).
+    `weights`: frame means become weighted means (see video_mean).
     """
     values = np.asarray(values, dtype=np.float64)
     flat, lengths = ragged(sims, lengths)
@@ -317,8 +329,8 @@ def predict_regression(sims: np.ndarray, values: np.ndarray, lengths=None, *, va
     ranked = np.concatenate([_ranked_values(flat[i:i + 16384], values)[:, :k]  # [M, k], in slices of frames
                              for i in range(0, len(flat), 16384)]) if len(flat) else np.zeros((0, k))
     if variant == "paper":
-        return video_mean(np.median(ranked, axis=-1), lengths)
-    averaged = np.sort(video_mean(ranked, lengths), axis=-1)  # [N, k]
+        return video_mean(np.median(ranked, axis=-1), lengths, weights)
+    averaged = np.sort(video_mean(ranked, lengths, weights), axis=-1)  # [N, k]
     return averaged[:, (k - 1) // 2]
 
 
@@ -326,26 +338,31 @@ def predict_regression(sims: np.ndarray, values: np.ndarray, lengths=None, *, va
 
 
 def evaluate_task(task: Task, sims: np.ndarray, labels: np.ndarray, *, lengths=None,
-                  calibration: tuple | None = None) -> dict:
+                  calibration: tuple | None = None, weights=None) -> dict:
     """Metrics of one task over the videos with a known label (labels NaN = unknown, left out).
 
     `sims` dense [N, T, P], or ragged [M, P] with `lengths[N]` (see above). Returns a JSON-able dict of
     metrics plus "_curves" (arrays for plots) that callers drop before saving. `calibration = (labels,
-    scores)` from another split sets the binary threshold.
+    scores)` from another split sets the binary threshold. `weights[M]` (ragged only): per-frame weights of
+    the weighted study pool (see video_mean).
     """
     known = np.isfinite(labels)
     y = labels[known]
     s, ls = select_videos(sims, lengths, known)
+    if weights is not None:
+        if lengths is None:
+            raise ValueError("frame weights need the ragged layout (sims [M, P] with lengths)")
+        weights = np.asarray(weights)[np.repeat(known, np.asarray(lengths, np.int64))]
     out: dict = {"mode": task.mode, "n": int(known.sum())}
     if not known.any():
         return out
     if task.mode == "binary":
-        scores = score_binary(s, ls)
+        scores = score_binary(s, ls, weights)
         out.update(metrics.binary_metrics(y.astype(int), scores, calibration=calibration))
         out["_curves"] = {"labels": y.astype(int), "scores": scores}
     elif task.mode == "categorical":
         _, values = build_prompts(task)
-        classes, scores = categorical_scores(s, values, ls)
+        classes, scores = categorical_scores(s, values, ls, weights)
         pred = classes[scores.argmax(axis=1)]
         scorable = np.isin(y, classes)  # e.g. "normal" has no prompt: it can never be predicted
         out["accuracy"] = metrics.accuracy(y[scorable], pred[scorable]) if scorable.any() else math.nan
@@ -359,7 +376,7 @@ def evaluate_task(task: Task, sims: np.ndarray, labels: np.ndarray, *, lengths=N
     else:
         _, values = build_prompts(task)
         for variant in ("paper", "repository"):
-            pred = predict_regression(s, values, ls, variant=variant)
+            pred = predict_regression(s, values, ls, variant=variant, weights=weights)
             suffix = "" if variant == "paper" else "_repository"
             out["mae" + suffix] = metrics.mae(y, pred)
             out["r2" + suffix] = metrics.r2(y, pred)

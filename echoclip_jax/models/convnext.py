@@ -107,6 +107,23 @@ class ConvNeXt(nnx.Module):
             x = stage(x)
         return x
 
+    def forward_stages(self, images, upto: int):
+        """images [B, H, W, 3] -> the feature map after stage `upto` (0-based; stride 4 * 2**upto), e.g. an
+        earlier Grad-CAM layer that still resolves structure (the last stage is 2x2 at 64 px)."""
+        if not 0 <= upto < len(self.stages):
+            raise ValueError(f"stage {upto} outside 0..{len(self.stages) - 1}")
+        x = backend.constrain_batch(self.stem_norm(self.stem_conv(images)))
+        for stage in self.stages[:upto + 1]:
+            x = stage(x)
+        return x
+
+    def forward_after(self, x, stage: int):
+        """The feature map after stage `stage` -> the last stage's (forward_features' output); with
+        forward_stages it splits forward_features at any stage."""
+        for later in self.stages[stage + 1:]:
+            x = later(x)
+        return x
+
     def forward_head(self, x):
         """Last-stage feature map -> embedding [B, embed_dim] (not normalised): pool, norm, projection."""
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)

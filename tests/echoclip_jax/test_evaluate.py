@@ -294,3 +294,198 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path):
     # --frames K for speed: at most K frames of each video
     short = evaluate.embed_split(embedder, str(data_dir), "test", frames=2, image_size=32)
     assert list(short.lengths) == [min(2, n) for n in lengths]
+
+
+# ------------------------------------------------------------------------------- study level
+
+from echoclip_jax import study_level  # noqa: E402
+
+
+def _unit(v):
+    v = np.asarray(v, np.float64)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _ragged_split(frames_per_video, study_ids, reports, *, ef=None, patients=None, rng=None):
+    """A SplitEmbeddings of ragged videos: frames_per_video[i] is video i's [T_i, D] frames."""
+    frames = np.concatenate([_unit(f) for f in frames_per_video]).astype(np.float32)
+    videos = np.stack([_unit(_unit(f).mean(0)) for f in frames_per_video]).astype(np.float32)
+    n = len(frames_per_video)
+    return evaluate.SplitEmbeddings(
+        frames=frames, videos=videos, lengths=[len(f) for f in frames_per_video],
+        patient_id=patients or [f"patient-{s}" for s in study_ids], study_id=list(study_ids),
+        study_day=np.zeros(n), report=list(reports), ef=np.full(n, np.nan) if ef is None else np.asarray(ef))
+
+
+def test_study_layout_on_a_hand_computed_case():
+    """3 studies over 5 ragged videos, interleaved in the split: a study's frames are its videos' frames
+    end to end, its embedding the normalised mean of its video embeddings, its report and EF its own."""
+    rng = np.random.default_rng(0)
+    lengths = [2, 1, 3, 1, 2]
+    per_video = [rng.normal(size=(t, 4)) for t in lengths]
+    ids = ["b", "a", "b", "c", "a"]  # first seen: b (videos 0, 2), a (1, 4), c (3)
+    reports = ["", "REPORT A.", "REPORT B.", "REPORT C.", "REPORT A."]  # video 0 carries no report
+    split = _ragged_split(per_video, ids, reports, ef=[np.nan, 40.0, 55.0, np.nan, 41.0])
+    st = study_level.Studies(split)
+    assert st.num_studies == 3
+    np.testing.assert_array_equal(st.video_order, [0, 2, 1, 4, 3])
+    np.testing.assert_array_equal(st.lengths, [5, 3, 1])
+    np.testing.assert_array_equal(st.videos_per_study, [2, 2, 1])
+    # frame rows of the split: video 0 = rows 0-1, 1 = 2, 2 = 3-5, 3 = 6, 4 = 7-8
+    np.testing.assert_array_equal(st.frame_index, [0, 1, 3, 4, 5, 2, 7, 8, 6])
+    for s, members in enumerate([[0, 2], [1, 4], [3]]):
+        expected = _unit(split.videos[members].astype(np.float64).mean(0))
+        np.testing.assert_allclose(st.embeddings[s], expected, rtol=1e-6)
+    assert st.report == ["REPORT B.", "REPORT A.", "REPORT C."]  # first non-empty report of the study
+    np.testing.assert_array_equal(st.ef, [55.0, 40.0, np.nan])
+    # binary rule over the study's frames: study b's score is the mean over its 5 frames, not of 2 videos
+    sims = rng.uniform(-1, 1, size=(9, 2))
+    task = zs.load_tasks(names=["pacemaker"])[0]
+    frame_score = sims.mean(1)
+    np.testing.assert_allclose(st.binary_scores(task, sims),
+                               [frame_score[[0, 1, 3, 4, 5]].mean(), frame_score[[2, 7, 8]].mean(),
+                                frame_score[6]], rtol=1e-12)
+    # weighted pool: video weights = softmax(video score / T) within the study, spread over its frames
+    weighted = study_level.Studies(split, pool="weighted", temperature=0.1)
+    v = np.asarray([frame_score[[0, 1]].mean(), frame_score[2], frame_score[[3, 4, 5]].mean(), frame_score[6],
+                    frame_score[[7, 8]].mean()])
+    w_b = np.exp(v[[0, 2]] / 0.1) / np.exp(v[[0, 2]] / 0.1).sum()
+    w_a = np.exp(v[[1, 4]] / 0.1) / np.exp(v[[1, 4]] / 0.1).sum()
+    np.testing.assert_allclose(weighted.video_weights(task, sims), [w_b[0], w_a[0], w_b[1], 1.0, w_a[1]])
+    np.testing.assert_allclose(weighted.binary_scores(task, sims), [w_b @ v[[0, 2]], w_a @ v[[1, 4]], v[3]])
+
+
+def _one_view_cohort(rng, studies=12, views=3):
+    """Studies of `views` videos; in every second study a pacer lead shows in one view only (a different
+    view from study to study), and the report, so every video's label, says it. EF in every report and
+    visible in every view."""
+    per_video, ids, reports, patients = [], [], [], []
+    for s in range(studies):
+        pacer, ef = s % 2 == 0, float(rng.integers(25, 70))
+        for v in range(views):
+            t = 1 + (s + v) % 3
+            a = _angle(ef + rng.normal(scale=1.0, size=t))
+            shows = pacer and v == s % views
+            per_video.append(np.stack([0.8 * shows + 0.05 * rng.random(t), np.cos(a), np.sin(a),
+                                       np.full(t, 0.3)], axis=1))
+            ids.append(f"study{s}")
+            patients.append(f"patient{s // 2}")
+            reports.append((PACER + " " if pacer else "") + f"LV EJECTION FRACTION IS {int(ef)}%.")
+    return _ragged_split(per_video, ids, reports, patients=patients)
+
+
+@pytest.mark.parametrize("pool", ["mean", "weighted"])
+def test_study_level_sees_a_finding_that_shows_in_one_view(pool):
+    """The lead shows in one of a study's three views: per video, the views without it carry the study's
+    positive label and look negative (AUC well below 1); per study, every frame of every view counts, so
+    every positive study outscores every negative one."""
+    split = _one_view_cohort(np.random.default_rng(0))
+    tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
+    results, curves = evaluate.compute_metrics(OracleEmbedder(), split, tasks, study_pool=pool)
+    video, study = results["tasks"]["pacemaker"], results["study"]["tasks"]["pacemaker"]
+    assert video["n"] == 36 and video["n_pos"] == 18 and video["auc"] < 0.8
+    assert study["n"] == 12 and study["n_pos"] == 6 and study["auc"] == 1.0 and study["f1"] == 1.0
+    assert results["study"]["pool"] == pool and results["study"]["num_studies"] == 12
+    assert results["study"]["tasks"]["ejection_fraction"]["mae"] < 1.5
+    assert len(curves["study"]["binary"]["pacemaker"]["labels"]) == 12
+
+
+class TableEmbedder:
+    """Text embeddings looked up in a table (retrieval on a hand-built case)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def texts(self, texts):
+        return np.asarray([self.table[t] for t in texts], np.float32)
+
+
+def test_study_retrieval_on_a_known_case():
+    """Three studies (two videos each) and their reports. Study embeddings: s0 ~ e0, s1 = (e1 + e2)/sqrt 2,
+    s2 ~ e2; reports R0 = e0, R1 ~ e1 + 0.2 e3, R2 = e2. Study to report: s0 -> R0 rank 1; s1 is nearer
+    R2 (0.707) than its own R1 (0.693): rank 2; s2 -> R2 rank 1. Report to study: each report's own study
+    is its nearest (R2: s2 0.99 > s1 0.707): ranks 1, 1, 1."""
+    e = np.eye(4)
+    per_video = [e[[0]], e[[0]] + 0.2 * e[[3]], e[[1]] + e[[2]], e[[1]] + e[[2]], e[[2]], e[[2]] + 0.1 * e[[3]]]
+    reports = ["R0.", "R0.", "R1.", "R1.", "R2.", "R2."]
+    table = {"R0.": e[0], "R1.": _unit(e[1] + 0.2 * e[3]), "R2.": e[2]}
+    split = _ragged_split(per_video, ["s0", "s0", "s1", "s1", "s2", "s2"], reports)
+    results, _ = evaluate.compute_metrics(TableEmbedder(table), split, [], level="study")
+    r = results["study"]["retrieval"]
+    assert r["image_to_text"]["num_candidates"] == 3
+    assert r["image_to_text"]["mean_rank"] == pytest.approx(4 / 3)  # ranks 1, 2, 1
+    assert r["image_to_text"]["mean_rank_fraction"] == pytest.approx((1 + 2 + 1) / 9)
+    assert r["text_to_image"]["mean_rank"] == 1.0 and r["text_to_image"]["recall@1"] == 1.0
+    assert r["image_to_text"]["recall@1"] == pytest.approx(2 / 3)
+    pid = results["study"]["patient_identification"]
+    assert pid["n_studies"] == 3 and pid["n_same"] == 0  # one study per patient: no same-patient pair
+    assert "tasks" not in results and "retrieval" not in results  # --level study: no video block
+
+
+def test_study_patient_identification_equals_the_video_blocks():
+    """metrics.patient_identification already pools videos per study: the study block's figure is the
+    same computation on the study embeddings, so the two agree."""
+    split = _one_view_cohort(np.random.default_rng(1))
+    results, _ = evaluate.compute_metrics(OracleEmbedder(), split, zs.load_tasks(names=["pacemaker"]))
+    video, study = results["patient_identification"], results["study"]["patient_identification"]
+    assert video["n_studies"] == study["n_studies"] == 12 and video["n_same"] == study["n_same"] == 6
+    assert study["auc"] == pytest.approx(video["auc"], abs=1e-12)
+
+
+def _ids_of(split):
+    return sorted(set(split.study_id) | set(split.patient_id))
+
+
+def test_levels_json_layout_and_no_identifiers(tmp_path, monkeypatch):
+    """run() end to end on stand-in embeddings: --level video writes today's keys only; --level both on
+    the same directory adds the study block and keeps the video keys bit for bit (and equals a fresh
+    --level both); no study or patient id reaches any output; a task without labels gets no panel."""
+    from echoclip_jax import tokenizers, weights
+
+    split = _one_view_cohort(np.random.default_rng(2))
+    monkeypatch.setattr(weights, "load_model", lambda spec, cfg: None)
+    monkeypatch.setattr(tokenizers, "from_config", lambda cfg: None)
+    monkeypatch.setattr(evaluate, "Embedder", lambda model, tok, batch_size: OracleEmbedder())
+    monkeypatch.setattr(evaluate, "embed_split", lambda *a, **k: split)
+
+    class Config:
+        class model:
+            class vision:
+                image_size = 64
+        tokenizer = None
+
+    tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker", "tavr"])  # no TAVR in any report
+    source = [evaluate.Source(name="final", step=None, spec="safetensors:x")]
+    common = dict(data_dir="unused", split="test", tasks=tasks, log=lambda *_: None)
+    video_dir, both_dir = tmp_path / "v", tmp_path / "b"
+    assert evaluate.run(Config, source, out_dir=str(video_dir), level="video", **common) == ["final"]
+    only_video = json.load(open(video_dir / "final.json"))
+    assert "study" not in only_video and set(evaluate.VIDEO_KEYS) <= set(only_video)
+    assert evaluate.run(Config, source, out_dir=str(video_dir), level="video", **common) == []  # resumable
+    assert evaluate.run(Config, source, out_dir=str(video_dir), level="both", **common) == ["final"]
+    merged = json.load(open(video_dir / "final.json"))
+    evaluate.run(Config, source, out_dir=str(both_dir), level="both", **common)
+    fresh = json.load(open(both_dir / "final.json"))
+    for key in evaluate.VIDEO_KEYS:
+        assert json.dumps(merged[key]) == json.dumps(only_video[key]) == json.dumps(fresh[key]), key
+    assert json.dumps(merged["study"]) == json.dumps(fresh["study"])
+    study = fresh["study"]
+    assert {"tasks", "retrieval", "patient_identification", "num_studies", "clinical_change"} <= set(study)
+    assert study["num_studies"] == 12 and study["num_videos"] == 36
+    assert study["tasks"]["pacemaker"]["auc"] == 1.0 and study["tasks"]["tavr"]["n_pos"] == 0
+    with open(both_dir / "summary.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["study/tasks/pacemaker/auc"] == "1" and "tasks/pacemaker/auc" in row
+    plots = set(os.listdir(both_dir / "plots"))
+    assert {"final_roc.png", "final_study_roc.png", "final_ejection_fraction.png",
+            "final_study_ejection_fraction.png", "final_levels.png"} <= plots
+    panels = evaluate.level_panels(fresh)
+    assert "tavr auc" not in panels and set(panels["pacemaker auc"]) == {"better", "video", "study"}
+    assert panels["pacemaker auc"]["study"] > panels["pacemaker auc"]["video"]
+    ids = _ids_of(split)
+    for d in (video_dir, both_dir):
+        for name in os.listdir(d):
+            if name.endswith((".json", ".csv")):
+                text = (d / name).read_text()
+                assert not any(i in text for i in ids), name
+        assert not any(i in name for i in ids for name in os.listdir(d / "plots"))

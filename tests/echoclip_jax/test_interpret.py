@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs.tiny import get_config
 from echoclip_jax import convert, interpret, models, tokenizers
+from echoclip_jax.saliency_truth import sector_from_frames
 
 S = 64  # image size: a 2x2 last-stage map in ConvNeXt-atto
 BLOB = 12
@@ -199,7 +200,10 @@ def test_videos_of_different_lengths_share_batches_and_match_one_by_one(mapper, 
     assert [v["num_frames"] for v in index] == [1, 5, 12]
     for i, frames in enumerate(videos):
         maps = np.load(tmp_path / f"v{i}" / interpret.prompt_slug(0, DEVICE) / "promptcam.npy")
-        np.testing.assert_allclose(maps, mapper.maps("promptcam", frames, text)[0][0], rtol=1e-5, atol=1e-7)
+        sector = sector_from_frames(frames)  # run() keeps the maps inside the frames' scan sector only
+        assert (maps[:, ~sector] == 0).all()
+        np.testing.assert_allclose(maps, mapper.maps("promptcam", frames, text)[0][0] * sector,
+                                   rtol=1e-5, atol=1e-7)
 
 
 def test_load_video_npy_and_errors(tmp_path):
