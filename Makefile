@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test test-demo test-paper test-all clean
+.PHONY: setup demo test test-demo test-journey test-paper test-all clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ test: $(STAMP)
 test-demo: $(STAMP)
 	$(PY) -m pytest -q -m slow tests/echoclip_jax/test_demo.py
 
-# The paper's configs (ConvNeXt-Base at 224, bf16) through every job, and compiled for a TPU pod slice.
+# The paper's configs (ConvNeXt-Base at 224, bf16) through every job (test-journey, run by CI), and the
+# echoclip train step compiled for a TPU pod slice.
+test-journey: $(STAMP)
+	$(PY) -m pytest -q -s -m slow tests/echoclip_jax/test_journey.py
+
 test-paper: $(STAMP)
 	$(PY) -m pytest -q -m slow tests/echoclip_jax/test_journey.py tests/echoclip_jax/test_aot.py::test_echoclip_compiles_for_v5e_and_fits
 

@@ -12,7 +12,7 @@ from echoclip_jax import model_config
 
 def get_base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # --- top-level contract fields (DESIGN.md) ---
+    # --- top-level fields every job reads ---
     c.data_dir = ""  # output of data_prep.convert: {train,val,test}-*.tfrecord + .index
     c.batch_size = 1024  # global, across all processes and devices
     c.total_steps = 1000

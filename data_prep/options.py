@@ -109,18 +109,24 @@ def _inside(path: str, directory: str) -> bool:
 
 def read_salt(options: Options) -> bytes:
     """The secret the ids are hashed with, from --salt_file or --salt (at least 8 bytes)."""
-    if options.salt_file:
+    return load_salt(options.salt, options.salt_file)
+
+
+def load_salt(salt: str | bytes | None = None, salt_file: str | None = None) -> bytes:
+    """The salt as convert reads it: `salt_file`'s content (stripped) or `salt`'s UTF-8 bytes, at least
+    8 bytes. Every command that must reproduce the records' salted ids reads it through here."""
+    if salt_file:
         try:
-            with open(options.salt_file, "rb") as f:
-                salt = f.read().strip()
+            with open(salt_file, "rb") as f:
+                value = f.read().strip()
         except OSError as e:
-            raise ValueError(f"{options.salt_file}: cannot read the salt ({e.strerror})") from None
+            raise ValueError(f"{salt_file}: cannot read the salt ({e.strerror})") from None
     else:
-        salt = (options.salt or "").encode("utf-8")
-    if len(salt) < 8:
+        value = salt.encode("utf-8") if isinstance(salt, str) else (salt or b"")
+    if len(value) < 8:
         raise ValueError("the salt must be at least 8 bytes (--salt or --salt_file); keep it secret and reuse it "
                          "for every conversion whose ids must match")
-    return salt
+    return value
 
 
 def _fractions(text: str) -> tuple[float, float, float]:

@@ -3,9 +3,9 @@ hospital's reports CSV (`read_reports`, for the conversion's plan).
 
 EchoCLIP-R's template tokenizer only recognises a phrase when the report was normalised exactly the way
 the released model saw it, so every rule here reproduces the released behaviour, quirks included (e.g.
-`NORMALLY` becomes `NORMAL` inside any word; an ICD-like code such as `I50.9` is removed whole). The rules
-are listed in shared/echoclip_reference/README.md and checked against its examples. Pure Python: data_prep
-imports this without JAX.
+`NORMALLY` becomes `NORMAL` inside any word; an ICD-like code such as `I50.9` is removed whole); the tests
+check them against the released model's own normalised examples. Pure Python: data_prep imports this
+without JAX.
 """
 import collections
 import csv

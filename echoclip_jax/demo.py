@@ -2,29 +2,29 @@
 
   python -m echoclip_jax.demo --out demo_out          (what `make demo` runs)
 
-Every stage is the project's own command-line entry point, run as a user would run it, so the demo
-is also the proof that the parts fit: synthetic DICOM cohort -> data_prep.convert -> train
-configs/tiny.py -> convert the final checkpoint to safetensors -> evaluate on held-out patients ->
-saliency maps -> preliminary reports by retrieval for the held-out studies (echoclip_jax.report), scored
-against the cohort's truth beside k random reports. A stage whose output already exists is not redone, so an interrupted demo resumes.
-The results table prints every figure beside the baseline it has to beat; `OUT/results.json` holds them.
+Every stage is the project's own command-line entry point, run as a user would run it, so the demo is also
+the proof that the parts fit: synthetic DICOM cohort (version 2: several views per study, reports in
+readers' own words) -> data_prep.convert -> train configs/tiny.py -> convert the final checkpoint to
+safetensors -> evaluate on held-out patients, per video and per study -> probes on the frozen embeddings
+(view, EF, devices) -> saliency maps, and the maps of the device prompts scored against the devices' true
+masks -> preliminary reports by retrieval for the held-out studies (echoclip_jax.report), scored against the
+cohort's truth beside k random reports. A stage whose output already exists is not redone, so an
+interrupted demo resumes. The results table prints every figure beside the baseline it has to beat
+(echoclip_jax.demo_figures); `OUT/results.json` holds them. Only the demo joins the cohort's truth to the
+records (the label CSVs it writes for the probes hold salted ids and stay under OUT/secrets).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 import secrets
 import subprocess
 import sys
 import time
 
-import numpy as np
-
-from data_prep import records
-from echoclip_jax import zero_shot as zs
+from data_prep.options import load_salt
+from echoclip_jax import demo_figures
 
 CONFIG = "configs/tiny.py"
 EVAL_TASKS = ("ejection_fraction", "pacemaker", "tavr", "mitraclip")
@@ -33,22 +33,18 @@ SALIENCY_PROMPTS = (
     "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD.",
     "LV EJECTION FRACTION IS 25%.",
 )
+CAM_STAGE = "0"  # PromptCAM on ConvNeXt's first stage: 16x16 at 64 px (the last stage's 2x2 cannot localise)
+SCORE_METHODS = f"promptcam:last,promptcam:{CAM_STAGE},gradient,smoothgrad:4"
+SCORE_VIDEOS = 40  # device videos of the test split whose maps are scored
+PROBE_LABELS = {"video_id": ("view", "ef", "pacemaker", "tavr", "mitraclip"),
+                "study_id": ("ef", "pacemaker", "tavr", "mitraclip")}
+PROBE_FRAMES = 4  # frames per video the probes see (evenly spaced): the train split's embedding dominates their time
 
 
 def _config_path() -> str:
     """configs/tiny.py, wherever the package is run from (an editable install keeps it in the repo)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.path.join(here, CONFIG)
-
-
-_ABSL_LINE = re.compile(r"^I\d{4} [\d:.]+\s+\d+ (\w+)\.py:\d+\]")
-_OWN_MODULES = {"train", "evaluate", "convert", "interpret", "checkpoint", "data", "embed"}
-
-
-def _library_info(line: str) -> bool:
-    """An INFO line logged by a library (Orbax's save/restore chatter): kept in the log file, not shown."""
-    m = _ABSL_LINE.match(line)
-    return bool(m) and m.group(1) not in _OWN_MODULES
 
 
 def _run(stage: str, cmd: list[str], log_dir: str) -> float:
@@ -60,101 +56,12 @@ def _run(stage: str, cmd: list[str], log_dir: str) -> float:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log.write(line)
-            if not line.startswith("\r") and not _library_info(line):
+            if not line.startswith("\r"):
                 sys.stdout.write(line)
         rc = proc.wait()
     if rc != 0:
         sys.exit(f"demo: stage {stage!r} failed (exit {rc}); see {log_path}")
     return time.time() - start
-
-
-def split_reports(data_dir: str, split: str) -> tuple[list[str], np.ndarray]:
-    """Report texts and EF labels of one split, read straight from the records (no frames decoded)."""
-    reports, ef = [], []
-    for path in records.list_shards(data_dir, split):
-        reader = records.ShardReader(path)
-        for i in range(len(reader)):
-            ex = records.decode_example(reader[i])
-            reports.append(ex["report"][0].decode("utf-8"))
-            ef.append(ex["ef"][0])
-    return reports, np.asarray(ef, np.float64)
-
-
-def baselines(data_dir: str) -> dict:
-    """What a model that learned nothing scores on the test split."""
-    tasks = {t.name: t for t in zs.load_tasks(None, ["ejection_fraction"])}
-    ef_task = tasks["ejection_fraction"]
-    train_reports, train_ef = split_reports(data_dir, "train")
-    test_reports, test_ef = split_reports(data_dir, "test")
-    y_train = zs.task_labels(ef_task, train_reports, {"ef": train_ef})
-    y_test = zs.task_labels(ef_task, test_reports, {"ef": test_ef})
-    train_mean = float(np.nanmean(y_train))
-    known = np.isfinite(y_test)
-    return {
-        "ef_mae_predict_train_mean": float(np.mean(np.abs(y_test[known] - train_mean))),
-        "ef_train_mean": train_mean,
-        "auc_chance": 0.5,
-        "retrieval_mean_rank_fraction_chance": 0.5,
-        "patient_identification_auc_chance": 0.5,
-    }
-
-
-def summarise(eval_json: dict, base: dict) -> dict:
-    """Every headline figure beside its baseline, with whether it beats it."""
-    tasks = eval_json["tasks"]
-    rows = {}
-    ef = tasks["ejection_fraction"]
-    rows["ejection_fraction_mae"] = {"value": ef.get("mae"), "baseline": base["ef_mae_predict_train_mean"],
-                                     "better": "lower", "n": ef.get("n")}
-    rows["ejection_fraction_mae_repository_rule"] = {  # EchoCLIP's released code: ranks averaged over frames
-        "value": ef.get("mae_repository"), "baseline": base["ef_mae_predict_train_mean"], "better": "lower",
-        "n": ef.get("n")}
-    for name in EVAL_TASKS[1:]:
-        t = tasks[name]
-        rows[f"{name}_auc"] = {"value": t.get("auc"), "baseline": base["auc_chance"], "better": "higher",
-                               "n": t.get("n")}
-    if "retrieval" in eval_json:
-        r = eval_json["retrieval"]["image_to_text"]
-        rows["retrieval_video_to_report_mean_rank_fraction"] = {
-            "value": r.get("mean_rank_fraction"), "baseline": base["retrieval_mean_rank_fraction_chance"],
-            "better": "lower", "n": r.get("n")}
-    pid = eval_json["patient_identification"]
-    rows["patient_identification_auc"] = {"value": pid.get("auc"),
-                                          "baseline": base["patient_identification_auc_chance"],
-                                          "better": "higher", "n": pid.get("n_pairs", pid.get("n"))}
-    for row in rows.values():
-        v, b = row["value"], row["baseline"]
-        ok = v is not None and not (isinstance(v, float) and math.isnan(v))
-        row["beats_baseline"] = bool(ok and (v < b if row["better"] == "lower" else v > b))
-    return rows
-
-
-def report_rows(report_dir: str, cohort: str, salt_file: str) -> dict:
-    """Agreement of the retrieval reports' voted findings with the cohort's truth (truth.csv, joined by the
-    salted study id; only the demo reads it), beside the same vote over k random bank reports."""
-    from data_prep.plan import salted_hash
-    from data_prep.synthetic import read_truth
-    from echoclip_jax import report
-
-    with open(salt_file, "rb") as f:
-        salt = f.read().strip()
-    truth = {}
-    for r in read_truth(cohort):
-        truth.setdefault(salted_hash(salt, "study", r["StudyInstanceUID"]),
-                         {"ef": float(r["ef"]), "lv_size": r["lv_size"], **{d: int(r[d]) for d in report.DEVICES}})
-    rows = {}
-    for level, keys in (("study", ("ef_within_5", "ef_band_accuracy", "devices_balanced_accuracy", "lv_size_accuracy")),
-                        ("video", ("ef_within_5", "devices_balanced_accuracy"))):
-        with open(os.path.join(report_dir, f"{level}_reports.jsonl")) as f:
-            found = [json.loads(line) for line in f]
-        true = [truth[x["study_id"]] for x in found]
-        got = report.agreement([x["findings"] for x in found], true)
-        chance = report.agreement([x["random_findings"] for x in found], true)
-        for key in keys:
-            v, b = got[key], chance[key]
-            rows[f"report_{level}_{key}"] = {"value": v, "baseline": b, "better": "higher", "n": got["n"],
-                                             "beats_baseline": bool(v is not None and b is not None and v > b)}
-    return rows
 
 
 def main(argv=None) -> int:
@@ -167,9 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--frames", type=int, default=16, help="frames kept per video by data_prep")
     p.add_argument("--workers", type=int, default=2, help="data_prep processes")
-    p.add_argument("--cohort_version", type=int, choices=(1, 2), default=1,
-                   help="synthetic cohort: 1 (one view, prompt-worded reports) or 2 (several views per study, "
-                        "reports in readers' own words)")
+    p.add_argument("--cohort_version", type=int, choices=(1, 2), default=2,
+                   help="synthetic cohort: 2 (several views per study, reports in readers' own words, device "
+                        "masks: the explanation scores need them) or 1 (one view, reports in the zero-shot "
+                        "prompts' own sentences: earlier releases' figures)")
     args = p.parse_args(argv)
 
     out = os.path.abspath(args.out)
@@ -180,6 +88,7 @@ def main(argv=None) -> int:
     cohort, data_dir = os.path.join(out, "cohort"), os.path.join(out, "records")
     workdir, export = os.path.join(out, "train"), os.path.join(out, "export", "model.safetensors")
     eval_dir, saliency_dir = os.path.join(out, "eval"), os.path.join(out, "saliency")
+    probe_dir, scores_dir = os.path.join(out, "probe"), os.path.join(out, "explain_scores")
     report_dir = os.path.join(out, "report")
     # The salt is the hospital's secret; the demo makes one for its synthetic cohort.
     salt_file = os.path.join(out, "secrets", "salt")
@@ -194,6 +103,8 @@ def main(argv=None) -> int:
             py, "-m", "data_prep.synthetic", "--out", cohort, "--patients", str(args.patients),
             "--seed", str(args.seed), "--small", "--workers", str(args.workers),
             "--cohort_version", str(args.cohort_version)], logs)
+    with open(os.path.join(cohort, "cohort.json")) as f:
+        version = int(json.load(f).get("cohort_version", 1))
     if not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
         timings["data_prep"] = _run("data_prep", [
             py, "-m", "data_prep.convert", "--dicom_dir", os.path.join(cohort, "dicom"),
@@ -209,53 +120,74 @@ def main(argv=None) -> int:
         timings["convert"] = _run("convert", [
             py, "-m", "echoclip_jax.convert", "--src", f"orbax:{workdir}", "--dst", f"safetensors:{export}",
             f"--config={config}", *overrides[3:]], logs)
-    checkpoint = f"safetensors:{export}"
+    model = [f"--config={config}", *overrides[3:], "--checkpoint", f"safetensors:{export}"]
     timings["evaluate"] = _run("evaluate", [
-        py, "-m", "echoclip_jax.evaluate", f"--config={config}", *overrides[3:], "--checkpoint", checkpoint,
-        "--data_dir", data_dir, "--split", "test", "--out", eval_dir, "--tasks", ",".join(EVAL_TASKS)], logs)
-    if not os.path.exists(os.path.join(saliency_dir)):
+        py, "-m", "echoclip_jax.evaluate", *model, "--data_dir", data_dir, "--split", "test", "--out", eval_dir,
+        "--tasks", ",".join(EVAL_TASKS), "--level", "both"], logs)
+    for key, labels in PROBE_LABELS.items():
+        labels = [label for label in labels if label != "view" or version >= 2]
+        labels_csv = os.path.join(out, "secrets", f"labels_{key}.csv")  # salted ids: kept beside the salt
+        if not os.path.exists(labels_csv):
+            _run(f"probe_labels_{key}", [py, "-m", "echoclip_jax.probe_labels", "--cohort", cohort,
+                                         "--salt_file", salt_file, "--key", key, "--out", labels_csv], logs)
+        level_dir = os.path.join(probe_dir, key.split("_")[0])
+        if not os.path.exists(os.path.join(level_dir, "probe.json")):
+            timings[f"probe_{key}"] = _run(f"probe_{key}", [
+                py, "-m", "echoclip_jax.probe", *model, "--data_dir", data_dir, "--labels", labels_csv,
+                "--key", key, "--frames", str(PROBE_FRAMES), *[a for label in labels for a in ("--label", label)],
+                "--out", level_dir], logs)
+    if not os.path.exists(saliency_dir):
         timings["interpret"] = _run("interpret", [
-            py, "-m", "echoclip_jax.interpret", f"--config={config}", *overrides[3:], "--checkpoint", checkpoint,
-            "--data_dir", data_dir, "--split", "test", "--limit", "3", "--frames", "4", "--out", saliency_dir,
+            py, "-m", "echoclip_jax.interpret", *model, "--data_dir", data_dir, "--split", "test", "--limit", "3",
+            "--frames", "4", "--cam_stage", CAM_STAGE, "--out", saliency_dir,
             *[a for prompt in SALIENCY_PROMPTS for a in ("--prompt", prompt)]], logs)
+    if version >= 2 and not os.path.exists(os.path.join(scores_dir, "scores.json")):
+        timings["explain_scores"] = _run("explain_scores", [
+            py, "-m", "echoclip_jax.interpret", *model, "--data_dir", data_dir, "--split", "test",
+            "--limit", str(SCORE_VIDEOS), "--frames", "4", "--score_truth", cohort, "--salt_file", salt_file,
+            "--score_methods", SCORE_METHODS, "--out", scores_dir], logs)
     if not os.path.exists(os.path.join(report_dir, "summary.json")):
         timings["report"] = _run("report", [
-            py, "-m", "echoclip_jax.report", f"--config={config}", *overrides[3:], "--checkpoint", checkpoint,
-            "--data_dir", data_dir, "--split", "test", "--level", "both", "--baseline", "--k", str(REPORT_K),
-            "--out", report_dir], logs)
+            py, "-m", "echoclip_jax.report", *model, "--data_dir", data_dir, "--split", "test", "--level", "both",
+            "--baseline", "--k", str(REPORT_K), "--out", report_dir], logs)
 
-    eval_files = sorted(f for f in os.listdir(eval_dir) if f.endswith(".json"))
-    with open(os.path.join(eval_dir, eval_files[-1])) as f:
+    with open(os.path.join(eval_dir, "model.json")) as f:
         eval_json = json.load(f)
-    rows = summarise(eval_json, baselines(data_dir))
-    rows.update(report_rows(report_dir, cohort, salt_file))
+    salt = load_salt(salt_file=salt_file)
+    rows = demo_figures.evaluation_rows(eval_json, demo_figures.baselines(data_dir))
+    for level in ("video", "study"):
+        with open(os.path.join(probe_dir, level, "probe.json")) as f:
+            rows.update(demo_figures.probe_rows(json.load(f), level=level))
+    if version >= 2:
+        with open(os.path.join(scores_dir, "scores.json")) as f:
+            rows.update(demo_figures.saliency_rows(json.load(f)))
+    rows.update(demo_figures.report_rows(report_dir, cohort, salt))
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         train_log = [json.loads(line) for line in f if line.strip()]
     losses = [r["loss"] for r in train_log if "loss" in r]
     results = {
+        "cohort_version": version,
         "figures": rows,
         "train": {"steps": args.train_steps, "first_loss": losses[0] if losses else None,
                   "last_loss": losses[-1] if losses else None},
         "num_test_videos": eval_json.get("num_videos"),
+        "num_test_studies": eval_json.get("study", {}).get("num_studies"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "paths": {"cohort": cohort, "records": data_dir, "workdir": workdir, "export": export,
-                  "evaluation": eval_dir, "saliency": saliency_dir, "report": report_dir, "logs": logs},
+                  "evaluation": eval_dir, "probe": probe_dir, "saliency": saliency_dir,
+                  **({"explain_scores": scores_dir} if version >= 2 else {}), "report": report_dir, "logs": logs},
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 
-    print("\n=== results on held-out patients (test split) ===")
-    print(f"{'figure':48s} {'value':>9s} {'baseline':>9s}  beats")
-    for name, row in rows.items():
-        v = row["value"]
-        v_str = "n/a" if v is None else f"{v:9.3f}"
-        print(f"{name:48s} {v_str:>9s} {row['baseline']:9.3f}  {'yes' if row['beats_baseline'] else 'NO'}")
+    print(f"\n=== results on held-out patients (test split; cohort version {version}) ===")
+    print(demo_figures.format_table(rows))
     if losses:
         print(f"train loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.train_steps} steps")
     print("\nwritten:")
     for k, v in results["paths"].items():
-        print(f"  {k:11s} {v}")
-    print(f"  {'results':11s} {os.path.join(out, 'results.json')}")
+        print(f"  {k:14s} {v}")
+    print(f"  {'results':14s} {os.path.join(out, 'results.json')}")
     return 0
 
 

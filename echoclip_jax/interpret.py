@@ -299,10 +299,11 @@ def main(argv):
                                 image_size=image_size, batch_size=f.batch_size, smoothgrad_samples=f.smoothgrad,
                                 smoothgrad_sigma=f.smoothgrad_sigma, seed=f.config.seed, cam_stage=f.cam_stage)
         if f.score_truth:
+            from data_prep.options import load_salt
             from echoclip_jax import saliency_scores
 
             result = saliency_scores.score(mapper, data_dir=f.data_dir, split=f.split, cohort_dir=f.score_truth,
-                                           salt=saliency_scores.read_salt(f.salt_file), out_dir=f.out,
+                                           salt=load_salt(salt_file=f.salt_file), out_dir=f.out,
                                            methods=f.score_methods, frames=f.frames, limit=f.limit)
             print(saliency_scores.format_scores(result))
             return

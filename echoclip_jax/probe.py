@@ -154,6 +154,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, groups, task: str):
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from scipy.linalg import LinAlgWarning
 
     if task == "classification":
         model, name, grid, scoring = LogisticRegression(max_iter=5000), "C", C_GRID, "balanced_accuracy"
@@ -168,8 +169,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, groups, task: str):
     search = GridSearchCV(pipe, {param: list(grid)}, cv=folds, scoring=scoring)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)  # a fold lacking a class
-        warnings.filterwarnings("ignore", message="Ill-conditioned matrix")  # the smallest alphas
-        warnings.filterwarnings("ignore", message="An ill-conditioned matrix")
+        warnings.filterwarnings("ignore", category=LinAlgWarning)  # the smallest alphas; the chosen one is kept
         search.fit(x, y)
     hp = {name: float(search.best_params_[param]), "grid": list(grid), "cv_folds": len(folds),
           "cv_grouped_by": "patient_id", "cv_scoring": scoring, "cv_best_score": float(search.best_score_)}

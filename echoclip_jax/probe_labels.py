@@ -19,21 +19,10 @@ import argparse
 import csv
 import sys
 
+from data_prep.options import load_salt as read_salt  # noqa: F401 (this module's API)
+
 VIDEO_COLUMNS = ("view", "ef", "pacemaker", "tavr", "mitraclip", "lv_size")
 STUDY_COLUMNS = ("ef", "pacemaker", "tavr", "mitraclip", "lv_size")
-
-
-def read_salt(salt: str | bytes | None = None, salt_file: str | None = None) -> bytes:
-    """The salt as data_prep.convert reads it: --salt_file's content (stripped) or --salt's UTF-8 bytes,
-    at least 8 bytes."""
-    if salt_file:
-        with open(salt_file, "rb") as f:
-            value = f.read().strip()
-    else:
-        value = salt.encode("utf-8") if isinstance(salt, str) else (salt or b"")
-    if len(value) < 8:
-        raise ValueError("the salt must be at least 8 bytes (the one the records were converted with)")
-    return value
 
 
 def synthetic_label_rows(cohort_dir: str, salt: bytes, key: str = "video_id") -> tuple[list[str], list[dict]]:

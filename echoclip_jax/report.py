@@ -22,7 +22,8 @@ half the time (the bank's videos need not be embedded).
 
 Findings, extracted from each bank report with the zero-shot tasks' label rules (`zero_shot.extract_label`
 over configs/zero_shot_tasks.json: ejection_fraction, pacemaker, tavr, mitraclip; LV size with the table's
-LV-size phrases cut to their common "... DILATED LEFT VENTRICLE" and the normal phrase): EF (median of the
+LV-size phrases cut to their common "... DILATED LEFT VENTRICLE", its other readers' wordings, and the
+normal-size wordings: `lv_size_task`): EF (median of the
 k reports' numbers; support = reports within +-5), EF band, each device present/absent, LV size (votes
 among the reports that state it). Each finding carries its support (how many of k agree), how many of k
 state it, and the agreeing reports' mean similarity. Outputs: R/report.json + R/report.txt (--video), or
@@ -31,6 +32,7 @@ R/study_reports.jsonl, R/video_reports.jsonl, R/reports.txt and R/summary.json (
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import sys
@@ -48,12 +50,24 @@ DEVICES = ("pacemaker", "tavr", "mitraclip")
 FINDINGS = ("ef", "ef_band", *DEVICES, "lv_size")
 EF_TOLERANCE = 5.0
 _LV_SIZES = ("normal", "mild", "moderate", "severe")
-LV_SIZE_TASK = zs.Task(  # the zero-shot table's LV-size phrases without "BY VOLUME" / "BY LINEAR CAVITY
-    name="lv_size", mode="categorical",  # DIMENSION", plus the normal phrase; unstated -> unknown (no 0 class)
-    label_sources=("NORMAL LEFT VENTRICULAR SIZE.", "MILD DILATED LEFT VENTRICLE", "MODERATE DILATED LEFT VENTRICLE",
-                   "SEVERE DILATED LEFT VENTRICLE"),
-    testers=("NORMAL LEFT VENTRICULAR SIZE.",), source_values=(1.0, 2.0, 3.0, 4.0), tester_values=(1.0,),
-    value_mapping={1.0: "normal", 2.0: "mild", 3.0: "moderate", 4.0: "severe"})
+_LV_NORMAL_PHRASES = ("NORMAL LEFT VENTRICULAR SIZE.", "THE LEFT VENTRICLE IS NORMAL IN SIZE", "NORMAL LV CAVITY SIZE",
+                      "LV SIZE IS NORMAL", "LEFT VENTRICULAR CAVITY SIZE IS WITHIN NORMAL LIMITS")
+
+
+@functools.lru_cache(maxsize=1)
+def lv_size_task() -> zs.Task:
+    """LV size as a report states it: the zero-shot table's left_ventricle_size phrases cut to their common
+    "... DILATED LEFT VENTRICLE", its report phrases (other readers' wordings of a dilated LV), and the
+    normal-size wordings; classes 1 normal .. 4 severe; a report that states none is unknown (no 0 class)."""
+    table = zs.load_tasks(None, ["left_ventricle_size"])[0]
+    return zs.Task(name="lv_size", mode="categorical",
+                   label_sources=(_LV_NORMAL_PHRASES[0], "MILD DILATED LEFT VENTRICLE",
+                                  "MODERATE DILATED LEFT VENTRICLE", "SEVERE DILATED LEFT VENTRICLE"),
+                   testers=(_LV_NORMAL_PHRASES[0],), source_values=(1.0, 2.0, 3.0, 4.0), tester_values=(1.0,),
+                   report_phrases=_LV_NORMAL_PHRASES[1:] + table.report_phrases,
+                   report_phrase_values=(1.0,) * (len(_LV_NORMAL_PHRASES) - 1)
+                   + tuple(v + 1.0 for v in table.report_phrase_values),
+                   value_mapping={1.0: "normal", 2.0: "mild", 3.0: "moderate", 4.0: "severe"})
 
 
 def ef_band(ef) -> str | None:
@@ -67,13 +81,14 @@ def report_findings(reports: list[str]) -> list[dict]:
     tasks = {t.name: t for t in zs.load_tasks(None, ["ejection_fraction", *DEVICES])}
     ef = zs.task_labels(tasks["ejection_fraction"], reports)
     devices = {d: zs.task_labels(tasks[d], reports) for d in DEVICES}
-    lv = zs.task_labels(LV_SIZE_TASK, reports)
+    lv_task = lv_size_task()
+    lv = zs.task_labels(lv_task, reports)
     out = []
     for i in range(len(reports)):
         e = float(ef[i]) if np.isfinite(ef[i]) else None
         row = {"ef": e, "ef_band": ef_band(e)}
         row.update({d: "present" if devices[d][i] == 1 else "absent" for d in DEVICES})
-        row["lv_size"] = LV_SIZE_TASK.value_mapping.get(lv[i]) if np.isfinite(lv[i]) else None
+        row["lv_size"] = lv_task.value_mapping.get(lv[i]) if np.isfinite(lv[i]) else None
         out.append(row)
     return out
 

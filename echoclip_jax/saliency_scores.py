@@ -222,18 +222,6 @@ def score(mapper, *, data_dir: str, split: str, cohort_dir: str, salt: bytes, ou
     return result
 
 
-def read_salt(path: str) -> bytes:
-    """The salt data_prep.convert hashed the ids with (its --salt_file: the bytes, stripped, >= 8)."""
-    try:
-        with open(path, "rb") as f:
-            salt = f.read().strip()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the salt ({e.strerror})") from None
-    if len(salt) < 8:
-        raise ValueError(f"{path}: the salt must be at least 8 bytes")
-    return salt
-
-
 def format_scores(result: dict) -> str:
     """scores.json as a table: one line per method, pointing game and mass share over all devices."""
     num = lambda v, w: f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}"

@@ -54,6 +54,19 @@ def box_blur(x: np.ndarray, ky: int, kx: int) -> np.ndarray:
     return x
 
 
+def fan_pixels(geo, layout):
+    """(u, v, fan_box, fan): the sector's bounding box in apex-centred units of its radius (u across, v down
+    the beam), the fan inside that box, and the fan as a full-frame mask."""
+    x0, y0, x1, y1 = geo.bbox
+    yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1].astype(np.float32)
+    u, v = (xx - geo.apex_x) / geo.radius, (yy - geo.apex_y) / geo.radius
+    r, ang = np.hypot(u, v), np.arctan2(u, v)
+    fan_box = (r <= 1.0) & (np.abs(ang) <= geo.half_angle)
+    fan = np.zeros((layout.rows, layout.cols), bool)
+    fan[y0:y1 + 1, x0:x1 + 1] = fan_box
+    return u, v, fan_box, fan
+
+
 def render_video(spec: VideoSpec) -> tuple[np.ndarray, dict]:
     """Frames (T, H, W, 3) uint8 RGB and the per-video truth (geometry in pixels)."""
     layout = SMALL if spec.small else FULL
@@ -63,12 +76,7 @@ def render_video(spec: VideoSpec) -> tuple[np.ndarray, dict]:
     gain = float(rng.uniform(0.85, 1.15))
     phase0 = float(rng.uniform(0, 1))
     x0, y0, x1, y1 = geo.bbox
-    yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1].astype(np.float32)
-    u, v = (xx - geo.apex_x) / geo.radius, (yy - geo.apex_y) / geo.radius
-    r, ang = np.hypot(u, v), np.arctan2(u, v)
-    fan_box = (r <= 1.0) & (np.abs(ang) <= geo.half_angle)
-    fan = np.zeros((layout.rows, layout.cols), bool)
-    fan[y0:y1 + 1, x0:x1 + 1] = fan_box
+    u, v, fan_box, fan = fan_pixels(geo, layout)
     overlay, sweep_s = draw_overlay(spec, layout, geo, fan, phase0)
     overlay_mask = overlay.any(-1)
     ecg_cursor_rows = slice(layout.rows - layout.ecg, layout.rows)

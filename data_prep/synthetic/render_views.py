@@ -12,7 +12,7 @@ from data_prep.synthetic.cohort import FULL, SMALL, VideoSpec, lv_scale
 from data_prep.synthetic.device_shapes import frame_shapes, rasterize, visible_devices
 from data_prep.synthetic.geometry import ellipse, myocardial_thickness, volume_fraction
 from data_prep.synthetic.overlays import draw_overlay
-from data_prep.synthetic.render import box_blur
+from data_prep.synthetic.render import box_blur, fan_pixels
 from data_prep.synthetic.views import PROBE_LABEL, Scene, make_scene, make_view_geometry
 
 _MOTION = {"ventricle": lambda f: math.sqrt(1 - 0.6 * (1 - f)), "atrium": lambda f: math.sqrt(1 + 0.25 * (1 - f)),
@@ -57,12 +57,7 @@ def render_view_video(spec: VideoSpec, draw_devices: bool = True) -> tuple[np.nd
     gain = float(rng.uniform(0.85, 1.15))
     phase0 = float(rng.uniform(0, 1))
     x0, y0, x1, y1 = geo.bbox
-    yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1].astype(np.float32)
-    u, v = (xx - geo.apex_x) / geo.radius, (yy - geo.apex_y) / geo.radius
-    r, ang = np.hypot(u, v), np.arctan2(u, v)
-    fan_box = (r <= 1.0) & (np.abs(ang) <= geo.half_angle)
-    fan = np.zeros((layout.rows, layout.cols), bool)
-    fan[y0:y1 + 1, x0:x1 + 1] = fan_box
+    u, v, fan_box, fan = fan_pixels(geo, layout)
     overlay, sweep_s = draw_overlay(spec, layout, geo, fan, phase0, label=PROBE_LABEL)
     overlay_mask = overlay.any(-1)
     ecg_cursor_rows = slice(layout.rows - layout.ecg, layout.rows)

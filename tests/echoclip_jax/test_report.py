@@ -149,3 +149,11 @@ def test_reports_for_a_split_against_a_records_bank(records_dir, tiny, tmp_path)
     assert first["neighbours"][0]["similarity"] == pytest.approx(float(want.max()), abs=1e-5)
     assert (tmp_path / "R" / "reports.txt").read_text().startswith(report.DISCLAIMER)
     assert _phi_hits(records_dir, [tmp_path / "R"], lines) == []
+
+
+def test_lv_size_in_other_readers_words():
+    reports = ["LV CAVITY SIZE IS MILD INCREASED. EF 40%.", "LEFT VENTRICULAR CAVITY SIZE IS WITHIN NORMAL LIMITS.",
+               "THE LV IS SEVERE ENLARGED.", "NORMAL LV CAVITY SIZE. MODERATE LV DILATATION.", "EF 55%."]
+    got = [f["lv_size"] for f in report.report_findings(reports)]
+    assert got[:3] == ["mild", "normal", "severe"] and got[4] is None
+    assert got[3] in ("normal", "moderate")  # two statements: one of them, never a third class
