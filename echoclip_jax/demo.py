@@ -179,6 +179,8 @@ def main(argv=None) -> int:
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:  # the headline figures, as the README shows them
+        f.write(demo_figures.markdown_table(rows) + "\n")
 
     print(f"\n=== results on held-out patients (test split; cohort version {version}) ===")
     print(demo_figures.format_table(rows))

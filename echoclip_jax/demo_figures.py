@@ -156,3 +156,51 @@ def format_table(rows: dict) -> str:
                      f"{'n/a' if b is None else f'{b:9.3f}':>9s} {'' if vv is None else f'{vv:7.3f}':>7s}  "
                      f"{'yes' if row['beats_baseline'] else 'NO'}")
     return "\n".join(lines)
+
+
+HEADLINES = (  # (label, rows joined with " / "): the README's table, from results.json
+    ("zero-shot EF MAE (paper's rule)", ("ejection_fraction_mae",)),
+    ("zero-shot pacemaker / TAVR / MitraClip AUC", tuple(f"{d}_auc" for d in DEVICES)),
+    ("retrieval to report, mean rank fraction", ("retrieval_to_report_mean_rank_fraction",)),
+    ("patient identification AUC", ("patient_identification_auc",)),
+    ("probe, view accuracy (linear / attentive)", ("probe_video_linear_view_accuracy",
+                                                   "probe_video_attentive_view_accuracy")),
+    ("probe, EF MAE (linear / attentive)", ("probe_video_linear_ef_mae", "probe_video_attentive_ef_mae")),
+    ("probe, pacemaker / TAVR / MitraClip balanced accuracy (linear)",
+     tuple(f"probe_video_linear_{d}_balanced_accuracy" for d in DEVICES)),
+    ("explanation maps, pointing game: PromptCAM last stage / first stage / gradient",
+     ("explain_promptcam:last_pointing_game", "explain_promptcam:0_pointing_game", "explain_gradient_pointing_game")),
+    ("preliminary report by retrieval: EF within ±5 / EF band", ("report_study_ef_within_5",
+                                                                 "report_study_ef_band_accuracy")),
+    ("preliminary report: devices (mean balanced accuracy) / LV size", ("report_study_devices_balanced_accuracy",
+                                                                       "report_study_lv_size_accuracy")),
+)
+STUDY_ROWS = {"ejection_fraction_mae", "pacemaker_auc", "tavr_auc", "mitraclip_auc",
+              "retrieval_to_report_mean_rank_fraction", "patient_identification_auc"}
+
+
+def markdown_table(rows: dict) -> str:
+    """The headline figures as a Markdown table: per video, per study (where the figure has a study level;
+    probes: the study-keyed probe; reports are per study) and the baselines."""
+    def fmt(names, key="value", prefix=""):
+        got = [rows.get(prefix + n, {}).get(key) for n in names]
+        return " / ".join("-" if v is None else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}" for v in got)
+
+    def study_names(names):
+        if all(n in STUDY_ROWS for n in names):
+            return "study_", names
+        if all(n.startswith("probe_video_") for n in names):
+            return "", [n.replace("probe_video_", "probe_study_") for n in names]
+        if all(n.startswith("report_study_") for n in names):
+            return "", names
+        return None, names
+
+    lines = ["| figure | per video | per study | baseline |", "| --- | --- | --- | --- |"]
+    for label, names in HEADLINES:
+        if not any(n in rows for n in names):
+            continue
+        prefix, s_names = study_names(names)
+        video = "" if names[0].startswith("report_study_") else fmt(names)
+        study = fmt(s_names, prefix=prefix) if prefix is not None and any(prefix + n in rows for n in s_names) else ""
+        lines.append(f"| {label} | {video} | {study} | {fmt(names, 'baseline')} |")
+    return "\n".join(lines)

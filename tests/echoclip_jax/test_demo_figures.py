@@ -59,3 +59,13 @@ def test_saliency_rows_beside_the_uniform_map():
     assert row["beats_baseline"] and "pointing_game" in df.format_table(rows)
     with pytest.raises(KeyError):
         df.saliency_rows({"methods": {"promptcam:0": pooled(0.3, 0.04)}})
+
+
+def test_markdown_table_puts_study_figures_beside_video_figures():
+    result = {**level(9.0, 0.6, 0.1), "study": level(8.0, 0.65, 0.05)}
+    rows = df.evaluation_rows(result, BASE)
+    table = df.markdown_table(rows).splitlines()
+    assert table[0] == "| figure | per video | per study | baseline |"
+    assert "| zero-shot EF MAE (paper's rule) | 9.00 | 8.00 | 15.0 |" in table
+    assert "| zero-shot pacemaker / TAVR / MitraClip AUC | 0.60 / 0.60 / 0.60 | 0.65 / 0.65 / 0.65 | 0.50 / 0.50 / 0.50 |" in table
+    assert not any("probe" in line for line in table)  # no probe rows given: no probe line
