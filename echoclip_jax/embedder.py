@@ -173,21 +173,27 @@ class SplitEmbeddings:
 
 
 def embed_split(embedder: Embedder, data_dir: str, split: str, *, frames: int | None,
-                image_size: int) -> SplitEmbeddings:
+                image_size: int, progress: str = "auto") -> SplitEmbeddings:
     """Every video of a split of records through the image tower, streamed (videos of any lengths;
-    `frames` K keeps at most K evenly spaced frames of each, and only those are decoded)."""
+    `frames` K keeps at most K evenly spaced frames of each, and only those are decoded). `progress`: a bar
+    with counts and rate on stderr, "auto" (on a terminal), "on" or "off"."""
+    from data_prep import records
+    from data_prep.plan import progress_bar
     from echoclip_jax import data
 
     meta = {k: [] for k in ("video_id", "patient_id", "study_id", "study_day", "report", "ef")}
+    total = sum(len(records.ShardReader(p)) for p in records.list_shards(data_dir, split))
 
-    def clips():
+    def clips(bar):
         for video in data.iterate_videos(data_dir, split, frames=frames, image_size=image_size):
             for k in meta:
                 v = video[k]
                 meta[k].append(v.decode() if isinstance(v, bytes) else v)
+            bar.update()
             yield video["frames"]
 
-    out = embedder.videos(clips())
+    with progress_bar(progress, total, f"embed {split}", "video") as bar:  # counts and rate, on a terminal
+        out = embedder.videos(clips(bar))
     if not len(out.lengths):
         raise ValueError(f"{data_dir}: split {split!r} has no videos")
     return SplitEmbeddings(frames=out.frames, videos=out.videos, lengths=out.lengths,

@@ -247,7 +247,7 @@ def test_cli_reports_missing_arguments_and_unknown_tasks(tmp_path):
     assert r.returncode != 0 and "unknown task(s) ['nope']" in r.stderr
 
 
-def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path):
+def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
     """Records whose videos have 1 to 6 frames, evaluated without --frames (then with --frames 2): the
     split's embeddings keep each video's own frames, the zero-shot figures are the per-video rules applied
     to them, and video embeddings are the mean of each video's frames."""
@@ -292,8 +292,10 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path):
     assert res["tasks"]["ejection_fraction"]["mae"] == pytest.approx(np.mean(np.abs(np.asarray(pred) - labels)),
                                                                       rel=1e-5)
     # --frames K for speed: at most K frames of each video
-    short = evaluate.embed_split(embedder, str(data_dir), "test", frames=2, image_size=32)
+    short = evaluate.embed_split(embedder, str(data_dir), "test", frames=2, image_size=32, progress="on")
     assert list(short.lengths) == [min(2, n) for n in lengths]
+    bar = capsys.readouterr().err  # a long split shows its progress: counts of the split's videos, and a rate
+    assert "embed test" in bar and "16/16" in bar and "video/s" in bar
 
 
 # ------------------------------------------------------------------------------- study level
