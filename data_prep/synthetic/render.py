@@ -67,6 +67,15 @@ def fan_pixels(geo, layout):
     return u, v, fan_box, fan
 
 
+def paint_frame(frame, img, fan_box, bbox, overlay, overlay_mask, cursor_rows, cursor: int) -> None:
+    """Writes one frame in place: the echo image `img` (grey levels, the sector's bounding box) inside the
+    fan, black around it, then the burned-in overlay and the ECG sweep's cursor column."""
+    x0, y0, x1, y1 = bbox
+    frame[y0:y1 + 1, x0:x1 + 1] = np.where(fan_box, np.clip(img, 0, 255), 0).astype(np.uint8)[..., None]
+    frame[overlay_mask] = overlay[overlay_mask]
+    frame[cursor_rows, cursor] = (255, 255, 255)
+
+
 def render_video(spec: VideoSpec) -> tuple[np.ndarray, dict]:
     """Frames (T, H, W, 3) uint8 RGB and the per-video truth (geometry in pixels)."""
     layout = SMALL if spec.small else FULL
@@ -91,12 +100,8 @@ def render_video(spec: VideoSpec) -> tuple[np.ndarray, dict]:
         img = box_blur(e * speckle * depth_gain * 255.0, *layout.speckle_blur)
         img += rng.normal(0, 2.0, size=img.shape)
         img[device] = 250.0 + rng.normal(0, 3.0, size=int(device.sum()))
-        gray = np.where(fan_box, np.clip(img, 0, 255), 0).astype(np.uint8)
-        frame = frames[i]
-        frame[y0:y1 + 1, x0:x1 + 1] = gray[..., None]
-        frame[overlay_mask] = overlay[overlay_mask]
-        cursor = int((t % sweep_s) / sweep_s * layout.cols)
-        frame[ecg_cursor_rows, cursor] = (255, 255, 255)
+        paint_frame(frames[i], img, fan_box, geo.bbox, overlay, overlay_mask, ecg_cursor_rows,
+                    int((t % sweep_s) / sweep_s * layout.cols))
     truth = dict(
         sector_apex_x=round(geo.apex_x, 2), sector_apex_y=round(geo.apex_y, 2),
         sector_radius=round(geo.radius, 2), sector_half_angle_deg=round(math.degrees(geo.half_angle), 2),

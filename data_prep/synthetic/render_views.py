@@ -12,7 +12,7 @@ from data_prep.synthetic.cohort import FULL, SMALL, VideoSpec, lv_scale
 from data_prep.synthetic.device_shapes import frame_shapes, rasterize, visible_devices
 from data_prep.synthetic.geometry import ellipse, myocardial_thickness, volume_fraction
 from data_prep.synthetic.overlays import draw_overlay
-from data_prep.synthetic.render import box_blur, fan_pixels
+from data_prep.synthetic.render import box_blur, fan_pixels, paint_frame
 from data_prep.synthetic.views import PROBE_LABEL, Scene, make_scene, make_view_geometry
 
 _MOTION = {"ventricle": lambda f: math.sqrt(1 - 0.6 * (1 - f)), "atrium": lambda f: math.sqrt(1 + 0.25 * (1 - f)),
@@ -80,12 +80,8 @@ def render_view_video(spec: VideoSpec, draw_devices: bool = True) -> tuple[np.nd
             most_pixels = max(most_pixels, int(device.sum()))
             if draw_devices:
                 img = np.where(device[y0:y1 + 1, x0:x1 + 1], metal, img)
-        gray = np.where(fan_box, np.clip(img, 0, 255), 0).astype(np.uint8)
-        frame = frames[i]
-        frame[y0:y1 + 1, x0:x1 + 1] = gray[..., None]
-        frame[overlay_mask] = overlay[overlay_mask]
-        cursor = int((t % sweep_s) / sweep_s * layout.cols)
-        frame[ecg_cursor_rows, cursor] = (255, 255, 255)
+        paint_frame(frames[i], img, fan_box, geo.bbox, overlay, overlay_mask, ecg_cursor_rows,
+                    int((t % sweep_s) / sweep_s * layout.cols))
     shown = visible_devices(spec.devices, spec.view)
     truth = dict(
         view=spec.view, sector_apex_x=round(geo.apex_x, 2), sector_apex_y=round(geo.apex_y, 2),

@@ -32,16 +32,20 @@ def truth(cohort):
     return synthetic.read_truth(cohort[0])
 
 
-@pytest.fixture(scope="module")
-def decoded(cohort, truth):
-    """Each video's DICOM dataset and its frames as float gray (T, H, W)."""
+def decode_cohort(out, truth) -> list[tuple]:
+    """(truth row, DICOM dataset, pixel array, frames as float gray (T, H, W)) of every video of a cohort."""
     result = []
     for row in truth:
-        ds = pydicom.dcmread(cohort[0] / row["path"])
+        ds = pydicom.dcmread(out / row["path"])
         pixels = ds.pixel_array
         gray = pixels.astype(np.float32).mean(-1) if pixels.ndim == 4 else pixels.astype(np.float32)
         result.append((row, ds, pixels, gray))
     return result
+
+
+@pytest.fixture(scope="module")
+def decoded(cohort, truth):
+    return decode_cohort(cohort[0], truth)
 
 
 def _fan(row, shape, pad=1):

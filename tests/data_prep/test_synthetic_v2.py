@@ -24,6 +24,7 @@ from data_prep.report_deid import Deidentifier, identifiers_from_dataset
 from data_prep.reports import clean_text
 from data_prep.synthetic.render_views import render_view_video
 from echoclip_jax import zero_shot as zs
+from tests.data_prep.test_synthetic import decode_cohort
 
 PATIENTS, SEED = 8, 21
 VIEW_WORDS = ("A4C", "A2C", "PLAX", "PSAX", "APICAL", "PARASTERNAL", "SUBCOSTAL", "CHAMBER", "LONG AXIS",
@@ -45,13 +46,7 @@ def truth(cohort):
 
 @pytest.fixture(scope="module")
 def decoded(cohort, truth):
-    result = []
-    for row in truth:
-        ds = pydicom.dcmread(cohort[0] / row["path"])
-        pixels = ds.pixel_array
-        gray = pixels.astype(np.float32).mean(-1) if pixels.ndim == 4 else pixels.astype(np.float32)
-        result.append((row, ds, gray))
-    return result
+    return [(row, ds, gray) for row, ds, _, gray in decode_cohort(cohort[0], truth)]
 
 
 @pytest.fixture(scope="module")
