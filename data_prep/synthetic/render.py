@@ -76,6 +76,21 @@ def paint_frame(frame, img, fan_box, bbox, overlay, overlay_mask, cursor_rows, c
     frame[cursor_rows, cursor] = (255, 255, 255)
 
 
+def geometry_truth(geo, heart) -> dict:
+    """The truth file's geometry columns, in pixels: the sector (apex, radius, half-angle, bounding box,
+    depth) and the LV's end-diastolic cavity ellipse (centre, semi-axes, axis angle)."""
+    x0, y0, x1, y1 = geo.bbox
+    return dict(
+        sector_apex_x=round(geo.apex_x, 2), sector_apex_y=round(geo.apex_y, 2),
+        sector_radius=round(geo.radius, 2), sector_half_angle_deg=round(math.degrees(geo.half_angle), 2),
+        sector_x0=x0, sector_y0=y0, sector_x1=x1, sector_y1=y1, depth_cm=round(geo.depth_cm, 3),
+        lv_center_x=round(geo.apex_x + heart.lv_c[0] * geo.radius, 2),
+        lv_center_y=round(geo.apex_y + heart.lv_c[1] * geo.radius, 2),
+        lv_ed_semi_across_px=round(heart.lv_a * geo.radius, 2),
+        lv_ed_semi_along_px=round(heart.lv_b * geo.radius, 2),
+        lv_axis_deg=round(math.degrees(heart.lv_axis), 3))
+
+
 def render_video(spec: VideoSpec) -> tuple[np.ndarray, dict]:
     """Frames (T, H, W, 3) uint8 RGB and the per-video truth (geometry in pixels)."""
     layout = SMALL if spec.small else FULL
@@ -84,7 +99,6 @@ def render_video(spec: VideoSpec) -> tuple[np.ndarray, dict]:
     heart = make_heart(rng, lv_scale(spec.ef))
     gain = float(rng.uniform(0.85, 1.15))
     phase0 = float(rng.uniform(0, 1))
-    x0, y0, x1, y1 = geo.bbox
     u, v, fan_box, fan = fan_pixels(geo, layout)
     overlay, sweep_s = draw_overlay(spec, layout, geo, fan, phase0)
     overlay_mask = overlay.any(-1)
@@ -102,13 +116,5 @@ def render_video(spec: VideoSpec) -> tuple[np.ndarray, dict]:
         img[device] = 250.0 + rng.normal(0, 3.0, size=int(device.sum()))
         paint_frame(frames[i], img, fan_box, geo.bbox, overlay, overlay_mask, ecg_cursor_rows,
                     int((t % sweep_s) / sweep_s * layout.cols))
-    truth = dict(
-        sector_apex_x=round(geo.apex_x, 2), sector_apex_y=round(geo.apex_y, 2),
-        sector_radius=round(geo.radius, 2), sector_half_angle_deg=round(math.degrees(geo.half_angle), 2),
-        sector_x0=x0, sector_y0=y0, sector_x1=x1, sector_y1=y1, depth_cm=round(geo.depth_cm, 3),
-        lv_center_x=round(geo.apex_x + heart.lv_c[0] * geo.radius, 2),
-        lv_center_y=round(geo.apex_y + heart.lv_c[1] * geo.radius, 2),
-        lv_ed_semi_across_px=round(heart.lv_a * geo.radius, 2),
-        lv_ed_semi_along_px=round(heart.lv_b * geo.radius, 2),
-        lv_axis_deg=round(math.degrees(heart.lv_axis), 3))
+    truth = geometry_truth(geo, heart)
     return frames, truth

@@ -12,7 +12,7 @@ from data_prep.synthetic.cohort import FULL, SMALL, VideoSpec, lv_scale
 from data_prep.synthetic.device_shapes import frame_shapes, rasterize, visible_devices
 from data_prep.synthetic.geometry import ellipse, myocardial_thickness, volume_fraction
 from data_prep.synthetic.overlays import draw_overlay
-from data_prep.synthetic.render import box_blur, fan_pixels, paint_frame
+from data_prep.synthetic.render import box_blur, fan_pixels, geometry_truth, paint_frame
 from data_prep.synthetic.views import PROBE_LABEL, Scene, make_scene, make_view_geometry
 
 _MOTION = {"ventricle": lambda f: math.sqrt(1 - 0.6 * (1 - f)), "atrium": lambda f: math.sqrt(1 + 0.25 * (1 - f)),
@@ -84,14 +84,7 @@ def render_view_video(spec: VideoSpec, draw_devices: bool = True) -> tuple[np.nd
                     int((t % sweep_s) / sweep_s * layout.cols))
     shown = visible_devices(spec.devices, spec.view)
     truth = dict(
-        view=spec.view, sector_apex_x=round(geo.apex_x, 2), sector_apex_y=round(geo.apex_y, 2),
-        sector_radius=round(geo.radius, 2), sector_half_angle_deg=round(math.degrees(geo.half_angle), 2),
-        sector_x0=x0, sector_y0=y0, sector_x1=x1, sector_y1=y1, depth_cm=round(geo.depth_cm, 3),
-        lv_center_x=round(geo.apex_x + heart.lv_c[0] * geo.radius, 2),
-        lv_center_y=round(geo.apex_y + heart.lv_c[1] * geo.radius, 2),
-        lv_ed_semi_across_px=round(heart.lv_a * geo.radius, 2),
-        lv_ed_semi_along_px=round(heart.lv_b * geo.radius, 2),
-        lv_axis_deg=round(math.degrees(heart.lv_axis), 3),
+        view=spec.view, **geometry_truth(geo, heart),
         **{f"{d}_visible": int(d in shown) for d in ("pacemaker", "tavr", "mitraclip")},
         device_pixels_max=most_pixels)
     return frames, truth, all_shapes

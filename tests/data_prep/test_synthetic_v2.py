@@ -24,7 +24,7 @@ from data_prep.report_deid import Deidentifier, identifiers_from_dataset
 from data_prep.reports import clean_text
 from data_prep.synthetic.render_views import render_view_video
 from echoclip_jax import zero_shot as zs
-from tests.data_prep.test_synthetic import decode_cohort
+from tests.data_prep.test_synthetic import _fan, _lv_region, decode_cohort
 
 PATIENTS, SEED = 8, 21
 VIEW_WORDS = ("A4C", "A2C", "PLAX", "PSAX", "APICAL", "PARASTERNAL", "SUBCOSTAL", "CHAMBER", "LONG AXIS",
@@ -52,23 +52,6 @@ def decoded(cohort, truth):
 @pytest.fixture(scope="module")
 def tasks():
     return zs.load_tasks()
-
-
-def _fan(row, shape, pad=1):
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
-    dx, dy = xx - float(row["sector_apex_x"]), yy - float(row["sector_apex_y"])
-    r = np.hypot(dx, dy)
-    return (r <= float(row["sector_radius"]) + pad) & (
-        np.abs(np.arctan2(dx, dy)) <= math.radians(float(row["sector_half_angle_deg"])) + pad / np.maximum(r, 1))
-
-
-def _lv_region(row, shape, margin=1.1):
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
-    du, dv = xx - float(row["lv_center_x"]), yy - float(row["lv_center_y"])
-    ang = math.radians(float(row["lv_axis_deg"]))
-    along, across = du * math.sin(ang) + dv * math.cos(ang), du * math.cos(ang) - dv * math.sin(ang)
-    return ((across / (margin * float(row["lv_ed_semi_across_px"]))) ** 2
-            + (along / (margin * float(row["lv_ed_semi_along_px"]))) ** 2) <= 1
 
 
 def _group(rows, key):
