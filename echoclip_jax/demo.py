@@ -5,7 +5,8 @@
 Every stage is the project's own command-line entry point, run as a user would run it, so the demo is also
 the proof that the parts fit: synthetic DICOM cohort (version 2: several views per study, reports in
 readers' own words) -> data_prep.convert -> train configs/tiny.py -> convert the final checkpoint to
-safetensors -> evaluate on held-out patients, per video and per study -> probes on the frozen embeddings
+safetensors -> evaluate on held-out patients, per video and per study (views pooled alike, and weighted by
+their zero-shot relevance) -> probes on the frozen embeddings
 (view, EF, devices) -> saliency maps, and the maps of the device prompts scored against the devices' true
 masks -> preliminary reports by retrieval for the held-out studies (echoclip_jax.report), scored against the
 cohort's truth beside k random reports. A stage whose output already exists is not redone, so an
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
     cohort, data_dir = os.path.join(out, "cohort"), os.path.join(out, "records")
     workdir, export = os.path.join(out, "train"), os.path.join(out, "export", "model.safetensors")
     eval_dir, saliency_dir = os.path.join(out, "eval"), os.path.join(out, "saliency")
+    weighted_dir = os.path.join(out, "eval_weighted_views")
     probe_dir, scores_dir = os.path.join(out, "probe"), os.path.join(out, "explain_scores")
     report_dir = os.path.join(out, "report")
     # The salt is the hospital's secret; the demo makes one for its synthetic cohort.
@@ -124,6 +126,9 @@ def main(argv=None) -> int:
     timings["evaluate"] = _run("evaluate", [
         py, "-m", "echoclip_jax.evaluate", *model, "--data_dir", data_dir, "--split", "test", "--out", eval_dir,
         "--tasks", ",".join(EVAL_TASKS), "--level", "both"], logs)
+    timings["evaluate_weighted"] = _run("evaluate_weighted", [  # the views weighted by zero-shot relevance
+        py, "-m", "echoclip_jax.evaluate", *model, "--data_dir", data_dir, "--split", "test",
+        "--out", weighted_dir, "--tasks", ",".join(EVAL_TASKS), "--level", "study", "--study_pool", "weighted"], logs)
     for key, labels in PROBE_LABELS.items():
         labels = [label for label in labels if label != "view" or version >= 2]
         labels_csv = os.path.join(out, "secrets", f"labels_{key}.csv")  # salted ids: kept beside the salt
@@ -154,7 +159,9 @@ def main(argv=None) -> int:
     with open(os.path.join(eval_dir, "model.json")) as f:
         eval_json = json.load(f)
     salt = load_salt(salt_file=salt_file)
-    rows = demo_figures.evaluation_rows(eval_json, demo_figures.baselines(data_dir))
+    with open(os.path.join(weighted_dir, "model.json")) as f:
+        weighted_json = json.load(f)
+    rows = demo_figures.evaluation_rows(eval_json, demo_figures.baselines(data_dir), weighted_json)
     for level in ("video", "study"):
         with open(os.path.join(probe_dir, level, "probe.json")) as f:
             rows.update(demo_figures.probe_rows(json.load(f), level=level))
@@ -174,7 +181,8 @@ def main(argv=None) -> int:
         "num_test_studies": eval_json.get("study", {}).get("num_studies"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "paths": {"cohort": cohort, "records": data_dir, "workdir": workdir, "export": export,
-                  "evaluation": eval_dir, "probe": probe_dir, "saliency": saliency_dir,
+                  "evaluation": eval_dir, "evaluation_weighted_views": weighted_dir, "probe": probe_dir,
+                  "saliency": saliency_dir,
                   **({"explain_scores": scores_dir} if version >= 2 else {}), "report": report_dir, "logs": logs},
     }
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -188,8 +196,8 @@ def main(argv=None) -> int:
         print(f"train loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.train_steps} steps")
     print("\nwritten:")
     for k, v in results["paths"].items():
-        print(f"  {k:14s} {v}")
-    print(f"  {'results':14s} {os.path.join(out, 'results.json')}")
+        print(f"  {k:25s} {v}")
+    print(f"  {'results':25s} {os.path.join(out, 'results.json')}")
     return 0
 
 

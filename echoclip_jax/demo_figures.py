@@ -80,12 +80,19 @@ def level_rows(block: dict, base: dict, *, prefix: str = "", ef_baseline: float,
     return rows
 
 
-def evaluation_rows(eval_json: dict, base: dict) -> dict:
-    """Video-level rows, then study-level rows (`study_*`) when evaluate wrote its study block."""
+def evaluation_rows(eval_json: dict, base: dict, weighted: dict | None = None) -> dict:
+    """Video-level rows, then study-level rows (`study_*`) when evaluate wrote its study block, and those of
+    a second evaluation with the views weighted by their zero-shot relevance (`weighted`: its JSON;
+    `study_weighted_*`; its retrieval and patient identification are the mean pool's, so left out)."""
     rows = level_rows(eval_json, base, ef_baseline=base["ef_mae_predict_train_mean"])
     if "study" in eval_json:
         rows.update(level_rows(eval_json["study"], base, prefix="study_",
                                ef_baseline=base["study_ef_mae_predict_train_mean"], video=eval_json))
+    if weighted is not None and "study" in weighted:
+        rows.update({k: v for k, v in level_rows(weighted["study"], base, prefix="study_weighted_",
+                                                 ef_baseline=base["study_ef_mae_predict_train_mean"],
+                                                 video=eval_json).items()
+                     if "retrieval" not in k and "patient_identification" not in k})
     return rows
 
 
@@ -181,7 +188,8 @@ STUDY_ROWS = {"ejection_fraction_mae", "pacemaker_auc", "tavr_auc", "mitraclip_a
 
 def markdown_table(rows: dict) -> str:
     """The headline figures as a Markdown table: per video, per study (where the figure has a study level;
-    probes: the study-keyed probe; reports are per study) and the baselines."""
+    probes: the study-keyed probe; reports are per study), per study with the views weighted (zero-shot
+    tasks) and the baselines."""
     def fmt(names, key="value", prefix=""):
         got = [rows.get(prefix + n, {}).get(key) for n in names]
         return " / ".join("-" if v is None else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}" for v in got)
@@ -195,12 +203,15 @@ def markdown_table(rows: dict) -> str:
             return "", names
         return None, names
 
-    lines = ["| figure | per video | per study | baseline |", "| --- | --- | --- | --- |"]
+    lines = ["| figure | per video | per study | per study, views weighted | baseline |",
+             "| --- | --- | --- | --- | --- |"]
     for label, names in HEADLINES:
         if not any(n in rows for n in names):
             continue
         prefix, s_names = study_names(names)
         video = "" if names[0].startswith("report_study_") else fmt(names)
         study = fmt(s_names, prefix=prefix) if prefix is not None and any(prefix + n in rows for n in s_names) else ""
-        lines.append(f"| {label} | {video} | {study} | {fmt(names, 'baseline')} |")
+        weighted = (fmt(names, prefix="study_weighted_") if prefix == "study_"
+                    and any("study_weighted_" + n in rows for n in names) else "")
+        lines.append(f"| {label} | {video} | {study} | {weighted} | {fmt(names, 'baseline')} |")
     return "\n".join(lines)

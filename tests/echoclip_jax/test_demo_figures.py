@@ -65,7 +65,12 @@ def test_markdown_table_puts_study_figures_beside_video_figures():
     result = {**level(9.0, 0.6, 0.1), "study": level(8.0, 0.65, 0.05)}
     rows = df.evaluation_rows(result, BASE)
     table = df.markdown_table(rows).splitlines()
-    assert table[0] == "| figure | per video | per study | baseline |"
-    assert "| zero-shot EF MAE (paper's rule) | 9.00 | 8.00 | 15.0 |" in table
-    assert "| zero-shot pacemaker / TAVR / MitraClip AUC | 0.60 / 0.60 / 0.60 | 0.65 / 0.65 / 0.65 | 0.50 / 0.50 / 0.50 |" in table
+    assert table[0] == "| figure | per video | per study | per study, views weighted | baseline |"
+    assert "| zero-shot EF MAE (paper's rule) | 9.00 | 8.00 |  | 15.0 |" in table
+    assert ("| zero-shot pacemaker / TAVR / MitraClip AUC | 0.60 / 0.60 / 0.60 | 0.65 / 0.65 / 0.65 |  | "
+            "0.50 / 0.50 / 0.50 |") in table
+    rows = df.evaluation_rows(result, BASE, weighted={"study": level(7.0, 0.7, 0.5)})
+    assert rows["study_weighted_ejection_fraction_mae"]["video_value"] == 9.0
+    assert not any(k.startswith("study_weighted_") and ("retrieval" in k or "patient" in k) for k in rows)
+    assert "| zero-shot EF MAE (paper's rule) | 9.00 | 8.00 | 7.00 | 15.0 |" in df.markdown_table(rows).splitlines()
     assert not any("probe" in line for line in table)  # no probe rows given: no probe line
