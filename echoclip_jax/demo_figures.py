@@ -213,5 +213,9 @@ def markdown_table(rows: dict) -> str:
         study = fmt(s_names, prefix=prefix) if prefix is not None and any(prefix + n in rows for n in s_names) else ""
         weighted = (fmt(names, prefix="study_weighted_") if prefix == "study_"
                     and any("study_weighted_" + n in rows for n in names) else "")
-        lines.append(f"| {label} | {video} | {study} | {weighted} | {fmt(names, 'baseline')} |")
+        baseline = fmt(names, "baseline")
+        present = [n for n in names if n in rows]
+        if all("centre" in rows[n] for n in present):  # maps: one uniform map and one centre map for all
+            baseline = f"{fmt(present[:1], 'baseline')} random sector pixel; {fmt(present[:1], 'centre')} centre map"
+        lines.append(f"| {label} | {video} | {study} | {weighted} | {baseline} |")
     return "\n".join(lines)

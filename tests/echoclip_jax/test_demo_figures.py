@@ -57,6 +57,8 @@ def test_saliency_rows_beside_the_uniform_map():
     row = rows["explain_promptcam:0_pointing_game"]
     assert (row["value"], row["baseline"], row["centre"], row["n"]) == (0.3, 0.1, 0.2, 12)
     assert row["beats_baseline"] and "pointing_game" in df.format_table(rows)
+    line = next(x for x in df.markdown_table(rows).splitlines() if x.startswith("| explanation maps"))
+    assert line.endswith("| 0.10 random sector pixel; 0.20 centre map |")
     with pytest.raises(KeyError):
         df.saliency_rows({"methods": {"promptcam:0": pooled(0.3, 0.04)}})
 
