@@ -17,9 +17,9 @@ records (the label CSVs it writes for the probes hold salted ids and stay under 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -92,12 +92,14 @@ def main(argv=None) -> int:
     weighted_dir = os.path.join(out, "eval_weighted_views")
     probe_dir, scores_dir = os.path.join(out, "probe"), os.path.join(out, "explain_scores")
     report_dir = os.path.join(out, "report")
-    # The salt is the hospital's secret; the demo makes one for its synthetic cohort.
+    # The salt is a hospital's secret (data_prep.convert hashes every id with it, and the split of patients
+    # follows the hashes). The demo's cohort is synthetic, so its salt follows --seed: the same command
+    # draws the same split and prints the same figures. Never derive a real export's salt this way.
     salt_file = os.path.join(out, "secrets", "salt")
     if not os.path.exists(salt_file):
         os.makedirs(os.path.dirname(salt_file), exist_ok=True)
         with open(salt_file, "w") as f:
-            f.write(secrets.token_hex(16))
+            f.write(hashlib.sha256(f"echoclip-jax synthetic demo, seed {args.seed}".encode()).hexdigest()[:32])
     timings = {}
 
     if not os.path.exists(os.path.join(cohort, "truth.csv")):
