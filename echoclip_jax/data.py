@@ -235,14 +235,16 @@ def eval_loader(config, mesh, **kw) -> Loader:
 
 def iterate_videos(data_dir: str, split: str, *, frames: int | None = None, image_size: int | None = None):
     """Every video of a split in shard order, for evaluation: dicts {video_id, patient_id, study_id,
-    study_day, report, ef, frames: uint8 [K,H,W,3]}; `frames` evenly subsamples, `image_size` resizes."""
+    study_day, report, ef, frames: uint8 [K,H,W,3], positions: which of the record's num_frames frames they
+    are}; `frames` evenly subsamples (only those frames are decoded), `image_size` resizes."""
     source = ShardedRecords(data_dir, split)
     for i in range(len(source)):
         feats = records.decode_example(source[i])
         where = f"{data_dir} {split} record {i}"
         jpegs = decode_frames(feats, where)
         size = int(image_size or feats["image_size"][0])
-        keep = pick_frames(len(jpegs), min(frames, len(jpegs)), None) if frames else range(len(jpegs))
+        keep = [int(j) for j in pick_frames(len(jpegs), min(frames, len(jpegs)), None)] if frames else list(
+            range(len(jpegs)))
         text = lambda key: feats[key][0].decode("utf-8") if feats.get(key) else ""
         yield {
             "video_id": text("video_id"), "patient_id": text("patient_id"), "study_id": text("study_id"),
@@ -250,4 +252,5 @@ def iterate_videos(data_dir: str, split: str, *, frames: int | None = None, imag
             "report": text("report"),
             "ef": float(feats["ef"][0]) if feats.get("ef") else math.nan,
             "frames": np.stack([decode_jpeg(jpegs[j], size) for j in keep]),
+            "positions": keep, "num_frames": len(jpegs),
         }

@@ -41,7 +41,7 @@ def baselines(data_dir: str) -> dict:
     test_reports, test_studies, test_ef = split_reports(data_dir, "test")
     train_mean = float(np.nanmean(zs.task_labels(ef_task, train_reports, {"ef": train_ef})))
     y = zs.task_labels(ef_task, test_reports, {"ef": test_ef})
-    first = sorted({s: i for i, s in reversed(list(enumerate(test_studies)))}.values())  # a study's first video
+    _, first = np.unique(test_studies, return_index=True)  # each study's first video (its report's labels)
     y_study = y[first]
     return {"ef_mae_predict_train_mean": float(np.nanmean(np.abs(y - train_mean))),
             "study_ef_mae_predict_train_mean": float(np.nanmean(np.abs(y_study - train_mean))),

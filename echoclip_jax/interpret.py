@@ -126,12 +126,12 @@ def record_videos(data_dir: str, split: str, *, image_size: int, frames: int = 0
     of the record's frames picked as evaluation does (data.pick_frames), their positions in frame_indices."""
     from echoclip_jax import data
 
-    for i, item in enumerate(data.iterate_videos(data_dir, split, image_size=image_size)):
+    for i, item in enumerate(data.iterate_videos(data_dir, split, frames=frames or None, image_size=image_size)):
         if limit and i >= limit:
             return
-        video_id, n = str(item["video_id"]), len(item["frames"])
-        keep = [int(p) for p in data.pick_frames(n, min(frames, n), None)] if frames else list(range(n))
-        yield Video(_safe_name(video_id), "record", np.asarray(item["frames"][keep], np.uint8), keep, video_id)
+        video_id = str(item["video_id"])
+        yield Video(_safe_name(video_id), "record", np.asarray(item["frames"], np.uint8), item["positions"],
+                    video_id)
 
 
 # ---------------------------------------------------------------------------------------- outputs

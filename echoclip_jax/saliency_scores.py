@@ -138,7 +138,7 @@ def device_cases(data_dir: str, split: str, truth: dict, *, cohort_dir: str, ima
     from echoclip_jax import data
 
     used = 0
-    for item in data.iterate_videos(data_dir, split):
+    for item in data.iterate_videos(data_dir, split, frames=frames or None):
         row = truth.get(str(item["video_id"]))
         if row is None:
             raise ValueError(f"a {split} record has no truth row: wrong --salt_file or cohort for these records")
@@ -148,16 +148,14 @@ def device_cases(data_dir: str, split: str, truth: dict, *, cohort_dir: str, ima
         if limit and used >= limit:
             return
         used += 1
-        all_frames = np.asarray(item["frames"], np.uint8)
-        if all_frames.shape[1] != image_size:
-            raise ValueError(f"records are {all_frames.shape[1]} px, the model {image_size}: score records "
+        clip = np.asarray(item["frames"], np.uint8)
+        if clip.shape[1] != image_size:
+            raise ValueError(f"records are {clip.shape[1]} px, the model {image_size}: score records "
                              f"converted at the model's image size")
-        n = len(all_frames)
-        positions = [int(p) for p in data.pick_frames(n, min(frames, n), None)] if frames else list(range(n))
         for device in devices:
             masks, sector = record_truth(cohort_dir, row["path"], device, image_size=image_size,
-                                         record_frames=n, positions=positions)
-            yield device, row, all_frames[positions], masks, sector
+                                         record_frames=item["num_frames"], positions=item["positions"])
+            yield device, row, clip, masks, sector
 
 
 def _summary(hits, shares, videos) -> dict:
