@@ -54,7 +54,7 @@ class LoaderBatches:
     """Callable: pulls the next global batch (blocking until it is a jax.Array)."""
 
     def __init__(self, config, mesh, pulls: int):
-        from echoclip_jax import data
+        from echoclip_jax.data import loader as data
 
         self.loader = data.train_loader(config, mesh)
         self.pulls = pulls  # consecutive batches per call: grain's read-ahead threads cannot hide the cost
@@ -80,7 +80,7 @@ def main(argv=None):
     import jax
 
     from bench.train_step import JaxStep, load_config
-    from echoclip_jax import sharding
+    from echoclip_jax.runtime import sharding
 
     os.makedirs(args.work, exist_ok=True)
     cores = os.cpu_count()

@@ -55,7 +55,8 @@ def worker(args) -> None:
     import jax
 
     from bench.train_step import load_config, synthetic_batch
-    from echoclip_jax import sharding, train
+    from echoclip_jax.runtime import sharding
+    from echoclip_jax import train
 
     n = jax.device_count()
     presets = [p for p in args.presets.split(",") if n > 1 or p == "dp"]  # on 1 device all presets coincide

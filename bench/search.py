@@ -7,7 +7,7 @@ against exact search, at archive sizes of 10k, 100k and 1M embeddings of the mod
 Embeddings: synthetic, L2-normalised, clustered (n/100 cluster centres, at least 100, each vector a centre
 plus Gaussian noise of --noise times its norm; at 1.5 a query's nearest neighbour has cosine ~0.4 and its
 10th ~0.35, a hard case: at 1.0 every index finds all 10), or uniform on the sphere (--data random, the worst case for any approximate index). Queries are fresh draws
-from the same distribution. Each index is the one echoclip_jax.search.vectors builds (exact: IndexFlatIP;
+from the same distribution. Each index is the one echoclip_jax.retrieval.vectors builds (exact: IndexFlatIP;
 ivf: IndexIVFFlat, nlist ~ sqrt(n), k-means on 64 points per cell); HNSW (faiss IndexHNSWFlat, M=32,
 efConstruction 40, efSearch 64) is timed up to --hnsw_up_to vectors for comparison. Times are wall-clock on
 this machine in one process (exact and approximate alternate per size, so they share its load): batch query
@@ -27,7 +27,7 @@ REPO = os.path.dirname(HERE)
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
 from bench import common  # noqa: E402
-from echoclip_jax.search.vectors import VectorIndex, default_nprobe, recall_at_k  # noqa: E402
+from echoclip_jax.retrieval.vectors import VectorIndex, default_nprobe, recall_at_k  # noqa: E402
 
 
 def embeddings(rng, n: int, dim: int, kind: str, centres=None, noise: float = 1.5,

@@ -71,7 +71,7 @@ def torch_tower_fns(config, batch, params) -> dict:
     import torch
 
     from echoclip_jax import models
-    from echoclip_jax import open_clip_weights as ocw
+    from echoclip_jax.weights import open_clip as ocw
 
     torch.set_num_threads(os.cpu_count())
     model = open_clip.CLIP(**ocw.open_clip_model_cfg(config.model))

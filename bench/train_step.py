@@ -6,7 +6,7 @@ machine's measured matmul peak.
     python bench/train_step.py --configs echoclip --batch 4 --impls shifted,lax --rounds 5
     python bench/train_step.py --configs echoclip --dtype bfloat16 --batch 256 --no_torch   # on a GPU host
 
-The PyTorch model is open_clip.CLIP built from our config through echoclip_jax.open_clip_weights and
+The PyTorch model is open_clip.CLIP built from our config through echoclip_jax.weights.open_clip and
 loaded (strictly) with our initial weights, so a layout mismatch fails loudly instead of timing a
 different network. MFU on CPU uses the fp32 matmul peak measured here; on a GPU the bf16 matmul peak.
 """
@@ -72,7 +72,8 @@ class JaxStep:
     def __init__(self, config, device):
         import jax
 
-        from echoclip_jax import sharding, train
+        from echoclip_jax.runtime import sharding
+        from echoclip_jax import train
 
         mesh = sharding.build_mesh(config.mesh, [device])
         ts = train.build_train_step(config, mesh, 1000)
@@ -102,7 +103,7 @@ class TorchStep:
         import open_clip
         import torch
 
-        from echoclip_jax import open_clip_weights as ocw
+        from echoclip_jax.weights import open_clip as ocw
 
         torch.set_num_threads(os.cpu_count())
         self.torch = torch

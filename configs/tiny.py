@@ -2,7 +2,7 @@
 
 ConvNeXt-atto-like image tower at 64x64 and a 4-layer, width-128 text transformer.
 """
-from configs.base import get_base_config
+from echoclip_jax.config.defaults import get_base_config
 
 
 def get_config():

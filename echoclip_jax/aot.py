@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from echoclip_jax.aot_hlo import scan_hlo
+from echoclip_jax.training.hlo import scan_hlo
 
 log = logging.getLogger("echoclip_jax.aot")
 
@@ -173,8 +173,9 @@ def _oom_message(err: Exception) -> str | None:
 def compile_for_topology(config, topology: str, hlo_path: str = "") -> dict:
     """Compiles `config`'s train step for `topology`; returns the report (see module docstring). With
     `hlo_path`, the optimized HLO of the compiled step is written there."""
-    from echoclip_jax import sharding, train
-    from echoclip_jax.config_validation import validate
+    from echoclip_jax.runtime import sharding
+    from echoclip_jax import train
+    from echoclip_jax.config.validation import validate
 
     topo = get_topology(topology)
     chip = CHIPS[topo.chip]
@@ -287,7 +288,7 @@ def main(argv) -> None:
     del argv
     from absl import flags
 
-    from echoclip_jax import logs
+    from echoclip_jax.runtime import logs
 
     logs.setup()
     FLAGS = flags.FLAGS

@@ -9,7 +9,7 @@ and `params` (a params-only Orbax checkpoint, the small optimizer-free form to s
 from). `--dtype bfloat16` halves the written weights.
 
 Which config describes the weights when the source stores one and --config is given too: the rule of
-`echoclip_jax.model_config` (architecture from the stored config, which must agree with --config; run
+`echoclip_jax.config.model` (architecture from the stored config, which must agree with --config; run
 settings such as the compute dtype from --config).
 
 After writing, the destination is read back and the image and text embeddings of a fixed input are
@@ -27,9 +27,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from echoclip_jax import open_clip_weights as ocw
-from echoclip_jax import weights
-from echoclip_jax.model_config import for_verification
+from echoclip_jax.weights import open_clip as ocw
+from echoclip_jax.weights import loader as weights
+from echoclip_jax.config.model import for_verification
 from echoclip_jax.models import CLIP, preprocess_images
 
 DEST_KINDS = ("open_clip", "safetensors", "params")
@@ -123,7 +123,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from echoclip_jax import logs
+    from echoclip_jax.runtime import logs
 
     logs.setup()
     config = FLAGS.config

@@ -11,7 +11,7 @@ their zero-shot relevance) -> probes on the frozen embeddings
 masks -> preliminary reports by retrieval for the held-out studies (echoclip_jax.report), scored against the
 cohort's truth beside k random reports. A stage whose output already exists is not redone, so an
 interrupted demo resumes. The results table prints every figure beside the baseline it has to beat
-(echoclip_jax.demo_figures); `OUT/results.json` holds them. Only the demo joins the cohort's truth to the
+(echoclip_jax.synthetic_truth.results_table); `OUT/results.json` holds them. Only the demo joins the cohort's truth to the
 records (the label CSVs it writes for the probes hold salted ids and stay under OUT/secrets).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import time
 
 from data_prep.options import load_salt
-from echoclip_jax import demo_figures
+from echoclip_jax.synthetic_truth import results_table as demo_figures
 
 CONFIG = "configs/tiny.py"
 EVAL_TASKS = ("ejection_fraction", "pacemaker", "tavr", "mitraclip")

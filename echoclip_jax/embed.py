@@ -9,7 +9,7 @@ embeddings pooled by the model's temporal pool (EchoCLIP: their mean). CLIP norm
 here. Texts: one per line, tokenised by the config's tokenizer. KIND as in `echoclip_jax.weights`, whose
 `load` decides the model config (architecture from the config stored with the weights, which must agree
 with --config; compute dtype and other run settings from --config). Batches are jitted with fixed shapes
-and sharded over all local devices (`echoclip_jax.embedder`).
+and sharded over all local devices (`echoclip_jax.inference.embedder`).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from echoclip_jax.config_validation import validate
-from echoclip_jax.weights import load_model
-from echoclip_jax.embedder import Embedder
+from echoclip_jax.config.validation import validate
+from echoclip_jax.weights.loader import load_model
+from echoclip_jax.inference.embedder import Embedder
 from echoclip_jax.models import CLIP
 
 
@@ -75,7 +75,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from echoclip_jax import logs
+    from echoclip_jax.runtime import logs
 
     logs.setup()
     config = FLAGS.config

@@ -10,19 +10,19 @@ checkpoint that has no `E/<name>.json` yet (or one without a level asked for: th
 so re-running after new checkpoints appear (or after an interruption) does only the new work. Per
 checkpoint: `E/<name>.json` (name = training step, or the checkpoint's file name); after every run:
 `E/summary.csv` (one row per JSON in E), TensorBoard scalars under `E/tensorboard`, and PNG plots under
-`E/plots` (ROC curves, predicted vs true values, video vs study, metric vs step; `echoclip_jax.eval_outputs`).
+`E/plots` (ROC curves, predicted vs true values, video vs study, metric vs step; `echoclip_jax.evaluation.outputs`).
 Only aggregate numbers are written: no video, patient or study identifier leaves this module.
 
 Levels (`--level`, default both). Video level (the paper): the JSON's top-level `tasks`, `retrieval`,
 `patient_identification`, `clinical_change`, `num_videos`, ... Study level (EchoPrime, PanEcho: one
 answer per study over all its views): the same structure under `study` (`study.tasks`, `study.retrieval`,
-`study.patient_identification`, `study.num_studies`, ...), from `echoclip_jax.study_level`: a study's
+`study.patient_identification`, `study.num_studies`, ...), from `echoclip_jax.evaluation.study_level`: a study's
 frames are its videos' frames end to end, its labels come from its report, its embedding is the
 re-normalised mean of its videos' embeddings, and `--study_pool weighted` weights each view by its
 zero-shot relevance to the task. The video-level figures do not depend on whether the study level runs.
 
 Videos may differ in length (every real export does; `--frames K` keeps K evenly spaced frames of each
-longer video, for speed): embeddings come from `echoclip_jax.embedder` (jitted fixed-shape batches of
+longer video, for speed): embeddings come from `echoclip_jax.inference.embedder` (jitted fixed-shape batches of
 frames laid end to end, sharded over all local devices). Per-frame embeddings drive the zero-shot tasks,
 each frame-wise rule applied per video over its own frames (the paper), or per study over its videos'
 frames; video (study) embeddings drive retrieval and patient identification.
@@ -37,12 +37,13 @@ import sys
 
 import numpy as np
 
-from echoclip_jax import metrics, study_level
-from echoclip_jax import zero_shot as zs
-from echoclip_jax.embedder import Embedder, SplitEmbeddings, embed_split  # noqa: F401 (this module's API)
-from echoclip_jax.eval_outputs import (  # noqa: F401 (this module's API, as before the split)
-    PLOT_KEYS, flatten, level_panels, plot_checkpoint, plot_levels, plot_metrics_vs_step, read_results,
-    write_json, write_summary, write_tensorboard)
+from echoclip_jax.evaluation import metrics, study_level
+from echoclip_jax.evaluation import zero_shot as zs
+from echoclip_jax.inference.embedder import Embedder, SplitEmbeddings, embed_split  # noqa: F401 (this module's API)
+from echoclip_jax.evaluation.outputs import (
+    PLOT_KEYS, flatten, level_panels, plot_checkpoint, plot_levels, plot_metrics_vs_step, read_results, write_json,
+    write_summary, write_tensorboard,
+)
 
 LEVELS = {"video": ("video",), "study": ("study",), "both": ("video", "study")}
 VIDEO_KEYS = ("num_videos", "num_frames", "frames_per_video", "tasks", "clinical_change", "retrieval",
@@ -131,8 +132,8 @@ class Source:
 def list_sources(*, checkpoint: str | None = None, workdir: str | None = None,
                  steps: list[int] | None = None, globs: list[str] | None = None) -> list[Source]:
     """The checkpoints to evaluate, in step order, each with its output name."""
-    from echoclip_jax import checkpoint as ckpt
-    from echoclip_jax import weights
+    from echoclip_jax.training import checkpoint as ckpt
+    from echoclip_jax.weights import loader as weights
 
     sources = []
     if checkpoint:
@@ -200,7 +201,8 @@ def run(config, sources: list[Source], *, data_dir: str, split: str, out_dir: st
             todo.append((s, missing, old))
         else:
             log(f"skip {s.name}: {path} exists")
-    from echoclip_jax import tokenizers, weights
+    from echoclip_jax import tokenizers
+    from echoclip_jax.weights import loader as weights
 
     image_size = config.model.vision.image_size
     for source, missing, old in todo:
@@ -245,7 +247,7 @@ def _define_flags():
     flags.DEFINE_string("split", "test", "split to evaluate")
     flags.DEFINE_string("out", None, "output directory E")
     flags.DEFINE_list("tasks", None, "zero-shot tasks (names or aliases); default: every task in the table")
-    flags.DEFINE_string("task_table", None, "zero-shot task table JSON (default configs/zero_shot_tasks.json)")
+    flags.DEFINE_string("task_table", None, "zero-shot task table JSON (default echoclip_jax/config/zero_shot_tasks.json)")
     flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video, for speed (default: "
                                          "every frame in the records; videos may differ in length)")
     flags.DEFINE_integer("batch_size", 128, "frames (or prompts) per device batch, over all devices")
@@ -263,7 +265,7 @@ def _define_flags():
 
 def main(argv):
     del argv
-    from echoclip_jax import logs
+    from echoclip_jax.runtime import logs
 
     logs.setup()
     flags = FLAGS
@@ -278,7 +280,7 @@ def main(argv):
     except ValueError:
         sys.exit(f"evaluate: --steps must be integers, got {flags.steps}")
     try:
-        from echoclip_jax.config_validation import validate
+        from echoclip_jax.config.validation import validate
         validate(flags.config, training=False)
         tasks = zs.load_tasks(flags.task_table, flags.tasks)
         sources = list_sources(checkpoint=flags.checkpoint, workdir=flags.workdir, steps=steps,

@@ -19,7 +19,7 @@ prompts at once (videos of any lengths share the fixed-size batches, so nothing 
   2017, `--smoothgrad N`): the gradient averaged over noisy copies of the frame before the magnitude.
 Every map is zero outside the scan sector: for DICOM the sector data_prep finds, carried through the
 same crop and resize; for records, AVI and .npy (blank outside the sector) where any frame is not black
-(echoclip_jax.saliency_truth.sector_from_frames).
+(echoclip_jax.saliency.truth.sector_from_frames).
 
 Outputs, per video and prompt, in `OUT/<video>/<pNN-prompt>/`: `<method>.npy` (float32 [K, S, S], the
 raw maps of the K frames), `<method>_NNN.png` (frame NNN with the map blended in, scaled by the map's
@@ -31,7 +31,7 @@ or header values; a record's by its salted video id.
 
 With `--score_truth COHORT --salt_file F` (records of a version-2 synthetic cohort) no maps are written:
 the maps of `--score_methods` are scored against the devices' true masks (pointing game, mass share, and
-uniform and centre baselines) into OUT/scores.json and OUT/score_frames.png; echoclip_jax.saliency_scores.
+uniform and centre baselines) into OUT/scores.json and OUT/score_frames.png; echoclip_jax.saliency.scores.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import sys
 
 import numpy as np
 
-from echoclip_jax.saliency import DEFAULT_SCORE_METHODS, METHODS, SaliencyMapper  # the maps (re-exported)
+from echoclip_jax.saliency.maps import DEFAULT_SCORE_METHODS, METHODS, SaliencyMapper  # the maps (re-exported)
 
 GROUP_BATCHES = 4  # run(): videos are mapped together in groups of about this many frame batches
 
@@ -74,7 +74,7 @@ def load_video(path: str, *, image_size: int, frames: int = 0) -> Video:
     masked, like EchoNet): resized only."""
     from data_prep import dicom_io, echonet, sector
     from data_prep.dicom_io import SkipVideo
-    from echoclip_jax.saliency_truth import to_output
+    from echoclip_jax.saliency.truth import to_output
 
     ext = os.path.splitext(path)[1].lower()
     if not os.path.isfile(path):
@@ -124,7 +124,7 @@ def _safe_name(path: str) -> str:
 def record_videos(data_dir: str, split: str, *, image_size: int, frames: int = 0, limit: int = 0):
     """Videos of a split of records (data_prep.convert output), named by their salted video_id; `frames`
     of the record's frames picked as evaluation does (data.pick_frames), their positions in frame_indices."""
-    from echoclip_jax import data
+    from echoclip_jax.data import loader as data
 
     for i, item in enumerate(data.iterate_videos(data_dir, split, frames=frames or None, image_size=image_size)):
         if limit and i >= limit:
@@ -165,7 +165,7 @@ def interpret_video(mapper: SaliencyMapper, video: Video, prompts: list[str], te
     (`computed`: {method: (maps, scores)} already computed for this video, e.g. with others at once)."""
     from PIL import Image
 
-    from echoclip_jax.saliency_truth import sector_from_frames
+    from echoclip_jax.saliency.truth import sector_from_frames
 
     video_dir = os.path.join(out_dir, video.name)
     sector = video.sector if video.sector is not None else sector_from_frames(video.frames)
@@ -274,7 +274,7 @@ def _define_flags():
 
 def main(argv):
     del argv
-    from echoclip_jax import logs
+    from echoclip_jax.runtime import logs
 
     logs.setup()
     f = FLAGS
@@ -287,8 +287,9 @@ def main(argv):
         sys.exit("interpret: give --video X (.dcm/.avi/.npy) or --data_dir O, not both")
     if f.frames < 0 or f.limit < 0:
         sys.exit("interpret: --frames and --limit must be >= 0")
-    from echoclip_jax import tokenizers, weights
-    from echoclip_jax.config_validation import validate
+    from echoclip_jax import tokenizers
+    from echoclip_jax.weights import loader as weights
+    from echoclip_jax.config.validation import validate
 
     methods = METHODS if f.method == "both" else (f.method,)
     try:
@@ -300,7 +301,7 @@ def main(argv):
                                 smoothgrad_sigma=f.smoothgrad_sigma, seed=f.config.seed, cam_stage=f.cam_stage)
         if f.score_truth:
             from data_prep.options import load_salt
-            from echoclip_jax import saliency_scores
+            from echoclip_jax.saliency import scores as saliency_scores
 
             result = saliency_scores.score(mapper, data_dir=f.data_dir, split=f.split, cohort_dir=f.score_truth,
                                            salt=load_salt(salt_file=f.salt_file), out_dir=f.out,

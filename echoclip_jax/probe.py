@@ -11,7 +11,7 @@ stays frozen, a small probe is trained on one split's embeddings and scored on a
              (C) or Ridge (alpha), the strength chosen by cross-validation on the training split with
              folds grouped by patient (`cv_folds`), so no patient's videos are on both sides of a fold;
   attentive  a learned query over the frame embeddings of the video (key video_id) or of all the study's
-             videos (key study_id), then a linear head (`echoclip_jax.probe_attentive`);
+             videos (key study_id), then a linear head (`echoclip_jax.probes.attentive`);
 and, computed the same way on the same items, a baseline: the training split's majority class or mean.
 
 Labels come from a CSV with a key column (`video_id` or `study_id`: the records' salted ids) and label
@@ -35,9 +35,8 @@ import warnings
 
 import numpy as np
 
-from echoclip_jax.probe_attentive import DEFAULTS as ATTENTIVE_DEFAULTS
-from echoclip_jax.probe_metrics import (  # noqa: F401 (this module's API)
-    baseline, classification_metrics, plot, predict, regression_metrics, score)
+from echoclip_jax.probes.attentive import DEFAULTS as ATTENTIVE_DEFAULTS
+from echoclip_jax.probes.metrics import baseline, classification_metrics, plot, predict, regression_metrics, score
 
 KEYS = ("video_id", "study_id")
 TASKS = ("classification", "regression")
@@ -198,7 +197,7 @@ def probe_label(train: Items, evaluation: Items, values: dict[str, str], *, labe
                 probes=PROBES, out_dir: str | None = None, attentive: dict | None = None) -> dict:
     """One label's result: task, counts, and per probe its metrics beside the baseline and the chosen
     hyperparameters (an "error" instead where the training items cannot train a probe)."""
-    from echoclip_jax import probe_attentive
+    from echoclip_jax.probes import attentive as probe_attentive
 
     i_tr, raw_tr, skip_tr = _join(train, values)
     i_ev, raw_ev, skip_ev = _join(evaluation, values)
@@ -292,9 +291,9 @@ def _log_label(log, label: str, res: dict) -> None:
 def embed(config, checkpoint: str, data_dir: str, splits, *, frames: int | None = None,
           batch_size: int = 128) -> dict:
     """{split: SplitEmbeddings} of the records through the checkpoint's image tower (no tokenizer needed)."""
-    from echoclip_jax import weights
-    from echoclip_jax.config_validation import validate
-    from echoclip_jax.embedder import Embedder, embed_split
+    from echoclip_jax.weights import loader as weights
+    from echoclip_jax.config.validation import validate
+    from echoclip_jax.inference.embedder import Embedder, embed_split
 
     validate(config, training=False)
     embedder = Embedder(weights.load_model(checkpoint, config.model), None, batch_size=batch_size)

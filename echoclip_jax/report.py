@@ -21,7 +21,7 @@ reports: EF within +-5 0.971 both, devices 0.987 both, EF band 0.883 vs 0.893, L
 half the time (the bank's videos need not be embedded).
 
 Findings, extracted from each bank report with the zero-shot tasks' label rules (`zero_shot.extract_label`
-over configs/zero_shot_tasks.json: ejection_fraction, pacemaker, tavr, mitraclip; LV size with the table's
+over echoclip_jax/config/zero_shot_tasks.json: ejection_fraction, pacemaker, tavr, mitraclip; LV size with the table's
 LV-size phrases cut to their common "... DILATED LEFT VENTRICLE", its other readers' wordings, and the
 normal-size wordings: `lv_size_task`): EF (median of the
 k reports' numbers; support = reports within +-5), EF band, each device present/absent, LV size (votes
@@ -39,8 +39,8 @@ import sys
 
 import numpy as np
 
-from echoclip_jax import zero_shot as zs
-from echoclip_jax.search.bank import Bank, load_bank  # noqa: F401 (this module's API)
+from echoclip_jax.evaluation import zero_shot as zs
+from echoclip_jax.retrieval.bank import Bank, load_bank  # noqa: F401 (this module's API)
 
 DISCLAIMER = ("PRELIMINARY REPORT BY RETRIEVAL, NOT A DIAGNOSIS: the findings are votes over the reports of the "
               "most similar studies in a report bank; a cardiologist must read this study.")
@@ -209,7 +209,7 @@ def _write_jsonl(path: str, rows) -> None:
 def report_records(embedder, bank: Bank, data_dir: str, split: str, *, out: str, k: int, levels,
                    frames=None, image_size=None, baseline: bool = False, seed: int = 0, log=print) -> dict:
     """Reports for every study (and/or video) of a split of records, written under `out` (see the doc)."""
-    from echoclip_jax.search import embedding as emb
+    from echoclip_jax.retrieval import embedding as emb
 
     metas, videos = emb.embed_stream(embedder, emb.record_videos(data_dir, split, frames=frames,
                                                                  image_size=image_size), log=log)
@@ -248,7 +248,7 @@ def report_records(embedder, bank: Bank, data_dir: str, split: str, *, out: str,
 
 def report_files(embedder, bank: Bank, path: str, *, out: str, k: int, image_size: int, frames=None) -> dict:
     """The report of one study: a DICOM/AVI/.npy video, or a study directory of .dcm files."""
-    from echoclip_jax.search import embedding as emb
+    from echoclip_jax.retrieval import embedding as emb
 
     files = emb.video_files(path)
     _, study = emb.study_means(["query"] * len(files), emb.embed_files(embedder, files, image_size=image_size,
@@ -276,12 +276,13 @@ def _query_frames(bank_spec: str, max_frames_of) -> int | None:
 def main(argv) -> int:
     from absl import flags
 
-    from echoclip_jax import tokenizers, weights
-    from echoclip_jax.config_validation import validate
-    from echoclip_jax.embedder import Embedder
-    from echoclip_jax.search.embedding import fingerprint, max_frames_of
+    from echoclip_jax import tokenizers
+    from echoclip_jax.weights import loader as weights
+    from echoclip_jax.config.validation import validate
+    from echoclip_jax.inference.embedder import Embedder
+    from echoclip_jax.retrieval.embedding import fingerprint, max_frames_of
 
-    from echoclip_jax import logs
+    from echoclip_jax.runtime import logs
 
     logs.setup()
     FLAGS = flags.FLAGS

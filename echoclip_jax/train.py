@@ -24,11 +24,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from echoclip_jax import checkpoint as ckpt_lib
-from echoclip_jax.distributed import PeerLostError, init_distributed, wait_for_other_processes
-from echoclip_jax import data, losses, models, optim, sharding, weights
-from echoclip_jax import metrics as metrics_lib
-from echoclip_jax.config_validation import ConfigError, validate
+from echoclip_jax.training import checkpoint as ckpt_lib
+from echoclip_jax.runtime.distributed import PeerLostError, init_distributed, wait_for_other_processes
+from echoclip_jax.data import loader as data
+from echoclip_jax.training import losses
+from echoclip_jax import models
+from echoclip_jax.training import optim
+from echoclip_jax.runtime import sharding
+from echoclip_jax.weights import loader as weights
+from echoclip_jax.evaluation import metrics as metrics_lib
+from echoclip_jax.config.validation import ConfigError, validate
 from echoclip_jax.models import backend
 
 log = logging.getLogger("echoclip_jax.train")
@@ -372,7 +377,7 @@ def main(argv) -> None:
     del argv
     from absl import flags
 
-    from echoclip_jax import logs
+    from echoclip_jax.runtime import logs
 
     logs.setup()
     FLAGS = flags.FLAGS

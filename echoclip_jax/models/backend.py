@@ -34,7 +34,7 @@ import functools
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from echoclip_jax.sharding import BATCH_AXES
+from echoclip_jax.runtime.sharding import BATCH_AXES
 
 DEPTHWISE_IMPLS = ("auto", "shifted", "matmul", "lax")
 # "auto" on CPU takes the matmul form up to this many positions (8x8): there it avoids the shifted form's

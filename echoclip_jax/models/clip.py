@@ -129,7 +129,7 @@ class CLIP(nnx.Module):
 
 
 def build_model(model_config, *, rngs: nnx.Rngs) -> CLIP:
-    """Builds the CLIP described by `config.model` (configs/base.py)."""
+    """Builds the CLIP described by `config.model` (echoclip_jax/config/defaults.py)."""
     mc = model_config
     dt, pdt = mc.dtype, mc.param_dtype
     vc, tc = mc.vision, mc.text

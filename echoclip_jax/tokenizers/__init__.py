@@ -23,7 +23,7 @@ def get_tokenizer(name: str, **kw):
 
 
 def from_config(tokenizer_config):
-    """From the `config.tokenizer` block (name, path, context_length) of configs/base.py."""
+    """From the `config.tokenizer` block (name, path, context_length) of echoclip_jax/config/defaults.py."""
     kw = {"context_length": int(tokenizer_config.context_length)}
     if tokenizer_config.get("path"):
         kw["path"] = tokenizer_config.path

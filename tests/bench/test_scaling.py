@@ -11,7 +11,8 @@ scaling = load_bench("scaling")
 
 def abstract_state(config_name, preset):
     from configs import echoclip, tiny
-    from echoclip_jax import sharding, train
+    from echoclip_jax.runtime import sharding
+    from echoclip_jax import train
 
     c = {"tiny": tiny, "echoclip": echoclip}[config_name].get_config()
     c.sharding_preset = preset

@@ -15,7 +15,7 @@ import pytest
 
 from data_prep import convert, records, synthetic
 from data_prep.reports import clean_text
-from echoclip_jax import zero_shot
+from echoclip_jax.evaluation import zero_shot
 from echoclip_jax.tokenizers import get_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

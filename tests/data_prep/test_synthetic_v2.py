@@ -23,7 +23,7 @@ from data_prep import synthetic
 from data_prep.report_deid import Deidentifier, identifiers_from_dataset
 from data_prep.reports import clean_text
 from data_prep.synthetic.render_views import render_view_video
-from echoclip_jax import zero_shot as zs
+from echoclip_jax.evaluation import zero_shot as zs
 from tests.data_prep.test_synthetic import _fan, _lv_region, decode_cohort
 
 PATIENTS, SEED = 8, 21

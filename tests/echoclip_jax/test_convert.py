@@ -5,8 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from echoclip_jax import convert, weights
-from echoclip_jax.model_config import architecture
+from echoclip_jax import convert
+from echoclip_jax.weights import loader as weights
+from echoclip_jax.config.model import architecture
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -22,7 +23,7 @@ def test_cli_round_trip_open_clip_file_to_safetensors_to_open_clip_dir(tmp_path)
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     from configs import tiny
-    from echoclip_jax import open_clip_weights as ocw
+    from echoclip_jax.weights import open_clip as ocw
     torch.manual_seed(0)
     src = open_clip.CLIP(**ocw.open_clip_model_cfg(tiny.get_config().model)).eval()
     torch.save(src.state_dict(), tmp_path / "laion.bin")
@@ -100,7 +101,7 @@ def test_echoclip_config_as_shipped_converts_to_every_kind_and_back(tmp_path):
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     from configs import echoclip
-    from echoclip_jax import open_clip_weights as ocw
+    from echoclip_jax.weights import open_clip as ocw
 
     config = echoclip.get_config()
     assert config.model.dtype == "bfloat16" and config.model.vision.variant == "base"

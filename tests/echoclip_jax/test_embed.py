@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from echoclip_jax import convert, weights
+from echoclip_jax import convert
+from echoclip_jax.weights import loader as weights
 from echoclip_jax.models import preprocess_images
 
 REPO = Path(__file__).resolve().parents[2]

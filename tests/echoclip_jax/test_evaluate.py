@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from echoclip_jax import evaluate, zero_shot as zs
+from echoclip_jax import evaluate
+from echoclip_jax.evaluation import zero_shot as zs
 
 PACER = "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD."
 
@@ -191,7 +192,7 @@ def test_sweep_over_three_checkpoints_is_resumable(tmp_path):
             "--config.model.vision.image_size=64"]
     r = _cli("echoclip_jax.train", *tiny, f"--config.data_dir={data_dir}", "--workdir", str(workdir))
     assert r.returncode == 0, r.stderr[-3000:]
-    from echoclip_jax import checkpoint
+    from echoclip_jax.training import checkpoint
 
     steps = checkpoint.all_steps(str(workdir))
     assert len(steps) == 3, steps
@@ -254,7 +255,8 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
     from flax import nnx
 
     from configs.tiny import get_config
-    from echoclip_jax import convert, models, tokenizers, weights
+    from echoclip_jax import convert, models, tokenizers
+    from echoclip_jax.weights import loader as weights
 
     data_dir = tmp_path / "records"
     data_dir.mkdir()
@@ -300,7 +302,7 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- study level
 
-from echoclip_jax import study_level  # noqa: E402
+from echoclip_jax.evaluation import study_level  # noqa: E402
 
 
 def _unit(v):
@@ -442,7 +444,8 @@ def test_levels_json_layout_and_no_identifiers(tmp_path, monkeypatch):
     """run() end to end on stand-in embeddings: --level video writes today's keys only; --level both on
     the same directory adds the study block and keeps the video keys bit for bit (and equals a fresh
     --level both); no study or patient id reaches any output; a task without labels gets no panel."""
-    from echoclip_jax import tokenizers, weights
+    from echoclip_jax import tokenizers
+    from echoclip_jax.weights import loader as weights
 
     split = _one_view_cohort(np.random.default_rng(2))
     monkeypatch.setattr(weights, "load_model", lambda spec, cfg: None)

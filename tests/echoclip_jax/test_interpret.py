@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs.tiny import get_config
 from echoclip_jax import convert, interpret, models, tokenizers
-from echoclip_jax.saliency_truth import sector_from_frames
+from echoclip_jax.saliency.truth import sector_from_frames
 
 S = 64  # image size: a 2x2 last-stage map in ConvNeXt-atto
 BLOB = 12

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from data_prep import records
-from echoclip_jax.data import iterate_videos
+from echoclip_jax.data.loader import iterate_videos
 
 from .conftest import REPO, read_metrics, xla_flags
 

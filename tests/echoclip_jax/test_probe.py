@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from echoclip_jax import probe, probe_labels
-from echoclip_jax.embedder import SplitEmbeddings
+from echoclip_jax.inference.embedder import SplitEmbeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -127,7 +127,7 @@ def test_attentive_probe_finds_the_one_frame_that_carries_the_label(tmp_path):
 
 def test_attentive_predictions_do_not_depend_on_padding():
     """An item's prediction is the same alone or batched beside a longer item (another bucket's padding)."""
-    from echoclip_jax import probe_attentive
+    from echoclip_jax.probes import attentive as probe_attentive
 
     rng = np.random.default_rng(0)
     items = [rng.normal(size=(int(t), 6)).astype(np.float32) for t in rng.integers(1, 20, 40)]

@@ -23,7 +23,9 @@ import pytest
 
 from data_prep import records
 from data_prep.synthetic import read_phi
-from echoclip_jax import checkpoint, data, sharding
+from echoclip_jax.training import checkpoint
+from echoclip_jax.data import loader as data
+from echoclip_jax.runtime import sharding
 
 from .conftest import REPO, free_port, read_metrics, run_train, tiny_overrides, train_command, xla_flags
 
@@ -154,7 +156,7 @@ def _failing_rmtree(path, *args, **kwargs):
     return _rmtree(path, *args, **kwargs)
 shutil.rmtree = _failing_rmtree
 """
-# Every deletion of what an unfinished save left (echoclip_jax.checkpoint.remove_unfinished_saves) waits first.
+# Every deletion of what an unfinished save left (echoclip_jax.training.checkpoint.remove_unfinished_saves) waits first.
 SLOW_DEBRIS_DELETE = """
 import os, shutil, time
 _rmtree = shutil.rmtree
@@ -352,12 +354,12 @@ def test_sigkill_at_each_phase_of_a_save_then_resume_is_bit_identical(records_di
     _assert_ends_as(wd, uninterrupted)
 
 
-# A process that saves steps 1, 2, ... through echoclip_jax.checkpoint (8 MB each, 2 kept) and checks, when it
+# A process that saves steps 1, 2, ... through echoclip_jax.training.checkpoint (8 MB each, 2 kept) and checks, when it
 # resumes, that the restored state and data iterator are exactly those of the step it resumed from.
 SAVER = """
 import sys
 import grain, jax, jax.numpy as jnp, numpy as np
-from echoclip_jax import checkpoint
+from echoclip_jax.training import checkpoint
 
 def state(step):
     return {"step": jnp.int32(step), "w": {str(i): jnp.full((256, 1024), step + i / 8, jnp.float32) for i in range(8)}}
@@ -502,7 +504,8 @@ NAN_STEP = 5
 # gives NaN activations, as a real numerical blow-up would.
 NAN_BATCH = f"""
 import jax, jax.numpy as jnp
-from echoclip_jax import data, models
+from echoclip_jax import models
+from echoclip_jax.data import loader as data
 preprocess, next_batch, calls = models.preprocess_images, data.Loader.__next__, [0]
 models.preprocess_images = lambda x: jnp.where(jnp.all(x == 255), jnp.nan, preprocess(x))
 def next_with_a_saturated_batch(self):

@@ -11,9 +11,10 @@ import pytest
 
 from data_prep.plan import salted_hash
 from data_prep.synthetic import read_phi
-from echoclip_jax import data, report
-from echoclip_jax.embedder import Embedder
-from echoclip_jax.search import ops
+from echoclip_jax.data import loader as data
+from echoclip_jax import report
+from echoclip_jax.inference.embedder import Embedder
+from echoclip_jax.retrieval import ops
 
 from .conftest import REPO, tiny_overrides
 from .test_search import SALT, init_params, tiny  # noqa: F401 (the module-scoped model fixture)

@@ -10,11 +10,13 @@ import pydicom
 import pytest
 
 from data_prep.plan import salted_hash
-from echoclip_jax import convert, data, weights
+from echoclip_jax import convert
+from echoclip_jax.data import loader as data
+from echoclip_jax.weights import loader as weights
 from echoclip_jax.models import preprocess_images
-from echoclip_jax.search import archive as archive_lib
-from echoclip_jax.search import ops
-from echoclip_jax.search.vectors import VectorIndex, exact_search, recall_at_k
+from echoclip_jax.retrieval import archive as archive_lib
+from echoclip_jax.retrieval import ops
+from echoclip_jax.retrieval.vectors import VectorIndex, exact_search, recall_at_k
 
 from .conftest import REPO, tiny_overrides
 

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echoclip_jax import checkpoint, train
+from echoclip_jax.training import checkpoint
+from echoclip_jax import train
 
 from .conftest import REPO, free_port, read_metrics, run_train, tiny_overrides, train_command
 
@@ -126,7 +127,8 @@ def test_two_processes_match_one(records_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # The checkpoint both hosts wrote converts on one CPU process (one device), verifying its own embeddings.
-    from echoclip_jax import convert, weights
+    from echoclip_jax import convert
+    from echoclip_jax.weights import loader as weights
 
     overrides = [f"--config.{k}={v}" for k, v in tiny_overrides(records_dir).items()]
     dst = tmp_path / "shared.safetensors"
@@ -214,7 +216,8 @@ def test_launch_scripts_dry_run_print_the_command(script, args, expect):
 def test_init_from_an_open_clip_state_dict(tiny_config, tmp_path):
     from flax import nnx
 
-    from echoclip_jax import convert, models, weights
+    from echoclip_jax import convert, models
+    from echoclip_jax.weights import loader as weights
 
     source = models.build_model(tiny_config.model, rngs=nnx.Rngs(3))
     flat = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(source, nnx.Param))}

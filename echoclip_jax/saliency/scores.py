@@ -1,0 +1,263 @@
+"""Saliency maps scored against the truth: do they point at the device the prompt names?
+
+For each device video of a split of records from a synthetic cohort (version 2: a video whose study has
+the device AND whose view shows it, truth `<device>_visible`) and that device's prompt (its zero-shot
+task's first label source in echoclip_jax/config/zero_shot_tasks.json; MitraClip: the ONE/TWO sentence matching the
+study's clip count), every map is restricted to the record's scan sector and scored per frame against the
+device mask mapped into the record's pixels (echoclip_jax.saliency.truth.record_truth):
+- pointing game: the map's maximum lies on the device mask dilated by TOLERANCE_PX (a disk, in the map's
+  pixels = the model's input pixels). Ties at the maximum count as the share of the tied pixels that hit
+  (the expected hit of breaking the tie at random); a map that is zero on the whole sector misses.
+- mass share: the share of the map's (non-negative) mass on the (undilated) device mask.
+Frames whose mapped mask is empty (the device outside the crop, or under half a pixel) are skipped.
+Two baselines get the same scores on the same frames: `uniform` (constant on the sector: its pointing
+game is |dilated mask & sector| / |sector|, the hit rate of a uniformly random sector pixel, and its mass
+share |mask & sector| / |sector|) and `centre` (a Gaussian at the sector's centre of mass, sigma =
+CENTRE_SIGMA x the square root of the sector's area).
+
+Outputs in OUT: `scores.json` (per method and device, and over all devices: pointing game, mass share,
+videos, frames, and both baselines on the same frames; no video or patient id) and `score_frames.png`
+(a few frames: each method's map over the frame, the device mask's outline, the map's maximum).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from scipy import ndimage
+
+from echoclip_jax.saliency.maps import DEFAULT_SCORE_METHODS
+from echoclip_jax.saliency.truth import DEVICES, record_truth, visible_devices
+
+TOLERANCE_PX = 3
+CENTRE_SIGMA = 0.25
+PLOT_EXAMPLES = 2  # frames per device in score_frames.png
+
+
+def disk(radius: int) -> np.ndarray:
+    """Boolean (2r+1)^2 disk: the pixels within `radius` of the centre."""
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return yy ** 2 + xx ** 2 <= radius ** 2
+
+
+def dilate(mask: np.ndarray, radius: int = TOLERANCE_PX) -> np.ndarray:
+    """[.., S, S] boolean mask grown by `radius` pixels (a disk), frame by frame."""
+    if radius <= 0:
+        return mask.astype(bool)
+    st = disk(radius)
+    if mask.ndim == 3:
+        st = st[None]
+    return ndimage.binary_dilation(mask, structure=st)
+
+
+def pointing(heat: np.ndarray, target: np.ndarray, sector: np.ndarray) -> float:
+    """1 if the map's maximum over the sector lies on `target` (already dilated), else 0; ties at the
+    maximum: the share of the tied pixels on target; no positive value in the sector: 0."""
+    inside = np.where(sector, heat, -np.inf)
+    top = inside.max()
+    if not np.isfinite(top) or top <= 0:
+        return 0.0
+    tied = inside == top
+    return float((tied & target).sum() / tied.sum())
+
+
+def mass_share(heat: np.ndarray, mask: np.ndarray, sector: np.ndarray) -> float:
+    """The share of the map's mass on the sector that lies on `mask` (0 for a map without mass)."""
+    heat = np.where(sector, np.maximum(heat, 0.0), 0.0)
+    total = heat.sum()
+    return float(heat[mask].sum() / total) if total > 0 else 0.0
+
+
+def uniform_map(sector: np.ndarray) -> np.ndarray:
+    return sector.astype(np.float32)
+
+
+def centre_map(sector: np.ndarray) -> np.ndarray:
+    """A Gaussian at the sector's centre of mass, sigma = CENTRE_SIGMA * sqrt(sector area), zero outside."""
+    cy, cx = ndimage.center_of_mass(sector)
+    sigma = CENTRE_SIGMA * np.sqrt(sector.sum())
+    yy, xx = np.mgrid[:sector.shape[0], :sector.shape[1]]
+    return (np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2)) * sector).astype(np.float32)
+
+
+def score_frames(maps: np.ndarray, masks: np.ndarray, sector: np.ndarray,
+                 tolerance: int = TOLERANCE_PX) -> tuple[list[float], list[float]]:
+    """Per-frame (pointing game, mass share) of maps [K, S, S] against masks [K, S, S] in one sector
+    [S, S]; frames with an empty mask are left out."""
+    targets = dilate(masks, tolerance)
+    hits, shares = [], []
+    for heat, mask, target in zip(maps, masks, targets):
+        if mask.any():
+            hits.append(pointing(heat, target, sector))
+            shares.append(mass_share(heat, mask, sector))
+    return hits, shares
+
+
+def parse_methods(spec) -> list[tuple[str, str, dict]]:
+    """'promptcam:last,promptcam:1,gradient,smoothgrad:8' -> [(label, method, SaliencyMapper.maps kwargs)]."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in (i.strip() for i in items if i.strip()):
+        name, _, arg = item.partition(":")
+        if name == "promptcam":
+            out.append((item if arg else "promptcam:last", "promptcam", {"cam_stage": arg or "last"}))
+        elif name == "gradient" and not arg:
+            out.append((item, "gradient", {"smoothgrad_samples": 0}))
+        elif name == "smoothgrad" and arg.isdigit() and int(arg) > 0:
+            out.append((item, "gradient", {"smoothgrad_samples": int(arg)}))
+        else:
+            raise ValueError(f"score method {item!r}: expected promptcam[:last|0..3], gradient or smoothgrad:N")
+    if not out:
+        raise ValueError("no score methods given")
+    return out
+
+
+def device_prompts(tasks_path: str | None = None) -> dict:
+    """{device: {clips: prompt}} from the zero-shot table (clips matter for MitraClip only: 0 = any)."""
+    from echoclip_jax.evaluation import zero_shot
+
+    tasks = {t.name: t for t in zero_shot.load_tasks(tasks_path, names=list(DEVICES))}
+    out = {d: {0: tasks[d].label_sources[0].strip()} for d in DEVICES}
+    for n, word in ((1, "ONE "), (2, "TWO ")):
+        out["mitraclip"][n] = next((s.strip() for s in tasks["mitraclip"].label_sources if s.startswith(word)),
+                                   out["mitraclip"][0])
+    return out
+
+
+def _prompt(prompts: dict, device: str, row: dict) -> str:
+    clips = int(row.get("n_mitraclips") or 0) if device == "mitraclip" else 0
+    return prompts[device].get(clips, prompts[device][0])
+
+
+def device_cases(data_dir: str, split: str, truth: dict, *, cohort_dir: str, image_size: int, frames: int,
+                 limit: int):
+    """(device, truth row, frames [k, S, S, 3], masks [k, S, S], sector [S, S]) for each device a video
+    of the split shows, the first `limit` such videos (0 = all) in shard order, k = `frames` record frames
+    (0 = all) picked as interpret does."""
+    from echoclip_jax.data import loader as data
+
+    used = 0
+    for item in data.iterate_videos(data_dir, split, frames=frames or None):
+        row = truth.get(str(item["video_id"]))
+        if row is None:
+            raise ValueError(f"a {split} record has no truth row: wrong --salt_file or cohort for these records")
+        devices = visible_devices(row)
+        if not devices:
+            continue
+        if limit and used >= limit:
+            return
+        used += 1
+        clip = np.asarray(item["frames"], np.uint8)
+        if clip.shape[1] != image_size:
+            raise ValueError(f"records are {clip.shape[1]} px, the model {image_size}: score records "
+                             f"converted at the model's image size")
+        for device in devices:
+            masks, sector = record_truth(cohort_dir, row["path"], device, image_size=image_size,
+                                         record_frames=item["num_frames"], positions=item["positions"])
+            yield device, row, clip, masks, sector
+
+
+def _summary(hits, shares, videos) -> dict:
+    return {"pointing_game": float(np.mean(hits)) if hits else None,
+            "mass_share": float(np.mean(shares)) if shares else None, "videos": videos, "frames": len(hits)}
+
+
+def score(mapper, *, data_dir: str, split: str, cohort_dir: str, salt: bytes, out_dir: str, methods=DEFAULT_SCORE_METHODS,
+          frames: int = 4, limit: int = 40, tasks_path: str | None = None) -> dict:
+    """Score every method's maps (see the module docstring) on a split's device videos; writes
+    OUT/scores.json and OUT/score_frames.png and returns the scores."""
+    from data_prep.synthetic import truth_by_video_id
+
+    specs = parse_methods(methods)
+    prompts = device_prompts(tasks_path)
+    flat = sorted({p for d in prompts.values() for p in d.values()})
+    text = mapper.text_embeddings(flat)
+    truth = truth_by_video_id(cohort_dir, salt)
+    labels = [label for label, _, _ in specs] + ["uniform", "centre"]
+    acc = {(lab, d): ([], []) for lab in labels for d in DEVICES}
+    videos = {d: 0 for d in DEVICES}
+    distinct = set()  # videos scored (one video may show two devices)
+    examples = []
+    cases = list(device_cases(data_dir, split, truth, cohort_dir=cohort_dir, image_size=mapper.image_size,
+                              frames=frames, limit=limit))
+    if not cases:
+        raise ValueError(f"no device videos in the {split} split (is the cohort version 2?)")
+    computed = {}
+    for label, method, kwargs in specs:  # all cases' frames at once: full batches
+        computed[label] = mapper.maps_of_videos(method, [c[2] for c in cases], text, **kwargs)
+    for i, (device, row, clip, masks, sector) in enumerate(cases):
+        p = flat.index(_prompt(prompts, device, row))
+        maps = {label: computed[label][i][0][p] * sector for label, _, _ in specs}
+        maps["uniform"] = np.broadcast_to(uniform_map(sector), masks.shape)
+        maps["centre"] = np.broadcast_to(centre_map(sector), masks.shape)
+        if not masks.any():
+            continue
+        videos[device] += 1
+        distinct.add(row["path"])
+        for label in labels:
+            hits, shares = score_frames(maps[label], masks, sector)
+            acc[label, device][0].extend(hits)
+            acc[label, device][1].extend(shares)
+        if sum(e[0] == device for e in examples) < PLOT_EXAMPLES:
+            k = int(np.argmax(masks.reshape(len(masks), -1).sum(1)))
+            examples.append((device, clip[k], masks[k], sector, {lab: maps[lab][k] for lab in labels}))
+    result = {"split": split, "frames_per_video": frames, "tolerance_px": TOLERANCE_PX,
+              "image_size": mapper.image_size, "centre_sigma": CENTRE_SIGMA,
+              "cam_grid": {label: mapper.cam_grid_size(kw["cam_stage"]) for label, m, kw in specs if m == "promptcam"},
+              "prompts": {d: prompts[d] for d in DEVICES}, "methods": {}}
+    for label in labels:
+        per = {d: _summary(*acc[label, d], videos[d]) for d in DEVICES if videos[d]}
+        pooled = [sum((acc[label, d][j] for d in DEVICES), []) for j in (0, 1)]
+        per["all"] = _summary(*pooled, len(distinct))
+        result["methods"][label] = per
+    ranked = [lab for lab, _, _ in specs if result["methods"][lab]["all"]["pointing_game"] is not None]
+    result["best"] = max(ranked, key=lambda lab: result["methods"][lab]["all"]["pointing_game"]) if ranked else None
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "scores.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_examples(examples, [lab for lab, _, _ in specs] + ["centre"], os.path.join(out_dir, "score_frames.png"))
+    return result
+
+
+def format_scores(result: dict) -> str:
+    """scores.json as a table: one line per method, pointing game and mass share over all devices."""
+    num = lambda v, w: f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}"
+    lines = [f"{'method':<16} {'pointing':>8} {'mass':>6} {'frames':>6}   per device (pointing)"]
+    for label, per in result["methods"].items():
+        pooled = per["all"]
+        devices = " ".join(f"{d}={v['pointing_game']:.2f}" for d, v in per.items()
+                           if d != "all" and v["pointing_game"] is not None)
+        lines.append(f"{label:<16} {num(pooled['pointing_game'], 8)} {num(pooled['mass_share'], 6)} "
+                     f"{pooled['frames']:>6}   {devices}")
+    return "\n".join(lines)
+
+
+def plot_examples(examples, labels, path: str) -> None:
+    """One row per example frame, one column per map: the map (scaled to its maximum) over the frame, the
+    device mask's outline (white), the map's maximum (a cyan cross), the frame's hit or miss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(len(examples), 1)
+    fig, axes = plt.subplots(rows, len(labels), figsize=(2.2 * len(labels), 2.3 * rows), squeeze=False)
+    for r, (device, frame, mask, sector, maps) in enumerate(examples):
+        target = dilate(mask)
+        for c, label in enumerate(labels):
+            ax, heat = axes[r, c], maps[label]
+            ax.imshow(frame.max(-1), cmap="gray", vmin=0, vmax=255)
+            top = heat.max()
+            ax.imshow(heat / top if top > 0 else heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=0.8)
+            y, x = np.unravel_index(int(np.argmax(np.where(sector, heat, -np.inf))), heat.shape)
+            ax.plot([x], [y], "c+", markersize=9, markeredgewidth=1.5)
+            hit = pointing(heat, target, sector)
+            ax.set_title(f"{label}\n{device}: {'hit' if hit >= 0.5 else 'miss'}", fontsize=7)
+            ax.axis("off")
+    if not examples:
+        axes[0, 0].text(0.5, 0.5, "no device frames", ha="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
