@@ -22,6 +22,7 @@ REPO = os.path.dirname(HERE)
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # bench/data_prep.py shadows data_prep
 
 from bench import common  # noqa: E402
+from echoclip_jax.training import step as step_lib
 
 PRESETS = ("dp", "fsdp", "fsdp_tp")
 
@@ -56,7 +57,6 @@ def worker(args) -> None:
 
     from bench.train_step import load_config, synthetic_batch
     from echoclip_jax.runtime import sharding
-    from echoclip_jax import train
 
     n = jax.device_count()
     presets = [p for p in args.presets.split(",") if n > 1 or p == "dp"]  # on 1 device all presets coincide
@@ -66,7 +66,7 @@ def worker(args) -> None:
         c.sharding_preset = preset
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_for(preset, n)
         mesh = sharding.build_mesh(c.mesh)
-        ts = train.build_train_step(c, mesh, 1000)
+        ts = step_lib.build_train_step(c, mesh, 1000)
         batch = jax.device_put(synthetic_batch(c), ts.batch_sh)
         compiled = ts.step.lower(ts.abs_state, batch).compile()
         mem = compiled.memory_analysis()
@@ -76,7 +76,7 @@ def worker(args) -> None:
                "temp": mem.temp_size_in_bytes, "outputs": mem.output_size_in_bytes,
                "alias": mem.alias_size_in_bytes}
         if not args.no_time:
-            state = ts.init_state(train.initial_params(c, ts.abs_params, ts.param_sh))
+            state = ts.init_state(step_lib.initial_params(c, ts.abs_params, ts.param_sh))
             steps[preset] = (compiled, state, batch)
         print("ROW " + json.dumps(row), flush=True)
     if steps:

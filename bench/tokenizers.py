@@ -17,8 +17,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from echoclip_jax.tokenizers import get_tokenizer  # noqa: E402
-from echoclip_jax.tokenizers import train_sentencepiece  # noqa: E402
+from echoclip_jax.tokenizers import get_tokenizer, spm_train  # noqa: E402
 
 
 def corpus(phrases, n, per_report, seed):
@@ -53,7 +52,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "reports.model")
         with open(model, "wb") as fh:
-            fh.write(train_sentencepiece.train(corpus(phrases, 2000, 20, seed=2), 1000))
+            fh.write(spm_train.train(corpus(phrases, 2000, 20, seed=2), 1000))
         toks = {
             "clip_bpe (cold cache)": get_tokenizer("clip_bpe"),
             "template": get_tokenizer("template", path=vocab),

@@ -24,6 +24,7 @@ sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]  
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
+from echoclip_jax.training import step as step_lib
 
 CONFIGS = {"tiny": 32, "echoclip": 2}  # config name -> default batch on this CPU
 
@@ -67,17 +68,16 @@ def flatten(tree: dict, prefix=()) -> dict:
 
 
 class JaxStep:
-    """Our train step (echoclip_jax.train.build_train_step) on one device, compiled once."""
+    """Our train step (echoclip_jax.training.step.build_train_step) on one device, compiled once."""
 
     def __init__(self, config, device):
         import jax
 
         from echoclip_jax.runtime import sharding
-        from echoclip_jax import train
 
         mesh = sharding.build_mesh(config.mesh, [device])
-        ts = train.build_train_step(config, mesh, 1000)
-        self.params0 = train.initial_params(config, ts.abs_params, ts.param_sh)
+        ts = step_lib.build_train_step(config, mesh, 1000)
+        self.params0 = step_lib.initial_params(config, ts.abs_params, ts.param_sh)
         self.batch = jax.device_put(synthetic_batch(config), ts.batch_sh)
         self.state = ts.init_state(self.params0)
         t0 = time.perf_counter()

@@ -28,8 +28,15 @@ import sys
 from data_prep import options as options_lib
 from data_prep import records, report_deid
 from data_prep.options import Options
-from data_prep.plan import Plan, assign_shards, fingerprint, plan_dicom, plan_echonet, progress_bar
-from data_prep.plan import salted_hash  # noqa: F401  (the id scheme, for callers that join records to DICOM)
+from data_prep.plan import (
+    Plan,
+    assign_shards,
+    fingerprint,
+    plan_dicom,
+    plan_echonet,
+    progress_bar,
+    salted_hash,  # noqa: F401  (the id scheme, for callers that join records to DICOM)
+)
 from data_prep.shards import PARTS, ShardTask, shard_done, write_shard
 
 _PLAN = ".plan.json"  # fingerprint of the plan, so a rerun never mixes two different conversions

@@ -38,7 +38,6 @@ from pydicom.pixels import apply_color_lut, iter_pixels
 
 from data_prep import report_deid
 
-
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 MAX_PIXELS = 2048 * 2048  # default cap on Rows x Columns: a 65535 x 65535 header must not allocate 12 GB
 
@@ -276,7 +275,7 @@ def draft_scale(rows: int, cols: int, min_side: int) -> int:
     return scale
 
 
-def _reduce(frame: np.ndarray, scale: int) -> np.ndarray:
+def box_reduce(frame: np.ndarray, scale: int) -> np.ndarray:
     """Box average over scale x scale blocks (Pillow's reduce; a last partial block averages what it has,
     so the size rounds up as JPEG's DCT scaling does)."""
     if scale == 1:
@@ -312,7 +311,7 @@ def read_frames_scaled(path: str, indices: list[int], max_pixels: int = MAX_PIXE
             source = _jpeg_frames(path, ds, indices, rows, cols, scale)
         else:
             lut_shift = _palette_shift(ds)
-            source = (_reduce(_to_rgb8(arr, ds, lut_shift, keep_grey), scale)
+            source = (box_reduce(_to_rgb8(arr, ds, lut_shift, keep_grey), scale)
                       for arr in iter_pixels(path, indices=indices))
         for frame in source:
             _check_deadline()

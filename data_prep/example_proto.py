@@ -1,4 +1,5 @@
 """TensorFlow's `tf.train.Example` message classes, registered with protobuf from their descriptor."""
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 
 def _build():
@@ -8,7 +9,6 @@ def _build():
 
     Built here at import, in the importing thread, rather than imported from a package that ships them:
     loader threads then never import anything while they decode, and no TensorFlow or TFDS is loaded."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     F = descriptor_pb2.FieldDescriptorProto
     proto = descriptor_pb2.FileDescriptorProto(name="echoclip_jax/tf_example.proto", package="tensorflow",

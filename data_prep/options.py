@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import os
 
+import phonenumbers
+
 from data_prep import dicom_io, report_deid
 
 PATH_MAP_SUFFIX = ".paths.jsonl"  # default path map: beside the salt file, named after it
@@ -79,7 +81,6 @@ class Options:
             problems.append(f"--path_map {map_file} is inside --out {self.out}: the map names every input "
                             "file and --out is what you share; keep it where you keep the salt")
         if self.dicom_dir is not None:
-            import phonenumbers
 
             region = self.phone_region
             if region.lower() != "none" and region.upper() not in phonenumbers.SUPPORTED_REGIONS:

@@ -20,6 +20,8 @@ import math
 import os
 import sys
 
+from tqdm import tqdm
+
 from data_prep import dicom_io, echonet, records
 from data_prep.dicom_io import SkipVideo
 from data_prep.options import Options, Settings
@@ -96,7 +98,6 @@ def manifest_line(ref: str, status: str, reason: str = "", video_id: str = "", s
 
 def progress_bar(mode: str, total: int, desc: str, unit: str):
     """A tqdm bar on stderr with counts and rate: `auto` shows it only on a terminal, `on` always."""
-    from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, mininterval=2.0, file=sys.stderr,
                 disable={"auto": None, "on": False, "off": True}[mode])

@@ -64,7 +64,10 @@ def masked_crc32c(data: bytes) -> int:
 # ------------------------------------------------------------------------------------- the Example
 
 
+from google.protobuf.message import DecodeError
+
 from data_prep.example_proto import Example  # noqa: E402  (TensorFlow's message, no TensorFlow)
+
 _LIST_FIELD = {BYTES: "bytes_list", FLOAT: "float_list", INT64: "int64_list"}  # Feature's `kind` oneof
 
 
@@ -124,7 +127,6 @@ def encode_example(features: dict) -> bytes:
 
 def decode_example(data: bytes) -> dict[str, list]:
     """Parse a serialised `tf.train.Example` into {name: list of bytes | float | int}, names sorted."""
-    from google.protobuf.message import DecodeError
 
     try:
         example = Example.FromString(bytes(data))

@@ -29,6 +29,8 @@ import os
 import re
 from typing import Callable, Iterable, Sequence
 
+import phonenumbers
+
 __all__ = ["Deidentifier", "build_detectors", "identifiers_from_dataset", "report_patterns", "CATEGORIES"]
 
 Span = tuple[int, int, str]
@@ -272,7 +274,6 @@ def report_patterns(text: str, region: str | None = "US") -> list[Span]:
     for m in _DOB.finditer(text):
         spans.append((m.start(), m.end(), "date"))  # the label; the date itself is a date pattern
     if region is not None:
-        import phonenumbers
 
         for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
             spans.append((match.start, match.end, "phone"))
@@ -304,8 +305,8 @@ def _wordlist(path: str) -> Detector:
 def _presidio() -> Detector:
     """Microsoft Presidio's AnalyzerEngine (spaCy NER + its recognisers), if installed with a spaCy model."""
     try:
-        from presidio_analyzer import AnalyzerEngine
         import spacy
+        from presidio_analyzer import AnalyzerEngine
     except ImportError:
         raise ValueError("--report_detector presidio needs `pip install presidio-analyzer` and a spaCy English "
                          "model (e.g. en_core_web_lg) installed") from None

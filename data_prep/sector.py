@@ -29,7 +29,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
-def _fill_rows(mask: np.ndarray) -> np.ndarray:
+def fill_rows(mask: np.ndarray) -> np.ndarray:
     """Fill each row between its first and last set pixel."""
     any_row = mask.any(axis=1)
     first = np.argmax(mask, axis=1)
@@ -89,7 +89,7 @@ def sector_mask(frames: np.ndarray, regions=()) -> np.ndarray:
         moving = ndimage.binary_opening(moving & small_area, structure=np.ones((3, 3), bool))
         sector = _largest_component(moving)
         if sector.sum() >= _MIN_SECTOR_FRACTION * small_area.sum():
-            return _upsample_inside(_fill_rows(sector) & small_area, f, (h, w)) & area
+            return _upsample_inside(fill_rows(sector) & small_area, f, (h, w)) & area
     if regions:
         return area  # a still image (or a frozen loop): trust the header's rectangle
     brightest = _grey(frames[0, ::f, ::f])
@@ -99,7 +99,7 @@ def sector_mask(frames: np.ndarray, regions=()) -> np.ndarray:
     sector = _largest_component(bright)
     if not sector.any():
         return area
-    return _upsample_inside(_fill_rows(sector), f, (h, w))
+    return _upsample_inside(fill_rows(sector), f, (h, w))
 
 
 def square_box(mask: np.ndarray) -> tuple[int, int, int]:

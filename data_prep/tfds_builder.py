@@ -22,6 +22,8 @@ import os
 import sys
 
 import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
 
 from data_prep import records
 
@@ -30,7 +32,6 @@ TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
 
 def features(image_size: int):
     """The TFDS feature spec of data_prep.records.SCHEMA (scalars are one-element lists in the Example)."""
-    import tensorflow_datasets as tfds
 
     f = tfds.features
     text = {name: f.Text() for name in ("video_id", "patient_id", "study_id", "report", "source")}
@@ -48,7 +49,6 @@ def decoders() -> dict:
     """`as_dataset(decoders=...)` that decodes frames with the accurate integer DCT, as Pillow does, so tf.data
     and echoclip_jax.data see identical pixels."""
     import tensorflow as tf
-    import tensorflow_datasets as tfds
 
     @tfds.decode.make_decoder(output_dtype=tf.uint8)
     def accurate_jpeg(serialized, feature):
@@ -59,8 +59,6 @@ def decoders() -> dict:
 
 def write_metadata(data_dir: str, name: str = "echoclip_videos", version: str = "1.0.0") -> str:
     """Write TFDS metadata for the finished conversion in `data_dir`; returns the TFDS dataset directory."""
-    import tensorflow_datasets as tfds
-    from etils import epath
 
     info_path = os.path.join(data_dir, "dataset_info.json")
     try:

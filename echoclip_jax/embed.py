@@ -20,62 +20,16 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from echoclip_jax.config.validation import validate
+from echoclip_jax.inference.embedder import embed_images, embed_texts, embed_videos, read_images
+from echoclip_jax.runtime import logs
+from echoclip_jax.tokenizers import from_config
 from echoclip_jax.weights.loader import load_model
-from echoclip_jax.inference.embedder import Embedder
-from echoclip_jax.models import CLIP
-
-
-def _check(video, source: str, what: str) -> np.ndarray:
-    video = np.asarray(video)
-    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or len(video) == 0:
-        raise ValueError(f"{source}: {what}: expected uint8 frames (T >= 1, H, W, 3), got {video.dtype} "
-                         f"{video.shape}")
-    return video
-
-
-def embed_images(model: CLIP, images: np.ndarray, batch_size: int = 32, source: str = "images") -> np.ndarray:
-    """uint8 (N, H, W, 3) images or (N, T, H, W, 3) videos -> float32 (N, embed_dim), L2-normalised."""
-    if images.dtype != np.uint8 or images.ndim not in (4, 5) or images.shape[-1] != 3:
-        raise ValueError(f"{source}: expected uint8 (N, H, W, 3) images or (N, T, H, W, 3) videos, "
-                         f"got {images.dtype} {images.shape}")
-    if images.ndim == 5:
-        return embed_videos(model, list(images), batch_size, source)
-    return Embedder(model, batch_size=batch_size).images(images)
-
-
-def embed_videos(model: CLIP, videos, batch_size: int = 32, source: str = "videos") -> np.ndarray:
-    """Videos uint8 (T_i, H, W, 3) of any lengths -> float32 (N, embed_dim), L2-normalised."""
-    videos = [_check(v, source, f"video {i}") for i, v in enumerate(videos)]
-    return Embedder(model, batch_size=batch_size).videos(videos).videos
-
-
-def embed_texts(model: CLIP, tokenizer, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """list of N strings -> float32 (N, embed_dim), L2-normalised."""
-    return Embedder(model, tokenizer, batch_size=batch_size).texts(texts)
-
-
-def read_images(path: str):
-    """A .npy array, or the arrays of a .npz in archive order (one video each)."""
-    try:
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as archive:
-                names = list(archive.files)
-                if not names:
-                    raise ValueError(f"{path}: the archive holds no arrays (one per video expected)")
-                return [_check(archive[n], path, f"array {n!r}") for n in names]
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        if str(e).startswith(path):
-            raise
-        raise ValueError(f"{path}: not a readable .npy/.npz array ({e})") from e
-
 
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    from echoclip_jax.runtime import logs
 
     logs.setup()
     config = FLAGS.config
@@ -92,7 +46,6 @@ def main(argv):
             else:
                 result = embed_images(model, images, FLAGS.batch_size, source=FLAGS.images)
         else:
-            from echoclip_jax.tokenizers import from_config
             with open(FLAGS.texts, encoding="utf-8") as f:
                 texts = [line.rstrip("\n") for line in f if line.strip()]
             if not texts:

@@ -19,7 +19,7 @@ prompts at once (videos of any lengths share the fixed-size batches, so nothing 
   2017, `--smoothgrad N`): the gradient averaged over noisy copies of the frame before the magnitude.
 Every map is zero outside the scan sector: for DICOM the sector data_prep finds, carried through the
 same crop and resize; for records, AVI and .npy (blank outside the sector) where any frame is not black
-(echoclip_jax.saliency.truth.sector_from_frames).
+(echoclip_jax.data.videos.sector_from_frames).
 
 Outputs, per video and prompt, in `OUT/<video>/<pNN-prompt>/`: `<method>.npy` (float32 [K, S, S], the
 raw maps of the K frames), `<method>_NNN.png` (frame NNN with the map blended in, scaled by the map's
@@ -35,218 +35,32 @@ uniform and centre baselines) into OUT/scores.json and OUT/score_frames.png; ech
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
-import re
 import sys
 
-import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
+from data_prep.options import load_salt
+from echoclip_jax import tokenizers
+from echoclip_jax.config.validation import validate
+from echoclip_jax.data.videos import load_video, record_videos
+from echoclip_jax.demo import device_masks
+from echoclip_jax.runtime import logs
+from echoclip_jax.saliency import scores as saliency_scores
 from echoclip_jax.saliency.maps import DEFAULT_SCORE_METHODS, METHODS, SaliencyMapper  # the maps (re-exported)
-
-GROUP_BATCHES = 4  # run(): videos are mapped together in groups of about this many frame batches
-
+from echoclip_jax.saliency.outputs import run
+from echoclip_jax.weights import loader as weights
 
 # ----------------------------------------------------------------------------------------- videos
 
 
-@dataclasses.dataclass
-class Video:
-    name: str  # output directory name: never a DICOM file name or header value
-    source: str  # dicom | avi | npy | record
-    frames: np.ndarray  # uint8 [K, S, S, 3]
-    frame_indices: list[int] | None  # which frames of the file (records: of the record) were kept
-    video_id: str = ""  # records: the salted hash
-    sector: np.ndarray | None = None  # boolean [S, S] scan sector; None: sector_from_frames(frames)
-
-
-def _even(num_frames: int, frames: int) -> list[int]:
-    from data_prep.dicom_io import kept_indices
-
-    return kept_indices(num_frames, frames)
-
-
-def load_video(path: str, *, image_size: int, frames: int = 0) -> Video:
-    """A .dcm, .avi or .npy video as uint8 [K, image_size, image_size, 3], K = `frames` evenly spaced
-    frames (0 = all). DICOM: scan sector masked and cropped as data_prep does; AVI and .npy (already
-    masked, like EchoNet): resized only."""
-    from data_prep import dicom_io, echonet, sector
-    from data_prep.dicom_io import SkipVideo
-    from echoclip_jax.saliency.truth import to_output
-
-    ext = os.path.splitext(path)[1].lower()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such video file")
-    try:
-        if ext == ".dcm":
-            header = dicom_io.read_header(path)
-            indices = _even(header.num_frames, frames)
-            raw = dicom_io.read_frames(path, indices)
-            found = sector.sector_mask(raw, header.regions)
-            out = sector.crop_resize(raw, found, image_size)
-            name = "dicom-" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
-            return Video(name, "dicom", out, indices, sector=to_output(found, found, image_size))
-        if ext == ".avi":
-            raw = echonet.read_frames(path, None)
-            indices = _even(len(raw), frames)
-            out = sector.crop_resize(raw[indices], np.ones(raw.shape[1:3], bool), image_size)
-            return Video(_safe_name(path), "avi", out, indices)
-        if ext == ".npy":
-            raw = _read_npy(path)
-            indices = _even(len(raw), frames)
-            out = sector.crop_resize(raw[indices], np.ones(raw.shape[1:3], bool), image_size)
-            return Video(_safe_name(path), "npy", out, indices)
-    except SkipVideo as e:
-        raise ValueError(f"{path}: cannot read video ({e})") from None
-    raise ValueError(f"{path}: unsupported video type {ext!r}; expected .dcm, .avi or .npy")
-
-
-def _read_npy(path: str) -> np.ndarray:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or len(arr) == 0:
-        raise ValueError(f"{path}: expected uint8 RGB frames [T, H, W, 3] or [H, W, 3], "
-                         f"got {arr.dtype} {arr.shape}")
-    return arr
-
-
-def _safe_name(path: str) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "video"
-
-
-def record_videos(data_dir: str, split: str, *, image_size: int, frames: int = 0, limit: int = 0):
-    """Videos of a split of records (data_prep.convert output), named by their salted video_id; `frames`
-    of the record's frames picked as evaluation does (data.pick_frames), their positions in frame_indices."""
-    from echoclip_jax.data import loader as data
-
-    for i, item in enumerate(data.iterate_videos(data_dir, split, frames=frames or None, image_size=image_size)):
-        if limit and i >= limit:
-            return
-        video_id = str(item["video_id"])
-        yield Video(_safe_name(video_id), "record", np.asarray(item["frames"], np.uint8), item["positions"],
-                    video_id)
-
-
 # ---------------------------------------------------------------------------------------- outputs
-
-
-def prompt_slug(index: int, prompt: str) -> str:
-    """A file-system-safe, unique directory name for prompt number `index`."""
-    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].rstrip("-")
-    return f"p{index:02d}-{words}" if words else f"p{index:02d}"
-
-
-def overlay(frame: np.ndarray, heat: np.ndarray, *, alpha: float = 0.6) -> np.ndarray:
-    """uint8 [S, S, 3] frame with a [0, 1] heat map blended in (jet colours, opacity = alpha * heat)."""
-    from matplotlib import colormaps
-
-    heat = np.clip(heat, 0.0, 1.0)
-    colour = colormaps["jet"](heat)[..., :3] * 255.0
-    weight = (alpha * heat)[..., None]
-    return np.round(frame * (1.0 - weight) + colour * weight).astype(np.uint8)
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def interpret_video(mapper: SaliencyMapper, video: Video, prompts: list[str], text, methods,
-                    out_dir: str, computed: dict | None = None) -> dict:
-    """Maps of every method for every prompt of one video, written under out_dir/<video.name>/
-    (`computed`: {method: (maps, scores)} already computed for this video, e.g. with others at once)."""
-    from PIL import Image
-
-    from echoclip_jax.saliency.truth import sector_from_frames
-
-    video_dir = os.path.join(out_dir, video.name)
-    sector = video.sector if video.sector is not None else sector_from_frames(video.frames)
-    entries = [{"prompt": p, "dir": prompt_slug(i, p), "maps": {}} for i, p in enumerate(prompts)]
-    for method in methods:
-        maps, scores = computed[method] if computed else mapper.maps(method, video.frames, text)
-        maps = maps * sector  # nothing outside the scan sector is evidence
-        for entry, prompt_maps, prompt_scores in zip(entries, maps, scores):
-            prompt_dir = os.path.join(video_dir, entry["dir"])
-            os.makedirs(prompt_dir, exist_ok=True)
-            np.save(os.path.join(prompt_dir, f"{method}.npy"), prompt_maps.astype(np.float32))
-            top = float(prompt_maps.max())
-            scaled = prompt_maps / top if top > 0 else np.zeros_like(prompt_maps)
-            for k, (frame, heat) in enumerate(zip(video.frames, scaled)):
-                Image.fromarray(overlay(frame, heat)).save(os.path.join(prompt_dir, f"{method}_{k:03d}.png"))
-            peak = np.unravel_index(int(prompt_maps.argmax()), prompt_maps.shape)
-            entry["similarity"] = [round(float(s), 6) for s in prompt_scores]
-            entry["mean_similarity"] = float(np.mean(prompt_scores))
-            entry["maps"][method] = {"file": f"{method}.npy", "png": f"{method}_NNN.png",
-                                     "max": top, "mean": float(prompt_maps.mean()),
-                                     "peak_frame_y_x": [int(v) for v in peak]}
-    summary = {"video": video.name, "source": video.source, "num_frames": int(len(video.frames)),
-               "image_size": int(video.frames.shape[1]), "frame_indices": video.frame_indices,
-               "methods": list(methods), "prompts": entries, "sector_pixels": int(sector.sum()),
-               "map_shape": [int(len(video.frames)), int(video.frames.shape[1]), int(video.frames.shape[2])]}
-    if "promptcam" in methods:
-        summary["cam_stage"] = {"stage": mapper.cam_stage, "grid": mapper.cam_grid_size()}
-    if "gradient" in methods and mapper.smoothgrad_samples:
-        summary["smoothgrad"] = {"samples": mapper.smoothgrad_samples, "sigma": mapper.smoothgrad_sigma}
-    if video.video_id:
-        summary["video_id"] = video.video_id
-    os.makedirs(video_dir, exist_ok=True)
-    _write_json(os.path.join(video_dir, "summary.json"), summary)
-    return summary
-
-
-def _groups(videos, frames_per_group: int):
-    """Consecutive videos in lists of at least `frames_per_group` frames (the last list: what is left)."""
-    group, count = [], 0
-    for video in videos:
-        group.append(video)
-        count += len(video.frames)
-        if count >= frames_per_group:
-            yield group
-            group, count = [], 0
-    if group:
-        yield group
-
-
-def run(mapper: SaliencyMapper, *, prompts: list[str], out_dir: str, videos, methods=METHODS) -> list[dict]:
-    """Saliency maps of every video (an iterable of Video) for every prompt; OUT/index.json lists them."""
-    if not prompts:
-        raise ValueError("at least one prompt is needed")
-    text = mapper.text_embeddings(prompts)
-    os.makedirs(out_dir, exist_ok=True)
-    index, used = [], set()
-    for group in _groups(videos, mapper.batch_size * GROUP_BATCHES):
-        computed = {m: mapper.maps_of_videos(m, [v.frames for v in group], text) for m in methods}
-        for j, video in enumerate(group):
-            base, n = video.name, 1
-            while video.name in used:  # two inputs with the same file name
-                n += 1
-                video = dataclasses.replace(video, name=f"{base}-{n}")
-            used.add(video.name)
-            summary = interpret_video(mapper, video, prompts, text, methods, out_dir,
-                                      computed={m: computed[m][j] for m in methods})
-            index.append({"video": video.name, "source": video.source, "num_frames": summary["num_frames"],
-                          "mean_similarity": {e["prompt"]: e["mean_similarity"] for e in summary["prompts"]}})
-            print(f"{video.name}: {summary['num_frames']} frames, {len(prompts)} prompt(s), "
-                  f"{'+'.join(methods)}", flush=True)
-    _write_json(os.path.join(out_dir, "index.json"), {"prompts": prompts, "methods": list(methods),
-                                                       "videos": index})
-    return index
 
 
 # -------------------------------------------------------------------------------------------- CLI
 
 
 def _define_flags():
-    from absl import flags
-    from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)")
     flags.DEFINE_string("checkpoint", None, "weights, KIND:PATH (open_clip, safetensors, orbax, params), "
@@ -274,7 +88,6 @@ def _define_flags():
 
 def main(argv):
     del argv
-    from echoclip_jax.runtime import logs
 
     logs.setup()
     f = FLAGS
@@ -287,9 +100,6 @@ def main(argv):
         sys.exit("interpret: give --video X (.dcm/.avi/.npy) or --data_dir O, not both")
     if f.frames < 0 or f.limit < 0:
         sys.exit("interpret: --frames and --limit must be >= 0")
-    from echoclip_jax import tokenizers
-    from echoclip_jax.weights import loader as weights
-    from echoclip_jax.config.validation import validate
 
     methods = METHODS if f.method == "both" else (f.method,)
     try:
@@ -300,10 +110,8 @@ def main(argv):
                                 image_size=image_size, batch_size=f.batch_size, smoothgrad_samples=f.smoothgrad,
                                 smoothgrad_sigma=f.smoothgrad_sigma, seed=f.config.seed, cam_stage=f.cam_stage)
         if f.score_truth:
-            from data_prep.options import load_salt
-            from echoclip_jax.saliency import scores as saliency_scores
 
-            result = saliency_scores.score(mapper, data_dir=f.data_dir, split=f.split, cohort_dir=f.score_truth,
+            result = device_masks.score(mapper, data_dir=f.data_dir, split=f.split, cohort_dir=f.score_truth,
                                            salt=load_salt(salt_file=f.salt_file), out_dir=f.out,
                                            methods=f.score_methods, frames=f.frames, limit=f.limit)
             print(saliency_scores.format_scores(result))

@@ -32,6 +32,7 @@ from ml_collections import config_flags
 from echoclip_jax.config.validation import validate
 from echoclip_jax.retrieval import archive as archive_lib
 from echoclip_jax.retrieval import ops
+from echoclip_jax.runtime import logs
 
 FLAGS = flags.FLAGS
 COMMANDS = ("build", "add", "query")
@@ -79,7 +80,6 @@ def _query(path: str) -> None:
 
 
 def main(argv):
-    from echoclip_jax.runtime import logs
 
     logs.setup()
     args = argv[1:]

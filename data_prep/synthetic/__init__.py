@@ -26,7 +26,7 @@ Writes, under ``--out``:
 Cohort version 2 (`--cohort_version 2`; the default stays 1, byte-identical to earlier releases): each
 study holds 3-4 (full size: 4-5) videos, each a different standard view (apical 4- and 2-chamber,
 parasternal long and short axis, subcostal; `views`), the LV beating to the study's EF in every view and a
-device drawn only in the views that would show it (`views.DEVICE_VIEWS`), so a study tells more than any
+device drawn only in the views that would show it (`cohort.DEVICE_VIEWS`), so a study tells more than any
 one of its videos. No header, burned-in label or report names the view. Reports are worded as different
 readers write them (`reports_v2`), with none of the zero-shot prompts' sentences; the header line and
 sign-off with the identifiers are version 1's. It writes, besides the files above:
@@ -53,15 +53,26 @@ import json
 import pathlib
 import sys
 
+import pydicom
+
+from data_prep.plan import salted_hash
 from data_prep.synthetic.cohort import (  # noqa: F401  (the cohort's vocabulary, for tests and callers)
-    COHORT_VERSIONS, DEVICES, EF_DEFINITION, ENCODINGS, LV_SIZES, VideoSpec, plan_cohort)
+    COHORT_VERSIONS,
+    DEVICE_VIEWS,
+    DEVICES,
+    EF_DEFINITION,
+    ENCODINGS,
+    LV_SIZES,
+    VIEWS,
+    VideoSpec,
+    plan_cohort,
+)
 from data_prep.synthetic.device_shapes import device_mask, rasterize, read_device_geometry  # noqa: F401
 from data_prep.synthetic.dicom_writer import write_dicom
 from data_prep.synthetic.render import render_video
 from data_prep.synthetic.render_views import render_view_video
 from data_prep.synthetic.reports import clinical_report, systolic_function, write_report  # noqa: F401
 from data_prep.synthetic.reports_v2 import clinical_report_v2
-from data_prep.synthetic.views import DEVICE_VIEWS, VIEWS  # noqa: F401
 
 
 def _make_one(args: tuple[VideoSpec, str]) -> tuple[dict, dict | None]:
@@ -158,9 +169,7 @@ def truth_by_video_id(out_dir, salt: str | bytes) -> dict[str, dict]:
     """truth.csv rows keyed by the `video_id` that data_prep.convert gives each video with this `salt` (the
     salted hash of the DICOM's SOPInstanceUID), so evaluation can join records to their truth. Only for the
     synthetic cohort: the truth never travels with the records."""
-    import pydicom
 
-    from data_prep.plan import salted_hash
 
     salt = salt.encode("utf-8") if isinstance(salt, str) else salt
     out = {}

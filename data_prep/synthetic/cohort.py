@@ -15,6 +15,10 @@ from pydicom.uid import generate_uid
 
 EF_DEFINITION = "(EDA-ESA)/EDA of the LV cavity area in the image plane, percent"
 DEVICES = ("pacemaker", "tavr", "mitraclip")
+# version 2: the standard views drawn, and the views each device shows in
+VIEWS = ("a4c", "a2c", "plax", "psax", "subcostal")
+DEVICE_VIEWS = {"pacemaker": ("a4c", "psax", "subcostal"), "tavr": ("a4c", "plax"),
+                "mitraclip": ("a4c", "a2c", "plax")}
 LV_SIZES = ("normal", "mild", "moderate", "severe")
 LV_SCALE = {"normal": 1.0, "mild": 1.1, "moderate": 1.2, "severe": 1.3}  # ED cavity axes multiplier
 # Reduced EF goes with a dilated LV, as in dilated cardiomyopathy: the lower bound of EF for each size.
@@ -81,7 +85,7 @@ class VideoSpec:
     small: bool
     phi: dict  # header + burned-in values for this study
     version: int = 1  # cohort version (1: one A4C-like phantom per video; 2: standard views)
-    view: str = "a4c"  # the standard view drawn (version 2: one of views.VIEWS)
+    view: str = "a4c"  # the standard view drawn (version 2: one of VIEWS)
 
 
 def _uid(seed: int, *parts) -> str:
@@ -211,7 +215,6 @@ def _views_v2(rng, n_videos: int, devices: tuple[str, ...]) -> tuple[str, ...]:
     """A study's views (version 2): n distinct standard views, the apical 4-chamber mostly among them, as a
     complete transthoracic study has it, and every device of the study shown by at least one of them (a
     view that shows none is swapped for one that does); the order of acquisition varies."""
-    from data_prep.synthetic.views import DEVICE_VIEWS, VIEWS  # views imports this module
     others = [VIEWS[i] for i in rng.permutation(np.arange(1, len(VIEWS)))]
     chosen = (["a4c"] + others[:n_videos - 1]) if rng.random() < 0.8 else others[:n_videos]
     for d in devices:

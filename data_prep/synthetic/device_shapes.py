@@ -23,8 +23,9 @@ import pathlib
 
 import numpy as np
 
+from data_prep.synthetic.cohort import DEVICE_VIEWS
 from data_prep.synthetic.geometry import Geometry
-from data_prep.synthetic.views import DEVICE_VIEWS, Scene
+from data_prep.synthetic.views import Scene
 
 LEAD_RADIUS = 0.024  # sector units, as version 1's lead
 CLIP_AB = (0.042, 0.06)

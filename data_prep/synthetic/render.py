@@ -8,8 +8,14 @@ import numpy as np
 
 from data_prep.synthetic.cohort import FULL, SMALL, VideoSpec, lv_scale
 from data_prep.synthetic.devices import device_mask
-from data_prep.synthetic.geometry import (Heart, ellipse, make_geometry, make_heart, myocardial_thickness,
-                                         volume_fraction)
+from data_prep.synthetic.geometry import (
+    Heart,
+    ellipse,
+    make_geometry,
+    make_heart,
+    myocardial_thickness,
+    volume_fraction,
+)
 from data_prep.synthetic.overlays import draw_overlay
 
 

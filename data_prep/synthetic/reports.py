@@ -15,6 +15,8 @@ import datetime
 
 import numpy as np
 
+from data_prep.synthetic.reports_v2 import clinical_report_v2
+
 REPORT_GRADE_PROB = 0.5  # chance that a report states the LV size (and, separately, the systolic grade)
 
 _FILLER = ("NORMAL PERICARDIUM WITH NO PERICARDIAL EFFUSION.", "NORMAL APPEARANCE OF THE TRICUSPID VALVE.",
@@ -46,7 +48,6 @@ def clinical_report(study: dict) -> str:
     """The report's clinical text (upper case, template phrases), consistent with the study's truth.
     Version-2 studies get data_prep.synthetic.reports_v2's wording instead."""
     if study.get("version", 1) == 2:
-        from data_prep.synthetic.reports_v2 import clinical_report_v2
         return clinical_report_v2(study)[0]
     rng = np.random.default_rng(list(study["report_seed"]) + [7])
     parts = []

@@ -21,11 +21,8 @@ import numpy as np
 from data_prep.synthetic.cohort import Layout
 from data_prep.synthetic.geometry import Geometry, Heart, make_heart
 
-VIEWS = ("a4c", "a2c", "plax", "psax", "subcostal")
 VIEW_NAMES = {"a4c": "apical 4-chamber", "a2c": "apical 2-chamber", "plax": "parasternal long axis",
               "psax": "parasternal short axis", "subcostal": "subcostal 4-chamber"}
-DEVICE_VIEWS = {"pacemaker": ("a4c", "psax", "subcostal"), "tavr": ("a4c", "plax"),
-                "mitraclip": ("a4c", "a2c", "plax")}
 # Sector half-angle (degrees) and imaging depth (cm) ranges: parasternal views are shallower and
 # narrower, the subcostal deeper and wider (the heart lies behind the liver).
 SECTOR = {"a4c": ((38, 44), (14, 18)), "a2c": ((38, 44), (14, 18)), "plax": ((36, 40), (12, 16)),

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 
+import jax
+
+from echoclip_jax import tokenizers
 from echoclip_jax.models.backend import DEPTHWISE_IMPLS
 from echoclip_jax.models.convnext import CONVNEXT_VARIANTS
 from echoclip_jax.models.vit import VIT_VARIANTS
@@ -122,7 +125,6 @@ def _tokenizer(config, tokenizer, bad) -> None:
             bad("tokenizer.path", tok.get("path", ""), f"the {tok.name} tokenizer needs its "
                 f"{'vocabulary' if tok.name == 'template' else 'model'} file")
             return
-        from echoclip_jax import tokenizers
         try:
             tokenizer = tokenizers.from_config(tok)
         except (OSError, ValueError) as e:
@@ -141,7 +143,6 @@ def _tokenizer(config, tokenizer, bad) -> None:
 
 
 def _training(config, num_devices, num_processes, bad, check_init) -> None:
-    import jax
 
     n = jax.device_count() if num_devices is None else num_devices
     procs = jax.process_count() if num_processes is None else num_processes

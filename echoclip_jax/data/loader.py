@@ -14,10 +14,14 @@ import logging
 import math
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from data_prep import records
+from echoclip_jax import tokenizers
+from echoclip_jax.runtime import sharding
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +143,6 @@ class _Sample:
         if rng is not None:
             video = augment(video, rng, self.aug)
         if self._tok is None:
-            from echoclip_jax import tokenizers
 
             self._tok = tokenizers.from_config(self.tok_config)
         report = feats["report"][0].decode("utf-8") if feats.get("report") else ""
@@ -171,7 +174,6 @@ class Loader:
 
     def __init__(self, config, mesh, *, split: str, train: bool, num_batches: int,
                  process_index: int | None = None, process_count: int | None = None):
-        import jax
 
         pi = jax.process_index() if process_index is None else process_index
         pc = jax.process_count() if process_count is None else process_count
@@ -184,7 +186,6 @@ class Loader:
         ds = grain.MapDataset.source(_Indices(num_batches, self.global_batch, pi, pc)).map(sample)
         ds = ds.batch(self.global_batch // pc, drop_remainder=True).to_iter_dataset()
         if int(config.data.num_workers) > 0:
-            from absl import flags
 
             if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
                 flags.FLAGS.mark_as_parsed()
@@ -211,9 +212,7 @@ class Loader:
         return self
 
     def __next__(self) -> dict:
-        import jax
 
-        from echoclip_jax.runtime import sharding
 
         local = next(self._it)
         self.corrupt_skipped += int(local.pop("corrupt_skipped").sum())

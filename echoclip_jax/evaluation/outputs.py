@@ -15,7 +15,10 @@ import math
 import os
 import re
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from echoclip_jax.evaluation import metrics
 
@@ -82,7 +85,6 @@ def write_summary(out_dir: str) -> str:
 
 
 def write_tensorboard(out_dir: str, name: str, step: int | None, results: dict) -> None:
-    from tensorboardX import SummaryWriter
 
     writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
     for key, value in flatten(results).items():
@@ -92,10 +94,8 @@ def write_tensorboard(out_dir: str, name: str, step: int | None, results: dict) 
 
 
 def _pyplot():
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     return plt
 

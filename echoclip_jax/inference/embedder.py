@@ -19,7 +19,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
+import jax
 import numpy as np
+
+from data_prep import records
+from data_prep.plan import progress_bar
+from echoclip_jax import models
+from echoclip_jax.data import loader as data
+from echoclip_jax.inference.sharded import ShardedModel
+from echoclip_jax.models import CLIP
 
 CHUNK_BATCHES = 4  # frames gathered on the host before a device call, in batches
 POOL_GROUP = 64  # videos per call of the attention pool
@@ -47,10 +55,7 @@ class Embedder:
     """Jitted, batched, device-sharded embedding with one set of weights (`model`, a models.CLIP)."""
 
     def __init__(self, model, tokenizer=None, *, batch_size: int = 128):
-        import jax
 
-        from echoclip_jax import models
-        from echoclip_jax.inference.sharded import ShardedModel
 
         self.sharded = sm = ShardedModel(model, batch_size=batch_size)
         self.batch_size = sm.batch_size
@@ -177,9 +182,6 @@ def embed_split(embedder: Embedder, data_dir: str, split: str, *, frames: int | 
     """Every video of a split of records through the image tower, streamed (videos of any lengths;
     `frames` K keeps at most K evenly spaced frames of each, and only those are decoded). `progress`: a bar
     with counts and rate on stderr, "auto" (on a terminal), "on" or "off"."""
-    from data_prep import records
-    from data_prep.plan import progress_bar
-    from echoclip_jax.data import loader as data
 
     meta = {k: [] for k in ("video_id", "patient_id", "study_id", "study_day", "report", "ef")}
     total = sum(len(records.ShardReader(p)) for p in records.list_shards(data_dir, split))
@@ -200,3 +202,48 @@ def embed_split(embedder: Embedder, data_dir: str, split: str, *, frames: int | 
                            patient_id=meta["patient_id"], study_id=meta["study_id"],
                            study_day=np.asarray(meta["study_day"], np.float64), report=meta["report"],
                            ef=np.asarray(meta["ef"], np.float64), video_id=meta["video_id"])
+
+
+def _check(video, source: str, what: str) -> np.ndarray:
+    video = np.asarray(video)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or len(video) == 0:
+        raise ValueError(f"{source}: {what}: expected uint8 frames (T >= 1, H, W, 3), got {video.dtype} "
+                         f"{video.shape}")
+    return video
+
+
+def embed_images(model: CLIP, images: np.ndarray, batch_size: int = 32, source: str = "images") -> np.ndarray:
+    """uint8 (N, H, W, 3) images or (N, T, H, W, 3) videos -> float32 (N, embed_dim), L2-normalised."""
+    if images.dtype != np.uint8 or images.ndim not in (4, 5) or images.shape[-1] != 3:
+        raise ValueError(f"{source}: expected uint8 (N, H, W, 3) images or (N, T, H, W, 3) videos, "
+                         f"got {images.dtype} {images.shape}")
+    if images.ndim == 5:
+        return embed_videos(model, list(images), batch_size, source)
+    return Embedder(model, batch_size=batch_size).images(images)
+
+
+def embed_videos(model: CLIP, videos, batch_size: int = 32, source: str = "videos") -> np.ndarray:
+    """Videos uint8 (T_i, H, W, 3) of any lengths -> float32 (N, embed_dim), L2-normalised."""
+    videos = [_check(v, source, f"video {i}") for i, v in enumerate(videos)]
+    return Embedder(model, batch_size=batch_size).videos(videos).videos
+
+
+def embed_texts(model: CLIP, tokenizer, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """list of N strings -> float32 (N, embed_dim), L2-normalised."""
+    return Embedder(model, tokenizer, batch_size=batch_size).texts(texts)
+
+
+def read_images(path: str):
+    """A .npy array, or the arrays of a .npz in archive order (one video each)."""
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as archive:
+                names = list(archive.files)
+                if not names:
+                    raise ValueError(f"{path}: the archive holds no arrays (one per video expected)")
+                return [_check(archive[n], path, f"array {n!r}") for n in names]
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: not a readable .npy/.npz array ({e})") from e

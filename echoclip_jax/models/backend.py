@@ -32,7 +32,8 @@ import contextvars
 import functools
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from echoclip_jax.runtime.sharding import BATCH_AXES
 

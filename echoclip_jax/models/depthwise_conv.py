@@ -12,9 +12,9 @@ On GPU/TPU `lax.conv_general_dilated` is kept: cuDNN and the TPU compiler handle
 """
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from echoclip_jax.models import backend
 

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 from echoclip_jax.inference.embedder import bucket
 
@@ -25,9 +29,6 @@ DEFAULTS = dict(heads=4, key_dim=16, epochs=60, batch_size=32, lr=3e-3, weight_d
 
 def _module(dim: int, n_out: int, heads: int, key_dim: int, seed: int):
     """The probe's Flax NNX module (built lazily so importing this file does not import JAX)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
     class AttentiveProbe(nnx.Module):
         """frames [B, T, D] + mask [B, T] -> outputs [B, n_out]: per head, a learned query scores every
@@ -90,10 +91,6 @@ def fit(items: list[np.ndarray], y: np.ndarray, task: str, **hyperparameters) ->
     """Trains the probe on `items` (one [T_i, D] array of frame embeddings per video or study, T_i >= 1)
     with targets `y` (class labels for task "classification", numbers for "regression"). Hyperparameters
     (DEFAULTS): heads, key_dim, epochs, batch_size, lr, weight_decay, seed."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
 
     hp = {**DEFAULTS, **hyperparameters}
     if not items:
@@ -148,8 +145,6 @@ def fit(items: list[np.ndarray], y: np.ndarray, task: str, **hyperparameters) ->
 def predict(fitted: Fitted, items: list[np.ndarray], *, attention: bool = False):
     """Classification: (predicted labels [N], class probabilities [N, C]); regression: predictions [N].
     With `attention`, also each item's attention weights over its own frames (heads x T_i arrays)."""
-    import jax
-    from flax import nnx
 
     @jax.jit
     def forward(params, frames, mask):

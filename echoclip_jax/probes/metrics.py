@@ -8,7 +8,12 @@ import os
 import re
 import warnings
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from sklearn import metrics
+from sklearn.dummy import DummyClassifier, DummyRegressor
+from sklearn.metrics import ConfusionMatrixDisplay
 
 
 def predict(estimator, x, task: str):
@@ -21,7 +26,6 @@ def predict(estimator, x, task: str):
 def classification_metrics(y_true, y_pred, proba, classes) -> dict:
     """Accuracy, balanced accuracy, macro one-vs-rest AUC (null unless the evaluated items hold at least two
     classes, all seen in training), confusion matrix over the training and evaluated classes."""
-    from sklearn import metrics
 
     labels = sorted(set(classes) | set(y_true))
     with warnings.catch_warnings():
@@ -43,7 +47,6 @@ def classification_metrics(y_true, y_pred, proba, classes) -> dict:
 
 def regression_metrics(y_true, y_pred) -> dict:
     """MAE and R2 (null with fewer than 2 items)."""
-    from sklearn import metrics
 
     return {"n": int(len(y_true)), "mae": float(metrics.mean_absolute_error(y_true, y_pred)),
             "r2": float(metrics.r2_score(y_true, y_pred)) if len(y_true) >= 2 else None}
@@ -58,7 +61,6 @@ def score(task: str, y_true, prediction, classes) -> dict:
 
 def baseline(x_train, y_train, x_eval, y_eval, task: str) -> dict:
     """The training split's majority class or mean, scored like the probes."""
-    from sklearn.dummy import DummyClassifier, DummyRegressor
 
     dummy = DummyClassifier(strategy="most_frequent") if task == "classification" else DummyRegressor()
     dummy.fit(x_train, y_train)
@@ -77,14 +79,11 @@ def _safe(name: str) -> str:
 
 def plot(out_dir: str, label: str, probe: str, task: str, y_true, prediction) -> str:
     """plots/<label>_<probe>_confusion.png or plots/<label>_<probe>_pred_vs_true.png; returns the path."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     if task == "classification":
-        from sklearn.metrics import ConfusionMatrixDisplay
 
         labels = sorted(set(y_true) | set(prediction[0]))
         fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))

@@ -13,6 +13,14 @@ import os
 
 import numpy as np
 
+from data_prep import records
+from data_prep.report_deid import Deidentifier
+from data_prep.reports import clean_text
+from echoclip_jax.retrieval import embedding as emb
+from echoclip_jax.retrieval.archive import Archive
+from echoclip_jax.retrieval.embedding import same_model
+from echoclip_jax.retrieval.vectors import exact_search
+
 
 class Bank:
     """Reports to retrieve from: ids (salted study ids, or a CSV's ids), texts, the vectors matched against
@@ -25,11 +33,10 @@ class Bank:
         self.source, self.ids, self.texts, self.match = source, list(ids), list(texts), match
         self.vectors = np.asarray(vectors, np.float32)
         self.patients = patients
-        self.findings = None  # echoclip_jax.report.findings_of fills it
+        self.findings = None  # echoclip_jax.retrieval.report.findings_of fills it
 
     def retrieve(self, query: np.ndarray, k: int, exclude_ids=()) -> tuple[np.ndarray, np.ndarray]:
         """(rows, similarities) of the k nearest bank reports to one query vector (exact search)."""
-        from echoclip_jax.retrieval.vectors import exact_search
 
         extra = len(exclude_ids)
         sims, rows = exact_search(self.vectors, query[None], k + extra)
@@ -39,7 +46,6 @@ class Bank:
 
 def _record_studies(data_dir: str, split: str) -> list[dict]:
     """One {study_id, patient_id, report} per study of a split of records (no frames decoded)."""
-    from data_prep import records
 
     studies = {}
     for path in records.list_shards(data_dir, split):
@@ -62,7 +68,6 @@ def bank_from_records(data_dir: str, splits, embedder, match: str, *, frames=Non
     if match == "text":
         vectors = embedder.texts(texts)
     else:
-        from echoclip_jax.retrieval import embedding as emb
 
         wanted = set(ids)
         items = (it for split in splits for it in emb.record_videos(data_dir, split, frames=frames,
@@ -77,8 +82,6 @@ def bank_from_records(data_dir: str, splits, embedder, match: str, *, frames=Non
 
 def bank_from_index(path: str, splits, match: str, fingerprint=None) -> Bank:
     """The report bank of a search index (`search build --reports`), its studies of `splits` only."""
-    from echoclip_jax.retrieval.archive import Archive
-    from echoclip_jax.retrieval.embedding import same_model
 
     index = Archive.open(path)
     where = os.path.join(path, "index.json")
@@ -102,8 +105,6 @@ def bank_from_index(path: str, splits, match: str, fingerprint=None) -> Bank:
 def bank_from_csv(path: str, embedder, match: str) -> Bank:
     """A user's own reports: a CSV with a `report` column (and optional `id`), scrubbed by data_prep's
     report de-identification patterns and normalised as the records are."""
-    from data_prep.report_deid import Deidentifier
-    from data_prep.reports import clean_text
 
     if match != "text":
         raise ValueError(f"{path}: a CSV bank holds only text: use --match text (image needs an index or records)")

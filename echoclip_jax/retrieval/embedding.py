@@ -15,7 +15,13 @@ import os
 import ml_collections
 import numpy as np
 
+from data_prep import dicom_io, records, sector
+from echoclip_jax import tokenizers
+from echoclip_jax.data import loader as data
+from echoclip_jax.inference.embedder import Embedder
+from echoclip_jax.interpret import load_video
 from echoclip_jax.retrieval.archive import normalize
+from echoclip_jax.weights import loader as weights
 
 CHUNK_BATCHES = 16  # frames gathered (in device batches) before an embedding call
 
@@ -29,9 +35,6 @@ def describe_model(checkpoint: str, config, *, frames: int | None) -> dict:
 
 def load_embedder(model: dict, *, batch_size: int = 128, with_tokenizer: bool = True):
     """An Embedder for the model an index describes (`describe_model`); loaded through weights.load."""
-    from echoclip_jax import tokenizers
-    from echoclip_jax.weights import loader as weights
-    from echoclip_jax.inference.embedder import Embedder
 
     mc = ml_collections.ConfigDict(model["model_config"])
     net = weights.load_model(model["checkpoint"], mc)
@@ -72,8 +75,6 @@ def record_videos(data_dir: str, split: str, *, skip=frozenset(), skipped: list 
     shard order; only those videos' frames are decoded. Metadata: video_id, study_id, patient_id, split,
     report (the de-identified text the record holds). `frames` K keeps K evenly spaced frames; the ids
     skipped are appended to `skipped`."""
-    from data_prep import records
-    from echoclip_jax.data import loader as data
 
     source = data.ShardedRecords(data_dir, split)
     for i in range(len(source)):
@@ -155,8 +156,6 @@ def read_video(path: str, *, image_size: int, frames: int | None) -> np.ndarray:
     sector masked and cropped by data_prep.sector). The sector mask is found from motion, so it depends on
     the decode scale: `interpret.load_video`'s full-resolution decode differs from the records by 17-32 grey
     levels (mean absolute, 32-64 px), this read by JPEG noise (1.4). AVI and .npy: interpret.load_video."""
-    from data_prep import dicom_io, sector
-    from echoclip_jax.interpret import load_video
 
     if not path.lower().endswith(".dcm"):
         return load_video(path, image_size=image_size, frames=frames or 0).frames

@@ -6,6 +6,7 @@ The command line (`python -m echoclip_jax.search`) is a thin layer over these; t
 from __future__ import annotations
 
 import os
+import sys
 
 from data_prep import records
 from echoclip_jax.retrieval import archive as archive_lib
@@ -14,7 +15,6 @@ from echoclip_jax.retrieval.vectors import APPROXIMATE_ABOVE
 
 
 def _log(msg: str) -> None:
-    import sys
 
     print(f"search: {msg}", file=sys.stderr, flush=True)
 

@@ -12,8 +12,10 @@ Vectors are L2-normalised, so inner product is cosine similarity. Two kinds:
 """
 from __future__ import annotations
 
+import logging
 import math
 
+import faiss
 import numpy as np
 
 KINDS = ("auto", "exact", "ivf")
@@ -26,11 +28,9 @@ RETRAIN_GROWTH = 4.0  # auto: retrain the IVF cells once the index holds this ma
 
 
 def _faiss():
-    import logging
 
     # faiss's loader logs each CPU-specific build it tries (INFO); only the project's own lines are shown
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    import faiss
 
     return faiss
 

@@ -5,6 +5,7 @@ import logging
 import os
 
 import jax
+from jax._src import distributed  # the client has no public handle in this JAX version
 
 log = logging.getLogger("echoclip_jax.train")
 
@@ -31,7 +32,6 @@ def wait_for_other_processes(name: str, timeout_s: float) -> None:
 
     Gloo (the CPU collectives) sets a communicator up at a program's first collective and gives up when the
     other processes have not joined within 30 s: processes that compiled at different speeds meet here first."""
-    from jax._src import distributed  # the client has no public handle in this JAX version
 
     distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 import sys
 
+from absl import flags
+from absl import logging as absl_logging
+
 FORMAT = "%(asctime)s %(name)s: %(message)s"
 
 
 def setup(verbosity: int | None = None) -> None:
     """Call once in a command's main, after flags are parsed. `verbosity`: absl's level to use for libraries
     (None: the --verbosity flag when it was given, else WARNING)."""
-    from absl import flags
-    from absl import logging as absl_logging
 
     if verbosity is None and flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
         verbosity = flags.FLAGS.verbosity

@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from echoclip_jax import models
+from echoclip_jax.inference.sharded import ShardedModel
 
 METHODS = ("promptcam", "gradient")
 LAST = "last"
@@ -46,9 +51,7 @@ class SaliencyMapper:
     def __init__(self, model, tokenizer, *, image_size: int, batch_size: int = 16,
                  smoothgrad_samples: int = 0, smoothgrad_sigma: float = 0.15, seed: int = 0,
                  cam_stage="last"):
-        import jax
 
-        from echoclip_jax.inference.sharded import ShardedModel
 
         if smoothgrad_samples < 0 or smoothgrad_sigma < 0:
             raise ValueError("smoothgrad_samples and smoothgrad_sigma must be >= 0")
@@ -75,7 +78,6 @@ class SaliencyMapper:
     def _fn(self, method: str, stage: int, samples: int, grid: bool):
         key = (method, stage, samples, grid)
         if key not in self._fns:
-            import jax
 
             fn = (functools.partial(_promptcam, self.sharded, stage, grid) if method == "promptcam"
                   else functools.partial(_gradient, self.sharded, samples, self.smoothgrad_sigma))
@@ -93,7 +95,6 @@ class SaliencyMapper:
 
         cam_stage / smoothgrad_samples: this call's variant (None: the mapper's). grid (PromptCAM only):
         the CAM at its stage's own resolution [P, K, g, g], g = cam_grid_size, before upsampling."""
-        import jax
 
         if method not in METHODS:
             raise ValueError(f"unknown saliency method {method!r}; expected one of {METHODS}")
@@ -130,8 +131,6 @@ def _per_prompt_vjp(fn, x, text):
 
     Frames are independent in eval mode, so the gradient of the batch sum w.r.t. frame b is the gradient
     of frame b's own score."""
-    import jax
-    import jax.numpy as jnp
 
     scores, vjp = jax.vjp(fn, x)
     num_prompts = text.shape[0]
@@ -143,10 +142,7 @@ def _per_prompt_vjp(fn, x, text):
 
 def _promptcam(sm, stage: int, grid: bool, state, frames, text):
     """Grad-CAM of every prompt's score at `stage`'s feature map -> (cam [P, B, S, S] or the grid, scores)."""
-    import jax
-    import jax.numpy as jnp
 
-    from echoclip_jax import models
 
     visual = sm.module(state).visual
     feats = visual.forward_stages(models.preprocess_images(frames), stage)  # [B, h, w, C]
@@ -167,10 +163,7 @@ def _promptcam(sm, stage: int, grid: bool, state, frames, text):
 
 def _gradient(sm, samples: int, sigma: float, state, frames, text, key):
     """|d score / d pixel| (0..255 pixels, max over colour), averaged over `samples` noisy copies if > 0."""
-    import jax
-    import jax.numpy as jnp
 
-    from echoclip_jax import models
 
     model = sm.module(state)
 

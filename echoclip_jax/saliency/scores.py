@@ -1,34 +1,34 @@
-"""Saliency maps scored against the truth: do they point at the device the prompt names?
+"""Saliency maps scored against the truth: do they point at what the prompt names?
 
-For each device video of a split of records from a synthetic cohort (version 2: a video whose study has
-the device AND whose view shows it, truth `<device>_visible`) and that device's prompt (its zero-shot
-task's first label source in echoclip_jax/config/zero_shot_tasks.json; MitraClip: the ONE/TWO sentence matching the
-study's clip count), every map is restricted to the record's scan sector and scored per frame against the
-device mask mapped into the record's pixels (echoclip_jax.saliency.truth.record_truth):
-- pointing game: the map's maximum lies on the device mask dilated by TOLERANCE_PX (a disk, in the map's
-  pixels = the model's input pixels). Ties at the maximum count as the share of the tied pixels that hit
-  (the expected hit of breaking the tie at random); a map that is zero on the whole sector misses.
-- mass share: the share of the map's (non-negative) mass on the (undilated) device mask.
-Frames whose mapped mask is empty (the device outside the crop, or under half a pixel) are skipped.
+A case is one video's frames (the model's input pixels), a prompt, and per frame the mask of what the prompt
+names there (a device, a structure) with the scan sector. Every map is restricted to the sector and scored
+per frame against the mask:
+- pointing game: the map's maximum lies on the mask dilated by TOLERANCE_PX (a disk, in the map's pixels =
+  the model's input pixels). Ties at the maximum count as the share of the tied pixels that hit (the
+  expected hit of breaking the tie at random); a map that is zero on the whole sector misses.
+- mass share: the share of the map's (non-negative) mass on the (undilated) mask.
+Frames whose mask is empty (the target outside the crop, or under half a pixel) are skipped.
 Two baselines get the same scores on the same frames: `uniform` (constant on the sector: its pointing
 game is |dilated mask & sector| / |sector|, the hit rate of a uniformly random sector pixel, and its mass
 share |mask & sector| / |sector|) and `centre` (a Gaussian at the sector's centre of mass, sigma =
 CENTRE_SIGMA x the square root of the sector's area).
 
-Outputs in OUT: `scores.json` (per method and device, and over all devices: pointing game, mass share,
+Outputs in OUT: `scores.json` (per method and target, and over all targets: pointing game, mass share,
 videos, frames, and both baselines on the same frames; no video or patient id) and `score_frames.png`
-(a few frames: each method's map over the frame, the device mask's outline, the map's maximum).
+(a few frames: each method's map over the frame, the mask's outline, the map's maximum). The synthetic
+cohort's device masks are one source of cases (`echoclip_jax.demo.device_masks`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import numpy as np
+from matplotlib.figure import Figure
 from scipy import ndimage
 
 from echoclip_jax.saliency.maps import DEFAULT_SCORE_METHODS
-from echoclip_jax.saliency.truth import DEVICES, record_truth, visible_devices
 
 TOLERANCE_PX = 3
 CENTRE_SIGMA = 0.25
@@ -113,102 +113,61 @@ def parse_methods(spec) -> list[tuple[str, str, dict]]:
     return out
 
 
-def device_prompts(tasks_path: str | None = None) -> dict:
-    """{device: {clips: prompt}} from the zero-shot table (clips matter for MitraClip only: 0 = any)."""
-    from echoclip_jax.evaluation import zero_shot
-
-    tasks = {t.name: t for t in zero_shot.load_tasks(tasks_path, names=list(DEVICES))}
-    out = {d: {0: tasks[d].label_sources[0].strip()} for d in DEVICES}
-    for n, word in ((1, "ONE "), (2, "TWO ")):
-        out["mitraclip"][n] = next((s.strip() for s in tasks["mitraclip"].label_sources if s.startswith(word)),
-                                   out["mitraclip"][0])
-    return out
-
-
-def _prompt(prompts: dict, device: str, row: dict) -> str:
-    clips = int(row.get("n_mitraclips") or 0) if device == "mitraclip" else 0
-    return prompts[device].get(clips, prompts[device][0])
-
-
-def device_cases(data_dir: str, split: str, truth: dict, *, cohort_dir: str, image_size: int, frames: int,
-                 limit: int):
-    """(device, truth row, frames [k, S, S, 3], masks [k, S, S], sector [S, S]) for each device a video
-    of the split shows, the first `limit` such videos (0 = all) in shard order, k = `frames` record frames
-    (0 = all) picked as interpret does."""
-    from echoclip_jax.data import loader as data
-
-    used = 0
-    for item in data.iterate_videos(data_dir, split, frames=frames or None):
-        row = truth.get(str(item["video_id"]))
-        if row is None:
-            raise ValueError(f"a {split} record has no truth row: wrong --salt_file or cohort for these records")
-        devices = visible_devices(row)
-        if not devices:
-            continue
-        if limit and used >= limit:
-            return
-        used += 1
-        clip = np.asarray(item["frames"], np.uint8)
-        if clip.shape[1] != image_size:
-            raise ValueError(f"records are {clip.shape[1]} px, the model {image_size}: score records "
-                             f"converted at the model's image size")
-        for device in devices:
-            masks, sector = record_truth(cohort_dir, row["path"], device, image_size=image_size,
-                                         record_frames=item["num_frames"], positions=item["positions"])
-            yield device, row, clip, masks, sector
-
-
 def _summary(hits, shares, videos) -> dict:
     return {"pointing_game": float(np.mean(hits)) if hits else None,
             "mass_share": float(np.mean(shares)) if shares else None, "videos": videos, "frames": len(hits)}
 
 
-def score(mapper, *, data_dir: str, split: str, cohort_dir: str, salt: bytes, out_dir: str, methods=DEFAULT_SCORE_METHODS,
-          frames: int = 4, limit: int = 40, tasks_path: str | None = None) -> dict:
-    """Score every method's maps (see the module docstring) on a split's device videos; writes
-    OUT/scores.json and OUT/score_frames.png and returns the scores."""
-    from data_prep.synthetic import truth_by_video_id
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One video's frames to score, with the truth of what a prompt names in them."""
+    target: str  # what the prompt names (e.g. a device); scores are reported per target and over all
+    prompt: str
+    video: str  # which video (two cases of one video count it once in the totals)
+    frames: np.ndarray  # uint8 [k, S, S, 3], the model's input pixels
+    masks: np.ndarray  # boolean [k, S, S]: where the target is, per frame
+    sector: np.ndarray  # boolean [S, S]: the scan sector
 
+
+def score_cases(mapper, cases: list[Case], *, targets, out_dir: str, methods=DEFAULT_SCORE_METHODS,
+                meta: dict | None = None) -> dict:
+    """Every method's maps of every case scored per frame (see the module docstring), with both baselines
+    on the same frames; writes OUT/scores.json (`meta` first) and OUT/score_frames.png, returns the scores."""
     specs = parse_methods(methods)
-    prompts = device_prompts(tasks_path)
-    flat = sorted({p for d in prompts.values() for p in d.values()})
+    flat = sorted({c.prompt for c in cases})
     text = mapper.text_embeddings(flat)
-    truth = truth_by_video_id(cohort_dir, salt)
     labels = [label for label, _, _ in specs] + ["uniform", "centre"]
-    acc = {(lab, d): ([], []) for lab in labels for d in DEVICES}
-    videos = {d: 0 for d in DEVICES}
-    distinct = set()  # videos scored (one video may show two devices)
+    acc = {(lab, t): ([], []) for lab in labels for t in targets}
+    videos = {t: 0 for t in targets}
+    distinct = set()  # videos scored (one video may show two targets)
     examples = []
-    cases = list(device_cases(data_dir, split, truth, cohort_dir=cohort_dir, image_size=mapper.image_size,
-                              frames=frames, limit=limit))
-    if not cases:
-        raise ValueError(f"no device videos in the {split} split (is the cohort version 2?)")
     computed = {}
     for label, method, kwargs in specs:  # all cases' frames at once: full batches
-        computed[label] = mapper.maps_of_videos(method, [c[2] for c in cases], text, **kwargs)
-    for i, (device, row, clip, masks, sector) in enumerate(cases):
-        p = flat.index(_prompt(prompts, device, row))
-        maps = {label: computed[label][i][0][p] * sector for label, _, _ in specs}
-        maps["uniform"] = np.broadcast_to(uniform_map(sector), masks.shape)
-        maps["centre"] = np.broadcast_to(centre_map(sector), masks.shape)
-        if not masks.any():
+        computed[label] = mapper.maps_of_videos(method, [c.frames for c in cases], text, **kwargs)
+    for i, case in enumerate(cases):
+        p = flat.index(case.prompt)
+        maps = {label: computed[label][i][0][p] * case.sector for label, _, _ in specs}
+        maps["uniform"] = np.broadcast_to(uniform_map(case.sector), case.masks.shape)
+        maps["centre"] = np.broadcast_to(centre_map(case.sector), case.masks.shape)
+        if not case.masks.any():
             continue
-        videos[device] += 1
-        distinct.add(row["path"])
+        videos[case.target] += 1
+        distinct.add(case.video)
         for label in labels:
-            hits, shares = score_frames(maps[label], masks, sector)
-            acc[label, device][0].extend(hits)
-            acc[label, device][1].extend(shares)
-        if sum(e[0] == device for e in examples) < PLOT_EXAMPLES:
-            k = int(np.argmax(masks.reshape(len(masks), -1).sum(1)))
-            examples.append((device, clip[k], masks[k], sector, {lab: maps[lab][k] for lab in labels}))
-    result = {"split": split, "frames_per_video": frames, "tolerance_px": TOLERANCE_PX,
-              "image_size": mapper.image_size, "centre_sigma": CENTRE_SIGMA,
+            hits, shares = score_frames(maps[label], case.masks, case.sector)
+            acc[label, case.target][0].extend(hits)
+            acc[label, case.target][1].extend(shares)
+        if sum(e[0] == case.target for e in examples) < PLOT_EXAMPLES:
+            k = int(np.argmax(case.masks.reshape(len(case.masks), -1).sum(1)))
+            examples.append((case.target, case.frames[k], case.masks[k], case.sector,
+                             {lab: maps[lab][k] for lab in labels}))
+    result = {**(meta or {}), "tolerance_px": TOLERANCE_PX, "image_size": mapper.image_size,
+              "centre_sigma": CENTRE_SIGMA,
               "cam_grid": {label: mapper.cam_grid_size(kw["cam_stage"]) for label, m, kw in specs if m == "promptcam"},
-              "prompts": {d: prompts[d] for d in DEVICES}, "methods": {}}
+              "methods": {}}
     for label in labels:
-        per = {d: _summary(*acc[label, d], videos[d]) for d in DEVICES if videos[d]}
-        pooled = [sum((acc[label, d][j] for d in DEVICES), []) for j in (0, 1)]
+        per = {t: _summary(*acc[label, t], videos[t]) for t in targets if videos[t]}
+        pooled = [sum((acc[label, t][j] for t in targets), []) for j in (0, 1)]
         per["all"] = _summary(*pooled, len(distinct))
         result["methods"][label] = per
     ranked = [lab for lab, _, _ in specs if result["methods"][lab]["all"]["pointing_game"] is not None]
@@ -235,14 +194,10 @@ def format_scores(result: dict) -> str:
 
 def plot_examples(examples, labels, path: str) -> None:
     """One row per example frame, one column per map: the map (scaled to its maximum) over the frame, the
-    device mask's outline (white), the map's maximum (a cyan cross), the frame's hit or miss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    mask's outline (white), the map's maximum (a cyan cross), the frame's hit or miss."""
     rows = max(len(examples), 1)
-    fig, axes = plt.subplots(rows, len(labels), figsize=(2.2 * len(labels), 2.3 * rows), squeeze=False)
+    fig = Figure(figsize=(2.2 * len(labels), 2.3 * rows))
+    axes = fig.subplots(rows, len(labels), squeeze=False)
     for r, (device, frame, mask, sector, maps) in enumerate(examples):
         target = dilate(mask)
         for c, label in enumerate(labels):
@@ -260,4 +215,3 @@ def plot_examples(examples, labels, path: str) -> None:
         axes[0, 0].text(0.5, 0.5, "no device frames", ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

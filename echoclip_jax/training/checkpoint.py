@@ -25,6 +25,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,6 @@ class Preemption:
         """True when any process got SIGTERM (all processes must save the same step together)."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
         return bool(np.any(flags))

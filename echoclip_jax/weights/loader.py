@@ -26,11 +26,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from safetensors.numpy import load_file
 
-from echoclip_jax.weights import open_clip as ocw
 from echoclip_jax.config.model import resolve as resolve_model_config
 from echoclip_jax.models import CLIP, build_model
+from echoclip_jax.training.checkpoint import restore_params
+from echoclip_jax.weights import open_clip as ocw
 
 SOURCE_KINDS = ("open_clip", "safetensors", "orbax", "params")
 PARAMS_CONFIG = "echoclip_model.json"  # beside the parameter tree of a params-only checkpoint
@@ -164,7 +167,6 @@ def _read_open_clip(spec: Spec, model_config) -> dict:
 
 
 def _read_safetensors(spec: Spec, model_config) -> dict:
-    from safetensors.numpy import load_file
     if not os.path.isfile(spec.path):
         raise FileNotFoundError(f"{spec.path}: file not found")
     try:
@@ -177,7 +179,6 @@ def _read_safetensors(spec: Spec, model_config) -> dict:
 
 
 def _read_params_only(spec: Spec, model_config) -> dict:
-    import orbax.checkpoint as ocp
     expected = expected_params(model_config)
     item = nested({k: 0 for k in expected}, string_keys=True)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
@@ -200,7 +201,6 @@ def _read_checkpoint(spec: Spec, model_config) -> dict:
         if spec.step is not None:
             raise ValueError(f"{spec}: a params-only checkpoint has no steps; drop @{spec.step}")
         return _read_params_only(spec, model_config)
-    from echoclip_jax.training.checkpoint import restore_params
 
     leaves = {flat_name(tuple(getattr(p, "key", p) for p in kp)): v
               for kp, v in jax.tree_util.tree_flatten_with_path(restore_params(spec.path, step=spec.step))[0]}

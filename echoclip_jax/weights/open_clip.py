@@ -13,7 +13,9 @@ import re
 
 import ml_collections
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
+from echoclip_jax.config.defaults import get_base_config
 from echoclip_jax.models.convnext import CONV_MLP_VARIANTS, CONVNEXT_VARIANTS
 from echoclip_jax.models.vit import VIT_VARIANTS
 
@@ -194,7 +196,6 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: state dict file not found")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
         try:
             return load_file(path)
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
@@ -215,7 +216,6 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def write_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
     if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
         save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, path)
         return
     import torch
@@ -245,7 +245,6 @@ def open_clip_model_cfg(model_config) -> dict:
 
 def model_config_from_open_clip(cfg: dict, base=None, source: str = "open_clip config"):
     """open_clip `model_cfg` -> our `config.model` (starting from `base`, e.g. a config file's model)."""
-    from echoclip_jax.config.defaults import get_base_config
     cfg = cfg.get("model_cfg", cfg)
     mc = ml_collections.ConfigDict((base or get_base_config().model).to_dict())
     try:

@@ -6,7 +6,6 @@ import pytest
 
 from .conftest import load_bench
 
-
 common = load_bench("common")
 
 

@@ -3,8 +3,9 @@
 import jax
 import pytest
 
-from .conftest import load_bench
+from echoclip_jax.training import step as step_lib
 
+from .conftest import load_bench
 
 scaling = load_bench("scaling")
 
@@ -12,12 +13,11 @@ scaling = load_bench("scaling")
 def abstract_state(config_name, preset):
     from configs import echoclip, tiny
     from echoclip_jax.runtime import sharding
-    from echoclip_jax import train
 
     c = {"tiny": tiny, "echoclip": echoclip}[config_name].get_config()
     c.sharding_preset = preset
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = scaling.mesh_for(preset, jax.device_count())
-    return train.build_train_step(c, sharding.build_mesh(c.mesh), 100).abs_state
+    return step_lib.build_train_step(c, sharding.build_mesh(c.mesh), 100).abs_state
 
 
 @pytest.mark.parametrize("config_name", ["tiny", "echoclip"])

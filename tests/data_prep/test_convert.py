@@ -8,8 +8,8 @@ import json
 import os
 import re
 import shutil
-import stat
 import signal
+import stat
 import subprocess
 import sys
 import time

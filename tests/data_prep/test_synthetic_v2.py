@@ -10,7 +10,6 @@ import dataclasses
 import glob
 import hashlib
 import json
-import math
 import subprocess
 import sys
 

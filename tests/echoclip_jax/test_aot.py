@@ -9,16 +9,17 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from echoclip_jax import aot
 from echoclip_jax.models import backend
+from echoclip_jax.training import pod_compile
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason=f"libtpu is not installed: install {aot.TPU_EXTRA}")
+                                  reason=f"libtpu is not installed: install {pod_compile.TPU_EXTRA}")
 
 # configs/tiny.py made smaller still, so that the TPU compile takes well under a minute on 2 cores
 SMALL = {"batch_size": 32, "model.dtype": "bfloat16", "sharding_preset": "fsdp", "mesh.data": 1, "mesh.fsdp": -1,
@@ -39,7 +40,7 @@ def run_aot(tmp_path, config: str, topology: str, overrides: dict, timeout: floa
 
 @needs_libtpu
 def test_backend_choice_follows_the_mesh_not_the_host():
-    devices = aot.topology_devices(aot.get_topology("v5e-4"))
+    devices = pod_compile.topology_devices(pod_compile.get_topology("v5e-4"))
     mesh = jax.make_mesh((1, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3, devices=devices)
     assert jax.default_backend() == "cpu" and backend.platform() == "cpu"
     assert backend.depthwise_impl("auto", 56 * 56) == "shifted" and backend.mean_as_product()
@@ -71,15 +72,15 @@ def test_constrain_batch_keeps_the_batch_split_against_an_fsdp_table():
 
 
 def test_topology_names_and_usage_errors(monkeypatch):
-    assert aot.get_topology("v5litepod-16") is aot.TOPOLOGIES["v5e-16"]
+    assert pod_compile.get_topology("v5litepod-16") is aot.TOPOLOGIES["v5e-16"]
     assert aot.TOPOLOGIES["v4-32"].chips == 16 and aot.TOPOLOGIES["v4-32"].topology_name == "v4:2x2x4"
     assert aot.TOPOLOGIES["v5p-8"].topology_name == "v5:2x2x1" and aot.TOPOLOGIES["v6e-256"].chips == 256
     with pytest.raises(ValueError, match="--topology 'v9-8'.*v5e-16"):
-        aot.get_topology("v9-8")
+        pod_compile.get_topology("v9-8")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     with pytest.raises(RuntimeError, match=r"needs libtpu.*`tpu` extra"):
-        aot.topology_devices(aot.get_topology("v5e-4"))
+        pod_compile.topology_devices(pod_compile.get_topology("v5e-4"))
 
 
 @needs_libtpu
@@ -89,10 +90,10 @@ def test_scan_hlo_counts_matmul_flops_by_dtype():
         return a @ b, (c @ d).astype(jnp.float32)
 
     one = NamedSharding(jax.make_mesh((1,), ("x",), axis_types=(AxisType.Auto,),
-                                      devices=aot.topology_devices(aot.get_topology("v5e-1"))), P())
+                                      devices=pod_compile.topology_devices(pod_compile.get_topology("v5e-1"))), P())
     shapes = (((8, 16), jnp.float32), ((16, 4), jnp.float32), ((32, 8), jnp.bfloat16), ((8, 2), jnp.bfloat16))
     args = [jax.ShapeDtypeStruct(s, t, sharding=one) for s, t in shapes]
-    scan = aot.scan_hlo(jax.jit(f).lower(*args).compile().as_text())
+    scan = pod_compile.scan_hlo(jax.jit(f).lower(*args).compile().as_text())
     assert scan["matmul_flops_by_dtype"] == {"f32": 2 * 8 * 4 * 16, "bf16": 2 * 32 * 2 * 8}
     # the TPU compiler writes these products as convolutions
     assert scan["host_transfers"] == 0 and scan["largest_f32_matmuls"] == ["convolution f32[8,16] x f32[16,4]"]
@@ -101,7 +102,7 @@ def test_scan_hlo_counts_matmul_flops_by_dtype():
         return jax.lax.fori_loop(0, 6, lambda i, h: jnp.tanh(h @ w), x)
 
     square = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16, sharding=one)
-    scan = aot.scan_hlo(jax.jit(loop).lower(square, square).compile().as_text())
+    scan = pod_compile.scan_hlo(jax.jit(loop).lower(square, square).compile().as_text())
     assert scan["matmul_flops_by_dtype"] == {"bf16": 6 * 2 * 256 ** 3}
     assert scan["loops"] == 1 and scan["loop_matmul_flops"] == 5 * 2 * 256 ** 3
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from echoclip_jax import convert
-from echoclip_jax.weights import loader as weights
 from echoclip_jax.config.model import architecture
+from echoclip_jax.weights import conversion
+from echoclip_jax.weights import loader as weights
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -45,7 +46,7 @@ def test_safetensors_round_trip_and_errors(tmp_path):
     mc = tiny.get_config().model
     params = {k: np.random.default_rng(0).normal(size=s.shape).astype(s.dtype)
               for k, s in weights.expected_params(mc).items()}
-    convert.save(f"safetensors:{tmp_path / 'a.safetensors'}", mc, params)
+    conversion.save(f"safetensors:{tmp_path / 'a.safetensors'}", mc, params)
     mc2, back = weights.load(f"safetensors:{tmp_path / 'a.safetensors'}")
     assert mc2.vision.variant == "atto" and set(back) == set(params)
     assert all(np.array_equal(back[k], params[k]) for k in params)
@@ -75,7 +76,7 @@ def test_params_only_checkpoint_and_bfloat16_export(tmp_path):
     params = {k: np.random.default_rng(1).normal(scale=0.05, size=s.shape).astype(s.dtype)
               for k, s in weights.expected_params(mc).items()}
     src = f"safetensors:{tmp_path / 'src.safetensors'}"
-    convert.save(src, mc, params)
+    conversion.save(src, mc, params)
 
     errors = convert.convert(src, f"params:{tmp_path / 'shared'}")
     assert errors == {"image": 0.0, "text": 0.0}
@@ -83,10 +84,10 @@ def test_params_only_checkpoint_and_bfloat16_export(tmp_path):
     assert architecture(mc2) == architecture(mc)  # run settings (dtype, drop path) are not the stored ones
     assert all(np.array_equal(back[k], params[k]) for k in params)
     with pytest.raises(ValueError, match="already exists"):
-        convert.save(f"params:{tmp_path / 'shared'}", mc, params)
+        conversion.save(f"params:{tmp_path / 'shared'}", mc, params)
 
     errors = convert.convert(src, f"safetensors:{tmp_path / 'half.safetensors'}", dtype="bfloat16")
-    assert 0 < max(errors.values()) <= convert.TOLERANCE["bfloat16"]
+    assert 0 < max(errors.values()) <= conversion.TOLERANCE["bfloat16"]
     full, half = (tmp_path / "src.safetensors").stat().st_size, (tmp_path / "half.safetensors").stat().st_size
     assert half < 0.55 * full
 
@@ -128,4 +129,4 @@ def test_echoclip_config_as_shipped_converts_to_every_kind_and_back(tmp_path):
         assert torch.equal(v, got[k]), k
 
     errors = convert.convert(f"safetensors:{m}", f"safetensors:{tmp_path / 'half.safetensors'}", mc, "bfloat16")
-    assert 0 < max(errors.values()) <= convert.TOLERANCE["bfloat16"], errors
+    assert 0 < max(errors.values()) <= conversion.TOLERANCE["bfloat16"], errors

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from echoclip_jax import convert
-from echoclip_jax.weights import loader as weights
 from echoclip_jax.models import preprocess_images
+from echoclip_jax.weights import conversion
+from echoclip_jax.weights import loader as weights
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ def checkpoint(tmp_path_factory):
     mc = tiny.get_config().model
     params = {k: (np.random.default_rng(1).normal(size=s.shape) * 0.05).astype(s.dtype)
               for k, s in weights.expected_params(mc).items()}
-    convert.save(f"safetensors:{d / 'm.safetensors'}", mc, params)
+    conversion.save(f"safetensors:{d / 'm.safetensors'}", mc, params)
     return d, weights.make_model(mc, params)
 
 

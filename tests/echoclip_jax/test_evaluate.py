@@ -63,7 +63,7 @@ def test_compute_metrics_with_an_oracle_model():
     rng = np.random.default_rng(0)
     split, ef, pacer = _oracle_split(rng)
     tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
-    results, curves = evaluate.compute_metrics(OracleEmbedder(), split, tasks)
+    results, curves = sweep.compute_metrics(OracleEmbedder(), split, tasks)
     pm = results["tasks"]["pacemaker"]
     assert pm["n"] == 24 and pm["n_pos"] == int(pacer.sum())
     assert pm["auc"] == 1.0 and pm["f1"] == 1.0
@@ -82,7 +82,7 @@ def test_calibration_split_sets_the_threshold():
     split, _, _ = _oracle_split(rng)
     calib, _, _ = _oracle_split(rng)
     tasks = zs.load_tasks(names=["pacemaker"])
-    results, _ = evaluate.compute_metrics(OracleEmbedder(), split, tasks, calibration=calib)
+    results, _ = sweep.compute_metrics(OracleEmbedder(), split, tasks, calibration=calib)
     assert results["tasks"]["pacemaker"]["threshold_source"] == "calibration"
 
 
@@ -95,21 +95,21 @@ def _result(name, step, auc):
 
 def test_results_summary_and_plots(tmp_path):
     out = str(tmp_path)
-    evaluate.write_json(os.path.join(out, "200.json"), _result("200", 200, 0.8))
-    evaluate.write_json(os.path.join(out, "100.json"), _result("100", 100, float("nan")))
-    evaluate.write_json(os.path.join(out, "final.json"), _result("final", None, 0.9))
+    sweep.write_json(os.path.join(out, "200.json"), _result("200", 200, 0.8))
+    sweep.write_json(os.path.join(out, "100.json"), _result("100", 100, float("nan")))
+    sweep.write_json(os.path.join(out, "final.json"), _result("final", None, 0.9))
     assert not any(p.endswith(".tmp") for p in os.listdir(out))
     assert json.load(open(os.path.join(out, "100.json")))["tasks"]["pacemaker"]["auc"] is None  # NaN -> null
-    with open(evaluate.write_summary(out)) as f:
+    with open(sweep.write_summary(out)) as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == ["100", "200", "final"]  # by step, unnamed steps last
     assert rows[0]["tasks/pacemaker/auc"] == "" and rows[1]["tasks/pacemaker/auc"] == "0.8"
     assert rows[2]["step"] == "" and rows[2]["retrieval/image_to_text/mean_rank_fraction"] == "0.3"
-    path = evaluate.plot_metrics_vs_step(out)
+    path = sweep.plot_metrics_vs_step(out)
     curves = {"binary": {"pacemaker": {"labels": np.array([0, 1, 1, 0]), "scores": np.array([.1, .9, .6, .4])}},
               "regression": {"ejection_fraction": {"true": np.array([30., 60.]), "pred": np.array([35., 50.])}},
               "patient_identification": {"labels": np.array([1, 0]), "scores": np.array([.9, .1])}}
-    written = evaluate.plot_checkpoint(out, "200", curves)
+    written = sweep.plot_checkpoint(out, "200", curves)
     assert sorted(os.path.basename(p) for p in written) == ["200_ejection_fraction.png", "200_roc.png"]
     for p in [path, *written]:
         with open(p, "rb") as f:
@@ -117,7 +117,7 @@ def test_results_summary_and_plots(tmp_path):
 
 
 def test_flatten_keeps_numbers_only():
-    flat = evaluate.flatten({"a": {"b": 1, "c": "x", "d": None, "e": {"f": 2.5}}, "g": True})
+    flat = eval_outputs.flatten({"a": {"b": 1, "c": "x", "d": None, "e": {"f": 2.5}}, "g": True})
     assert flat.keys() == {"a/b", "a/d", "a/e/f"} and math.isnan(flat["a/d"])
 
 
@@ -255,7 +255,7 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
     from flax import nnx
 
     from configs.tiny import get_config
-    from echoclip_jax import convert, models, tokenizers
+    from echoclip_jax import models, tokenizers
     from echoclip_jax.weights import loader as weights
 
     data_dir = tmp_path / "records"
@@ -266,7 +266,7 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
     config.model.text.layers, config.model.text.width, config.model.text.heads = 1, 32, 2
     model = models.build_model(config.model, rngs=nnx.Rngs(0))
     weights_file = tmp_path / "m.safetensors"
-    convert.save(f"safetensors:{weights_file}", config.model,
+    conversion.save(f"safetensors:{weights_file}", config.model,
                  {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
     tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
     sources = evaluate.list_sources(checkpoint=f"safetensors:{weights_file}")
@@ -302,7 +302,12 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- study level
 
-from echoclip_jax.evaluation import study_level  # noqa: E402
+from echoclip_jax.evaluation import outputs as eval_outputs
+from echoclip_jax.evaluation import (
+    study_level,  # noqa: E402
+    sweep,
+)
+from echoclip_jax.weights import conversion
 
 
 def _unit(v):
@@ -385,7 +390,7 @@ def test_study_level_sees_a_finding_that_shows_in_one_view(pool):
     every positive study outscores every negative one."""
     split = _one_view_cohort(np.random.default_rng(0))
     tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
-    results, curves = evaluate.compute_metrics(OracleEmbedder(), split, tasks, study_pool=pool)
+    results, curves = sweep.compute_metrics(OracleEmbedder(), split, tasks, study_pool=pool)
     video, study = results["tasks"]["pacemaker"], results["study"]["tasks"]["pacemaker"]
     assert video["n"] == 36 and video["n_pos"] == 18 and video["auc"] < 0.8
     assert study["n"] == 12 and study["n_pos"] == 6 and study["auc"] == 1.0 and study["f1"] == 1.0
@@ -414,7 +419,7 @@ def test_study_retrieval_on_a_known_case():
     reports = ["R0.", "R0.", "R1.", "R1.", "R2.", "R2."]
     table = {"R0.": e[0], "R1.": _unit(e[1] + 0.2 * e[3]), "R2.": e[2]}
     split = _ragged_split(per_video, ["s0", "s0", "s1", "s1", "s2", "s2"], reports)
-    results, _ = evaluate.compute_metrics(TableEmbedder(table), split, [], level="study")
+    results, _ = sweep.compute_metrics(TableEmbedder(table), split, [], level="study")
     r = results["study"]["retrieval"]
     assert r["image_to_text"]["num_candidates"] == 3
     assert r["image_to_text"]["mean_rank"] == pytest.approx(4 / 3)  # ranks 1, 2, 1
@@ -430,7 +435,7 @@ def test_study_patient_identification_equals_the_video_blocks():
     """metrics.patient_identification already pools videos per study: the study block's figure is the
     same computation on the study embeddings, so the two agree."""
     split = _one_view_cohort(np.random.default_rng(1))
-    results, _ = evaluate.compute_metrics(OracleEmbedder(), split, zs.load_tasks(names=["pacemaker"]))
+    results, _ = sweep.compute_metrics(OracleEmbedder(), split, zs.load_tasks(names=["pacemaker"]))
     video, study = results["patient_identification"], results["study"]["patient_identification"]
     assert video["n_studies"] == study["n_studies"] == 12 and video["n_same"] == study["n_same"] == 6
     assert study["auc"] == pytest.approx(video["auc"], abs=1e-12)
@@ -450,8 +455,8 @@ def test_levels_json_layout_and_no_identifiers(tmp_path, monkeypatch):
     split = _one_view_cohort(np.random.default_rng(2))
     monkeypatch.setattr(weights, "load_model", lambda spec, cfg: None)
     monkeypatch.setattr(tokenizers, "from_config", lambda cfg: None)
-    monkeypatch.setattr(evaluate, "Embedder", lambda model, tok, batch_size: OracleEmbedder())
-    monkeypatch.setattr(evaluate, "embed_split", lambda *a, **k: split)
+    monkeypatch.setattr(sweep, "Embedder", lambda model, tok, batch_size: OracleEmbedder())
+    monkeypatch.setattr(sweep, "embed_split", lambda *a, **k: split)
 
     class Config:
         class model:
@@ -460,18 +465,18 @@ def test_levels_json_layout_and_no_identifiers(tmp_path, monkeypatch):
         tokenizer = None
 
     tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker", "tavr"])  # no TAVR in any report
-    source = [evaluate.Source(name="final", step=None, spec="safetensors:x")]
+    source = [sweep.Source(name="final", step=None, spec="safetensors:x")]
     common = dict(data_dir="unused", split="test", tasks=tasks, log=lambda *_: None)
     video_dir, both_dir = tmp_path / "v", tmp_path / "b"
     assert evaluate.run(Config, source, out_dir=str(video_dir), level="video", **common) == ["final"]
     only_video = json.load(open(video_dir / "final.json"))
-    assert "study" not in only_video and set(evaluate.VIDEO_KEYS) <= set(only_video)
+    assert "study" not in only_video and set(sweep.VIDEO_KEYS) <= set(only_video)
     assert evaluate.run(Config, source, out_dir=str(video_dir), level="video", **common) == []  # resumable
     assert evaluate.run(Config, source, out_dir=str(video_dir), level="both", **common) == ["final"]
     merged = json.load(open(video_dir / "final.json"))
     evaluate.run(Config, source, out_dir=str(both_dir), level="both", **common)
     fresh = json.load(open(both_dir / "final.json"))
-    for key in evaluate.VIDEO_KEYS:
+    for key in sweep.VIDEO_KEYS:
         assert json.dumps(merged[key]) == json.dumps(only_video[key]) == json.dumps(fresh[key]), key
     assert json.dumps(merged["study"]) == json.dumps(fresh["study"])
     study = fresh["study"]
@@ -484,7 +489,7 @@ def test_levels_json_layout_and_no_identifiers(tmp_path, monkeypatch):
     plots = set(os.listdir(both_dir / "plots"))
     assert {"final_roc.png", "final_study_roc.png", "final_ejection_fraction.png",
             "final_study_ejection_fraction.png", "final_levels.png"} <= plots
-    panels = evaluate.level_panels(fresh)
+    panels = eval_outputs.level_panels(fresh)
     assert "tavr auc" not in panels and set(panels["pacemaker auc"]) == {"better", "video", "study"}
     assert panels["pacemaker auc"]["study"] > panels["pacemaker auc"]["video"]
     ids = _ids_of(split)

@@ -11,8 +11,11 @@ import pytest
 from flax import nnx
 
 from configs.tiny import get_config
-from echoclip_jax import convert, interpret, models, tokenizers
-from echoclip_jax.saliency.truth import sector_from_frames
+from echoclip_jax import interpret, models, tokenizers
+from echoclip_jax.data import videos as video_files
+from echoclip_jax.data.videos import sector_from_frames
+from echoclip_jax.saliency import outputs as saliency_outputs
+from echoclip_jax.weights import conversion
 
 S = 64  # image size: a 2x2 last-stage map in ConvNeXt-atto
 BLOB = 12
@@ -194,12 +197,12 @@ def test_videos_of_different_lengths_share_batches_and_match_one_by_one(mapper, 
             assert maps.shape == (2, len(frames), S, S)
             np.testing.assert_allclose(maps, alone, rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(sims, alone_sims, rtol=1e-5, atol=1e-6)
-    named = [interpret.Video(f"v{i}", "npy", v, list(range(len(v)))) for i, v in enumerate(videos)]
+    named = [video_files.Video(f"v{i}", "npy", v, list(range(len(v)))) for i, v in enumerate(videos)]
     index = interpret.run(mapper, prompts=[DEVICE], out_dir=str(tmp_path), videos=iter(named),
                           methods=("promptcam",))
     assert [v["num_frames"] for v in index] == [1, 5, 12]
     for i, frames in enumerate(videos):
-        maps = np.load(tmp_path / f"v{i}" / interpret.prompt_slug(0, DEVICE) / "promptcam.npy")
+        maps = np.load(tmp_path / f"v{i}" / saliency_outputs.prompt_slug(0, DEVICE) / "promptcam.npy")
         sector = sector_from_frames(frames)  # run() keeps the maps inside the frames' scan sector only
         assert (maps[:, ~sector] == 0).all()
         np.testing.assert_allclose(maps, mapper.maps("promptcam", frames, text)[0][0] * sector,
@@ -234,12 +237,12 @@ def test_dicom_is_masked_and_named_without_identifiers(tmp_path):
 
 
 def test_prompt_slug_and_overlay():
-    assert interpret.prompt_slug(3, "Severe AS / 50%!") == "p03-severe-as-50"
-    assert interpret.prompt_slug(0, "???") == "p00"
+    assert saliency_outputs.prompt_slug(3, "Severe AS / 50%!") == "p03-severe-as-50"
+    assert saliency_outputs.prompt_slug(0, "???") == "p00"
     frame = np.full((4, 4, 3), 100, np.uint8)
     heat = np.zeros((4, 4))
     heat[0, 0] = 1.0
-    out = interpret.overlay(frame, heat)
+    out = saliency_outputs.overlay(frame, heat)
     assert (out[1:, :] == 100).all() and (out[0, 1:] == 100).all()  # zero saliency: the frame unchanged
     assert not (out[0, 0] == 100).all()
 
@@ -247,7 +250,7 @@ def test_prompt_slug_and_overlay():
 def test_cli_end_to_end(tmp_path, planted, reference_dir):
     c, model, _ = planted
     weights = tmp_path / "planted.safetensors"
-    convert.save(f"safetensors:{weights}", c.model, {k: np.asarray(v) for k, v in
+    conversion.save(f"safetensors:{weights}", c.model, {k: np.asarray(v) for k, v in
                                                      nnx.to_flat_state(nnx.state(model, nnx.Param))})
     np.save(tmp_path / "device.npy", np.concatenate([device_video(), speckle(np.random.default_rng(5), 2)]))
     out = tmp_path / "maps"

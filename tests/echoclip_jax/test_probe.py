@@ -9,8 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from echoclip_jax import probe, probe_labels
+from data_prep import options
+from echoclip_jax.demo import labels as demo_labels
 from echoclip_jax.inference.embedder import SplitEmbeddings
+from echoclip_jax.probes import labels as labels_lib
+from echoclip_jax.probes import linear
+from echoclip_jax.probes import pipeline as probe_pipeline
+from echoclip_jax.weights import conversion
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,7 +74,7 @@ def test_linear_probe_on_a_separable_case_beats_its_baseline_and_writes_no_ids(t
     table = {k: {**_table(train, view=view_tr, ef=ef_tr)[k], **_table(test, view=view_ev, ef=ef_ev)[k]}
              for k in ("view", "ef")}
     logs = []
-    res = probe.probe_splits(train, test, table, key="video_id", out_dir=str(tmp_path), probes=("linear",),
+    res = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=str(tmp_path), probes=("linear",),
                              log=logs.append)
     view = res["labels"]["view"]
     assert view["task"] == "classification" and view["task_source"] == "detected"
@@ -79,7 +84,7 @@ def test_linear_probe_on_a_separable_case_beats_its_baseline_and_writes_no_ids(t
     assert view["baseline"]["accuracy"] == pytest.approx(np.mean(view_ev == "a4c"))  # the majority class
     assert view["baseline"]["accuracy"] < 0.8 and view["baseline"]["balanced_accuracy"] == pytest.approx(1 / 3)
     assert np.sum(lin["metrics"]["confusion_matrix"]["matrix"]) == 60
-    assert lin["hyperparameters"]["C"] in probe.C_GRID and lin["hyperparameters"]["cv_folds"] == 5
+    assert lin["hyperparameters"]["C"] in linear.C_GRID and lin["hyperparameters"]["cv_folds"] == 5
     ef = res["labels"]["ef"]
     assert ef["task"] == "regression"
     assert ef["probes"]["linear"]["metrics"]["mae"] < 0.1 and ef["probes"]["linear"]["metrics"]["r2"] > 0.999
@@ -112,7 +117,7 @@ def test_attentive_probe_finds_the_one_frame_that_carries_the_label(tmp_path):
     train, y_tr = _one_frame(rng, 200, "tr")
     test, y_ev = _one_frame(rng, 100, "ev")
     table = {"device": {**_table(train, d=y_tr)["d"], **_table(test, d=y_ev)["d"]}}
-    res = probe.probe_splits(train, test, table, key="video_id", out_dir=str(tmp_path), log=lambda *_: None)
+    res = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=str(tmp_path), log=lambda *_: None)
     probes = res["labels"]["device"]["probes"]
     attentive, linear = probes["attentive"]["metrics"]["accuracy"], probes["linear"]["metrics"]["accuracy"]
     assert attentive >= 0.95, (attentive, linear)
@@ -120,7 +125,7 @@ def test_attentive_probe_finds_the_one_frame_that_carries_the_label(tmp_path):
     hp = probes["attentive"]["hyperparameters"]
     assert hp["epochs"] == 60 and hp["seed"] == 0 and hp["final_train_loss"] < 0.1
     # seeded: the same run gives the same figures
-    again = probe.probe_splits(train, test, table, key="video_id", out_dir=None, probes=("attentive",),
+    again = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=None, probes=("attentive",),
                                log=lambda *_: None)
     assert again["labels"]["device"]["probes"]["attentive"]["metrics"] == probes["attentive"]["metrics"]
 
@@ -141,7 +146,7 @@ def test_attentive_predictions_do_not_depend_on_padding():
 def test_cv_folds_never_split_a_patient():
     rng = np.random.default_rng(0)
     groups = [f"p{g}" for g in rng.integers(0, 17, 120)]
-    folds = probe.cv_folds(groups)
+    folds = linear.cv_folds(groups)
     assert len(folds) == 5
     held_out = np.concatenate([test for _, test in folds])
     assert sorted(held_out) == list(range(120))  # every item held out exactly once
@@ -150,12 +155,12 @@ def test_cv_folds_never_split_a_patient():
         assert not set(g[train]) & set(g[test])
     # the linear probe fits on exactly such folds
     x = rng.normal(size=(120, 4))
-    _, hp, used = probe.fit_linear(x, x[:, 0] > 0, groups, "classification")
+    _, hp, used = linear.fit_linear(x, x[:, 0] > 0, groups, "classification")
     assert hp["cv_folds"] == len(used) == 5 and hp["cv_grouped_by"] == "patient_id"
     for train, test in used:
         assert not set(g[train]) & set(g[test])
-    assert probe.cv_folds(["p0"] * 5) == []  # one patient: no folds, the default strength
-    _, hp, _ = probe.fit_linear(x[:5], x[:5, 0], ["p0"] * 5, "regression")
+    assert linear.cv_folds(["p0"] * 5) == []  # one patient: no folds, the default strength
+    _, hp, _ = linear.fit_linear(x[:5], x[:5, 0], ["p0"] * 5, "regression")
     assert hp["alpha"] == 1.0 and hp["cv"].startswith("none")
 
 
@@ -168,7 +173,7 @@ def test_cv_folds_never_split_a_patient():
     ([], "classification"),
 ])
 def test_label_type_detection(values, task):
-    assert probe.detect_task(values) == task
+    assert labels_lib.detect_task(values) == task
 
 
 def test_missing_labels_are_skipped_and_counted_and_study_keys_pool_videos(tmp_path):
@@ -184,23 +189,23 @@ def test_missing_labels_are_skipped_and_counted_and_study_keys_pool_videos(tmp_p
             w.writerow([v, "" if i == 0 else 30 + 5 * i, "x"])  # video 0: empty label
         for v in test.video_id:
             w.writerow([v, 50, "x"])
-    table = probe.read_labels(str(path), "video_id", ["ef"])
-    res = probe.probe_splits(train, test, table, key="video_id", out_dir=None, probes=("linear",),
+    table = labels_lib.read_labels(str(path), "video_id", ["ef"])
+    res = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=None, probes=("linear",),
                              tasks={"ef": "regression"}, log=lambda *_: None)
     ef = res["labels"]["ef"]
     assert ef["task_source"] == "given" and ef["n_train"] == 5 and ef["n_eval"] == 4
     assert ef["skipped"] == {"train": {"no_label_row": 2, "empty_label": 1},
                              "eval": {"no_label_row": 0, "empty_label": 0}}
     with pytest.raises(ValueError, match=r"no column\(s\) \['nope'\]"):
-        probe.read_labels(str(path), "video_id", ["nope"])
+        labels_lib.read_labels(str(path), "video_id", ["nope"])
     # study key: a study is the re-normalised mean of its videos, over all their frames
-    items = probe.items_for(train, "study_id")
+    items = labels_lib.items_for(train, "study_id")
     assert len(items.keys) == 4 and [len(f) for f in items.frames] == [6] * 4
     mean = train.videos[:2].mean(0)
     np.testing.assert_allclose(items.embeddings[0], mean / np.linalg.norm(mean), rtol=1e-5)
     np.testing.assert_allclose(items.frames[0], np.concatenate(frames[:2]), rtol=1e-6)
     study_table = {"ef": {"trs0": "40", "trs1": "45", "trs2": "", "evs0": "50"}}
-    res = probe.probe_splits(train, test, study_table, key="study_id", out_dir=None, probes=("linear",),
+    res = probe_pipeline.probe_splits(train, test, study_table, key="study_id", out_dir=None, probes=("linear",),
                              tasks={"ef": "regression"}, log=lambda *_: None)
     assert res["n_items"] == {"train": 4, "eval": 2}
     assert res["labels"]["ef"]["skipped"] == {"train": {"no_label_row": 1, "empty_label": 1},
@@ -208,9 +213,9 @@ def test_missing_labels_are_skipped_and_counted_and_study_keys_pool_videos(tmp_p
     # a patient on both sides would flatter the probe: refused
     leaky = _split(frames[8:], ["trp0"] * 4, tag="ev")
     with pytest.raises(ValueError, match="1 patient\\(s\\) in both"):
-        probe.probe_splits(train, leaky, table, key="video_id", out_dir=None, log=lambda *_: None)
+        probe_pipeline.probe_splits(train, leaky, table, key="video_id", out_dir=None, log=lambda *_: None)
     # one class in training: an error for that label, not a crash
-    one = probe.probe_splits(train, test, {"c": {v: "a" for v in train.video_id} | {test.video_id[0]: "b"}},
+    one = probe_pipeline.probe_splits(train, test, {"c": {v: "a" for v in train.video_id} | {test.video_id[0]: "b"}},
                              key="video_id", out_dir=None, log=lambda *_: None)
     assert one["labels"]["c"]["error"] == "one class only in the training split"
 
@@ -233,7 +238,7 @@ def test_synthetic_labels_csv(tmp_path):
     truth = truth_by_video_id(str(tmp_path / "c"), b"a-secret-salt")
     assert list(rows[0]) == ["video_id", "view", "ef", "pacemaker", "tavr", "mitraclip", "lv_size"]
     assert {r["video_id"]: r["view"] for r in rows} == {k: t["view"] for k, t in truth.items()}
-    n = probe_labels.write_synthetic_labels(str(tmp_path / "c"), "a-secret-salt", str(tmp_path / "s.csv"),
+    n = demo_labels.write_synthetic_labels(str(tmp_path / "c"), "a-secret-salt", str(tmp_path / "s.csv"),
                                             key="study_id")
     studies = {t["StudyInstanceUID"]: t["ef"] for t in read_truth(str(tmp_path / "c"))}
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
@@ -241,7 +246,7 @@ def test_synthetic_labels_csv(tmp_path):
     assert {r["study_id"]: r["ef"] for r in rows} == {salted_hash(b"a-secret-salt", "study", u): ef
                                                        for u, ef in studies.items()}
     with pytest.raises(ValueError, match="at least 8 bytes"):
-        probe_labels.read_salt("short")
+        options.load_salt("short")
 
 
 # ------------------------------------------------------------------------- the CLI, end to end
@@ -286,7 +291,7 @@ def test_cli_end_to_end_on_tiny_records(tmp_path):
     from flax import nnx
 
     from configs.tiny import get_config
-    from echoclip_jax import convert, models
+    from echoclip_jax import models
 
     (tmp_path / "records").mkdir()
     ids = _write_records(str(tmp_path / "records"), np.random.default_rng(0))
@@ -298,7 +303,7 @@ def test_cli_end_to_end_on_tiny_records(tmp_path):
             node = node[part]
         node[leaf] = v
     model = models.build_model(config.model, rngs=nnx.Rngs(0))
-    convert.save(f"safetensors:{tmp_path / 'm.safetensors'}", config.model,
+    conversion.save(f"safetensors:{tmp_path / 'm.safetensors'}", config.model,
                  {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
     train = [i for i in ids if "video" in i and i.startswith("train")]
     test = [i for i in ids if "video" in i and i.startswith("test")]

@@ -23,9 +23,9 @@ import pytest
 
 from data_prep import records
 from data_prep.synthetic import read_phi
-from echoclip_jax.training import checkpoint
 from echoclip_jax.data import loader as data
 from echoclip_jax.runtime import sharding
+from echoclip_jax.training import checkpoint
 
 from .conftest import REPO, free_port, read_metrics, run_train, tiny_overrides, train_command, xla_flags
 

@@ -11,10 +11,11 @@ import pytest
 
 from data_prep.plan import salted_hash
 from data_prep.synthetic import read_phi
-from echoclip_jax.data import loader as data
 from echoclip_jax import report
+from echoclip_jax.data import loader as data
 from echoclip_jax.inference.embedder import Embedder
 from echoclip_jax.retrieval import ops
+from echoclip_jax.retrieval import report as retrieval_report
 
 from .conftest import REPO, tiny_overrides
 from .test_search import SALT, init_params, tiny  # noqa: F401 (the module-scoped model fixture)
@@ -31,14 +32,14 @@ REPORTS = [
 
 
 def test_findings_come_from_the_zero_shot_rules():
-    got = report.report_findings(REPORTS)
+    got = retrieval_report.report_findings(REPORTS)
     assert got[0] == {"ef": 35.0, "ef_band": "moderately reduced", "pacemaker": "present", "tavr": "absent",
                       "mitraclip": "absent", "lv_size": "moderate"}
     assert (got[1]["ef"], got[1]["ef_band"], got[1]["lv_size"]) == (38.0, "moderately reduced", None)
     assert (got[2]["ef_band"], got[2]["lv_size"], got[2]["pacemaker"]) == ("normal", "normal", "absent")
     assert got[3]["lv_size"] == "moderate" and got[3]["tavr"] == "present"  # the table's "... BY VOLUME" phrase
     assert got[4]["ef"] is None and got[4]["ef_band"] is None and got[4]["lv_size"] is None
-    assert [report.ef_band(e) for e in (75, 60, 50, 40, 20)] == [
+    assert [retrieval_report.ef_band(e) for e in (75, 60, 50, 40, 20)] == [
         "hyperdynamic", "normal", "mildly reduced", "moderately reduced", "severely reduced"]
 
 
@@ -49,7 +50,7 @@ def test_nearest_report_and_vote_with_support():
     query = np.asarray([0.5, 0.6, 0.1, 0.3, 0.0], np.float32)
     rows, sims = bank.retrieve(query, 3)
     assert list(rows) == [1, 0, 3]
-    out = report.compose(bank, rows, sims)
+    out = retrieval_report.compose(bank, rows, sims)
     assert out["nearest_report"] == {"id": "s1", "similarity": pytest.approx(0.6), "text": REPORTS[1]}
     f = out["findings"]
     assert f["ef"] == {"value": 35.0, "support": 3, "stated": 3, "of": 3, "mean_similarity": pytest.approx(0.4667, abs=1e-4)}
@@ -64,13 +65,13 @@ def test_nearest_report_and_vote_with_support():
 
 
 def test_agreement_against_a_truth():
-    preds = [{"ef": {"value": v}, "ef_band": {"value": report.ef_band(v)}, "pacemaker": {"value": p},
+    preds = [{"ef": {"value": v}, "ef_band": {"value": retrieval_report.ef_band(v)}, "pacemaker": {"value": p},
               "tavr": {"value": "absent"}, "mitraclip": {"value": "absent"}, "lv_size": {"value": s}}
              for v, p, s in ((40, "present", "mild"), (60, "absent", "normal"), (30, "absent", "severe"))]
     truth = [{"ef": 44, "pacemaker": 1, "tavr": 0, "mitraclip": 0, "lv_size": "mild"},
              {"ef": 52, "pacemaker": 0, "tavr": 1, "mitraclip": 0, "lv_size": "normal"},
              {"ef": 30, "pacemaker": 1, "tavr": 0, "mitraclip": 0, "lv_size": "moderate"}]
-    got = report.agreement(preds, truth)
+    got = retrieval_report.agreement(preds, truth)
     assert got["ef_within_5"] == pytest.approx(2 / 3) and got["ef_band_accuracy"] == pytest.approx(2 / 3)
     assert got["pacemaker_accuracy"] == pytest.approx(2 / 3) and got["pacemaker_balanced_accuracy"] == 0.75
     assert got["tavr_balanced_accuracy"] == 0.5 and got["mitraclip_balanced_accuracy"] is None
@@ -112,7 +113,7 @@ def test_report_of_a_study_identical_to_a_bank_study(records_dir, tiny, tmp_path
     assert got["nearest_report"]["text"] == videos[0]["report"]
     truth = _study_truth(records_dir)[study]
     assert got["findings"]["ef"]["value"] == float(truth["ef"])
-    for device in report.DEVICES:
+    for device in retrieval_report.DEVICES:
         assert got["findings"][device]["value"] == ("present" if truth[device] == "1" else "absent")
     assert got["disclaimer"] == report.DISCLAIMER
     assert (tmp_path / "R" / "report.txt").read_text().startswith(report.DISCLAIMER)
@@ -155,6 +156,6 @@ def test_reports_for_a_split_against_a_records_bank(records_dir, tiny, tmp_path)
 def test_lv_size_in_other_readers_words():
     reports = ["LV CAVITY SIZE IS MILD INCREASED. EF 40%.", "LEFT VENTRICULAR CAVITY SIZE IS WITHIN NORMAL LIMITS.",
                "THE LV IS SEVERE ENLARGED.", "NORMAL LV CAVITY SIZE. MODERATE LV DILATATION.", "EF 55%."]
-    got = [f["lv_size"] for f in report.report_findings(reports)]
+    got = [f["lv_size"] for f in retrieval_report.report_findings(reports)]
     assert got[:3] == ["mild", "normal", "severe"] and got[4] is None
     assert got[3] in ("normal", "moderate")  # two statements: one of them, never a third class

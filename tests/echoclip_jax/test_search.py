@@ -10,13 +10,13 @@ import pydicom
 import pytest
 
 from data_prep.plan import salted_hash
-from echoclip_jax import convert
 from echoclip_jax.data import loader as data
-from echoclip_jax.weights import loader as weights
 from echoclip_jax.models import preprocess_images
 from echoclip_jax.retrieval import archive as archive_lib
 from echoclip_jax.retrieval import ops
 from echoclip_jax.retrieval.vectors import VectorIndex, exact_search, recall_at_k
+from echoclip_jax.weights import conversion
+from echoclip_jax.weights import loader as weights
 
 from .conftest import REPO, tiny_overrides
 
@@ -111,7 +111,7 @@ def tiny(records_dir, tmp_path_factory):
         node[leaf] = value
     params = init_params(c.model, 0)
     path = tmp_path_factory.mktemp("model") / "m.safetensors"
-    convert.save(f"safetensors:{path}", c.model, params)
+    conversion.save(f"safetensors:{path}", c.model, params)
     return c, f"safetensors:{path}", weights.make_model(c.model, params)
 
 
@@ -201,7 +201,7 @@ def test_cli_add_skips_indexed_videos_and_query_writes_json(records_dir, tiny, b
     assert all(x["study_id"] != video["study_id"] for x in got["results"]["video"])
     assert got["results"]["study"][0]["study_id"] in r.stdout
     other = tmp_path / "other.safetensors"  # the same architecture with other weights: refused
-    convert.save(f"safetensors:{other}", config.model, init_params(config.model, 1))
+    conversion.save(f"safetensors:{other}", config.model, init_params(config.model, 1))
     overrides = [f"--config.{k}={v}" for k, v in tiny_overrides(records_dir).items() if k.startswith(("model", "tok"))]
     r = run("add", path, "--data_dir", records_dir, "--checkpoint", f"safetensors:{other}", "--config",
             "configs/tiny.py", *overrides)

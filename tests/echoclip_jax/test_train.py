@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echoclip_jax.training import checkpoint
-from echoclip_jax import train
+from echoclip_jax.training import checkpoint, loop
+from echoclip_jax.training import step as step_lib
+from echoclip_jax.weights import conversion
 
 from .conftest import REPO, free_port, read_metrics, run_train, tiny_overrides, train_command
 
@@ -127,7 +128,6 @@ def test_two_processes_match_one(records_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # The checkpoint both hosts wrote converts on one CPU process (one device), verifying its own embeddings.
-    from echoclip_jax import convert
     from echoclip_jax.weights import loader as weights
 
     overrides = [f"--config.{k}={v}" for k, v in tiny_overrides(records_dir).items()]
@@ -216,18 +216,17 @@ def test_launch_scripts_dry_run_print_the_command(script, args, expect):
 def test_init_from_an_open_clip_state_dict(tiny_config, tmp_path):
     from flax import nnx
 
-    from echoclip_jax import convert, models
-    from echoclip_jax.weights import loader as weights
+    from echoclip_jax import models
 
     source = models.build_model(tiny_config.model, rngs=nnx.Rngs(3))
     flat = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(source, nnx.Param))}
-    convert.save(f"open_clip:{tmp_path}/oc.safetensors", tiny_config.model, flat)
+    conversion.save(f"open_clip:{tmp_path}/oc.safetensors", tiny_config.model, flat)
     tiny_config.init.kind, tiny_config.init.path = "open_clip", f"{tmp_path}/oc.safetensors"
     abstract = nnx.eval_shape(lambda: models.build_model(tiny_config.model, rngs=nnx.Rngs(0)))
     params_state = nnx.split(abstract, nnx.Param, ...)[1]
-    mesh = train.sharding.build_mesh(tiny_config.mesh)
-    shardings = train.sharding.param_shardings(params_state, mesh, train.sharding.get_rules("fsdp"))
-    got = train.initial_params(tiny_config, nnx.to_pure_dict(params_state), shardings)
+    mesh = loop.sharding.build_mesh(tiny_config.mesh)
+    shardings = loop.sharding.param_shardings(params_state, mesh, loop.sharding.get_rules("fsdp"))
+    got = step_lib.initial_params(tiny_config, nnx.to_pure_dict(params_state), shardings)
     want = nnx.to_pure_dict(nnx.state(source, nnx.Param))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -237,7 +236,7 @@ def test_train_step_has_no_conditional(tiny_config):
     """XLA:CPU runs a collective inside a conditional out of order with the step's other collectives: with
     the batch sharded, jnp.diagonal's platform-dependent `cond` in the loss got an all-gather and a step
     deadlocked (seen under load with 8 devices: 7 waiting in one all-gather, the 8th in the conditional's)."""
-    ts = train.build_train_step(tiny_config, train.sharding.build_mesh(tiny_config.mesh), 8)
+    ts = step_lib.build_train_step(tiny_config, loop.sharding.build_mesh(tiny_config.mesh), 8)
     b, size, length = tiny_config.batch_size, tiny_config.model.vision.image_size, tiny_config.tokenizer.context_length
     batch = {"images": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=ts.batch_sh["images"]),
              "tokens": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=ts.batch_sh["tokens"])}

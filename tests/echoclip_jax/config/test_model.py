@@ -9,8 +9,10 @@ import pytest
 
 from configs import tiny
 from echoclip_jax import convert
-from echoclip_jax.weights import loader as weights
 from echoclip_jax.config import model as mcfg
+from echoclip_jax.training import step as step_lib
+from echoclip_jax.weights import conversion
+from echoclip_jax.weights import loader as weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -31,7 +33,7 @@ def random_params(mc, seed=0):
 def test_stored_architecture_with_run_settings_from_the_config(tmp_path):
     stored = small("bfloat16")
     path = tmp_path / "m.safetensors"
-    convert.save(f"safetensors:{path}", stored, random_params(stored))
+    conversion.save(f"safetensors:{path}", stored, random_params(stored))
     given = small("float32")
     given.vision.drop_path_rate = 0.3
     mc, _ = weights.load(f"safetensors:{path}", given)
@@ -81,27 +83,26 @@ def test_train_init_follows_the_same_rule(tmp_path):
 
     from echoclip_jax import models
     from echoclip_jax.runtime import sharding
-    from echoclip_jax import train
 
     config = tiny.get_config()
     config.model = small("bfloat16")
     params = random_params(config.model, seed=3)
-    convert.save(f"params:{tmp_path / 'p'}", small("float32"), params)  # stored: another compute dtype
+    conversion.save(f"params:{tmp_path / 'p'}", small("float32"), params)  # stored: another compute dtype
     abstract = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
     state = nnx.split(abstract, nnx.Param, ...)[1]
     mesh = sharding.build_mesh(config.mesh)
     shardings = sharding.param_shardings(state, mesh, sharding.get_rules("dp"))
     config.init.kind, config.init.path = "checkpoint", str(tmp_path / "p")
-    got = train.initial_params(config, nnx.to_pure_dict(state), shardings)
+    got = step_lib.initial_params(config, nnx.to_pure_dict(state), shardings)
     flat = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.State(got))}
     assert all(np.array_equal(flat[k], params[k]) for k in params)
     assert len(jax.tree.leaves(got)) == len(params)
 
-    convert.save(f"open_clip:{tmp_path / 'oc'}", config.model, params)
+    conversion.save(f"open_clip:{tmp_path / 'oc'}", config.model, params)
     config.init.kind, config.init.path = "open_clip", str(tmp_path / "oc")
     config.model.embed_dim = 64
     with pytest.raises(ValueError, match=r"open_clip_config.json: the stored model config has model.embed_dim = 32"):
-        train.initial_params(config, nnx.to_pure_dict(state), shardings)
+        step_lib.initial_params(config, nnx.to_pure_dict(state), shardings)
 
 
 def test_evaluate_embed_and_interpret_clis_name_a_mismatch(tmp_path):
@@ -109,7 +110,7 @@ def test_evaluate_embed_and_interpret_clis_name_a_mismatch(tmp_path):
     mc = tiny.get_config().model
     mc.text.layers = 2
     path = tmp_path / "m.safetensors"
-    convert.save(f"safetensors:{path}", mc, random_params(mc))
+    conversion.save(f"safetensors:{path}", mc, random_params(mc))
     np.save(tmp_path / "x.npy", np.zeros((1, 64, 64, 3), np.uint8))
     common = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--checkpoint", f"safetensors:{path}"]
     commands = {

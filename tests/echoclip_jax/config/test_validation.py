@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from echoclip_jax.config import defaults as base
 from configs import echoclip, echoclip_r, tiny
+from echoclip_jax.config import defaults as base
 from echoclip_jax.config.validation import ConfigError, validate
 
 TEMPLATE_VOCAB = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "echoclip_reference",

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from configs.tiny import get_config
-from echoclip_jax.inference import embedder as emb
 from echoclip_jax import models
+from echoclip_jax.inference import embedder as emb
 
 LENGTHS = [1, 7, 3, 12, 2, 9]  # a one-frame video, and lengths around the batch of 8 frames
 

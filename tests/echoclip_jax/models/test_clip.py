@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from echoclip_jax.models import CLIP, build_model, preprocess_images
+from echoclip_jax.models import build_model, preprocess_images
 
 VOCAB = {"embed", "mlp", "heads", "kv", "vocab", "joint", None}
 

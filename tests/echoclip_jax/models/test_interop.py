@@ -8,8 +8,9 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from configs import echoclip, tiny  # noqa: E402
-from echoclip_jax import convert  # noqa: E402
-from echoclip_jax.weights import open_clip as ocw, loader as weights
+from echoclip_jax.weights import conversion
+from echoclip_jax.weights import loader as weights
+from echoclip_jax.weights import open_clip as ocw
 
 pytestmark = pytest.mark.interop
 
@@ -42,7 +43,7 @@ def check_parity(model_config, torch_model, tmp_path):
     params = ocw.import_state_dict(sd, weights.expected_params(model_config), model_config, "test")
     assert sum(v.size for v in params.values()) == sum(p.numel() for p in torch_model.parameters())
     ours = weights.make_model(model_config, params)
-    images, tokens = convert.fixed_inputs(model_config)
+    images, tokens = conversion.fixed_inputs(model_config)
     theirs = open_clip_embeddings(torch_model, images, tokens)
     assert_close(ours.encode_image(images), theirs[0])
     assert_close(ours.encode_text(tokens), theirs[1])

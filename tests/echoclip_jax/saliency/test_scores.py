@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from echoclip_jax import convert, models
-from echoclip_jax.saliency import scores as ss, truth as saliency_truth
-from echoclip_jax import tokenizers
+from echoclip_jax import models, tokenizers
+from echoclip_jax.data import videos
+from echoclip_jax.demo import device_masks
+from echoclip_jax.saliency import scores as ss
 from echoclip_jax.saliency.maps import SaliencyMapper
+from echoclip_jax.weights import conversion
 from tests.echoclip_jax.test_interpret import S, small_config, speckle
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
@@ -81,7 +83,7 @@ def test_parse_methods():
 
 
 def test_device_prompts_are_the_zero_shot_sentences():
-    prompts = ss.device_prompts()
+    prompts = device_masks.device_prompts()
     assert prompts["pacemaker"][0] == "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD."
     assert prompts["tavr"][0].startswith("A BIOPROSTHETIC STENT-VALVE")
     assert prompts["mitraclip"][1].startswith("ONE MITRACLIP") and prompts["mitraclip"][2].startswith("TWO")
@@ -106,7 +108,7 @@ def all_cases(cohort, frames=0):
     from data_prep.synthetic import truth_by_video_id
 
     truth = truth_by_video_id(cohort / "cohort", SALT)
-    return [c for split in ("train", "val", "test") for c in ss.device_cases(
+    return [c for split in ("train", "val", "test") for c in device_masks.device_cases(
         str(cohort / "records"), split, truth, cohort_dir=str(cohort / "cohort"), image_size=S, frames=frames,
         limit=0)]
 
@@ -124,7 +126,7 @@ def test_device_mask_lines_up_with_the_bright_device_pixels(cohort):
             if shifted.sum() >= 4:  # along itself newly covers only its ends)
                 assert grey[shifted].mean() < inside - 25, (device, dy, dx)
         assert not (masks & ~sector[None]).any()
-        found = saliency_truth.sector_from_frames(frames)
+        found = videos.sector_from_frames(frames)
         assert (found & sector).sum() / (found | sector).sum() > 0.93  # the frames' sector = data_prep's
 
 
@@ -155,7 +157,7 @@ def test_earlier_stage_cam_has_the_stage_resolution(tiny_mapper):
 def test_cli_scores_a_tiny_cohort_end_to_end(cohort, tiny_mapper, tmp_path):
     c, model, _ = tiny_mapper
     weights = tmp_path / "tiny.safetensors"
-    convert.save(f"safetensors:{weights}", c.model, {k: np.asarray(v) for k, v in
+    conversion.save(f"safetensors:{weights}", c.model, {k: np.asarray(v) for k, v in
                                                      nnx.to_flat_state(nnx.state(model, nnx.Param))})
     arch = ["--config.model.embed_dim=32", "--config.model.text.layers=1", "--config.model.text.width=32",
             "--config.model.text.heads=2", f"--config.model.vision.image_size={S}"]
@@ -195,7 +197,7 @@ def test_cli_scores_a_tiny_cohort_end_to_end(cohort, tiny_mapper, tmp_path):
         assert summary["cam_stage"] == {"stage": 1, "grid": 8} and len(summary["frame_indices"]) == 3
         frames = np.stack([np.asarray(__import__("PIL.Image").Image.open(p)) for p in sorted(
             (maps_out / entry["video"] / summary["prompts"][0]["dir"]).glob("promptcam_*.png"))])
-        sector = saliency_truth.sector_from_frames(frames)
+        sector = videos.sector_from_frames(frames)
         for method in ("promptcam", "gradient"):
             maps = np.load(maps_out / entry["video"] / summary["prompts"][0]["dir"] / f"{method}.npy")
             assert maps.shape == (3, S, S) and maps.max() > 0

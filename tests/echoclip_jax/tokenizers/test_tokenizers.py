@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_prep.reports import clean_text
+from echoclip_jax import train_sentencepiece
 from echoclip_jax.tokenizers import SentencePieceTokenizer, from_config, get_tokenizer
-from echoclip_jax.tokenizers import train_sentencepiece as tsp
+from echoclip_jax.tokenizers import spm_train as tsp
 from echoclip_jax.tokenizers.clip_bpe import clean as clip_clean
 
 # --- Facts of the released tokenizers (the README of the reference data, CLIP's vocabulary) -------------
@@ -314,7 +315,7 @@ def spm_model(tmp_path_factory, report_corpus, vocab_path):
     out = d / "reports.model"
     argv = ["--reports", str(d / "reports.csv"), "--vocab_size", "1000", "--out", str(out),
             "--template_vocab", vocab_path]
-    assert tsp.main(argv) == 0
+    assert train_sentencepiece.main(argv) == 0
     return str(out)
 
 
@@ -382,7 +383,7 @@ def test_sentencepiece_bad_inputs(tmp_path, report_corpus):
         tsp.train(["", "  "], 100)
     # The command line reports the problem in one line and exits non-zero, writing nothing.
     out = tmp_path / "m.model"
-    assert tsp.main(["--reports", str(csv_path), "--vocab_size", "50", "--out", str(out)]) == 2
+    assert train_sentencepiece.main(["--reports", str(csv_path), "--vocab_size", "50", "--out", str(out)]) == 2
     assert not out.exists()
 
 

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from echoclip_jax.training import checkpoint
 from echoclip_jax.runtime import sharding
+from echoclip_jax.training import checkpoint
 
 
 def _mesh(data, fsdp, devices=None):

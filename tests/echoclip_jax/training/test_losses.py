@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from echoclip_jax.training import losses
 from echoclip_jax.runtime import sharding
+from echoclip_jax.training import losses
 
 
 def _cfg(name, impl, chunk=0):

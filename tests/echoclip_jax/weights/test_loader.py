@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from echoclip_jax import convert
+from echoclip_jax.weights import conversion
 from echoclip_jax.weights import loader as weights
 
 
@@ -36,6 +37,6 @@ def test_params_only_checkpoint_has_no_steps(tmp_path):
     from configs import tiny
     mc = tiny.get_config().model
     params = {k: np.zeros(s.shape, s.dtype) for k, s in weights.expected_params(mc).items()}
-    convert.save(f"params:{tmp_path / 'p'}", mc, params)
+    conversion.save(f"params:{tmp_path / 'p'}", mc, params)
     with pytest.raises(ValueError, match="params-only checkpoint has no steps; drop @3"):
         weights.load(weights.Spec("orbax", str(tmp_path / "p"), 3), mc)

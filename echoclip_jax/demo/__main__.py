@@ -11,7 +11,7 @@ their zero-shot relevance) -> probes on the frozen embeddings
 masks -> preliminary reports by retrieval for the held-out studies (echoclip_jax.report), scored against the
 cohort's truth beside k random reports. A stage whose output already exists is not redone, so an
 interrupted demo resumes. The results table prints every figure beside the baseline it has to beat
-(echoclip_jax.synthetic_truth.results_table); `OUT/results.json` holds them. Only the demo joins the cohort's truth to the
+(echoclip_jax.demo.results_table); `OUT/results.json` holds them. Only the demo joins the cohort's truth to the
 records (the label CSVs it writes for the probes hold salted ids and stay under OUT/secrets).
 """
 from __future__ import annotations
@@ -20,49 +20,22 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
-import time
 
 from data_prep.options import load_salt
-from echoclip_jax.synthetic_truth import results_table as demo_figures
-
-CONFIG = "configs/tiny.py"
-EVAL_TASKS = ("ejection_fraction", "pacemaker", "tavr", "mitraclip")
-REPORT_K = 10  # reports retrieved per held-out study or video
-SALIENCY_PROMPTS = (
-    "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD.",
-    "LV EJECTION FRACTION IS 25%.",
+from echoclip_jax.demo import results_table as demo_figures
+from echoclip_jax.demo.pipeline import (
+    CAM_STAGE,
+    EVAL_TASKS,
+    PROBE_FRAMES,
+    PROBE_LABELS,
+    REPORT_K,
+    SALIENCY_PROMPTS,
+    SCORE_METHODS,
+    SCORE_VIDEOS,
+    _config_path,
+    _run,
 )
-CAM_STAGE = "0"  # PromptCAM on ConvNeXt's first stage: 16x16 at 64 px (the last stage's 2x2 cannot localise)
-SCORE_METHODS = f"promptcam:last,promptcam:{CAM_STAGE},gradient,smoothgrad:4"
-SCORE_VIDEOS = 40  # device videos of the test split whose maps are scored
-PROBE_LABELS = {"video_id": ("view", "ef", "pacemaker", "tavr", "mitraclip"),
-                "study_id": ("ef", "pacemaker", "tavr", "mitraclip")}
-PROBE_FRAMES = 4  # frames per video the probes see (evenly spaced): the train split's embedding dominates their time
-
-
-def _config_path() -> str:
-    """configs/tiny.py, wherever the package is run from (an editable install keeps it in the repo)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, CONFIG)
-
-
-def _run(stage: str, cmd: list[str], log_dir: str) -> float:
-    """Run one stage, its output teed to OUT/logs/<stage>.log; stop the demo if it fails."""
-    print(f"\n=== {stage}: {' '.join(cmd)}", flush=True)
-    start = time.time()
-    log_path = os.path.join(log_dir, f"{stage}.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            log.write(line)
-            if not line.startswith("\r"):
-                sys.stdout.write(line)
-        rc = proc.wait()
-    if rc != 0:
-        sys.exit(f"demo: stage {stage!r} failed (exit {rc}); see {log_path}")
-    return time.time() - start
 
 
 def main(argv=None) -> int:

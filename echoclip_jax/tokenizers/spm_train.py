@@ -12,7 +12,6 @@ wording of each template phrase (the text between its `<#>` variables, at least 
 user-defined piece, so a whole echo concept is one token. Ids: pad 0, unk 1, BOS 2, EOS V-1: the highest id,
 as in CLIP BPE and the template tokenizer, so the text tower's argmax pooling finds the end of the text.
 """
-import argparse
 import csv
 import io
 import os
@@ -20,6 +19,8 @@ import sys
 
 import sentencepiece
 
+from data_prep import records
+from data_prep.report_deid import Deidentifier
 from data_prep.reports import clean_text
 from echoclip_jax.tokenizers.template import PLACEHOLDER, read_vocab
 
@@ -31,7 +32,6 @@ def read_reports(path: str, column: str = "report") -> list[str]:
     """Report texts from a data_prep output directory, or de-identified ones from a CSV or text file; errors
     name the path."""
     if os.path.isdir(path):
-        from data_prep import records
 
         shards = records.list_shards(path, "train")
         if not shards:
@@ -56,7 +56,6 @@ def read_reports(path: str, column: str = "report") -> list[str]:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except csv.Error as e:
         raise ValueError(f"{path}: malformed CSV ({e})") from None
-    from data_prep.report_deid import Deidentifier
 
     deid = Deidentifier()
     texts = [deid(t)[0] for t in texts]
@@ -121,33 +120,3 @@ def train(texts, vocab_size: int, *, user_pieces=(), model_type: str = "unigram"
         ) from None
     return model.getvalue()
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reports", required=True, help="reports CSV, one-report-per-line text, or data_prep output dir")
-    p.add_argument("--vocab_size", required=True, type=int)
-    p.add_argument("--out", required=True, help="model file to write (e.g. reports.model)")
-    p.add_argument("--template_vocab", default="", help="template phrase file: its fixed wording becomes pieces")
-    p.add_argument("--column", default="report", help="report column of a CSV")
-    p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
-    p.add_argument("--byte_fallback", action="store_true", help="unseen characters become byte pieces, not unk")
-    args = p.parse_args(argv)
-    try:
-        pieces = template_pieces(args.template_vocab) if args.template_vocab else []
-        model = train(read_reports(args.reports, args.column), args.vocab_size, user_pieces=pieces,
-                      model_type=args.model_type, byte_fallback=args.byte_fallback, source=args.reports)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(model)
-    os.replace(tmp, args.out)
-    sp = sentencepiece.SentencePieceProcessor(model_proto=model)
-    print(f"wrote {args.out}: {sp.get_piece_size()} pieces ({len(pieces)} from the template)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

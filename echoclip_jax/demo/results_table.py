@@ -15,7 +15,10 @@ import os
 import numpy as np
 
 from data_prep import records
+from data_prep.plan import salted_hash
+from data_prep.synthetic import read_truth
 from echoclip_jax.evaluation import zero_shot as zs
+from echoclip_jax.retrieval import report as retrieval_report
 
 DEVICES = ("pacemaker", "tavr", "mitraclip")
 
@@ -99,22 +102,19 @@ def evaluation_rows(eval_json: dict, base: dict, weighted: dict | None = None) -
 def report_rows(report_dir: str, cohort: str, salt: bytes) -> dict:
     """Agreement of the retrieval reports' voted findings with the cohort's truth (truth.csv, joined by the
     salted study id), beside the same vote over k random bank reports."""
-    from data_prep.plan import salted_hash
-    from data_prep.synthetic import read_truth
-    from echoclip_jax import report
 
     truth = {}
     for r in read_truth(cohort):
         truth.setdefault(salted_hash(salt, "study", r["StudyInstanceUID"]),
-                         {"ef": float(r["ef"]), "lv_size": r["lv_size"], **{d: int(r[d]) for d in report.DEVICES}})
+                         {"ef": float(r["ef"]), "lv_size": r["lv_size"], **{d: int(r[d]) for d in retrieval_report.DEVICES}})
     rows = {}
     for level, keys in (("study", ("ef_within_5", "ef_band_accuracy", "devices_balanced_accuracy", "lv_size_accuracy")),
                         ("video", ("ef_within_5", "devices_balanced_accuracy"))):
         with open(os.path.join(report_dir, f"{level}_reports.jsonl")) as f:
             found = [json.loads(line) for line in f]
         true = [truth[x["study_id"]] for x in found]
-        got = report.agreement([x["findings"] for x in found], true)
-        chance = report.agreement([x["random_findings"] for x in found], true)
+        got = retrieval_report.agreement([x["findings"] for x in found], true)
+        chance = retrieval_report.agreement([x["random_findings"] for x in found], true)
         for key in keys:
             rows[f"report_{level}_{key}"] = _row(got[key], chance[key], "higher", got["n"])
     return rows

@@ -1,7 +1,7 @@
 """The demo's results table: each figure beside the right baseline, study rows beside their video figure."""
 import pytest
 
-from echoclip_jax.synthetic_truth import results_table as df
+from echoclip_jax.demo import results_table as df
 
 BASE = {"ef_mae_predict_train_mean": 15.0, "study_ef_mae_predict_train_mean": 16.0, "chance": 0.5}
 

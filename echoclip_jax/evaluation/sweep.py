@@ -1,0 +1,211 @@
+"""Evaluating checkpoints: every checkpoint of a sweep, per video and per study, into one result JSON each.
+
+`list_sources` names the checkpoints (one KIND:PATH, a training workdir's steps, or directories matching
+patterns); `run` evaluates each source whose result lacks a level asked for (a result that has one level
+keeps it and gains the other), so a rerun after new checkpoints appear, or after an interruption, does
+only the new work; `compute_metrics` is one checkpoint's figures.
+
+Video level (the paper): zero-shot tasks with each frame-wise rule applied per video over its own frames,
+retrieval, patient identification, clinical change. Study level (EchoPrime, PanEcho: one answer per study
+over all its views, `echoclip_jax.evaluation.study_level`): the same figures under the result's `study`
+key. Embeddings come from `echoclip_jax.inference.embedder` (videos of any lengths in fixed-shape sharded
+batches). Only aggregate numbers are written: no video, patient or study identifier leaves this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob as globlib
+import json
+import os
+
+import numpy as np
+
+from echoclip_jax import tokenizers
+from echoclip_jax.evaluation import metrics, study_level
+from echoclip_jax.evaluation import zero_shot as zs
+from echoclip_jax.evaluation.outputs import (
+    plot_checkpoint,
+    plot_levels,
+    plot_metrics_vs_step,
+    write_json,
+    write_summary,
+    write_tensorboard,
+)
+from echoclip_jax.inference.embedder import Embedder, SplitEmbeddings, embed_split
+from echoclip_jax.training import checkpoint as ckpt
+from echoclip_jax.weights import loader as weights
+
+LEVELS = {"video": ("video",), "study": ("study",), "both": ("video", "study")}
+VIDEO_KEYS = ("num_videos", "num_frames", "frames_per_video", "tasks", "clinical_change", "retrieval",
+              "patient_identification")  # the video level's keys of a result JSON (top level)
+
+
+def _task_sims(embedder: Embedder, task: zs.Task, split: SplitEmbeddings) -> np.ndarray:
+    """Similarities [M, P] of the split's frames (end to end, `split.lengths` per video) to the prompts."""
+    texts, _ = zs.build_prompts(task)
+    return zs.similarities(split.frames, embedder.texts(texts))
+
+
+def compute_metrics(embedder: Embedder, split: SplitEmbeddings, tasks: list[zs.Task], *,
+                    calibration: SplitEmbeddings | None = None, retrieval_chunk: int = 1024,
+                    level: str = "both", study_pool: str = "mean",
+                    study_temperature: float = study_level.TEMPERATURE) -> tuple[dict, dict]:
+    """(results, curves): JSON-able metrics of one checkpoint, and arrays for its plots.
+
+    `level` "video": today's keys (VIDEO_KEYS); "study": only `results["study"]` (curves["study"]);
+    "both": both. Each task's similarities are computed once and serve both levels.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
+    video = "video" in LEVELS[level]
+    study = (study_level.StudyMetrics(split, pool=study_pool, temperature=study_temperature,
+                                      calibration=calibration) if "study" in LEVELS[level] else None)
+    lengths = split.lengths
+    results: dict = {}
+    curves: dict = {}
+    if video:
+        results = {"num_videos": int(len(split.videos)), "num_frames": int(lengths.sum()),
+                   "frames_per_video": {"min": int(lengths.min()), "max": int(lengths.max()),
+                                        "mean": float(lengths.mean())},
+                   "tasks": {}, "clinical_change": {}}
+        curves = {"binary": {}, "regression": {}}
+    for task in tasks:
+        sims = _task_sims(embedder, task, split)
+        c_sims = (_task_sims(embedder, task, calibration)
+                  if calibration is not None and task.mode == "binary" else None)
+        if study is not None:
+            study.add_task(task, sims, c_sims)
+        if not video:
+            continue
+        labels = zs.task_labels(task, split.report, {"ef": split.ef})
+        calib = None
+        if c_sims is not None:
+            c_labels = zs.task_labels(task, calibration.report, {"ef": calibration.ef})
+            known = np.isfinite(c_labels)
+            if len(np.unique(c_labels[known])) == 2:
+                calib = (c_labels[known].astype(int), zs.score_binary(c_sims, calibration.lengths)[known])
+        out = zs.evaluate_task(task, sims, labels, lengths=lengths, calibration=calib)
+        curve = out.pop("_curves", None)
+        if curve is not None:
+            curves["binary" if task.mode == "binary" else "regression"][task.name] = curve
+        results["tasks"][task.name] = out
+        if task.mode == "binary":
+            results["clinical_change"][task.name] = metrics.clinical_change(
+                split.videos, split.patient_id, split.study_id, split.study_day, np.nan_to_num(labels))
+    if video:
+        has_report = np.asarray([bool(r.strip()) for r in split.report])
+        if has_report.sum() >= 2:
+            report_embeds = embedder.texts([r for r, h in zip(split.report, has_report) if h])
+            results["retrieval"] = metrics.retrieval_metrics(split.videos[has_report], report_embeds,
+                                                             chunk_size=retrieval_chunk)
+        pid = metrics.patient_identification(split.videos, split.patient_id, split.study_id)
+        curves["patient_identification"] = {"labels": pid.pop("labels"), "scores": pid.pop("scores")}
+        results["patient_identification"] = pid
+    if study is not None:
+        results["study"], curves["study"] = study.finish(embedder.texts, retrieval_chunk=retrieval_chunk)
+    return results, curves
+
+
+@dataclasses.dataclass
+class Source:
+    name: str  # the output file stem
+    step: int | None
+    spec: str  # what to load, as `echoclip_jax.weights.load` reads it: KIND:PATH[@STEP]
+
+
+def list_sources(*, checkpoint: str | None = None, workdir: str | None = None,
+                 steps: list[int] | None = None, globs: list[str] | None = None) -> list[Source]:
+    """The checkpoints to evaluate, in step order, each with its output name."""
+
+    sources = []
+    if checkpoint:
+        try:
+            spec = weights.parse(checkpoint)
+        except ValueError as e:
+            raise ValueError(f"--checkpoint {e}") from None
+        name = os.path.splitext(os.path.basename(os.path.normpath(spec.path)))[0]
+        if spec.step is not None:
+            name = f"{name}@{spec.step}"
+        sources.append(Source(name=name, step=spec.step, spec=str(spec)))
+    if workdir:
+        available = ckpt.all_steps(workdir)
+        if not available:
+            raise FileNotFoundError(f"{workdir}: no checkpoints found")
+        if steps:
+            missing = sorted(set(steps) - set(available))
+            if missing:
+                raise ValueError(f"{workdir}: no checkpoint for step(s) {missing}; have {available}")
+            available = [s for s in available if s in set(steps)]
+        sources += [Source(name=str(s), step=s, spec=str(weights.Spec("orbax", workdir, s))) for s in available]
+    for pattern in globs or ():
+        matched = sorted(globlib.glob(pattern))
+        if not matched:
+            raise FileNotFoundError(f"--glob {pattern!r} matches nothing")
+        for path in matched:
+            base = os.path.basename(os.path.normpath(path))
+            step = int(base) if base.isdigit() else None
+            sources.append(Source(name=base, step=step, spec=f"orbax:{path}"))
+    names = [s.name for s in sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"two checkpoints would write the same result file(s): {dupes}")
+    return sources
+
+
+def _missing_levels(path: str, levels: tuple[str, ...]) -> tuple[tuple[str, ...], dict]:
+    """(levels of `levels` that the result at `path` lacks, that result or {}): video = "tasks" present,
+    study = "study" present. A result from before levels existed is a complete video level."""
+    if not os.path.exists(path):
+        return levels, {}
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    have = {"video": "tasks" in old, "study": "study" in old}
+    return tuple(lv for lv in levels if not have[lv]), old
+
+
+def run(config, sources: list[Source], *, data_dir: str, split: str, out_dir: str,
+        tasks: list[zs.Task], frames: int | None = None, batch_size: int = 128,
+        calibration_split: str | None = None, level: str = "both", study_pool: str = "mean",
+        study_temperature: float = study_level.TEMPERATURE, log=print) -> list[str]:
+    """Evaluate every source whose result in out_dir lacks a level asked for (a result that has one
+    level keeps it and gains the other); returns the names evaluated."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    todo = []
+    for s in sources:
+        path = os.path.join(out_dir, f"{s.name}.json")
+        missing, old = _missing_levels(path, LEVELS[level])
+        if missing:
+            todo.append((s, missing, old))
+        else:
+            log(f"skip {s.name}: {path} exists")
+
+    image_size = config.model.vision.image_size
+    for source, missing, old in todo:
+        log(f"evaluate {source.name} ({source.spec}) on {data_dir} [{split}], level {'+'.join(missing)}")
+        # weights and model config through weights.load's one rule (architecture: the stored config, which
+        # must agree with --config; compute dtype and other run settings: --config)
+        embedder = Embedder(weights.load_model(source.spec, config.model), tokenizers.from_config(config.tokenizer),
+                            batch_size=batch_size)
+        split_embeds = embed_split(embedder, data_dir, split, frames=frames, image_size=image_size)
+        calibration = None
+        if calibration_split:
+            calibration = embed_split(embedder, data_dir, calibration_split, frames=frames,
+                                      image_size=image_size)
+        results, curves = compute_metrics(embedder, split_embeds, tasks, calibration=calibration,
+                                          level="both" if len(missing) == 2 else missing[0],
+                                          study_pool=study_pool, study_temperature=study_temperature)
+        kept = {k: v for k, v in old.items() if k in (*VIDEO_KEYS, "study")}  # the level it already has
+        record = {"name": source.name, "step": source.step, "checkpoint": source.spec, "split": split,
+                  "calibration_split": calibration_split, **kept, **results}
+        if "video" in missing:
+            plot_checkpoint(out_dir, source.name, curves)
+        if "study" in missing:
+            plot_checkpoint(out_dir, source.name, curves["study"], level="study")
+        plot_levels(out_dir, source.name, record)
+        write_tensorboard(out_dir, source.name, source.step, results)
+        write_json(os.path.join(out_dir, f"{source.name}.json"), record)
+    write_summary(out_dir)
+    plot_metrics_vs_step(out_dir)
+    return [s.name for s, _, _ in todo]
