@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test test-demo test-journey test-paper test-all clean
+.PHONY: setup demo test lint format test-demo test-journey test-paper test-all clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (pinned in the test extra, configured in pyproject.toml): lint and format, checked by CI before the tests
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 test-demo: $(STAMP)
 	$(PY) -m pytest -q -m slow tests/echoclip_jax/test_demo.py

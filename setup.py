@@ -40,7 +40,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.2.0", "hypothesis==6.170.15", "pydicom-data==1.0.0"],
+    "test": ["pytest==9.2.0", "hypothesis==6.170.15", "pydicom-data==1.0.0", "ruff==0.17.6"],
     # PyTorch + open_clip: weight-layout and tokenizer parity tests, and open_clip export checks.
     "interop": ["torch==2.14.1", "torchvision==0.29.1", "open-clip-torch==3.3.0"],
     "beam": ["apache-beam==2.77.0"],

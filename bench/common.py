@@ -14,6 +14,9 @@ import statistics
 import time
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
 
@@ -82,8 +85,6 @@ def machine() -> str:
 
 def matmul_flops_jax(n: int = 2048, rounds: int = 5) -> float:
     """Measured fp32 FLOP/s of one n x n matmul under jit on the default device (best of `rounds`)."""
-    import jax
-    import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
@@ -94,7 +95,7 @@ def matmul_flops_jax(n: int = 2048, rounds: int = 5) -> float:
 
 def matmul_flops_torch(n: int = 2048, rounds: int = 5) -> float:
     """Measured fp32 FLOP/s of one n x n matmul in PyTorch on the CPU (best of `rounds`)."""
-    import torch
+    import torch  # noqa: PLC0415 (optional: the interop extra)
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)

@@ -19,7 +19,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # bench/data_prep.py shadows data_prep
 
+import pathlib
+
+import jax
+
 from bench import common  # noqa: E402
+from bench.train_step import JaxStep, load_config
+from echoclip_jax.config import files
+from echoclip_jax.data import loader as data
+from echoclip_jax.runtime import sharding
+
+CONFIGS = pathlib.Path(REPO) / "configs"
 
 
 def make_records(work: str, patients: int, size: int) -> str:
@@ -37,9 +47,8 @@ def make_records(work: str, patients: int, size: int) -> str:
 
 
 def loader_config(data_dir: str, size: int, batch: int, workers: int, batches: int):
-    from configs import tiny
 
-    c = tiny.get_config()
+    c = files.load(CONFIGS / "tiny.py")
     c.data_dir = data_dir
     c.batch_size = batch
     c.total_steps = batches
@@ -53,7 +62,6 @@ class LoaderBatches:
     """Callable: pulls the next global batch (blocking until it is a jax.Array)."""
 
     def __init__(self, config, mesh, pulls: int):
-        from echoclip_jax.data import loader as data
 
         self.loader = data.train_loader(config, mesh)
         self.pulls = pulls  # consecutive batches per call: grain's read-ahead threads cannot hide the cost
@@ -76,10 +84,7 @@ def main(argv=None):
     ap.add_argument("--no_append", action="store_true")
     args = ap.parse_args(argv)
 
-    import jax
 
-    from bench.train_step import JaxStep, load_config
-    from echoclip_jax.runtime import sharding
 
     os.makedirs(args.work, exist_ok=True)
     cores = os.cpu_count()

@@ -21,7 +21,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # bench/data_prep.py shadows data_prep
 
+import jax
+import numpy as np
+
 from bench import common  # noqa: E402
+from bench.train_step import load_config, synthetic_batch
+from echoclip_jax.runtime import sharding
 from echoclip_jax.training import step as step_lib
 
 PRESETS = ("dp", "fsdp", "fsdp_tp")
@@ -40,8 +45,6 @@ def mesh_for(preset: str, n: int) -> tuple[int, int, int]:
 
 def state_bytes(abs_state) -> tuple[int, int]:
     """(total bytes, bytes on device 0) of the train state, from its shapes and shardings."""
-    import jax
-    import numpy as np
 
     total = per_dev = 0
     for leaf in jax.tree.leaves(abs_state):
@@ -53,10 +56,7 @@ def state_bytes(abs_state) -> tuple[int, int]:
 
 def worker(args) -> None:
     """Runs in a subprocess with N devices: one JSON line per preset."""
-    import jax
 
-    from bench.train_step import load_config, synthetic_batch
-    from echoclip_jax.runtime import sharding
 
     n = jax.device_count()
     presets = [p for p in args.presets.split(",") if n > 1 or p == "dp"]  # on 1 device all presets coincide

@@ -6,8 +6,8 @@ against exact search, at archive sizes of 10k, 100k and 1M embeddings of the mod
 
 Embeddings: synthetic, L2-normalised, clustered (n/100 cluster centres, at least 100, each vector a centre
 plus Gaussian noise of --noise times its norm; at 1.5 a query's nearest neighbour has cosine ~0.4 and its
-10th ~0.35, a hard case: at 1.0 every index finds all 10), or uniform on the sphere (--data random, the worst case for any approximate index). Queries are fresh draws
-from the same distribution. Each index is the one echoclip_jax.retrieval.vectors builds (exact: IndexFlatIP;
+10th ~0.35, a hard case: at 1.0 every index finds all 10), or uniform on the sphere (--data random, the worst
+case for any approximate index). Queries are fresh draws from the same distribution. Each index is the one echoclip_jax.retrieval.vectors builds (exact: IndexFlatIP;
 ivf: IndexIVFFlat, nlist ~ sqrt(n), k-means on 64 points per cell); HNSW (faiss IndexHNSWFlat, M=32,
 efConstruction 40, efSearch 64) is timed up to --hnsw_up_to vectors for comparison. Times are wall-clock on
 this machine in one process (exact and approximate alternate per size, so they share its load): batch query
@@ -25,6 +25,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+
+import faiss
 
 from bench import common  # noqa: E402
 from echoclip_jax.retrieval.vectors import VectorIndex, default_nprobe, recall_at_k  # noqa: E402
@@ -55,7 +57,6 @@ def timed(fn):
 def latency(index, queries, k, calls: int = 20) -> float:
     """Median seconds of a one-query call, on one thread (on a shared machine, OpenMP threads waiting for
     busy cores made one flat query of 10k vectors take 40 ms instead of 0.3)."""
-    import faiss
 
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
@@ -70,7 +71,6 @@ def latency(index, queries, k, calls: int = 20) -> float:
 
 
 def hnsw(x: np.ndarray):
-    import faiss
 
     index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = 40
@@ -86,7 +86,7 @@ def run_size(n: int, args, rng) -> list[list]:
     exact, t_exact_build = timed(lambda: VectorIndex.build(x, keys, kind="exact"))
     (_, truth), t_exact_q = timed(lambda: exact.search(q, args.k))
     lat_exact = latency(exact, q, args.k)
-    del exact
+    exact = None  # freed before the IVF build
     ivf, t_ivf_build = timed(lambda: VectorIndex.build(x, keys, kind="ivf"))
     rows = [[f"{n:,}", "exact (flat)", "-", f"{t_exact_build:.2f}", f"{t_exact_q / len(q) * 1e3:.3f}",
              f"{lat_exact * 1e3:.2f}", "1.000", "1.0x", "1.0x"]]
@@ -102,7 +102,7 @@ def run_size(n: int, args, rng) -> list[list]:
                      f"{t_q / len(q) * 1e3:.3f}", f"{lat * 1e3:.2f}", f"{recall_at_k(found, truth):.3f}",
                      f"{t_exact_q / t_q:.1f}x", f"{lat_exact / lat:.1f}x"])
         print(" | ".join(rows[-1]), flush=True)
-    del ivf
+    ivf = None  # freed before the next size
     if n <= args.hnsw_up_to:
         index, t_build = timed(lambda: hnsw(x))
         (_, found), t_q = timed(lambda: index.search(q, args.k))
@@ -128,7 +128,6 @@ def main(argv=None) -> int:
     p.add_argument("--no_append", action="store_true", help="print the section, do not append to BENCHMARKS.md")
     args = p.parse_args(argv)
     args.nprobe = [int(v) for v in args.nprobe.split(",")]
-    import faiss
 
     machine = common.machine()
     rng = np.random.default_rng(args.seed)

@@ -22,10 +22,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # bench/data_prep.py shadows data_prep
 
+import jax
+import jax.numpy as jnp
 import numpy as np  # noqa: E402
+from flax import nnx
 
 from bench import common  # noqa: E402
 from bench.train_step import flatten, load_config, synthetic_batch  # noqa: E402
+from echoclip_jax import models
+from echoclip_jax.weights import open_clip as ocw
 
 
 def with_cpu_time(fn, log: list):
@@ -39,11 +44,7 @@ def with_cpu_time(fn, log: list):
 
 def jax_tower_fns(config, batch) -> tuple[dict, dict]:
     """{"text fwd", "text fwd+bwd", "image ..."} -> blocking callables on our model; and its params."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from echoclip_jax import models
 
     model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
     model.train()
@@ -67,11 +68,9 @@ def jax_tower_fns(config, batch) -> tuple[dict, dict]:
 
 def torch_tower_fns(config, batch, params) -> dict:
     """The same four callables on open_clip.CLIP loaded (strictly) with our weights."""
-    import open_clip
-    import torch
+    import open_clip  # noqa: PLC0415 (optional: the interop extra)
+    import torch  # noqa: PLC0415 (optional: the interop extra)
 
-    from echoclip_jax import models
-    from echoclip_jax.weights import open_clip as ocw
 
     torch.set_num_threads(os.cpu_count())
     model = open_clip.CLIP(**ocw.open_clip_model_cfg(config.model))

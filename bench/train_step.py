@@ -21,18 +21,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # bench/data_prep.py shadows data_prep
 
-import numpy as np  # noqa: E402
+import pathlib
 
-from bench import common  # noqa: E402
+import jax
+import numpy as np
+
+from bench import common
+from echoclip_jax.config import files
+from echoclip_jax.runtime import sharding
 from echoclip_jax.training import step as step_lib
+from echoclip_jax.weights import open_clip as ocw
 
+CONFIG_DIR = pathlib.Path(REPO) / "configs"
 CONFIGS = {"tiny": 32, "echoclip": 2}  # config name -> default batch on this CPU
 
 
 def load_config(name: str, batch: int, dtype: str, impl: str):
-    import importlib
 
-    c = importlib.import_module(f"configs.{name}").get_config()
+    c = files.load(CONFIG_DIR / f"{name}.py")
     c.batch_size = batch
     c.model.dtype = dtype
     c.model.vision.depthwise_impl = impl
@@ -71,9 +77,7 @@ class JaxStep:
     """Our train step (echoclip_jax.training.step.build_train_step) on one device, compiled once."""
 
     def __init__(self, config, device):
-        import jax
 
-        from echoclip_jax.runtime import sharding
 
         mesh = sharding.build_mesh(config.mesh, [device])
         ts = step_lib.build_train_step(config, mesh, 1000)
@@ -100,10 +104,9 @@ class TorchStep:
     """open_clip's CLIP with timm ConvNeXt, ClipLoss, AdamW and grad clipping: the reference training step."""
 
     def __init__(self, config, params: dict):
-        import open_clip
-        import torch
+        import open_clip  # noqa: PLC0415 (optional: the interop extra)
+        import torch  # noqa: PLC0415 (optional: the interop extra)
 
-        from echoclip_jax.weights import open_clip as ocw
 
         torch.set_num_threads(os.cpu_count())
         self.torch = torch
@@ -152,7 +155,6 @@ def main(argv=None):
     ap.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
 
-    import jax
 
     device = jax.devices()[0]
     backend = jax.default_backend()

@@ -3,11 +3,11 @@
 The template vocabulary is EchoCLIP-R's own data: pass its path with
 `--config.tokenizer.path=/path/to/template_vocab.txt`.
 """
-from configs import echoclip
+from echoclip_jax.config import files
 
 
 def get_config():
-    c = echoclip.get_config()
+    c = files.sibling(__file__, "echoclip.py")
     c.tokenizer.name = "template"
     c.model.text.vocab_size = 909
     c.model.text.pool = "eos"

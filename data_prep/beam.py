@@ -20,7 +20,7 @@ from data_prep import convert, options, shards
 
 def _write(task: shards.ShardTask) -> tuple[str, int]:
     """One shard: (shard name, converted count); counters make progress visible in the runner's UI."""
-    from apache_beam.metrics import Metrics
+    from apache_beam.metrics import Metrics  # noqa: PLC0415 (optional: the beam extra)
 
     name, lines = shards.write_shard(task)
     converted = sum(line["status"] == "converted" for line in lines)
@@ -37,17 +37,16 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
+    import apache_beam as beam  # noqa: PLC0415 (optional: the beam extra)
+    from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415 (optional: the beam extra)
 
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     opts = options.from_args(parser, args)
     try:
         prepared = convert.prepare(opts)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        return options.failed("data_prep.beam", e)
     done = dict(prepared.done)
     if prepared.todo:
         with beam.Pipeline(options=PipelineOptions(beam_args, runner=args.runner)) as pipeline:

@@ -40,6 +40,7 @@ from data_prep.plan import (
 from data_prep.shards import PARTS, ShardTask, shard_done, write_shard
 
 _PLAN = ".plan.json"  # fingerprint of the plan, so a rerun never mixes two different conversions
+TOO_MANY_SKIPPED = 3  # exit status: the records are written, but more inputs were skipped than allowed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,9 +203,9 @@ def finish(options: Options, done: dict[str, list[dict]], skipped: list[dict]) -
         print(f"  skipped {n}: {reason}")
     fraction = n_skipped / max(len(manifest), 1)
     if fraction > options.max_skipped_fraction:
-        print(f"error: {fraction:.1%} of inputs skipped, above --max_skipped_fraction "
+        print(f"data_prep.convert: {fraction:.1%} of inputs skipped, above --max_skipped_fraction "
               f"{options.max_skipped_fraction:.1%} (see {os.path.join(out, 'manifest.jsonl')})", file=sys.stderr)
-        return 3
+        return TOO_MANY_SKIPPED
     return 0
 
 
@@ -217,9 +218,8 @@ def main(argv=None) -> int:
     options = options_lib.from_args(parser, parser.parse_args(argv))
     try:
         return run(options)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        return options_lib.failed("data_prep.convert", e)
 
 
 if __name__ == "__main__":

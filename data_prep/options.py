@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 
 import phonenumbers
 
@@ -138,6 +139,13 @@ def _fractions(text: str) -> tuple[float, float, float]:
     if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1.0) > 1e-6:
         raise argparse.ArgumentTypeError(f"--split_fractions {text!r}: need three non-negative numbers summing to 1")
     return values
+
+
+def failed(prog: str, error: Exception) -> int:
+    """Reports a failed run of a data_prep command (`<prog>: error: <message>` on stderr) and returns its exit
+    status, 1. A wrong command line exits 2 through argparse (`parser.error`)."""
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    return 1
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -3,8 +3,9 @@
 TFRecord has no random access, so every shard gets a `.index` file with the byte offset and length of each
 record; the training loader (grain) reads records by number through it. Neither the writer here nor the
 reader in `echoclip_jax` needs TensorFlow: Examples are (de)serialised by protobuf from TensorFlow's
-Example message descriptors, the framing's CRC32C is google_crc32c's, yet the shards are standard TFRecords (length, masked CRC32C of the length, payload, masked CRC32C of the payload)
-that `tf.data.TFRecordDataset` reads too.
+Example message descriptors, the framing's CRC32C is google_crc32c's, yet the shards are standard TFRecords
+(length, masked CRC32C of the length, payload, masked CRC32C of the payload) that `tf.data.TFRecordDataset`
+reads too.
 
 Index file layout (little endian): magic b"ECLIPIDX", uint32 version (1), uint64 record count N, then N
 pairs (uint64 offset, uint64 payload length), then uint32 CRC32C of everything before it. A flipped byte
@@ -20,8 +21,12 @@ from typing import Iterator
 
 import google_crc32c
 import numpy as np
+from google.protobuf.message import DecodeError
 
-# Feature kind of every field of the video record (contract A). encode_example checks these keys.
+from data_prep.example_proto import Example  # TensorFlow's message, without TensorFlow
+
+# Feature kind of every field of the video record (the format every reader and writer shares);
+# encode_example checks these keys.
 BYTES, FLOAT, INT64 = "bytes", "float", "int64"
 SCHEMA = {
     "video_id": BYTES,  # salted hash hex
@@ -63,10 +68,6 @@ def masked_crc32c(data: bytes) -> int:
 
 # ------------------------------------------------------------------------------------- the Example
 
-
-from google.protobuf.message import DecodeError
-
-from data_prep.example_proto import Example  # noqa: E402  (TensorFlow's message, no TensorFlow)
 
 _LIST_FIELD = {BYTES: "bytes_list", FLOAT: "float_list", INT64: "int64_list"}  # Feature's `kind` oneof
 

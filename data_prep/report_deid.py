@@ -305,8 +305,8 @@ def _wordlist(path: str) -> Detector:
 def _presidio() -> Detector:
     """Microsoft Presidio's AnalyzerEngine (spaCy NER + its recognisers), if installed with a spaCy model."""
     try:
-        import spacy
-        from presidio_analyzer import AnalyzerEngine
+        import spacy  # noqa: PLC0415 (optional: the presidio detector)
+        from presidio_analyzer import AnalyzerEngine  # noqa: PLC0415 (optional: the presidio detector)
     except ImportError:
         raise ValueError("--report_detector presidio needs `pip install presidio-analyzer` and a spaCy English "
                          "model (e.g. en_core_web_lg) installed") from None

@@ -10,8 +10,10 @@ without JAX.
 import collections
 import csv
 import io
+import logging
 import re
-import sys
+
+log = logging.getLogger(__name__)
 
 __all__ = ["clean_text", "PERIOD_PHRASES", "read_reports"]
 
@@ -65,7 +67,7 @@ _WORD_FORMS = (("NORMALLY", "NORMAL"), ("MILDLY", "MILD"), ("MODERATELY", "MODER
 
 
 def _squash_whitespace(text: str) -> str:
-    """re.sub(r"\s+", " ", text) without the regex (str.split uses the same whitespace class as `\s`)."""
+    r"""re.sub(r"\s+", " ", text) without the regex (str.split uses the same whitespace class as `\s`)."""
     core = " ".join(text.split())
     if not core:
         return " " if text else ""
@@ -117,7 +119,7 @@ def _parse_reports_csv(path: str, text: str) -> tuple[list[dict], dict[int, str]
     try:
         return list(csv.DictReader(io.StringIO(text, newline=""), strict=True)), {}
     except csv.Error as e:
-        print(f"warning: {path}: broken CSV quoting ({e}); reading it line by line", file=sys.stderr)
+        log.warning("%s: broken CSV quoting (%s); reading it line by line", path, e)
     lines = text.splitlines()
     header = next(csv.reader(lines[:1]), [])
     rows, bad = [], {}

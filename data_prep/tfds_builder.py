@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_prep import records
+from data_prep import options, records
 
 TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
 
@@ -48,7 +48,7 @@ def features(image_size: int):
 def decoders() -> dict:
     """`as_dataset(decoders=...)` that decodes frames with the accurate integer DCT, as Pillow does, so tf.data
     and echoclip_jax.data see identical pixels."""
-    import tensorflow as tf
+    import tensorflow as tf  # noqa: PLC0415 (optional: the tf extra)
 
     @tfds.decode.make_decoder(output_dtype=tf.uint8)
     def accurate_jpeg(serialized, feature):
@@ -102,9 +102,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         print(write_metadata(args.data_dir, args.name, args.version))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        return options.failed("data_prep.tfds_builder", e)
     return 0
 
 

@@ -2,58 +2,58 @@
 
     python -m echoclip_jax.aot --config configs/echoclip.py --topology v5e-16 [--config.x=y ...] [--json R.json]
 
-libtpu (the `tpu` extra: `pip install -e ".[tpu]"`) compiles for a TPU topology without a TPU
-(`jax.experimental.topologies`). The step is `train.build_train_step`'s, over the config's mesh and
-sharding preset laid on the topology's devices, lowered with abstract inputs: nothing is allocated. It
-prints per-device memory (arguments, temporaries, outputs) against the chip's HBM with a verdict, FLOPs
-per step, a predicted step time and from it samples/s, MFU and the time of the paper's recipe (50 epochs
-of 1,032,975 videos, one frame per video per epoch), and what the compiled step does that it should not
-(host transfers, large replicated state, float32 matmuls when bfloat16 was asked). Exit status 0: fits;
-3: does not fit; 2: a usage error.
+libtpu (the `tpu` extra: `pip install -e ".[tpu]"`) compiles for a TPU topology without a TPU. The step is
+the one training runs (`echoclip_jax.training.step`), over the config's mesh and sharding preset laid on the
+topology's devices, lowered with abstract inputs: nothing is allocated. It prints per-device memory
+(arguments, temporaries, outputs) against the chip's HBM with a verdict, FLOPs per step, a predicted step
+time and from it samples/s, MFU and the time of the paper's recipe (50 epochs of 1,032,975 videos, one
+frame per video per epoch), and what the compiled step does that it should not (host transfers, large
+replicated state, float32 matmuls when bfloat16 was asked); `echoclip_jax.training.pod_compile` says how.
 
-The predicted step time is XLA's own estimate (`cost_analysis()["optimal_seconds"]`) when the executable
-reports a positive one; otherwise (the usual case for this step) a roofline of ours: max(FLOPs / the
-chip's peak, bytes accessed / its HBM bandwidth), per device. It leaves out collectives, so it is a lower
-bound on the step time and the MFU derived from it an upper bound.
+Exit status: 0 fits; 3 does not fit; 2 a usage error (an unknown topology, a config that fails validation);
+1 no libtpu, or the compiler failed for another reason than memory.
 """
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
-from echoclip_jax.runtime import logs
-from echoclip_jax.training.pod_compile import TOPOLOGIES, compile_for_topology, format_report, log
+from echoclip_jax.runtime import cli
+from echoclip_jax.training.pod_compile import TOPOLOGIES, compile_for_topology, format_report, get_topology
+
+DOES_NOT_FIT = 3
+log = logging.getLogger("echoclip_jax.aot")
+
+FLAGS = cli.flag_values()
+config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", flag_values=FLAGS)
+flags.DEFINE_string("topology", None, f"TPU slice to compile for: {', '.join(TOPOLOGIES)} (or gcloud's "
+                    "v5litepod-N)", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "also write the report to this JSON file", flag_values=FLAGS)
+flags.DEFINE_string("hlo", "", "also write the compiled step's optimized HLO to this file", flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "topology"], flag_values=FLAGS)
 
 
-def main(argv) -> None:
-    del argv
-
-
-    logs.setup()
-    FLAGS = flags.FLAGS
+def _aot(f) -> int:
     try:
-        report = compile_for_topology(FLAGS.config, FLAGS.topology, FLAGS.hlo)
-    except (ValueError, RuntimeError) as e:
-        print(f"echoclip_jax.aot: {e}", file=sys.stderr)
-        sys.exit(2)
+        get_topology(f.topology)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    report = compile_for_topology(f.config, f.topology, f.hlo)
     for line in format_report(report):
         log.info("%s", line)
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(report, f, indent=1)
-    sys.exit(0 if report["fits"] else 3)
+    if f.json:
+        with open(f.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return cli.OK if report["fits"] else DOES_NOT_FIT
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_aot, FLAGS, argv, name="aot", doc=__doc__, failures=(*cli.FAILURES, RuntimeError))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
-    flags.DEFINE_string("topology", None, f"TPU slice to compile for: {', '.join(TOPOLOGIES)} (or gcloud's "
-                        "v5litepod-N)")
-    flags.DEFINE_string("json", "", "also write the report to this JSON file")
-    flags.DEFINE_string("hlo", "", "also write the compiled step's optimized HLO to this file")
-    flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    sys.exit(main())

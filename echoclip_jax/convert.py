@@ -2,7 +2,7 @@
 
     python -m echoclip_jax.convert --src KIND:PATH[@STEP] --dst KIND:PATH [--config CONFIG]
 
-Sources are read by `echoclip_jax.weights.load` (the one loader every command uses; its docstring lists
+Sources are read by `echoclip_jax.weights.loader.load` (the one loader every command uses; its docstring lists
 the kinds: open_clip, safetensors, orbax[@STEP], params). Destinations: `open_clip` (a directory that
 `open_clip.create_model_and_transforms("local-dir:DIR")` loads), `safetensors` (X.safetensors + X.json)
 and `params` (a params-only Orbax checkpoint, the small optimizer-free form to share or to start a run
@@ -20,42 +20,34 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from echoclip_jax.runtime import logs
+from echoclip_jax.runtime import cli
 from echoclip_jax.weights import loader as weights
 from echoclip_jax.weights.conversion import DEST_KINDS, DTYPES, convert
 
-# ---------------------------------------------------------------- writers
+FLAGS = cli.flag_values()
+flags.DEFINE_string("src", None, "KIND:PATH to read; KIND one of " + ", ".join(weights.SOURCE_KINDS),
+                    flag_values=FLAGS)
+flags.DEFINE_string("dst", None, "KIND:PATH to write; KIND one of " + ", ".join(DEST_KINDS), flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", list(DTYPES), "dtype of the written floating-point weights", flag_values=FLAGS)
+config_flags.DEFINE_config_file("config", None, "configs/*.py: the architecture when the source does not store one "
+                                "(else it must agree with it), and the run settings", lock_config=False,
+                                flag_values=FLAGS)
+flags.mark_flags_as_required(["src", "dst"], flag_values=FLAGS)
 
 
-# ---------------------------------------------------------------- verification
+def _convert(f) -> None:
+    errors = convert(f.src, f.dst, f.config.model if f.config is not None else None, f.dtype)
+    print(f"converted {f.src} -> {f.dst}; verified: image embeddings max rel. error {errors['image']:.2e}, text "
+          f"{errors['text']:.2e} (fixed input, source vs re-read destination)")
 
 
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    del argv
-
-    logs.setup()
-    config = FLAGS.config
-    try:
-        errors = convert(FLAGS.src, FLAGS.dst, config.model if config is not None else None, FLAGS.dtype)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 1
-    print(f"converted {FLAGS.src} -> {FLAGS.dst}; verified: image embeddings max rel. error "
-          f"{errors['image']:.2e}, text {errors['text']:.2e} (fixed input, source vs re-read destination)")
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    # RuntimeError: the written weights did not reproduce the source's embeddings
+    return cli.run(_convert, FLAGS, argv, name="convert", doc=__doc__, failures=(*cli.FAILURES, RuntimeError))
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("src", None, "KIND:PATH to read; KIND one of " + ", ".join(weights.SOURCE_KINDS), required=True)
-    flags.DEFINE_string("dst", None, "KIND:PATH to write; KIND one of " + ", ".join(DEST_KINDS), required=True)
-    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "dtype of the written floating-point weights")
-    config_flags.DEFINE_config_file("config", None, "configs/*.py: the architecture when the source does not "
-                                    "store one (else it must agree with it), and the run settings",
-                                    lock_config=False)
-    app.run(main)
+    sys.exit(main())

@@ -39,80 +39,61 @@ from echoclip_jax.config.validation import validate
 from echoclip_jax.evaluation import study_level
 from echoclip_jax.evaluation import zero_shot as zs
 from echoclip_jax.evaluation.sweep import LEVELS, list_sources, run
-from echoclip_jax.inference.embedder import Embedder, SplitEmbeddings, embed_split  # noqa: F401 (this module's API)
-from echoclip_jax.runtime import logs
+from echoclip_jax.runtime import cli
 
-# ---------------------------------------------------------------------------------------- metrics
-
-
-# ----------------------------------------------------------------------------------- checkpoints
-
-
-# ------------------------------------------------------------------------------------------ driver
-
-
-def _define_flags():
-
-    config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)")
-    flags.DEFINE_string("checkpoint", None, "one checkpoint, KIND:PATH (orbax, params, safetensors, open_clip)")
-    flags.DEFINE_string("workdir", None, "training workdir: evaluate its checkpoints")
-    flags.DEFINE_list("steps", None, "with --workdir: only these steps, e.g. 100,200")
-    flags.DEFINE_multi_string("glob", None, "checkpoint directories matching this pattern (repeatable)")
-    flags.DEFINE_string("data_dir", None, "records from data_prep.convert")
-    flags.DEFINE_string("split", "test", "split to evaluate")
-    flags.DEFINE_string("out", None, "output directory E")
-    flags.DEFINE_list("tasks", None, "zero-shot tasks (names or aliases); default: every task in the table")
-    flags.DEFINE_string("task_table", None, "zero-shot task table JSON (default echoclip_jax/config/zero_shot_tasks.json)")
-    flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video, for speed (default: "
-                                         "every frame in the records; videos may differ in length)")
-    flags.DEFINE_integer("batch_size", 128, "frames (or prompts) per device batch, over all devices")
-    flags.DEFINE_string("calibration_split", None, "choose binary thresholds on this split (e.g. val) "
-                                                   "instead of on the evaluated split")
-    flags.DEFINE_enum("level", "both", list(LEVELS), "answer per video (the paper), per study (all its "
-                                                     "videos; the JSON's `study` block) or both")
-    flags.DEFINE_enum("study_pool", "mean", list(study_level.POOLS),
-                      "study level: every frame of every video counts alike (mean), or each video weighted "
-                      "by softmax of its zero-shot relevance to the task (weighted; see study_level)")
-    flags.DEFINE_float("study_temperature", study_level.TEMPERATURE,
-                       "softmax temperature of --study_pool weighted (smaller: closer to the best view alone)")
-    return flags.FLAGS
+FLAGS = cli.flag_values()
+config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)", flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "one checkpoint, KIND:PATH (orbax, params, safetensors, open_clip)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "training workdir: evaluate its checkpoints", flag_values=FLAGS)
+flags.DEFINE_list("steps", None, "with --workdir: only these steps, e.g. 100,200", flag_values=FLAGS)
+flags.DEFINE_multi_string("glob", None, "checkpoint directories matching this pattern (repeatable)",
+                          flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "records from data_prep.convert", flag_values=FLAGS)
+flags.DEFINE_string("split", "test", "split to evaluate", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory E", flag_values=FLAGS)
+flags.DEFINE_list("tasks", None, "zero-shot tasks (names or aliases); default: every task in the table",
+                  flag_values=FLAGS)
+flags.DEFINE_string("task_table", None, "zero-shot task table JSON (default: the paper's 16 tasks, "
+                    "echoclip_jax/config/zero_shot_tasks.json)", flag_values=FLAGS)
+flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video, for speed (default: "
+                     "every frame in the records; videos may differ in length)", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 128, "frames (or prompts) per device batch, over all devices", flag_values=FLAGS)
+flags.DEFINE_string("calibration_split", None, "choose binary thresholds on this split (e.g. val) instead of on "
+                    "the evaluated split", flag_values=FLAGS)
+flags.DEFINE_enum("level", "both", list(LEVELS), "answer per video (the paper), per study (all its videos; the "
+                  "JSON's `study` block) or both", flag_values=FLAGS)
+flags.DEFINE_enum("study_pool", "mean", list(study_level.POOLS),
+                  "study level: every frame of every video counts alike (mean), or each video weighted by softmax "
+                  "of its zero-shot relevance to the task (weighted; see study_level)", flag_values=FLAGS)
+flags.DEFINE_float("study_temperature", study_level.TEMPERATURE,
+                   "softmax temperature of --study_pool weighted (smaller: closer to the best view alone)",
+                   flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "data_dir", "out"], flag_values=FLAGS)
 
 
-def main(argv):
-    del argv
-
-    logs.setup()
-    flags = FLAGS
-    if flags.config is None or flags.data_dir is None or flags.out is None:
-        sys.exit("evaluate: --config, --data_dir and --out are required")
-    if not (flags.checkpoint or flags.workdir or flags.glob):
-        sys.exit("evaluate: give --checkpoint KIND:PATH, --workdir W or --glob PATTERN")
-    if flags.steps and not flags.workdir:
-        sys.exit("evaluate: --steps needs --workdir")
+def _evaluate(f) -> None:
+    if not (f.checkpoint or f.workdir or f.glob):
+        raise cli.UsageError("give --checkpoint KIND:PATH, --workdir W or --glob PATTERN")
+    if f.steps and not f.workdir:
+        raise cli.UsageError("--steps needs --workdir")
     try:
-        steps = [int(s) for s in flags.steps] if flags.steps else None
+        steps = [int(s) for s in f.steps] if f.steps else None
     except ValueError:
-        sys.exit(f"evaluate: --steps must be integers, got {flags.steps}")
-    try:
-        validate(flags.config, training=False)
-        tasks = zs.load_tasks(flags.task_table, flags.tasks)
-        sources = list_sources(checkpoint=flags.checkpoint, workdir=flags.workdir, steps=steps,
-                               globs=flags.glob)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"evaluate: {e}")
-    try:
-        done = run(flags.config, sources, data_dir=flags.data_dir, split=flags.split, out_dir=flags.out,
-                   tasks=tasks, frames=flags.frames, batch_size=flags.batch_size,
-                   calibration_split=flags.calibration_split, level=flags.level,
-                   study_pool=flags.study_pool, study_temperature=flags.study_temperature)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # weights or records that cannot be used
-        sys.exit(f"evaluate: {e}")
+        raise cli.UsageError(f"--steps must be integers, got {f.steps}") from None
+    validate(f.config, training=False)
+    tasks = zs.load_tasks(f.task_table, f.tasks)
+    sources = list_sources(checkpoint=f.checkpoint, workdir=f.workdir, steps=steps, globs=f.glob)
+    done = run(f.config, sources, data_dir=f.data_dir, split=f.split, out_dir=f.out, tasks=tasks, frames=f.frames,
+               batch_size=f.batch_size, calibration_split=f.calibration_split, level=f.level,
+               study_pool=f.study_pool, study_temperature=f.study_temperature)
     print(f"evaluated {len(done)} checkpoint(s), skipped {len(sources) - len(done)}; "
-          f"summary: {os.path.join(flags.out, 'summary.csv')}")
+          f"summary: {os.path.join(f.out, 'summary.csv')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_evaluate, FLAGS, argv, name="evaluate", doc=__doc__)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    FLAGS = _define_flags()
-    app.run(main)
+    sys.exit(main())

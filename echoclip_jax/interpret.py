@@ -31,7 +31,8 @@ or header values; a record's by its salted video id.
 
 With `--score_truth COHORT --salt_file F` (records of a version-2 synthetic cohort) no maps are written:
 the maps of `--score_methods` are scored against the devices' true masks (pointing game, mass share, and
-uniform and centre baselines) into OUT/scores.json and OUT/score_frames.png; echoclip_jax.saliency.scores.
+uniform and centre baselines) into OUT/scores.json and OUT/score_frames.png (`echoclip_jax.saliency.scores`,
+the cohort's masks from `echoclip_jax.demo.device_masks`).
 """
 from __future__ import annotations
 
@@ -45,89 +46,73 @@ from echoclip_jax import tokenizers
 from echoclip_jax.config.validation import validate
 from echoclip_jax.data.videos import load_video, record_videos
 from echoclip_jax.demo import device_masks
-from echoclip_jax.runtime import logs
-from echoclip_jax.saliency import scores as saliency_scores
-from echoclip_jax.saliency.maps import DEFAULT_SCORE_METHODS, METHODS, SaliencyMapper  # the maps (re-exported)
+from echoclip_jax.runtime import cli
+from echoclip_jax.saliency import scores
+from echoclip_jax.saliency.maps import DEFAULT_SCORE_METHODS, METHODS, SaliencyMapper
 from echoclip_jax.saliency.outputs import run
 from echoclip_jax.weights import loader as weights
 
-# ----------------------------------------------------------------------------------------- videos
+FLAGS = cli.flag_values()
+config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)", flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "weights, KIND:PATH (open_clip, safetensors, orbax, params), as "
+                    "echoclip_jax.convert reads them", flag_values=FLAGS)
+flags.DEFINE_multi_string("video", None, "a video: .dcm, .avi or .npy (uint8 [T, H, W, 3]); repeatable",
+                          flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "records from data_prep.convert (batch mode)", flag_values=FLAGS)
+flags.DEFINE_string("split", "test", "with --data_dir: the split", flag_values=FLAGS)
+flags.DEFINE_integer("limit", 0, "with --data_dir: at most this many videos (0 = all)", lower_bound=0,
+                     flag_values=FLAGS)
+flags.DEFINE_multi_string("prompt", None, "a text prompt; repeatable", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory", flag_values=FLAGS)
+flags.DEFINE_enum("method", "both", ["promptcam", "gradient", "both"], "saliency method", flag_values=FLAGS)
+flags.DEFINE_integer("frames", 0, "frames per video, evenly spaced (0 = all)", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 16, "frames per jitted batch, over all devices", flag_values=FLAGS)
+flags.DEFINE_integer("smoothgrad", 0, "gradient maps: average over this many noisy copies (0 = plain)",
+                     flag_values=FLAGS)
+flags.DEFINE_float("smoothgrad_sigma", 0.15, "SmoothGrad noise, as a fraction of the 0..255 range", flag_values=FLAGS)
+flags.DEFINE_string("cam_stage", "last", "PromptCAM's ConvNeXt stage: last (EchoCLIP's, stride 32) or 0..3 "
+                    "(stride 4 * 2**stage: 1 = 8x8 at 64 px)", flag_values=FLAGS)
+flags.DEFINE_string("score_truth", None, "a version-2 synthetic cohort: score the maps of --data_dir's device "
+                    "videos against its device masks (no maps written)", flag_values=FLAGS)
+flags.DEFINE_string("salt_file", None, "with --score_truth: the salt the records were converted with",
+                    flag_values=FLAGS)
+flags.DEFINE_string("score_methods", ",".join(DEFAULT_SCORE_METHODS), "with --score_truth: maps to score, "
+                    "comma-separated: promptcam[:last|0..3], gradient, smoothgrad:N", flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "checkpoint", "out"], flag_values=FLAGS)
 
 
-# ---------------------------------------------------------------------------------------- outputs
-
-
-# -------------------------------------------------------------------------------------------- CLI
-
-
-def _define_flags():
-
-    config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)")
-    flags.DEFINE_string("checkpoint", None, "weights, KIND:PATH (open_clip, safetensors, orbax, params), "
-                                            "as echoclip_jax.convert reads them")
-    flags.DEFINE_multi_string("video", None, "a video: .dcm, .avi or .npy (uint8 [T, H, W, 3]); repeatable")
-    flags.DEFINE_string("data_dir", None, "records from data_prep.convert (batch mode)")
-    flags.DEFINE_string("split", "test", "with --data_dir: the split")
-    flags.DEFINE_integer("limit", 0, "with --data_dir: at most this many videos (0 = all)")
-    flags.DEFINE_multi_string("prompt", None, "a text prompt; repeatable")
-    flags.DEFINE_string("out", None, "output directory")
-    flags.DEFINE_enum("method", "both", ["promptcam", "gradient", "both"], "saliency method")
-    flags.DEFINE_integer("frames", 0, "frames per video, evenly spaced (0 = all)")
-    flags.DEFINE_integer("batch_size", 16, "frames per jitted batch, over all devices")
-    flags.DEFINE_integer("smoothgrad", 0, "gradient maps: average over this many noisy copies (0 = plain)")
-    flags.DEFINE_float("smoothgrad_sigma", 0.15, "SmoothGrad noise, as a fraction of the 0..255 range")
-    flags.DEFINE_string("cam_stage", "last", "PromptCAM's ConvNeXt stage: last (EchoCLIP's, stride 32) or "
-                                             "0..3 (stride 4 * 2**stage: 1 = 8x8 at 64 px)")
-    flags.DEFINE_string("score_truth", None, "a version-2 synthetic cohort: score the maps of --data_dir's "
-                                             "device videos against its device masks (no maps written)")
-    flags.DEFINE_string("salt_file", None, "with --score_truth: the salt the records were converted with")
-    flags.DEFINE_string("score_methods", ",".join(DEFAULT_SCORE_METHODS), "with --score_truth: maps to score, "
-                        "comma-separated: promptcam[:last|0..3], gradient, smoothgrad:N")
-    return flags.FLAGS
-
-
-def main(argv):
-    del argv
-
-    logs.setup()
-    f = FLAGS
-    if f.config is None or f.checkpoint is None or f.out is None or not (f.prompt or f.score_truth):
-        sys.exit("interpret: --config, --checkpoint, --prompt and --out are required")
+def _interpret(f) -> None:
     if f.score_truth and (not f.data_dir or not f.salt_file or f.video or f.prompt):
-        sys.exit("interpret: --score_truth needs --data_dir and --salt_file (its prompts are the device tasks'; "
-                 "no --video or --prompt)")
+        raise cli.UsageError("--score_truth needs --data_dir and --salt_file (its prompts are the device tasks'; "
+                             "no --video or --prompt)")
+    if not (f.prompt or f.score_truth):
+        raise cli.UsageError("give --prompt (repeatable), or --score_truth")
     if bool(f.video) == bool(f.data_dir):
-        sys.exit("interpret: give --video X (.dcm/.avi/.npy) or --data_dir O, not both")
-    if f.frames < 0 or f.limit < 0:
-        sys.exit("interpret: --frames and --limit must be >= 0")
-
+        raise cli.UsageError("give --video X (.dcm/.avi/.npy) or --data_dir O, not both")
+    validate(f.config, training=False)
+    model_config, params = weights.load(f.checkpoint, f.config.model)
+    image_size = int(model_config.vision.image_size)
+    mapper = SaliencyMapper(weights.make_model(model_config, params), tokenizers.from_config(f.config.tokenizer),
+                            image_size=image_size, batch_size=f.batch_size, smoothgrad_samples=f.smoothgrad,
+                            smoothgrad_sigma=f.smoothgrad_sigma, seed=f.config.seed, cam_stage=f.cam_stage)
+    if f.score_truth:
+        result = device_masks.score(mapper, data_dir=f.data_dir, split=f.split, cohort_dir=f.score_truth,
+                                    salt=load_salt(salt_file=f.salt_file), out_dir=f.out, methods=f.score_methods,
+                                    frames=f.frames, limit=f.limit)
+        print(scores.format_scores(result))
+        return
+    if f.video:
+        videos = (load_video(v, image_size=image_size, frames=f.frames) for v in f.video)
+    else:
+        videos = record_videos(f.data_dir, f.split, image_size=image_size, frames=f.frames, limit=f.limit)
     methods = METHODS if f.method == "both" else (f.method,)
-    try:
-        validate(f.config, training=False)
-        model_config, params = weights.load(f.checkpoint, f.config.model)
-        image_size = int(model_config.vision.image_size)
-        mapper = SaliencyMapper(weights.make_model(model_config, params), tokenizers.from_config(f.config.tokenizer),
-                                image_size=image_size, batch_size=f.batch_size, smoothgrad_samples=f.smoothgrad,
-                                smoothgrad_sigma=f.smoothgrad_sigma, seed=f.config.seed, cam_stage=f.cam_stage)
-        if f.score_truth:
-
-            result = device_masks.score(mapper, data_dir=f.data_dir, split=f.split, cohort_dir=f.score_truth,
-                                           salt=load_salt(salt_file=f.salt_file), out_dir=f.out,
-                                           methods=f.score_methods, frames=f.frames, limit=f.limit)
-            print(saliency_scores.format_scores(result))
-            return
-        if f.video:
-            videos = (load_video(v, image_size=image_size, frames=f.frames) for v in f.video)
-        else:
-            videos = record_videos(f.data_dir, f.split, image_size=image_size, frames=f.frames, limit=f.limit)
-        index = run(mapper, prompts=list(f.prompt), out_dir=f.out, videos=videos, methods=methods)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"interpret: {e}")
+    index = run(mapper, prompts=list(f.prompt), out_dir=f.out, videos=videos, methods=methods)
     print(f"wrote saliency maps of {len(index)} video(s) to {f.out}")
 
 
-if __name__ == "__main__":
-    from absl import app
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_interpret, FLAGS, argv, name="interpret", doc=__doc__)
 
-    FLAGS = _define_flags()
-    app.run(main)
+
+if __name__ == "__main__":
+    sys.exit(main())

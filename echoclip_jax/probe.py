@@ -15,7 +15,7 @@ stays frozen, a small probe is trained on one split's embeddings and scored on a
 and, computed the same way on the same items, a baseline: the training split's majority class or mean.
 
 Labels come from a CSV with a key column (`video_id` or `study_id`: the records' salted ids) and label
-columns; `echoclip_jax.probe_labels` writes one for the synthetic cohort. A label is a classification
+columns; `python -m echoclip_jax.probe_labels` writes one for the synthetic cohort. A label is a classification
 (non-numeric, or at most MAX_CLASSES distinct integers) or a regression (other numbers), unless
 `--task NAME=...` says which. Items without a label row, or with the label empty, are skipped and counted.
 A study's embedding is the mean of its videos' embeddings, re-normalised; its label is the study's row.
@@ -35,64 +35,48 @@ from ml_collections import config_flags
 from echoclip_jax.probes.attentive import DEFAULTS as ATTENTIVE_DEFAULTS
 from echoclip_jax.probes.labels import KEYS, TASKS
 from echoclip_jax.probes.pipeline import PROBES, run
+from echoclip_jax.runtime import cli
 
-# ---------------------------------------------------------------------------------------- labels
-
-
-# ---------------------------------------------------------------------------------------- items
-
-
-# ---------------------------------------------------------------------------------------- probes
-
-
-# ---------------------------------------------------------------------------------------- driver
-
-
-def _define_flags():
-
-    config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)")
-    flags.DEFINE_string("checkpoint", None, "weights, KIND:PATH[@STEP] (orbax, params, safetensors, open_clip)")
-    flags.DEFINE_string("data_dir", None, "records from data_prep.convert")
-    flags.DEFINE_string("labels", None, "labels CSV: a key column and label columns")
-    flags.DEFINE_multi_string("label", None, "a label column to probe (repeatable)")
-    flags.DEFINE_enum("key", "video_id", KEYS, "what a labels row describes: a video or a study")
-    flags.DEFINE_string("out", None, "output directory (probe.json, plots/)")
-    flags.DEFINE_string("train_split", "train", "split the probes are trained on")
-    flags.DEFINE_string("eval_split", "test", "split the probes are scored on")
-    flags.DEFINE_enum("probe", "both", ("linear", "attentive", "both"), "which probes")
-    flags.DEFINE_multi_string("task", None, "NAME=regression|classification: overrides detection")
-    flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video (default: all)")
-    flags.DEFINE_integer("batch_size", 128, "frames per device batch when embedding")
-    flags.DEFINE_integer("epochs", None, f"attentive probe epochs (default {ATTENTIVE_DEFAULTS['epochs']})")
-    flags.DEFINE_integer("seed", 0, "attentive probe seed")
-    return flags.FLAGS
+FLAGS = cli.flag_values()
+config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)", flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "weights, KIND:PATH[@STEP] (orbax, params, safetensors, open_clip)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "records from data_prep.convert", flag_values=FLAGS)
+flags.DEFINE_string("labels", None, "labels CSV: a key column and label columns", flag_values=FLAGS)
+flags.DEFINE_multi_string("label", None, "a label column to probe (repeatable)", flag_values=FLAGS)
+flags.DEFINE_enum("key", "video_id", KEYS, "what a labels row describes: a video or a study", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory (probe.json, plots/)", flag_values=FLAGS)
+flags.DEFINE_string("train_split", "train", "split the probes are trained on", flag_values=FLAGS)
+flags.DEFINE_string("eval_split", "test", "split the probes are scored on", flag_values=FLAGS)
+flags.DEFINE_enum("probe", "both", ("linear", "attentive", "both"), "which probes", flag_values=FLAGS)
+flags.DEFINE_multi_string("task", None, "NAME=regression|classification: overrides detection", flag_values=FLAGS)
+flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video (default: all)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 128, "frames per device batch when embedding", flag_values=FLAGS)
+flags.DEFINE_integer("epochs", None, f"attentive probe epochs (default {ATTENTIVE_DEFAULTS['epochs']})",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "attentive probe seed", flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "checkpoint", "data_dir", "labels", "label", "out"], flag_values=FLAGS)
 
 
-def main(argv):
-    del argv
-    f = FLAGS
-    missing = [n for n in ("config", "checkpoint", "data_dir", "labels", "label", "out") if not getattr(f, n)]
-    if missing:
-        sys.exit(f"probe: --{', --'.join(missing)} required")
+def _probe(f) -> None:
     tasks = {}
     for item in f.task or []:
         name, _, task = item.partition("=")
         if task not in TASKS:
-            sys.exit(f"probe: --task {item!r}: expected NAME=regression or NAME=classification")
+            raise cli.UsageError(f"--task {item!r}: expected NAME=regression or NAME=classification")
         tasks[name] = task
     attentive = {"seed": f.seed, **({"epochs": f.epochs} if f.epochs else {})}
-    try:
-        run(f.config, f.checkpoint, f.data_dir, f.labels, labels=list(dict.fromkeys(f.label)), key=f.key,
-            out_dir=f.out, train_split=f.train_split, eval_split=f.eval_split,
-            probes=PROBES if f.probe == "both" else (f.probe,), tasks=tasks, frames=f.frames,
-            batch_size=f.batch_size, attentive=attentive)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"probe: {e}")
+    run(f.config, f.checkpoint, f.data_dir, f.labels, labels=list(dict.fromkeys(f.label)), key=f.key,
+        out_dir=f.out, train_split=f.train_split, eval_split=f.eval_split,
+        probes=PROBES if f.probe == "both" else (f.probe,), tasks=tasks, frames=f.frames,
+        batch_size=f.batch_size, attentive=attentive)
     print(f"probe: wrote {os.path.join(f.out, 'probe.json')}")
 
 
-if __name__ == "__main__":
-    from absl import app
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_probe, FLAGS, argv, name="probe", doc=__doc__)
 
-    FLAGS = _define_flags()
-    app.run(main)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,29 +15,31 @@ same; view is per video and left out).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from data_prep.options import load_salt as read_salt  # noqa: F401 (this module's API)
+from absl import flags
+
+from data_prep.options import load_salt
 from echoclip_jax.demo.labels import write_synthetic_labels
+from echoclip_jax.runtime import cli
+
+FLAGS = cli.flag_values()
+flags.DEFINE_string("cohort", None, "a data_prep.synthetic output directory", flag_values=FLAGS)
+flags.DEFINE_string("salt", None, "the salt the records were converted with", flag_values=FLAGS)
+flags.DEFINE_string("salt_file", None, "a file holding it", flag_values=FLAGS)
+flags.DEFINE_enum("key", "video_id", ["video_id", "study_id"], "what a row describes", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "the labels CSV to write", flag_values=FLAGS)
+flags.mark_flags_as_required(["cohort", "out"], flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(["salt", "salt_file"], required=True, flag_values=FLAGS)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m echoclip_jax.probe_labels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cohort", required=True, help="a data_prep.synthetic output directory")
-    salt = parser.add_mutually_exclusive_group(required=True)
-    salt.add_argument("--salt", help="the salt the records were converted with")
-    salt.add_argument("--salt_file", help="a file holding it")
-    parser.add_argument("--key", choices=("video_id", "study_id"), default="video_id")
-    parser.add_argument("--out", required=True, help="the labels CSV to write")
-    args = parser.parse_args(argv)
-    try:
-        n = write_synthetic_labels(args.cohort, read_salt(args.salt, args.salt_file), args.out, args.key)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"probe_labels: {e}", file=sys.stderr)
-        return 2
-    print(f"probe_labels: {n} {args.key.split('_')[0]} rows -> {args.out}")
-    return 0
+def _labels(f) -> None:
+    n = write_synthetic_labels(f.cohort, load_salt(f.salt, f.salt_file), f.out, f.key)
+    print(f"probe_labels: {n} {f.key.split('_')[0]} rows -> {f.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_labels, FLAGS, argv, name="probe_labels", doc=__doc__)
 
 
 if __name__ == "__main__":

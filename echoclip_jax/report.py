@@ -40,88 +40,67 @@ from ml_collections import config_flags
 from echoclip_jax import tokenizers
 from echoclip_jax.config.validation import validate
 from echoclip_jax.inference.embedder import Embedder
-from echoclip_jax.retrieval.bank import Bank, load_bank  # noqa: F401 (this module's API)
+from echoclip_jax.retrieval.bank import load_bank
 from echoclip_jax.retrieval.embedding import fingerprint, max_frames_of
 from echoclip_jax.retrieval.report import DISCLAIMER, query_frames, render, report_files, report_records
-from echoclip_jax.runtime import logs
+from echoclip_jax.runtime import cli
 from echoclip_jax.weights import loader as weights
 
-# ------------------------------------------------------------------------------------ evaluation
+FLAGS = cli.flag_values()
+flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights.loader)", flag_values=FLAGS)
+config_flags.DEFINE_config_file("config", None, "configs/*.py", lock_config=False, flag_values=FLAGS)
+flags.DEFINE_string("video", None, "one study: a .dcm/.avi/.npy video or a directory of its .dcm files",
+                    flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "records (data_prep.convert): a report for every study of --split",
+                    flag_values=FLAGS)
+flags.DEFINE_string("split", "test", "with --data_dir: the split to report on", flag_values=FLAGS)
+flags.DEFINE_string("bank", None, "search index (build --reports), records directory or CSV of reports (default "
+                    "with --data_dir: that directory's --bank_split)", flag_values=FLAGS)
+flags.DEFINE_list("bank_split", ["train"], "the bank's splits (index or records bank)", flag_values=FLAGS)
+flags.DEFINE_enum("match", "text", ["text", "image"], "query study embedding vs the bank's report text embeddings "
+                  "(text) or its studies' embeddings (image)", flag_values=FLAGS)
+flags.DEFINE_integer("k", 10, "reports retrieved and voted over", flag_values=FLAGS)
+flags.DEFINE_enum("level", "study", ["study", "video", "both"], "with --data_dir: report per study, video or both",
+                  flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory R", flag_values=FLAGS)
+flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 128, "frames (or texts) per device batch", flag_values=FLAGS)
+flags.DEFINE_boolean("baseline", False, "with --data_dir: also vote over k random bank reports per query "
+                     "(random_findings), the chance level an evaluation compares with", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "random baseline seed", flag_values=FLAGS)
+flags.mark_flags_as_required(["checkpoint", "config", "out"], flag_values=FLAGS)
 
 
-# ----------------------------------------------------------------------------------------- driver
-
-
-def main(argv) -> int:
-
-
-
-    logs.setup()
-    FLAGS = flags.FLAGS
-    del argv
-    config = FLAGS.config
-    if (FLAGS.video is None) == (FLAGS.data_dir is None):
-        print("report: error: give exactly one of --video (a file or study directory) or --data_dir", file=sys.stderr)
-        return 2
-    bank_spec = FLAGS.bank or FLAGS.data_dir
+def _report(f) -> None:
+    if (f.video is None) == (f.data_dir is None):
+        raise cli.UsageError("give exactly one of --video (a file or study directory) or --data_dir")
+    bank_spec = f.bank or f.data_dir
     if bank_spec is None:
-        print("report: error: --video needs --bank (a search index with --reports, a records directory or a CSV)",
-              file=sys.stderr)
-        return 2
-    levels = ("study", "video") if FLAGS.level == "both" else (FLAGS.level,)
+        raise cli.UsageError("--video needs --bank (a search index with --reports, a records directory or a CSV)")
+    levels = ("study", "video") if f.level == "both" else (f.level,)
+    config = f.config
     image_size = int(config.model.vision.image_size)
-    try:
-        validate(config, training=False)
-        embedder = Embedder(weights.load_model(FLAGS.checkpoint, config.model), tokenizers.from_config(config.tokenizer),
-                            batch_size=FLAGS.batch_size)
-        embedder.fingerprint = fingerprint(embedder, config.model)
-        bank = load_bank(bank_spec, embedder, match=FLAGS.match, splits=FLAGS.bank_split, frames=FLAGS.frames,
-                         image_size=image_size)
-        print(f"report: bank {bank.source}: {len(bank.ids)} reports, {FLAGS.match} match, k={FLAGS.k}")
-        if FLAGS.video is not None:
-            frames = FLAGS.frames or query_frames(FLAGS.bank, max_frames_of)
-            report = report_files(embedder, bank, FLAGS.video, out=FLAGS.out, k=FLAGS.k, image_size=image_size,
-                                  frames=frames)
-            print(render(report, f"Study {report['query']} ({report['files']} video file(s))"))
-            print(f"report: wrote {os.path.join(FLAGS.out, 'report.json')} and report.txt")
-        else:
-            summary = report_records(embedder, bank, FLAGS.data_dir, FLAGS.split, out=FLAGS.out, k=FLAGS.k,
-                                     levels=levels, frames=FLAGS.frames, image_size=image_size,
-                                     baseline=FLAGS.baseline, seed=FLAGS.seed,
-                                     log=lambda m: print(f"report: {m}", flush=True))
-            counts = ", ".join(f"{n} {lv} reports" for lv, n in summary["levels"].items())
-            print(f"report: {DISCLAIMER}\nreport: wrote {counts} under {FLAGS.out}")
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"report: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    validate(config, training=False)
+    embedder = Embedder(weights.load_model(f.checkpoint, config.model), tokenizers.from_config(config.tokenizer),
+                        batch_size=f.batch_size)
+    embedder.fingerprint = fingerprint(embedder, config.model)
+    bank = load_bank(bank_spec, embedder, match=f.match, splits=f.bank_split, frames=f.frames, image_size=image_size)
+    print(f"report: bank {bank.source}: {len(bank.ids)} reports, {f.match} match, k={f.k}")
+    if f.video is not None:
+        frames = f.frames or query_frames(f.bank, max_frames_of)
+        report = report_files(embedder, bank, f.video, out=f.out, k=f.k, image_size=image_size, frames=frames)
+        print(render(report, f"Study {report['query']} ({report['files']} video file(s))"))
+        print(f"report: wrote {os.path.join(f.out, 'report.json')} and report.txt")
+    else:
+        summary = report_records(embedder, bank, f.data_dir, f.split, out=f.out, k=f.k, levels=levels,
+                                 frames=f.frames, image_size=image_size, baseline=f.baseline, seed=f.seed)
+        counts = ", ".join(f"{n} {lv} reports" for lv, n in summary["levels"].items())
+        print(f"report: {DISCLAIMER}\nreport: wrote {counts} under {f.out}")
 
 
-def _define_flags():
-
-    flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights)", required=True)
-    config_flags.DEFINE_config_file("config", None, "configs/*.py", lock_config=False)
-    flags.DEFINE_string("video", None, "one study: a .dcm/.avi/.npy video or a directory of its .dcm files")
-    flags.DEFINE_string("data_dir", None, "records (data_prep.convert): a report for every study of --split")
-    flags.DEFINE_string("split", "test", "with --data_dir: the split to report on")
-    flags.DEFINE_string("bank", None, "search index (build --reports), records directory or CSV of reports "
-                                      "(default with --data_dir: that directory's --bank_split)")
-    flags.DEFINE_list("bank_split", ["train"], "the bank's splits (index or records bank)")
-    flags.DEFINE_enum("match", "text", ["text", "image"], "query study embedding vs the bank's report text "
-                                                          "embeddings (text) or its studies' embeddings (image)")
-    flags.DEFINE_integer("k", 10, "reports retrieved and voted over")
-    flags.DEFINE_enum("level", "study", ["study", "video", "both"], "with --data_dir: report per study, video or both")
-    flags.DEFINE_string("out", None, "output directory R", required=True)
-    flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video")
-    flags.DEFINE_integer("batch_size", 128, "frames (or texts) per device batch")
-    flags.DEFINE_boolean("baseline", False, "with --data_dir: also vote over k random bank reports per query "
-                                            "(random_findings), the chance level an evaluation compares with")
-    flags.DEFINE_integer("seed", 0, "random baseline seed")
-    flags.mark_flag_as_required("config")
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_report, FLAGS, argv, name="report", doc=__doc__)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    sys.exit(main())

@@ -24,25 +24,57 @@ The work is done in `echoclip_jax.retrieval.ops`; this file parses the command l
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from echoclip_jax.config.validation import validate
 from echoclip_jax.retrieval import archive as archive_lib
 from echoclip_jax.retrieval import ops
-from echoclip_jax.runtime import logs
+from echoclip_jax.runtime import cli
 
-FLAGS = flags.FLAGS
 COMMANDS = ("build", "add", "query")
+log = logging.getLogger("echoclip_jax.search")
+
+FLAGS = cli.flag_values()
+flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights.loader); build: required; "
+                    "add/query: default the index's own", flag_values=FLAGS)
+config_flags.DEFINE_config_file("config", None, "configs/*.py (with --checkpoint)", lock_config=False,
+                                flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "records from data_prep.convert (build, add)", flag_values=FLAGS)
+flags.DEFINE_list("split", None, "splits to index (default: every split with shards)", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "build: the INDEX directory; query: write the results as JSON here",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("kind", "auto", ["auto", "exact", "ivf"], "auto: exact up to --approximate_above vectors, IVF "
+                  "above", flag_values=FLAGS)
+flags.DEFINE_integer("approximate_above", archive_lib.APPROXIMATE_ABOVE, "auto: vectors above which a level is "
+                     "indexed approximately", flag_values=FLAGS)
+flags.DEFINE_integer("nlist", None, "IVF cells (default about sqrt(N))", flag_values=FLAGS)
+flags.DEFINE_integer("nprobe", None, "IVF cells scanned per query (build: stored default; query: override)",
+                     flag_values=FLAGS)
+flags.DEFINE_boolean("reports", False, "build: also keep a report bank (the records' de-identified report text and "
+                     "its text embedding, per study) for echoclip_jax.report", flag_values=FLAGS)
+flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video (default: all the records "
+                     "hold; DICOM queries: as many as data_prep kept)", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 128, "frames (or texts) per device batch", flag_values=FLAGS)
+flags.DEFINE_string("text", None, "query: a report-style text", flag_values=FLAGS)
+flags.DEFINE_string("video", None, "query: a .dcm/.avi/.npy video or a study directory of such files",
+                    flag_values=FLAGS)
+flags.DEFINE_string("study_of", None, "query: the salted video_id of an indexed video: its study's neighbours",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("k", 10, "query: neighbours per level", flag_values=FLAGS)
+flags.DEFINE_enum("level", "both", ["both", "video", "study"], "query: which neighbours", flag_values=FLAGS)
+flags.DEFINE_boolean("exclude_same_patient", False, "query --study_of: leave out the patient's other studies",
+                     flag_values=FLAGS)
 
 
 def _summary(index: archive_lib.Archive) -> None:
     levels = ", ".join(f"{len(index.rows[lv])} {archive_lib.FILES[lv]} ({index.meta['levels'].get(lv, {}).get('kind')})"
                        for lv in archive_lib.LEVELS)
     bank = f", {len(index.reports)} reports in the report bank" if index.reports is not None else ""
-    ops._log(f"wrote {index.path}: {levels}{bank}")
+    log.info("wrote %s: %s%s", index.path, levels, bank)
 
 
 def _print(result: dict) -> None:
@@ -59,87 +91,54 @@ def _print(result: dict) -> None:
             print(f"  {r['rank']:4d}  {r['score']:7.4f}  {r['split']:5s}  {r[id_col]}")
 
 
-def _query(path: str) -> None:
+def _query(f, path: str) -> None:
     index = archive_lib.Archive.open(path)
-    if FLAGS.nprobe:
+    if f.nprobe:
         for lv in archive_lib.LEVELS:
             if index.indexes[lv] is not None:
-                index.indexes[lv].set_nprobe(FLAGS.nprobe)
+                index.indexes[lv].set_nprobe(f.nprobe)
     embedder = None
-    if FLAGS.checkpoint and FLAGS.study_of is None:
-        model = ops.model_of(index, FLAGS.checkpoint, FLAGS.config)
-        embedder = ops.embedder_for(model, index.meta["model"].get("fingerprint"), path, FLAGS.batch_size)
-    result = ops.query(index, text=FLAGS.text, video=FLAGS.video, study_of=FLAGS.study_of, k=FLAGS.k,
-                       levels=archive_lib.LEVELS if FLAGS.level == "both" else (FLAGS.level,),
-                       exclude_same_patient=FLAGS.exclude_same_patient, embedder=embedder, frames=FLAGS.frames)
+    if f.checkpoint and f.study_of is None:
+        model = ops.model_of(index, f.checkpoint, f.config)
+        embedder = ops.embedder_for(model, index.meta["model"].get("fingerprint"), path, f.batch_size)
+    result = ops.query(index, text=f.text, video=f.video, study_of=f.study_of, k=f.k,
+                       levels=archive_lib.LEVELS if f.level == "both" else (f.level,),
+                       exclude_same_patient=f.exclude_same_patient, embedder=embedder, frames=f.frames)
     _print(result)
-    if FLAGS.out:
-        with open(FLAGS.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-        ops._log(f"wrote {FLAGS.out}")
+    if f.out:
+        with open(f.out, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+        log.info("wrote %s", f.out)
 
 
-def main(argv):
-
-    logs.setup()
-    args = argv[1:]
+def _search(f, args: list[str]) -> None:
     if not args or args[0] not in COMMANDS:
-        print(f"search: error: the first argument is one of {', '.join(COMMANDS)} (see --help)", file=sys.stderr)
-        return 2
+        raise cli.UsageError(f"the first argument is one of {', '.join(COMMANDS)}")
     command, rest = args[0], args[1:]
-    try:
-        if FLAGS.config is not None:
-            validate(FLAGS.config, training=False)
-        if command == "build":
-            if rest or not (FLAGS.out and FLAGS.checkpoint and FLAGS.config and FLAGS.data_dir):
-                raise ValueError("build takes no positional argument and needs --checkpoint KIND:PATH, --config C, "
-                                 "--data_dir O and --out INDEX")
-            _summary(ops.build(FLAGS.out, checkpoint=FLAGS.checkpoint, config=FLAGS.config, data_dir=FLAGS.data_dir,
-                               splits=FLAGS.split, kind=FLAGS.kind, approximate_above=FLAGS.approximate_above,
-                               nlist=FLAGS.nlist, nprobe=FLAGS.nprobe, report_bank=FLAGS.reports,
-                               frames=FLAGS.frames, batch_size=FLAGS.batch_size))
-        elif len(rest) != 1:
-            raise ValueError(f"{command} takes one positional argument, the INDEX directory")
-        elif command == "add":
-            if not FLAGS.data_dir:
-                raise ValueError("add needs --data_dir NEW_EXPORT")
-            ops.add(rest[0], data_dir=FLAGS.data_dir, splits=FLAGS.split, checkpoint=FLAGS.checkpoint,
-                    config=FLAGS.config, batch_size=FLAGS.batch_size)
-            _summary(archive_lib.Archive.open(rest[0]))
-        else:
-            _query(rest[0])
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"search: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    if command == "build" and (rest or not (f.out and f.checkpoint and f.config and f.data_dir)):
+        raise cli.UsageError("build takes no positional argument and needs --checkpoint KIND:PATH, --config C, "
+                             "--data_dir O and --out INDEX")
+    if command != "build" and len(rest) != 1:
+        raise cli.UsageError(f"{command} takes one positional argument, the INDEX directory")
+    if command == "add" and not f.data_dir:
+        raise cli.UsageError("add needs --data_dir NEW_EXPORT")
+    if f.config is not None:
+        validate(f.config, training=False)
+    if command == "build":
+        _summary(ops.build(f.out, checkpoint=f.checkpoint, config=f.config, data_dir=f.data_dir, splits=f.split,
+                           kind=f.kind, approximate_above=f.approximate_above, nlist=f.nlist, nprobe=f.nprobe,
+                           report_bank=f.reports, frames=f.frames, batch_size=f.batch_size))
+    elif command == "add":
+        ops.add(rest[0], data_dir=f.data_dir, splits=f.split, checkpoint=f.checkpoint, config=f.config,
+                batch_size=f.batch_size)
+        _summary(archive_lib.Archive.open(rest[0]))
+    else:
+        _query(f, rest[0])
 
 
-def _define_flags():
-    flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights); build: required; add/query: "
-                                            "default the index's own")
-    config_flags.DEFINE_config_file("config", None, "configs/*.py (with --checkpoint)", lock_config=False)
-    flags.DEFINE_string("data_dir", None, "records from data_prep.convert (build, add)")
-    flags.DEFINE_list("split", None, "splits to index (default: every split with shards)")
-    flags.DEFINE_string("out", None, "build: the INDEX directory; query: write the results as JSON here")
-    flags.DEFINE_enum("kind", "auto", ["auto", "exact", "ivf"], "auto: exact up to --approximate_above "
-                                                                 "vectors, IVF above")
-    flags.DEFINE_integer("approximate_above", archive_lib.APPROXIMATE_ABOVE, "auto: vectors above which a "
-                                                                             "level is indexed approximately")
-    flags.DEFINE_integer("nlist", None, "IVF cells (default about sqrt(N))")
-    flags.DEFINE_integer("nprobe", None, "IVF cells scanned per query (build: stored default; query: override)")
-    flags.DEFINE_boolean("reports", False, "build: also keep a report bank (the records' de-identified report "
-                                           "text and its text embedding, per study) for echoclip_jax.report")
-    flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video (default: all the "
-                                         "records hold; DICOM queries: as many as data_prep kept)")
-    flags.DEFINE_integer("batch_size", 128, "frames (or texts) per device batch")
-    flags.DEFINE_string("text", None, "query: a report-style text")
-    flags.DEFINE_string("video", None, "query: a .dcm/.avi/.npy video or a study directory of such files")
-    flags.DEFINE_string("study_of", None, "query: the salted video_id of an indexed video: its study's neighbours")
-    flags.DEFINE_integer("k", 10, "query: neighbours per level")
-    flags.DEFINE_enum("level", "both", ["both", "video", "study"], "query: which neighbours")
-    flags.DEFINE_boolean("exclude_same_patient", False, "query --study_of: leave out the patient's other studies")
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_search, FLAGS, argv, name="search", doc=__doc__, positional=True)
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    sys.exit(main())

@@ -1,11 +1,10 @@
-"""Train a CLIP on data_prep's TFRecords, on one CPU or a pod: `python -m echoclip_jax.train
---config configs/tiny.py --workdir W [--config.total_steps=100 ...]`. Resumes from W when it holds a
-checkpoint.
+"""Train a CLIP on data_prep's TFRecords, on one CPU or a pod; resumes from the workdir when it holds a checkpoint.
 
-Reads top to bottom: distributed init, mesh, input, model, shardings, update step, checkpoint,
-evaluation, loop. The train state is a plain pytree {step, params, opt_state, rng, bad_step}; the
-model is rebuilt from its graphdef inside the jitted step (nnx.merge), so jit shardings, Orbax and
-weight conversion see plain nested dicts.
+  python -m echoclip_jax.train --config configs/tiny.py --workdir W [--config.total_steps=100 ...]
+
+The workdir gets the checkpoints (train state and data position together), `metrics.jsonl` (one JSON line
+per logged step) and TensorBoard events. Every field of the config file can be overridden as
+`--config.field=value`. The work is done in `echoclip_jax.training.loop`, which reads top to bottom.
 """
 from __future__ import annotations
 
@@ -13,35 +12,32 @@ import os
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
-from echoclip_jax.config.validation import ConfigError
-from echoclip_jax.runtime import logs
+from echoclip_jax.runtime import cli
 from echoclip_jax.runtime.distributed import PeerLostError
 from echoclip_jax.training.loop import train
 
+FLAGS = cli.flag_values()
+config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, TensorBoard; resumes from it",
+                    flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
-def main(argv) -> None:
-    del argv
 
-
-    logs.setup()
-    FLAGS = flags.FLAGS
+def _train(f) -> None:
     try:
-        train(FLAGS.config, FLAGS.workdir)
-    except (FloatingPointError, ConfigError) as e:
-        sys.exit(f"echoclip_jax.train: {e}")
+        train(f.config, f.workdir)
     except PeerLostError as e:
         # exit now: at a normal exit jax.distributed's shutdown barrier would wait for the dead process until
         # the heartbeat timeout, then abort
-        print(f"echoclip_jax.train: {e}", file=sys.stderr, flush=True)
-        os._exit(1)
+        cli.say("train", str(e))
+        os._exit(cli.FAILED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_train, FLAGS, argv, name="train", doc=__doc__, failures=(*cli.FAILURES, FloatingPointError))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
-    flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, TensorBoard; resumes from it")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    sys.exit(main())

@@ -1,38 +1,53 @@
-"""TODO cmd"""
-import argparse
+"""Train a SentencePiece tokenizer on the cleaned, de-identified report corpus.
+
+    python -m echoclip_jax.train_sentencepiece --reports R --vocab_size V --out M.model
+        [--template_vocab template_vocab.txt] [--model_type unigram|bpe] [--column report]
+
+R is a data_prep output directory (its train split's reports, already de-identified with each study's
+header identifiers: the better source), a CSV with a report column, or a text file with one report per line
+(de-identified here by pattern). With --template_vocab, each template phrase's fixed wording becomes one
+piece. `echoclip_jax.tokenizers.spm_train` says how; use the model with `--config.tokenizer.name=sentencepiece
+--config.tokenizer.path=M.model`.
+"""
+from __future__ import annotations
+
 import os
 import sys
 
 import sentencepiece
+from absl import flags
 
+from echoclip_jax.runtime import cli
 from echoclip_jax.tokenizers.spm_train import read_reports, template_pieces, train
 
+FLAGS = cli.flag_values()
+flags.DEFINE_string("reports", None, "reports CSV, one-report-per-line text, or data_prep output dir",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("vocab_size", None, "pieces in the model", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "model file to write (e.g. reports.model)", flag_values=FLAGS)
+flags.DEFINE_string("template_vocab", "", "template phrase file: its fixed wording becomes pieces",
+                    flag_values=FLAGS)
+flags.DEFINE_string("column", "report", "report column of a CSV", flag_values=FLAGS)
+flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "SentencePiece's model type", flag_values=FLAGS)
+flags.DEFINE_boolean("byte_fallback", False, "unseen characters become byte pieces, not unk", flag_values=FLAGS)
+flags.mark_flags_as_required(["reports", "vocab_size", "out"], flag_values=FLAGS)
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reports", required=True, help="reports CSV, one-report-per-line text, or data_prep output dir")
-    p.add_argument("--vocab_size", required=True, type=int)
-    p.add_argument("--out", required=True, help="model file to write (e.g. reports.model)")
-    p.add_argument("--template_vocab", default="", help="template phrase file: its fixed wording becomes pieces")
-    p.add_argument("--column", default="report", help="report column of a CSV")
-    p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
-    p.add_argument("--byte_fallback", action="store_true", help="unseen characters become byte pieces, not unk")
-    args = p.parse_args(argv)
-    try:
-        pieces = template_pieces(args.template_vocab) if args.template_vocab else []
-        model = train(read_reports(args.reports, args.column), args.vocab_size, user_pieces=pieces,
-                      model_type=args.model_type, byte_fallback=args.byte_fallback, source=args.reports)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
+
+def _train(f) -> None:
+    pieces = template_pieces(f.template_vocab) if f.template_vocab else []
+    model = train(read_reports(f.reports, f.column), f.vocab_size, user_pieces=pieces, model_type=f.model_type,
+                  byte_fallback=f.byte_fallback, source=f.reports)
+    os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+    tmp = f.out + ".tmp"
     with open(tmp, "wb") as fh:
         fh.write(model)
-    os.replace(tmp, args.out)
+    os.replace(tmp, f.out)
     sp = sentencepiece.SentencePieceProcessor(model_proto=model)
-    print(f"wrote {args.out}: {sp.get_piece_size()} pieces ({len(pieces)} from the template)", file=sys.stderr)
-    return 0
+    print(f"wrote {f.out}: {sp.get_piece_size()} pieces ({len(pieces)} from the template)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_train, FLAGS, argv, name="train_sentencepiece", doc=__doc__)
 
 
 if __name__ == "__main__":

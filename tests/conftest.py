@@ -2,6 +2,7 @@
 
 The flag is set here, before JAX is imported anywhere, so no caller has to remember it.
 """
+import logging
 import os
 import pathlib
 
@@ -30,3 +31,22 @@ def reference_dir():
     if not REFERENCE_DIR.is_dir():
         pytest.skip(f"EchoCLIP reference data not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
+
+
+@pytest.fixture
+def project_logs():
+    """The messages the project's loggers (`echoclip_jax.*`) emit during the test, at INFO and above,
+    whatever an earlier command's `logs.setup` did to their propagation."""
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    own = logging.getLogger("echoclip_jax")
+    handler, level = Collect(logging.INFO), own.level
+    own.addHandler(handler)
+    own.setLevel(logging.INFO)
+    yield messages
+    own.removeHandler(handler)
+    own.setLevel(level)

@@ -51,10 +51,10 @@ import concurrent.futures
 import csv
 import json
 import pathlib
-import sys
 
 import pydicom
 
+from data_prep import options
 from data_prep.plan import salted_hash
 from data_prep.synthetic.cohort import (  # noqa: F401  (the cohort's vocabulary, for tests and callers)
     COHORT_VERSIONS,
@@ -194,8 +194,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = generate(args.out, args.patients, args.seed, args.small, args.workers, args.cohort_version)
-    except (FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:
+        return options.failed("data_prep.synthetic", err)
     print(json.dumps(summary))
     return 0

@@ -1,6 +1,6 @@
 """Which model config describes a set of weights: the one rule every command that loads weights follows.
 
-convert, evaluate, embed, interpret and train's `init` all load weights through `echoclip_jax.weights.load`,
+convert, evaluate, embed, interpret and train's `init` all load weights through `echoclip_jax.weights.loader.load`,
 which calls `resolve` below, so the rule is the same everywhere:
 
 - A checkpoint may carry a *stored* model config: `X.json` beside `X.safetensors`, `echoclip_model.json`

@@ -16,6 +16,7 @@ from echoclip_jax import tokenizers
 from echoclip_jax.models.backend import DEPTHWISE_IMPLS
 from echoclip_jax.models.convnext import CONVNEXT_VARIANTS
 from echoclip_jax.models.vit import VIT_VARIANTS
+from echoclip_jax.runtime.cli import UsageError
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
@@ -44,8 +45,8 @@ TRAIN_NON_NEGATIVE = ("eval_batches", "eval_every_steps", "data.num_workers", "o
                       "optim.grad_clip_norm", "loss.chunk_size")
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message lists every problem found."""
+class ConfigError(UsageError, ValueError):
+    """A config that cannot run; the message lists every problem found (a command exits 2 with it)."""
 
 
 def _get(config, field: str):

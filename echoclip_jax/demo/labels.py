@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 
-from data_prep.options import load_salt as read_salt
+from data_prep.options import load_salt
 from data_prep.plan import salted_hash
 from data_prep.synthetic import truth_by_video_id
 
@@ -43,7 +43,7 @@ def synthetic_label_rows(cohort_dir: str, salt: bytes, key: str = "video_id") ->
 
 def write_synthetic_labels(cohort_dir: str, salt: str | bytes, out_csv: str, key: str = "video_id") -> int:
     """Writes the labels CSV for `key`; returns its number of rows."""
-    columns, rows = synthetic_label_rows(cohort_dir, read_salt(salt), key)
+    columns, rows = synthetic_label_rows(cohort_dir, load_salt(salt), key)
     with open(out_csv, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import glob as globlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -34,6 +35,8 @@ from echoclip_jax.evaluation.outputs import (
 from echoclip_jax.inference.embedder import Embedder, SplitEmbeddings, embed_split
 from echoclip_jax.training import checkpoint as ckpt
 from echoclip_jax.weights import loader as weights
+
+log = logging.getLogger(__name__)
 
 LEVELS = {"video": ("video",), "study": ("study",), "both": ("video", "study")}
 VIDEO_KEYS = ("num_videos", "num_frames", "frames_per_video", "tasks", "clinical_change", "retrieval",
@@ -110,7 +113,7 @@ def compute_metrics(embedder: Embedder, split: SplitEmbeddings, tasks: list[zs.T
 class Source:
     name: str  # the output file stem
     step: int | None
-    spec: str  # what to load, as `echoclip_jax.weights.load` reads it: KIND:PATH[@STEP]
+    spec: str  # what to load, as `echoclip_jax.weights.loader.load` reads it: KIND:PATH[@STEP]
 
 
 def list_sources(*, checkpoint: str | None = None, workdir: str | None = None,
@@ -166,7 +169,7 @@ def _missing_levels(path: str, levels: tuple[str, ...]) -> tuple[tuple[str, ...]
 def run(config, sources: list[Source], *, data_dir: str, split: str, out_dir: str,
         tasks: list[zs.Task], frames: int | None = None, batch_size: int = 128,
         calibration_split: str | None = None, level: str = "both", study_pool: str = "mean",
-        study_temperature: float = study_level.TEMPERATURE, log=print) -> list[str]:
+        study_temperature: float = study_level.TEMPERATURE) -> list[str]:
     """Evaluate every source whose result in out_dir lacks a level asked for (a result that has one
     level keeps it and gains the other); returns the names evaluated."""
     if level not in LEVELS:
@@ -179,11 +182,11 @@ def run(config, sources: list[Source], *, data_dir: str, split: str, out_dir: st
         if missing:
             todo.append((s, missing, old))
         else:
-            log(f"skip {s.name}: {path} exists")
+            log.info("skip %s: %s exists", s.name, path)
 
     image_size = config.model.vision.image_size
     for source, missing, old in todo:
-        log(f"evaluate {source.name} ({source.spec}) on {data_dir} [{split}], level {'+'.join(missing)}")
+        log.info("evaluate %s (%s) on %s [%s], level %s", source.name, source.spec, data_dir, split, "+".join(missing))
         # weights and model config through weights.load's one rule (architecture: the stored config, which
         # must agree with --config; compute dtype and other run settings: --config)
         embedder = Embedder(weights.load_model(source.spec, config.model), tokenizers.from_config(config.tokenizer),

@@ -14,6 +14,7 @@ or logged: no video, patient or study identifier leaves this module.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -25,6 +26,8 @@ from echoclip_jax.probes.labels import KEYS, TASKS, Items, detect_task, items_fo
 from echoclip_jax.probes.linear import fit_linear
 from echoclip_jax.probes.metrics import baseline, plot, predict, score
 from echoclip_jax.weights import loader as weights
+
+log = logging.getLogger(__name__)
 
 PROBES = ("linear", "attentive")
 
@@ -72,7 +75,7 @@ def probe_label(train: Items, evaluation: Items, values: dict[str, str], *, labe
 
 
 def probe_splits(train, evaluation, table: dict[str, dict[str, str]], *, key: str, out_dir: str | None,
-                 probes=PROBES, tasks: dict | None = None, attentive: dict | None = None, log=print,
+                 probes=PROBES, tasks: dict | None = None, attentive: dict | None = None,
                  meta: dict | None = None) -> dict:
     """Every label of `table` ({label: {key value: raw}}) probed from the `SplitEmbeddings` of the training
     and evaluated splits; writes out_dir/probe.json and out_dir/plots/ when out_dir is given."""
@@ -89,7 +92,7 @@ def probe_splits(train, evaluation, table: dict[str, dict[str, str]], *, key: st
         res = probe_label(tr, ev, values, label=label, task=(tasks or {}).get(label), probes=probes,
                           out_dir=out_dir, attentive=attentive)
         record["labels"][label] = res
-        _log_label(log, label, res)
+        _log_label(label, res)
     if out_dir:
         write_json(os.path.join(out_dir, "probe.json"), record)
     return record
@@ -112,15 +115,15 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _log_label(log, label: str, res: dict) -> None:
+def _log_label(label: str, res: dict) -> None:
     skipped = {s: sum(c.values()) for s, c in res["skipped"].items()}
     head = f"{label} ({res['task']}): n_train {res['n_train']}, n_eval {res['n_eval']}, skipped {skipped}"
     if "error" in res:
-        log(f"{head}: {res['error']}")
+        log.info("%s: %s", head, res["error"])
         return
     name = "accuracy" if res["task"] == "classification" else "mae"
     parts = [f"{p} {name} {r['metrics'][name]:.3f}" for p, r in res["probes"].items()]
-    log(f"{head}: {', '.join(parts)} (baseline {res['baseline'][name]:.3f})")
+    log.info("%s: %s (baseline %.3f)", head, ", ".join(parts), res["baseline"][name])
 
 
 def embed(config, checkpoint: str, data_dir: str, splits, *, frames: int | None = None,
@@ -136,7 +139,7 @@ def embed(config, checkpoint: str, data_dir: str, splits, *, frames: int | None 
 def run(config, checkpoint: str, data_dir: str, labels_csv: str, *, labels: list[str], key: str = "video_id",
         out_dir: str, train_split: str = "train", eval_split: str = "test", probes=PROBES,
         tasks: dict | None = None, frames: int | None = None, batch_size: int = 128,
-        attentive: dict | None = None, embeddings: dict | None = None, log=print) -> dict:
+        attentive: dict | None = None, embeddings: dict | None = None) -> dict:
     """The CLI without a subprocess: embeds both splits (or takes `embeddings`, {split: SplitEmbeddings}
     from `embed`, to probe several keys or label files from one embedding pass), probes every label and
     writes out_dir/probe.json and plots; returns probe.json's content."""
@@ -147,9 +150,9 @@ def run(config, checkpoint: str, data_dir: str, labels_csv: str, *, labels: list
         raise ValueError(f"--task for label(s) not probed: {unknown}")
     table = read_labels(labels_csv, key, labels)
     if embeddings is None:
-        log(f"embed {data_dir} [{train_split}, {eval_split}] with {checkpoint}")
+        log.info("embed %s [%s, %s] with %s", data_dir, train_split, eval_split, checkpoint)
         embeddings = embed(config, checkpoint, data_dir, (train_split, eval_split), frames=frames,
                            batch_size=batch_size)
     meta = {"checkpoint": str(checkpoint), "train_split": train_split, "eval_split": eval_split, "frames": frames}
     return probe_splits(embeddings[train_split], embeddings[eval_split], table, key=key, out_dir=out_dir,
-                        probes=probes, tasks=tasks, attentive=attentive, log=log, meta=meta)
+                        probes=probes, tasks=tasks, attentive=attentive, meta=meta)

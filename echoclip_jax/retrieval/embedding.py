@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 
 import ml_collections
@@ -22,6 +23,8 @@ from echoclip_jax.inference.embedder import Embedder
 from echoclip_jax.interpret import load_video
 from echoclip_jax.retrieval.archive import normalize
 from echoclip_jax.weights import loader as weights
+
+log = logging.getLogger(__name__)
 
 CHUNK_BATCHES = 16  # frames gathered (in device batches) before an embedding call
 
@@ -92,9 +95,10 @@ def record_videos(data_dir: str, split: str, *, skip=frozenset(), skipped: list 
         yield meta, np.stack([data.decode_jpeg(jpegs[j], size) for j in keep])
 
 
-def embed_stream(embedder, items, *, log=None, every: int = 500):
+def embed_stream(embedder, items, *, label: str = "", every: int = 500):
     """(metadata list, video embeddings [N, D]) of an iterator of (metadata, frames), embedded in chunks
-    of about CHUNK_BATCHES device batches of frames, so memory stays bounded however many videos."""
+    of about CHUNK_BATCHES device batches of frames, so memory stays bounded however many videos; every
+    `every` videos a log line (`label`: what is embedded)."""
     metas, out, pending, n_frames, done = [], [], [], 0, 0
     limit = embedder.batch_size * CHUNK_BATCHES
 
@@ -104,8 +108,8 @@ def embed_stream(embedder, items, *, log=None, every: int = 500):
             out.append(embedder.videos([f for _, f in pending]).videos)
             metas.extend(m for m, _ in pending)
             done += len(pending)
-            if log and (done // every) != ((done - len(pending)) // every):
-                log(f"embedded {done} videos")
+            if (done // every) != ((done - len(pending)) // every):
+                log.info("%sembedded %d videos", f"{label}: " if label else "", done)
         pending, n_frames = [], 0
 
     for meta, frames in items:

@@ -5,18 +5,15 @@ The command line (`python -m echoclip_jax.search`) is a thin layer over these; t
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 
 from data_prep import records
 from echoclip_jax.retrieval import archive as archive_lib
 from echoclip_jax.retrieval import embedding as emb
 from echoclip_jax.retrieval.vectors import APPROXIMATE_ABOVE
 
-
-def _log(msg: str) -> None:
-
-    print(f"search: {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def splits_of(data_dir: str, requested=None) -> list[str]:
@@ -54,7 +51,7 @@ def model_of(index: archive_lib.Archive, checkpoint: str | None = None, config=N
     return model
 
 
-def add_export(index: archive_lib.Archive, embedder, data_dir: str, splits: list[str], log=_log) -> dict:
+def add_export(index: archive_lib.Archive, embedder, data_dir: str, splits: list[str]) -> dict:
     """Embeds the videos of `splits` of an export that the index lacks and adds them; returns counts."""
     model = index.meta["model"]
     totals = {"added": 0, "skipped": 0, "new_studies": 0, "updated_studies": 0, "reports": 0}
@@ -62,7 +59,7 @@ def add_export(index: archive_lib.Archive, embedder, data_dir: str, splits: list
         skipped: list = []
         items = emb.record_videos(data_dir, split, skip=set(index.video_key), skipped=skipped,
                                   frames=model["frames"], image_size=model["image_size"])
-        metas, vectors = emb.embed_stream(embedder, items, log=lambda m: log(f"{split}: {m}"))
+        metas, vectors = emb.embed_stream(embedder, items, label=split)
         reports = report_vectors = None
         if index.reports is not None:
             reports = {}
@@ -72,7 +69,7 @@ def add_export(index: archive_lib.Archive, embedder, data_dir: str, splits: list
             report_vectors = dict(zip(ids, embedder.texts([reports[s] for s in ids]))) if ids else {}
         counts = index.add(metas, vectors, reports, report_vectors)
         counts["skipped"] += len(skipped)
-        log(f"{data_dir} [{split}]: added {counts['added']} videos ({counts['new_studies']} new studies, "
+        log.info(f"{data_dir} [{split}]: added {counts['added']} videos ({counts['new_studies']} new studies, "
             f"{counts['updated_studies']} updated), skipped {counts['skipped']} already in the index")
         for key in totals:
             totals[key] += counts[key]
@@ -82,7 +79,7 @@ def add_export(index: archive_lib.Archive, embedder, data_dir: str, splits: list
 
 def build(out: str, *, checkpoint: str, config, data_dir: str, splits=None, kind: str = "auto",
           approximate_above: int = APPROXIMATE_ABOVE, nlist=None, nprobe=None, report_bank: bool = False,
-          frames: int | None = None, batch_size: int = 128, log=_log) -> archive_lib.Archive:
+          frames: int | None = None, batch_size: int = 128) -> archive_lib.Archive:
     """A new index at `out` of every video (and study) of `splits` of `data_dir`."""
     if os.path.exists(os.path.join(out, archive_lib.META)):
         raise FileExistsError(f"{out}: already holds a search index; add exports with `python -m "
@@ -95,18 +92,17 @@ def build(out: str, *, checkpoint: str, config, data_dir: str, splits=None, kind
     index = archive_lib.Archive.new(out, model=model, dim=embedder.embed_dim, kind=kind,
                                     approximate_above=approximate_above, nlist=nlist, nprobe=nprobe,
                                     report_bank=report_bank)
-    add_export(index, embedder, data_dir, splits, log)
+    add_export(index, embedder, data_dir, splits)
     index.save()
     return index
 
 
-def add(path: str, *, data_dir: str, splits=None, checkpoint=None, config=None, batch_size: int = 128,
-        log=_log) -> dict:
+def add(path: str, *, data_dir: str, splits=None, checkpoint=None, config=None, batch_size: int = 128) -> dict:
     """Adds an export's new videos to the index at `path` (ids already present are skipped)."""
     index = archive_lib.Archive.open(path)
     embedder = embedder_for(model_of(index, checkpoint, config), index.meta["model"].get("fingerprint"),
                             os.path.join(path, archive_lib.META), batch_size)
-    counts = add_export(index, embedder, data_dir, splits_of(data_dir, splits), log)
+    counts = add_export(index, embedder, data_dir, splits_of(data_dir, splits))
     index.save()
     return counts
 

@@ -184,11 +184,11 @@ def _write_jsonl(path: str, rows) -> None:
 
 
 def report_records(embedder, bank: Bank, data_dir: str, split: str, *, out: str, k: int, levels,
-                   frames=None, image_size=None, baseline: bool = False, seed: int = 0, log=print) -> dict:
+                   frames=None, image_size=None, baseline: bool = False, seed: int = 0) -> dict:
     """Reports for every study (and/or video) of a split of records, written under `out` (see the doc)."""
 
     metas, videos = emb.embed_stream(embedder, emb.record_videos(data_dir, split, frames=frames,
-                                                                 image_size=image_size), log=log)
+                                                                 image_size=image_size), label=split)
     if not metas:
         raise ValueError(f"{data_dir}: split {split!r} has no videos")
     order, studies = emb.study_means([m["study_id"] for m in metas], videos)

@@ -5,9 +5,9 @@ import logging
 import os
 
 import jax
-from jax._src import distributed  # the client has no public handle in this JAX version
+import orbax.checkpoint as ocp
 
-log = logging.getLogger("echoclip_jax.train")
+log = logging.getLogger(__name__)
 
 
 def init_distributed(dc) -> None:
@@ -28,12 +28,15 @@ def init_distributed(dc) -> None:
 
 
 def wait_for_other_processes(name: str, timeout_s: float) -> None:
-    """A barrier through jax.distributed's coordination service (not a collective), for multi-process runs.
+    """A barrier through jax.distributed's coordination service (not a collective; a no-op with one process).
 
-    Gloo (the CPU collectives) sets a communicator up at a program's first collective and gives up when the
-    other processes have not joined within 30 s: processes that compiled at different speeds meet here first."""
-
-    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+    `name` names the point every process reaches, once per run: the service wants a key used once, and a key
+    made of what the processes do (never a count kept by one of them) stays the same on every process. A
+    collective would not do: Gloo (the CPU collectives) sets a communicator up at a program's first
+    collective and gives up when the other processes have not joined within 30 s, and processes that
+    compiled at different speeds meet here first. A process that does not arrive within `timeout_s` fails
+    the barrier on the others, naming the missing tasks."""
+    ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
 
 
 class PeerLostError(RuntimeError):

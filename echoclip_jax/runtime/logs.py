@@ -1,26 +1,22 @@
 """What a command prints: the project's own lines, and libraries' only when they warn.
 
-absl turns every library's INFO on once flags are parsed (Orbax alone logs hundreds of lines per training
-run). `setup()` keeps the project's loggers (`echoclip_jax.*`) at INFO on stderr and puts absl, Orbax, grain
-and JAX at WARNING, unless the command was given absl's `--verbosity` (0: libraries' INFO too, 1: DEBUG).
+Libraries log a great deal at INFO (Orbax alone hundreds of lines per training run). `setup()` keeps the
+project's loggers (`echoclip_jax.*`) at INFO on stderr and puts absl, Orbax, grain and JAX at WARNING, unless
+the command was given `--verbosity` (absl's levels: 0 the libraries' INFO too, 1 DEBUG).
 """
 from __future__ import annotations
 
 import logging
 import sys
 
-from absl import flags
 from absl import logging as absl_logging
 
 FORMAT = "%(asctime)s %(name)s: %(message)s"
 
 
 def setup(verbosity: int | None = None) -> None:
-    """Call once in a command's main, after flags are parsed. `verbosity`: absl's level to use for libraries
-    (None: the --verbosity flag when it was given, else WARNING)."""
-
-    if verbosity is None and flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
-        verbosity = flags.FLAGS.verbosity
+    """Called once by every command (`echoclip_jax.runtime.cli.run`). `verbosity`: absl's level for the
+    libraries (None: WARNING)."""
     if verbosity is None:
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger().setLevel(logging.WARNING)

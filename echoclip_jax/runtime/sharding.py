@@ -1,6 +1,6 @@
 """Device mesh and the logical-axis rules that place parameters and activations on it.
 
-Parameters carry logical axis names (contract B: "embed", "mlp", "heads", "kv", "vocab", "joint", None).
+Parameters carry logical axis names ("embed", "mlp", "heads", "kv", "vocab", "joint", None).
 A preset maps those names to the mesh axes ("data", "fsdp", "tensor"); a dimension whose size the mesh
 axis does not divide is replicated instead, so one rule set works for every model size and device count.
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 
@@ -20,6 +21,8 @@ from PIL import Image
 
 from echoclip_jax.data.videos import Video, sector_from_frames
 from echoclip_jax.saliency.maps import METHODS, SaliencyMapper  # the maps (re-exported)
+
+log = logging.getLogger(__name__)
 
 GROUP_BATCHES = 4  # run(): videos are mapped together in groups of about this many frame batches
 
@@ -118,8 +121,8 @@ def run(mapper: SaliencyMapper, *, prompts: list[str], out_dir: str, videos, met
                                       computed={m: computed[m][j] for m in methods})
             index.append({"video": video.name, "source": video.source, "num_frames": summary["num_frames"],
                           "mean_similarity": {e["prompt"]: e["mean_similarity"] for e in summary["prompts"]}})
-            print(f"{video.name}: {summary['num_frames']} frames, {len(prompts)} prompt(s), "
-                  f"{'+'.join(methods)}", flush=True)
+            log.info("%s: %d frames, %d prompt(s), %s", video.name, summary["num_frames"], len(prompts),
+                     "+".join(methods))
     _write_json(os.path.join(out_dir, "index.json"), {"prompts": prompts, "methods": list(methods),
                                                        "videos": index})
     return index

@@ -38,7 +38,7 @@ class SentencePieceTokenizer:
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError(
                 f"{self.path}: the model has no BOS/EOS piece (bos_id={self.bos_id}, eos_id={self.eos_id}); "
-                "train it with python -m echoclip_jax.tokenizers.train_sentencepiece"
+                "train it with python -m echoclip_jax.train_sentencepiece"
             )
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
         self.vocab_size = self.sp.get_piece_size()

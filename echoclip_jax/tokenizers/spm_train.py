@@ -1,21 +1,21 @@
-"""Train a SentencePiece tokenizer on the cleaned report corpus.
+"""Training a SentencePiece tokenizer on the cleaned report corpus (`python -m echoclip_jax.train_sentencepiece`).
 
-    python -m echoclip_jax.tokenizers.train_sentencepiece --reports R --vocab_size V --out M.model
-        [--template_vocab template_vocab.txt] [--model_type unigram|bpe] [--column report]
-
-R is a data_prep output directory (the `report` of every record of the train split, already de-identified
-with each study's header identifiers), a CSV with a report column, or a text file with one report per line.
-Raw reports from a CSV or text file are de-identified by data_prep.report_deid's patterns (no headers are at
-hand, so prefer the output directory), because a tokenizer's pieces can memorise a name. Reports are `clean_text`-
-normalised and de-duplicated (a study's report is stored once per video). With --template_vocab, the fixed
-wording of each template phrase (the text between its `<#>` variables, at least two words) becomes a
-user-defined piece, so a whole echo concept is one token. Ids: pad 0, unk 1, BOS 2, EOS V-1: the highest id,
-as in CLIP BPE and the template tokenizer, so the text tower's argmax pooling finds the end of the text.
+Reports come from a data_prep output directory (the `report` of every record of the train split, already
+de-identified with each study's header identifiers), a CSV with a report column, or a text file with one
+report per line. Raw reports from a CSV or text file are de-identified by data_prep.report_deid's patterns
+(no headers are at hand, so prefer the output directory), because a tokenizer's pieces can memorise a name.
+Reports are `clean_text`-normalised and de-duplicated (a study's report is stored once per video). With a
+template vocabulary, the fixed wording of each template phrase (the text between its `<#>` variables, at
+least two words) becomes a user-defined piece, so a whole echo concept is one token. Ids: pad 0, unk 1,
+BOS 2, EOS V-1: the highest id, as in CLIP BPE and the template tokenizer, so the text tower's argmax
+pooling finds the end of the text.
 """
+from __future__ import annotations
+
 import csv
 import io
+import logging
 import os
-import sys
 
 import sentencepiece
 
@@ -23,6 +23,8 @@ from data_prep import records
 from data_prep.report_deid import Deidentifier
 from data_prep.reports import clean_text
 from echoclip_jax.tokenizers.template import PLACEHOLDER, read_vocab
+
+log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID = 0, 1, 2  # EOS is vocab_size - 1
 _WORD = "▁"  # SentencePiece's whitespace symbol
@@ -59,8 +61,8 @@ def read_reports(path: str, column: str = "report") -> list[str]:
 
     deid = Deidentifier()
     texts = [deid(t)[0] for t in texts]
-    print(f"{path}: raw reports, de-identified by pattern only (no DICOM headers); a data_prep output directory "
-          "is scrubbed with each study's own identifiers too", file=sys.stderr)
+    log.warning("%s: raw reports, de-identified by pattern only (no DICOM headers); a data_prep output directory "
+                "is scrubbed with each study's own identifiers too", path)
     return texts
 
 

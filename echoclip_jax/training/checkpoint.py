@@ -28,6 +28,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from echoclip_jax.runtime.distributed import wait_for_other_processes
+
 log = logging.getLogger(__name__)
 STATE, DATA = "state", "data"
 
@@ -37,9 +39,10 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class Checkpointer:
-    """CheckpointManager keeping the last `keep` steps plus the best by `best_metric` (if given)."""
+    """CheckpointManager keeping the last `keep` steps plus the best by `best_metric` (if given).
 
-    _created = 0
+    One per workdir in a run: its processes meet once, at a barrier named for the workdir, after process 0
+    removed what a killed save left and before any of them lists or saves."""
 
     def __init__(self, workdir: str, *, keep: int, best_metric: str | None = None, best_mode: str = "max",
                  async_save: bool = True, barrier_timeout_s: float = 600):
@@ -50,12 +53,9 @@ class Checkpointer:
         directory = checkpoint_dir(workdir)
         if jax.process_index() == 0:
             remove_unfinished_saves(directory)
-        # no process lists or saves before process 0 is done (a no-op with one process); a barrier's key is
-        # used once, and every process creates its Checkpointers in the same order
-        Checkpointer._created += 1
-        ocp.multihost.get_barrier_sync_fn()(
-            key=f"echoclip_jax.training.checkpoint: unfinished saves removed ({Checkpointer._created})",
-            timeout_ms=int(barrier_timeout_s * 1000))
+        # no process lists or saves before process 0 is done (a no-op with one process)
+        wait_for_other_processes(f"echoclip_jax.training.checkpoint: unfinished saves removed from {directory}",
+                                 barrier_timeout_s)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=cm.AnyPreservationPolicy(policies), cleanup_tmp_directories=False,
             enable_async_checkpointing=async_save, create=True)

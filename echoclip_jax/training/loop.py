@@ -24,13 +24,14 @@ from tensorboardX import SummaryWriter
 from echoclip_jax.config.validation import validate
 from echoclip_jax.data import loader as data
 from echoclip_jax.evaluation import metrics as metrics_lib
+from echoclip_jax.models import backend
 from echoclip_jax.runtime import sharding
 from echoclip_jax.runtime.distributed import PeerLostError, init_distributed, wait_for_other_processes
 from echoclip_jax.training import checkpoint as ckpt_lib
 from echoclip_jax.training import losses
 from echoclip_jax.training.step import TrainStep, build_train_step, compiled_flops, initial_params
 
-log = logging.getLogger("echoclip_jax.train")
+log = logging.getLogger(__name__)
 # Peak dense bf16 FLOP/s per device, for MFU; unknown kinds (e.g. CPU) report MFU as null.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
               "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
@@ -166,8 +167,10 @@ def train(config, workdir: str, *, devices=None) -> dict:
     flops = compiled_flops(ts.step.lower(state, batch).compile()) if batch is not None else None
     log.info("train step compiled in %.1f s (%s FLOPs per device per step)", time.perf_counter() - t_compile, flops)
     multi = jax.process_count() > 1
+    on_cpu = backend.mesh_platform(mesh) == "cpu"  # the platform the step runs on (models.backend's rule)
     if multi:
-        wait_for_other_processes("echoclip_jax.train: step compiled", config.distributed.initialization_timeout)
+        wait_for_other_processes(f"echoclip_jax.train: step compiled ({os.path.abspath(workdir)})",
+                                 config.distributed.initialization_timeout)
     peak = PEAK_FLOPS.get(next((k for k in PEAK_FLOPS if jax.devices()[0].device_kind.startswith(k)), ""))
     last, t0, t_steps = {}, time.perf_counter(), 0
     step = start
@@ -199,7 +202,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
                 # the async save reads its arrays in the background while the next step donates (frees)
                 # the state's buffers, so it gets its own copy
                 checkpointer.save(step, p_copy(state), train_data.iterator, metrics=eval_metrics)
-                if jax.default_backend() == "cpu":
+                if on_cpu:
                     # XLA:CPU's in-process collectives abort when a rendezvous stalls; the background save
                     # competing for the host's cores can stall one. On CPU the "device" is the host anyway.
                     checkpointer.wait()

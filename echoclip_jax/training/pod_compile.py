@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 import math
 import os
 import time
@@ -32,7 +31,6 @@ from echoclip_jax.runtime import sharding
 from echoclip_jax.training import step as step_lib
 from echoclip_jax.training.hlo import scan_hlo
 
-log = logging.getLogger("echoclip_jax.aot")
 RECIPE_VIDEOS = 1_032_975  # the paper's training videos; one random frame of each per epoch
 RECIPE_EPOCHS = 50
 # bf16 steps keep a few float32 products on purpose (the loss's logits, the embeddings' norms); more is a bug
@@ -269,4 +267,5 @@ def format_report(r: dict) -> list[str]:
     if r["dtype"] == "bfloat16" and share > F32_MATMUL_SHARE:
         issues.append(f"{100 * share:.2f}% of matmul FLOPs in float32 (largest: {'; '.join(r['largest_f32_matmuls'])})")
     return out + [f"check: {s}" for s in issues] + ([] if issues else [
-        f"check: no host transfers, no replicated state of >= 1 MiB, {100 * share:.2f}% of matmul FLOPs in float32"])
+        f"check: no host transfers, no replicated state of >= 1 MiB, {100 * share:.2f}% of matmul FLOPs in "
+        "float32"])

@@ -201,7 +201,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     try:
-        import torch
+        import torch  # noqa: PLC0415 (optional: the interop extra)
     except ImportError as e:
         raise ImportError(f"{path}: reading PyTorch checkpoints needs torch (the `interop` extra); "
                           "or convert it to .safetensors") from e
@@ -218,7 +218,7 @@ def write_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
     if path.endswith(".safetensors"):
         save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, path)
         return
-    import torch
+    import torch  # noqa: PLC0415 (optional: the interop extra)
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, path)
 
 

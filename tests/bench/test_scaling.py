@@ -1,20 +1,24 @@
 """bench/scaling.py's memory accounting: FSDP really divides the train state over the 8-device mesh."""
 
+import pathlib
+
 import jax
 import pytest
 
+from echoclip_jax.config import files
+from echoclip_jax.runtime import sharding
 from echoclip_jax.training import step as step_lib
 
 from .conftest import load_bench
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 scaling = load_bench("scaling")
 
 
 def abstract_state(config_name, preset):
-    from configs import echoclip, tiny
-    from echoclip_jax.runtime import sharding
 
-    c = {"tiny": tiny, "echoclip": echoclip}[config_name].get_config()
+    c = files.load(CONFIGS / f"{config_name}.py")
     c.sharding_preset = preset
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = scaling.mesh_for(preset, jax.device_count())
     return step_lib.build_train_step(c, sharding.build_mesh(c.mesh), 100).abs_state

@@ -339,8 +339,9 @@ def test_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "cli"
     assert synthetic.main(["--out", str(out), "--patients", "1", "--seed", "2", "--small"]) == 0
     assert json.loads(capsys.readouterr().out)["patients"] == 1
-    assert synthetic.main(["--out", str(out), "--patients", "1", "--small"]) == 2
-    assert str(out) in capsys.readouterr().err
+    assert synthetic.main(["--out", str(out), "--patients", "1", "--small"]) == 1  # a failed run: exit 1
+    err = capsys.readouterr().err
+    assert err.startswith("data_prep.synthetic: error: ") and str(out) in err
     with pytest.raises(ValueError, match="--patients"):
         synthetic.plan_cohort(0, 0, True)
     with pytest.raises(FileNotFoundError, match="phi.json"):

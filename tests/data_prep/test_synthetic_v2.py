@@ -18,9 +18,11 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from data_prep import synthetic
+from data_prep import records, synthetic
+from data_prep.plan import salted_hash
 from data_prep.report_deid import Deidentifier, identifiers_from_dataset
 from data_prep.reports import clean_text
+from data_prep.synthetic import truth_by_video_id
 from data_prep.synthetic.render_views import render_view_video
 from echoclip_jax.evaluation import zero_shot as zs
 from tests.data_prep.test_synthetic import _fan, _lv_region, decode_cohort
@@ -242,9 +244,6 @@ def test_convert_reads_a_version_2_cohort(cohort, tmp_path):
     manifest = [json.loads(line) for line in open(tmp_path / "records" / "manifest.jsonl")]
     assert sum(m["status"] == "converted" for m in manifest) == cohort[1]["videos"]
     # every record joins its truth row through the salted video id (what evaluation of the cohort uses)
-    from data_prep import records
-    from data_prep.plan import salted_hash
-    from data_prep.synthetic import truth_by_video_id
 
     truth = truth_by_video_id(cohort[0], "v2-test-salt-0415")
     seen = 0

@@ -2,11 +2,17 @@
 tiny-config override that trains on it in seconds, and `run_train`, which trains in a fresh process."""
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
 
+import jax
 import pytest
+
+from echoclip_jax.config import files
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,7 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def compilation_cache(tmp_path_factory):
     """One XLA compilation cache per session, shared with the training subprocesses: the tiny train step
     is compiled once, not once per test."""
-    import jax
 
     path = str(tmp_path_factory.mktemp("xla_cache"))
     jax.config.update("jax_compilation_cache_dir", path)
@@ -54,9 +59,8 @@ def tiny_overrides(records_dir: str) -> dict:
 
 @pytest.fixture
 def tiny_config(records_dir):
-    from configs.tiny import get_config
 
-    c = get_config()
+    c = files.load(CONFIGS / "tiny.py")
     for key, value in tiny_overrides(records_dir).items():
         node = c
         *parents, leaf = key.split(".")

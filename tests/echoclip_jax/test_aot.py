@@ -13,7 +13,6 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from echoclip_jax import aot
 from echoclip_jax.models import backend
 from echoclip_jax.training import pod_compile
 
@@ -72,9 +71,9 @@ def test_constrain_batch_keeps_the_batch_split_against_an_fsdp_table():
 
 
 def test_topology_names_and_usage_errors(monkeypatch):
-    assert pod_compile.get_topology("v5litepod-16") is aot.TOPOLOGIES["v5e-16"]
-    assert aot.TOPOLOGIES["v4-32"].chips == 16 and aot.TOPOLOGIES["v4-32"].topology_name == "v4:2x2x4"
-    assert aot.TOPOLOGIES["v5p-8"].topology_name == "v5:2x2x1" and aot.TOPOLOGIES["v6e-256"].chips == 256
+    assert pod_compile.get_topology("v5litepod-16") is pod_compile.TOPOLOGIES["v5e-16"]
+    assert pod_compile.TOPOLOGIES["v4-32"].chips == 16 and pod_compile.TOPOLOGIES["v4-32"].topology_name == "v4:2x2x4"
+    assert pod_compile.TOPOLOGIES["v5p-8"].topology_name == "v5:2x2x1" and pod_compile.TOPOLOGIES["v6e-256"].chips == 256
     with pytest.raises(ValueError, match="--topology 'v9-8'.*v5e-16"):
         pod_compile.get_topology("v9-8")
     real = importlib.util.find_spec

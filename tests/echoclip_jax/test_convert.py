@@ -1,14 +1,18 @@
 """The convert CLI: open_clip <-> safetensors round trips that open_clip itself reads, and clear errors."""
+import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from echoclip_jax import convert
+from echoclip_jax.config import files
 from echoclip_jax.config.model import architecture
 from echoclip_jax.weights import conversion
 from echoclip_jax.weights import loader as weights
+from echoclip_jax.weights import open_clip as ocw
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -23,10 +27,8 @@ def run(*args):
 def test_cli_round_trip_open_clip_file_to_safetensors_to_open_clip_dir(tmp_path):
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
-    from configs import tiny
-    from echoclip_jax.weights import open_clip as ocw
     torch.manual_seed(0)
-    src = open_clip.CLIP(**ocw.open_clip_model_cfg(tiny.get_config().model)).eval()
+    src = open_clip.CLIP(**ocw.open_clip_model_cfg(files.load(CONFIGS / "tiny.py").model)).eval()
     torch.save(src.state_dict(), tmp_path / "laion.bin")
 
     r = run("--src", f"open_clip:{tmp_path / 'laion.bin'}", "--dst", f"safetensors:{tmp_path / 'ours.safetensors'}",
@@ -42,8 +44,7 @@ def test_cli_round_trip_open_clip_file_to_safetensors_to_open_clip_dir(tmp_path)
 
 
 def test_safetensors_round_trip_and_errors(tmp_path):
-    from configs import tiny
-    mc = tiny.get_config().model
+    mc = files.load(CONFIGS / "tiny.py").model
     params = {k: np.random.default_rng(0).normal(size=s.shape).astype(s.dtype)
               for k, s in weights.expected_params(mc).items()}
     conversion.save(f"safetensors:{tmp_path / 'a.safetensors'}", mc, params)
@@ -54,11 +55,11 @@ def test_safetensors_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="KIND:PATH"):
         weights.parse("pickle:/x")
     with pytest.raises(ValueError, match="KIND:PATH"):
-        weights.parse(f"orbax:{tmp_path}", convert.DEST_KINDS)
+        weights.parse(f"orbax:{tmp_path}", conversion.DEST_KINDS)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"bad\.safetensors: not a readable safetensors file"):
         weights.load(f"safetensors:{tmp_path / 'bad.safetensors'}", mc)
-    other = tiny.get_config().model
+    other = files.load(CONFIGS / "tiny.py").model
     other.embed_dim = 64
     (tmp_path / "a.json").unlink()
     with pytest.raises(ValueError, match=r"a\.safetensors: does not match the model config"):
@@ -71,14 +72,13 @@ def test_safetensors_round_trip_and_errors(tmp_path):
 def test_params_only_checkpoint_and_bfloat16_export(tmp_path):
     """A shareable, optimizer-free checkpoint round-trips exactly; bf16 exports halve the bytes and still
     give the same embeddings within bf16 precision (the converter checks and says so)."""
-    from configs import tiny
-    mc = tiny.get_config().model
+    mc = files.load(CONFIGS / "tiny.py").model
     params = {k: np.random.default_rng(1).normal(scale=0.05, size=s.shape).astype(s.dtype)
               for k, s in weights.expected_params(mc).items()}
     src = f"safetensors:{tmp_path / 'src.safetensors'}"
     conversion.save(src, mc, params)
 
-    errors = convert.convert(src, f"params:{tmp_path / 'shared'}")
+    errors = conversion.convert(src, f"params:{tmp_path / 'shared'}")
     assert errors == {"image": 0.0, "text": 0.0}
     mc2, back = weights.load(f"params:{tmp_path / 'shared'}")  # the config travels with the weights
     assert architecture(mc2) == architecture(mc)  # run settings (dtype, drop path) are not the stored ones
@@ -86,7 +86,7 @@ def test_params_only_checkpoint_and_bfloat16_export(tmp_path):
     with pytest.raises(ValueError, match="already exists"):
         conversion.save(f"params:{tmp_path / 'shared'}", mc, params)
 
-    errors = convert.convert(src, f"safetensors:{tmp_path / 'half.safetensors'}", dtype="bfloat16")
+    errors = conversion.convert(src, f"safetensors:{tmp_path / 'half.safetensors'}", dtype="bfloat16")
     assert 0 < max(errors.values()) <= conversion.TOLERANCE["bfloat16"]
     full, half = (tmp_path / "src.safetensors").stat().st_size, (tmp_path / "half.safetensors").stat().st_size
     assert half < 0.55 * full
@@ -101,10 +101,8 @@ def test_echoclip_config_as_shipped_converts_to_every_kind_and_back(tmp_path):
     exact state dict; a bfloat16 export verifies within its tolerance."""
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
-    from configs import echoclip
-    from echoclip_jax.weights import open_clip as ocw
 
-    config = echoclip.get_config()
+    config = files.load(CONFIGS / "echoclip.py")
     assert config.model.dtype == "bfloat16" and config.model.vision.variant == "base"
     torch.manual_seed(0)
     src = open_clip.CLIP(**ocw.open_clip_model_cfg(config.model)).eval()
@@ -115,8 +113,8 @@ def test_echoclip_config_as_shipped_converts_to_every_kind_and_back(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert "image embeddings max rel. error 0.00e+00, text 0.00e+00" in r.stdout, r.stdout
     mc = config.model
-    assert convert.convert(f"open_clip:{back}", f"params:{tmp_path / 'p'}", mc) == {"image": 0.0, "text": 0.0}
-    assert convert.convert(f"params:{tmp_path / 'p'}", f"safetensors:{tmp_path / 'm2.safetensors'}", mc) == {
+    assert conversion.convert(f"open_clip:{back}", f"params:{tmp_path / 'p'}", mc) == {"image": 0.0, "text": 0.0}
+    assert conversion.convert(f"params:{tmp_path / 'p'}", f"safetensors:{tmp_path / 'm2.safetensors'}", mc) == {
         "image": 0.0, "text": 0.0}
     _, first = weights.load(f"safetensors:{m}", mc)
     _, last = weights.load(f"safetensors:{tmp_path / 'm2.safetensors'}", mc)
@@ -128,5 +126,5 @@ def test_echoclip_config_as_shipped_converts_to_every_kind_and_back(tmp_path):
     for k, v in want.items():
         assert torch.equal(v, got[k]), k
 
-    errors = convert.convert(f"safetensors:{m}", f"safetensors:{tmp_path / 'half.safetensors'}", mc, "bfloat16")
+    errors = conversion.convert(f"safetensors:{m}", f"safetensors:{tmp_path / 'half.safetensors'}", mc, "bfloat16")
     assert 0 < max(errors.values()) <= conversion.TOLERANCE["bfloat16"], errors

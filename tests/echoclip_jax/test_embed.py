@@ -1,4 +1,5 @@
 """The embed CLI: images, videos and texts to L2-normalised .npy embeddings equal to the model's own."""
+import pathlib
 import subprocess
 import sys
 from pathlib import Path
@@ -6,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import tiny
+from echoclip_jax.config import files
 from echoclip_jax.models import preprocess_images
 from echoclip_jax.weights import conversion
 from echoclip_jax.weights import loader as weights
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
-    mc = tiny.get_config().model
+    mc = files.load(CONFIGS / "tiny.py").model
     params = {k: (np.random.default_rng(1).normal(size=s.shape) * 0.05).astype(s.dtype)
               for k, s in weights.expected_params(mc).items()}
     conversion.save(f"safetensors:{d / 'm.safetensors'}", mc, params)

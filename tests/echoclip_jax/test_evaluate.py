@@ -1,15 +1,33 @@
 import csv
+import io
 import json
 import math
 import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from flax import nnx
+from PIL import Image
 
-from echoclip_jax import evaluate
+from data_prep import records
+from echoclip_jax import models, tokenizers
+from echoclip_jax.config import files
+from echoclip_jax.evaluation import outputs as eval_outputs
+from echoclip_jax.evaluation import (
+    study_level,
+    sweep,
+)
 from echoclip_jax.evaluation import zero_shot as zs
+from echoclip_jax.inference import embedder as embedder_lib
+from echoclip_jax.training import checkpoint
+from echoclip_jax.weights import conversion
+from echoclip_jax.weights import loader as weights
 
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 PACER = "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD."
 
 
@@ -51,7 +69,7 @@ def _oracle_split(rng, n=24, frames=3):
     reports[1] = "NORMAL RIGHT VENTRICLE."  # no EF sentence: unknown EF label
     videos = emb.mean(1)
     videos /= np.linalg.norm(videos, axis=1, keepdims=True)
-    split = evaluate.SplitEmbeddings(
+    split = embedder_lib.SplitEmbeddings(
         frames=emb, videos=videos, patient_id=[f"p{i // 4}" for i in range(n)],
         study_id=[f"s{i // 2}" for i in range(n)], study_day=np.asarray([(i // 2) % 2 * 100 for i in range(n)],
                                                                       float),
@@ -123,7 +141,7 @@ def test_flatten_keeps_numbers_only():
 
 def test_bad_checkpoint_spec():
     with pytest.raises(ValueError, match="--checkpoint '/just/a/path': expected KIND:PATH"):
-        evaluate.list_sources(checkpoint="/just/a/path")
+        sweep.list_sources(checkpoint="/just/a/path")
 
 
 # ------------------------------------------------------------------------- the CLI, end to end
@@ -133,14 +151,11 @@ RAGGED = (1, 5, 3, 6, 2, 4)  # frames per video, in turn: real exports have vide
 
 
 def _write_records(out, rng, image_size=64, frames=RAGGED):
-    """A tiny record set in the contract-A format: 2 studies per patient, a pacer appearing in the
+    """A tiny record set in the records format (data_prep.records): 2 studies per patient, a pacer appearing in the
     second study of some patients, EF in every report; video i of a split has frames[i % len(frames)]
     frames (an int: all the same)."""
-    import io
 
-    from PIL import Image
 
-    from data_prep import records
 
     ids, cycle = [], (frames,) if isinstance(frames, int) else tuple(frames)
     for split, patients in (("train", 6), ("val", 3), ("test", 4)):
@@ -174,8 +189,6 @@ def _write_records(out, rng, image_size=64, frames=RAGGED):
 
 
 def _cli(*args, timeout=600):
-    import subprocess
-    import sys
 
     env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
@@ -192,7 +205,6 @@ def test_sweep_over_three_checkpoints_is_resumable(tmp_path):
             "--config.model.vision.image_size=64"]
     r = _cli("echoclip_jax.train", *tiny, f"--config.data_dir={data_dir}", "--workdir", str(workdir))
     assert r.returncode == 0, r.stderr[-3000:]
-    from echoclip_jax.training import checkpoint
 
     steps = checkpoint.all_steps(str(workdir))
     assert len(steps) == 3, steps
@@ -242,7 +254,7 @@ def test_sweep_over_three_checkpoints_is_resumable(tmp_path):
 
 def test_cli_reports_missing_arguments_and_unknown_tasks(tmp_path):
     r = _cli("echoclip_jax.evaluate", "--config", "configs/tiny.py", "--data_dir", str(tmp_path))
-    assert r.returncode != 0 and "--out are required" in r.stderr
+    assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr
     r = _cli("echoclip_jax.evaluate", "--config", "configs/tiny.py", "--data_dir", str(tmp_path),
              "--out", str(tmp_path / "e"), "--workdir", str(tmp_path), "--tasks", "ef,nope")
     assert r.returncode != 0 and "unknown task(s) ['nope']" in r.stderr
@@ -252,16 +264,12 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
     """Records whose videos have 1 to 6 frames, evaluated without --frames (then with --frames 2): the
     split's embeddings keep each video's own frames, the zero-shot figures are the per-video rules applied
     to them, and video embeddings are the mean of each video's frames."""
-    from flax import nnx
 
-    from configs.tiny import get_config
-    from echoclip_jax import models, tokenizers
-    from echoclip_jax.weights import loader as weights
 
     data_dir = tmp_path / "records"
     data_dir.mkdir()
     _write_records(str(data_dir), np.random.default_rng(0), image_size=32)
-    config = get_config()
+    config = files.load(CONFIGS / "tiny.py")
     config.model.vision.image_size, config.model.vision.depthwise_impl, config.model.embed_dim = 32, "lax", 32
     config.model.text.layers, config.model.text.width, config.model.text.heads = 1, 32, 2
     model = models.build_model(config.model, rngs=nnx.Rngs(0))
@@ -269,17 +277,17 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
     conversion.save(f"safetensors:{weights_file}", config.model,
                  {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
     tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
-    sources = evaluate.list_sources(checkpoint=f"safetensors:{weights_file}")
-    evaluate.run(config, sources, data_dir=str(data_dir), split="test", out_dir=str(tmp_path / "e"),
-                 tasks=tasks, batch_size=8, log=lambda *_: None)
+    sources = sweep.list_sources(checkpoint=f"safetensors:{weights_file}")
+    sweep.run(config, sources, data_dir=str(data_dir), split="test", out_dir=str(tmp_path / "e"),
+                 tasks=tasks, batch_size=8)
     res = json.load(open(tmp_path / "e" / "m.json"))
     lengths = [RAGGED[i % len(RAGGED)] for i in range(16)]
     assert res["num_videos"] == 16 and res["num_frames"] == sum(lengths)
     assert res["frames_per_video"] == {"min": 1, "max": 6, "mean": pytest.approx(np.mean(lengths))}
 
-    embedder = evaluate.Embedder(weights.load_model(f"safetensors:{weights_file}", config.model),
+    embedder = embedder_lib.Embedder(weights.load_model(f"safetensors:{weights_file}", config.model),
                                  tokenizers.from_config(config.tokenizer), batch_size=8)
-    split = evaluate.embed_split(embedder, str(data_dir), "test", frames=None, image_size=32)
+    split = embedder_lib.embed_split(embedder, str(data_dir), "test", frames=None, image_size=32)
     assert list(split.lengths) == lengths
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     per_video = [split.frames[a:a + n] for a, n in zip(starts, lengths)]
@@ -294,7 +302,7 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
     assert res["tasks"]["ejection_fraction"]["mae"] == pytest.approx(np.mean(np.abs(np.asarray(pred) - labels)),
                                                                       rel=1e-5)
     # --frames K for speed: at most K frames of each video
-    short = evaluate.embed_split(embedder, str(data_dir), "test", frames=2, image_size=32, progress="on")
+    short = embedder_lib.embed_split(embedder, str(data_dir), "test", frames=2, image_size=32, progress="on")
     assert list(short.lengths) == [min(2, n) for n in lengths]
     bar = capsys.readouterr().err  # a long split shows its progress: counts of the split's videos, and a rate
     assert "embed test" in bar and "16/16" in bar and "video/s" in bar
@@ -302,12 +310,6 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- study level
 
-from echoclip_jax.evaluation import outputs as eval_outputs
-from echoclip_jax.evaluation import (
-    study_level,  # noqa: E402
-    sweep,
-)
-from echoclip_jax.weights import conversion
 
 
 def _unit(v):
@@ -320,7 +322,7 @@ def _ragged_split(frames_per_video, study_ids, reports, *, ef=None, patients=Non
     frames = np.concatenate([_unit(f) for f in frames_per_video]).astype(np.float32)
     videos = np.stack([_unit(_unit(f).mean(0)) for f in frames_per_video]).astype(np.float32)
     n = len(frames_per_video)
-    return evaluate.SplitEmbeddings(
+    return embedder_lib.SplitEmbeddings(
         frames=frames, videos=videos, lengths=[len(f) for f in frames_per_video],
         patient_id=patients or [f"patient-{s}" for s in study_ids], study_id=list(study_ids),
         study_day=np.zeros(n), report=list(reports), ef=np.full(n, np.nan) if ef is None else np.asarray(ef))
@@ -449,8 +451,6 @@ def test_levels_json_layout_and_no_identifiers(tmp_path, monkeypatch):
     """run() end to end on stand-in embeddings: --level video writes today's keys only; --level both on
     the same directory adds the study block and keeps the video keys bit for bit (and equals a fresh
     --level both); no study or patient id reaches any output; a task without labels gets no panel."""
-    from echoclip_jax import tokenizers
-    from echoclip_jax.weights import loader as weights
 
     split = _one_view_cohort(np.random.default_rng(2))
     monkeypatch.setattr(weights, "load_model", lambda spec, cfg: None)
@@ -466,15 +466,15 @@ def test_levels_json_layout_and_no_identifiers(tmp_path, monkeypatch):
 
     tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker", "tavr"])  # no TAVR in any report
     source = [sweep.Source(name="final", step=None, spec="safetensors:x")]
-    common = dict(data_dir="unused", split="test", tasks=tasks, log=lambda *_: None)
+    common = dict(data_dir="unused", split="test", tasks=tasks)
     video_dir, both_dir = tmp_path / "v", tmp_path / "b"
-    assert evaluate.run(Config, source, out_dir=str(video_dir), level="video", **common) == ["final"]
+    assert sweep.run(Config, source, out_dir=str(video_dir), level="video", **common) == ["final"]
     only_video = json.load(open(video_dir / "final.json"))
     assert "study" not in only_video and set(sweep.VIDEO_KEYS) <= set(only_video)
-    assert evaluate.run(Config, source, out_dir=str(video_dir), level="video", **common) == []  # resumable
-    assert evaluate.run(Config, source, out_dir=str(video_dir), level="both", **common) == ["final"]
+    assert sweep.run(Config, source, out_dir=str(video_dir), level="video", **common) == []  # resumable
+    assert sweep.run(Config, source, out_dir=str(video_dir), level="both", **common) == ["final"]
     merged = json.load(open(video_dir / "final.json"))
-    evaluate.run(Config, source, out_dir=str(both_dir), level="both", **common)
+    sweep.run(Config, source, out_dir=str(both_dir), level="both", **common)
     fresh = json.load(open(both_dir / "final.json"))
     for key in sweep.VIDEO_KEYS:
         assert json.dumps(merged[key]) == json.dumps(only_video[key]) == json.dumps(fresh[key]), key

@@ -9,13 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
-from configs.tiny import get_config
-from echoclip_jax import interpret, models, tokenizers
+from data_prep import synthetic
+from echoclip_jax import models, tokenizers
+from echoclip_jax.config import files
 from echoclip_jax.data import videos as video_files
 from echoclip_jax.data.videos import sector_from_frames
+from echoclip_jax.saliency import maps as saliency_maps
 from echoclip_jax.saliency import outputs as saliency_outputs
 from echoclip_jax.weights import conversion
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 S = 64  # image size: a 2x2 last-stage map in ConvNeXt-atto
 BLOB = 12
@@ -24,7 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def small_config():
-    c = get_config()
+    c = files.load(CONFIGS / "tiny.py")
     c.model.vision.image_size = S
     c.model.vision.depthwise_impl = "lax"  # compiles in a fraction of the CPU shifted-sum version's time
     c.model.embed_dim = 32
@@ -119,7 +124,7 @@ def planted():
 @pytest.fixture(scope="module")
 def mapper(planted):
     c, model, tok = planted
-    return interpret.SaliencyMapper(model, tok, image_size=S, batch_size=8)
+    return saliency_maps.SaliencyMapper(model, tok, image_size=S, batch_size=8)
 
 
 def test_forward_features_then_head_is_encode_image():
@@ -163,7 +168,7 @@ def assert_highlights_device(mapper, method):
         assert ratio > 3.0, (method, k, ratio)
 
 
-@pytest.mark.parametrize("method", interpret.METHODS)
+@pytest.mark.parametrize("method", saliency_outputs.METHODS)
 def test_saliency_highlights_the_planted_device(mapper, method):
     assert_highlights_device(mapper, method)
 
@@ -171,7 +176,7 @@ def test_saliency_highlights_the_planted_device(mapper, method):
 @pytest.mark.slow
 def test_smoothgrad_highlights_the_planted_device(planted):
     _, model, tok = planted
-    assert_highlights_device(interpret.SaliencyMapper(model, tok, image_size=S, batch_size=8,
+    assert_highlights_device(saliency_maps.SaliencyMapper(model, tok, image_size=S, batch_size=8,
                                                       smoothgrad_samples=4), "gradient")
 
 
@@ -190,7 +195,7 @@ def test_videos_of_different_lengths_share_batches_and_match_one_by_one(mapper, 
     rng = np.random.default_rng(3)
     videos = [speckle(rng, 1, blob_at=POSITIONS[0]), speckle(rng, 5), device_video()[:4].repeat(3, axis=0)]
     text = mapper.text_embeddings([DEVICE, NO_DEVICE])
-    for method in interpret.METHODS[:1]:
+    for method in saliency_outputs.METHODS[:1]:
         together = mapper.maps_of_videos(method, videos, text)
         for (maps, sims), frames in zip(together, videos):
             alone, alone_sims = mapper.maps(method, frames, text)
@@ -198,7 +203,7 @@ def test_videos_of_different_lengths_share_batches_and_match_one_by_one(mapper, 
             np.testing.assert_allclose(maps, alone, rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(sims, alone_sims, rtol=1e-5, atol=1e-6)
     named = [video_files.Video(f"v{i}", "npy", v, list(range(len(v)))) for i, v in enumerate(videos)]
-    index = interpret.run(mapper, prompts=[DEVICE], out_dir=str(tmp_path), videos=iter(named),
+    index = saliency_outputs.run(mapper, prompts=[DEVICE], out_dir=str(tmp_path), videos=iter(named),
                           methods=("promptcam",))
     assert [v["num_frames"] for v in index] == [1, 5, 12]
     for i, frames in enumerate(videos):
@@ -212,25 +217,24 @@ def test_videos_of_different_lengths_share_batches_and_match_one_by_one(mapper, 
 def test_load_video_npy_and_errors(tmp_path):
     video = np.random.default_rng(0).integers(0, 256, size=(10, 40, 40, 3), dtype=np.uint8)
     np.save(tmp_path / "clip one.npy", video)
-    v = interpret.load_video(str(tmp_path / "clip one.npy"), image_size=S, frames=4)
+    v = video_files.load_video(str(tmp_path / "clip one.npy"), image_size=S, frames=4)
     assert v.frames.shape == (4, S, S, 3) and v.frames.dtype == np.uint8
     assert v.frame_indices == [0, 3, 6, 9] and v.name == "clip_one" and v.source == "npy"
     np.save(tmp_path / "float.npy", video.astype(np.float32))
     with pytest.raises(ValueError, match="float.npy.*uint8"):
-        interpret.load_video(str(tmp_path / "float.npy"), image_size=S)
+        video_files.load_video(str(tmp_path / "float.npy"), image_size=S)
     (tmp_path / "x.mp4").write_bytes(b"")
     with pytest.raises(ValueError, match="x.mp4.*unsupported"):
-        interpret.load_video(str(tmp_path / "x.mp4"), image_size=S)
+        video_files.load_video(str(tmp_path / "x.mp4"), image_size=S)
     with pytest.raises(FileNotFoundError, match="missing.avi"):
-        interpret.load_video(str(tmp_path / "missing.avi"), image_size=S)
+        video_files.load_video(str(tmp_path / "missing.avi"), image_size=S)
 
 
 def test_dicom_is_masked_and_named_without_identifiers(tmp_path):
-    from data_prep import synthetic
 
     synthetic.generate(tmp_path / "cohort", patients=1, seed=0, small=True)
     path = sorted((tmp_path / "cohort" / "dicom").rglob("*.dcm"))[0]
-    v = interpret.load_video(str(path), image_size=S, frames=3)
+    v = video_files.load_video(str(path), image_size=S, frames=3)
     assert v.frames.shape == (3, S, S, 3) and v.source == "dicom"
     assert v.name.startswith("dicom-") and path.stem not in v.name and "P0000" not in v.name
     assert (v.frames[:, 0, 0] == 0).all()  # outside the sector (where burned-in text sits) is blank
@@ -278,7 +282,6 @@ def test_cli_end_to_end(tmp_path, planted, reference_dir):
                 assert entry["maps"][method]["max"] == pytest.approx(float(maps.max()))
                 pngs = sorted((out / name / entry["dir"]).glob(f"{method}_*.png"))
                 assert len(pngs) == 3
-                from PIL import Image
                 assert Image.open(pngs[0]).size == (S, S)
     device = json.loads((out / "device" / "summary.json").read_text())
     assert device["frame_indices"] == [0, 4, 9]  # frames 0 and 4 carry the device, 9 does not

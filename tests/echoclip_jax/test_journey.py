@@ -10,6 +10,7 @@ sweep evaluation of every checkpoint (no --frames) -> export to open_clip, loade
 import csv
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -17,11 +18,16 @@ import time
 
 import numpy as np
 import pytest
+from pydicom.data import get_testdata_file
 
 from data_prep import records
+from echoclip_jax import tokenizers
+from echoclip_jax.config import files
 from echoclip_jax.data.loader import iterate_videos
 
 from .conftest import REPO, read_metrics, xla_flags
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 TEMPLATE_VOCAB = os.path.join(REPO, "..", "shared", "echoclip_reference", "template_vocab.txt")
 SCALE = ["--config.batch_size=8", "--config.total_steps=3", "--config.checkpoint_every_steps=1",
@@ -141,11 +147,9 @@ def test_paper_config_through_every_job(name, cohort, tmp_path):
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
     pixels = (torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255 - mean) / std
-    import importlib
 
-    from echoclip_jax import tokenizers
 
-    cfg = importlib.import_module(f"configs.{name}").get_config()
+    cfg = files.load(CONFIGS / f"{name}.py")
     if name == "echoclip_r":
         cfg.tokenizer.path = TEMPLATE_VOCAB
     ids = torch.from_numpy(tokenizers.from_config(cfg.tokenizer).encode(texts).astype(np.int64))
@@ -158,7 +162,6 @@ def test_paper_config_through_every_job(name, cohort, tmp_path):
     np.testing.assert_allclose(ours["video"][0], video_mean / np.linalg.norm(video_mean), atol=2e-4)
 
     # interpret: the records (ragged, no --frames) and a real vendor's multi-frame ultrasound DICOM
-    from pydicom.data import get_testdata_file
 
     maps = tmp_path / "maps"
     _cli("echoclip_jax.interpret", *config, "--checkpoint", f"open_clip:{oc_dir}", "--data_dir", rec, "--split", "val",

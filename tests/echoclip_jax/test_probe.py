@@ -3,19 +3,29 @@ import csv
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from flax import nnx
+from PIL import Image
 
-from data_prep import options
+from data_prep import options, records
+from data_prep.plan import salted_hash
+from data_prep.synthetic import read_truth, truth_by_video_id
+from echoclip_jax import models
+from echoclip_jax.config import files as config_files
 from echoclip_jax.demo import labels as demo_labels
 from echoclip_jax.inference.embedder import SplitEmbeddings
+from echoclip_jax.probes import attentive as probe_attentive
 from echoclip_jax.probes import labels as labels_lib
 from echoclip_jax.probes import linear
 from echoclip_jax.probes import pipeline as probe_pipeline
 from echoclip_jax.weights import conversion
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,7 +74,7 @@ def _table(split, **columns):
     return {name: {v: str(x) for v, x in zip(split.video_id, values)} for name, values in columns.items()}
 
 
-def test_linear_probe_on_a_separable_case_beats_its_baseline_and_writes_no_ids(tmp_path):
+def test_linear_probe_on_a_separable_case_beats_its_baseline_and_writes_no_ids(tmp_path, project_logs):
     rng = np.random.default_rng(0)
     centres_rng = np.random.default_rng(1)
     train, view_tr, ef_tr = _separable(centres_rng, 150, "tr")
@@ -73,9 +83,7 @@ def test_linear_probe_on_a_separable_case_beats_its_baseline_and_writes_no_ids(t
     del rng
     table = {k: {**_table(train, view=view_tr, ef=ef_tr)[k], **_table(test, view=view_ev, ef=ef_ev)[k]}
              for k in ("view", "ef")}
-    logs = []
-    res = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=str(tmp_path), probes=("linear",),
-                             log=logs.append)
+    res = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=str(tmp_path), probes=("linear",))
     view = res["labels"]["view"]
     assert view["task"] == "classification" and view["task_source"] == "detected"
     assert view["classes"] == ["a4c", "plax", "psax"] and view["n_train"] == 150 and view["n_eval"] == 60
@@ -94,7 +102,8 @@ def test_linear_probe_on_a_separable_case_beats_its_baseline_and_writes_no_ids(t
     assert sorted(os.listdir(tmp_path / "plots")) == ["ef_linear_pred_vs_true.png", "view_linear_confusion.png"]
     for name in os.listdir(tmp_path / "plots"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    _assert_no_ids(tmp_path, _ids(train) | _ids(test), "\n".join(logs))
+    assert any(m.startswith("view (classification)") for m in project_logs)  # the per-label log line
+    _assert_no_ids(tmp_path, _ids(train) | _ids(test), "\n".join(project_logs))
 
 
 def _one_frame(rng, n, tag, dim=16):
@@ -117,7 +126,7 @@ def test_attentive_probe_finds_the_one_frame_that_carries_the_label(tmp_path):
     train, y_tr = _one_frame(rng, 200, "tr")
     test, y_ev = _one_frame(rng, 100, "ev")
     table = {"device": {**_table(train, d=y_tr)["d"], **_table(test, d=y_ev)["d"]}}
-    res = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=str(tmp_path), log=lambda *_: None)
+    res = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=str(tmp_path))
     probes = res["labels"]["device"]["probes"]
     attentive, linear = probes["attentive"]["metrics"]["accuracy"], probes["linear"]["metrics"]["accuracy"]
     assert attentive >= 0.95, (attentive, linear)
@@ -125,14 +134,12 @@ def test_attentive_probe_finds_the_one_frame_that_carries_the_label(tmp_path):
     hp = probes["attentive"]["hyperparameters"]
     assert hp["epochs"] == 60 and hp["seed"] == 0 and hp["final_train_loss"] < 0.1
     # seeded: the same run gives the same figures
-    again = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=None, probes=("attentive",),
-                               log=lambda *_: None)
+    again = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=None, probes=("attentive",))
     assert again["labels"]["device"]["probes"]["attentive"]["metrics"] == probes["attentive"]["metrics"]
 
 
 def test_attentive_predictions_do_not_depend_on_padding():
     """An item's prediction is the same alone or batched beside a longer item (another bucket's padding)."""
-    from echoclip_jax.probes import attentive as probe_attentive
 
     rng = np.random.default_rng(0)
     items = [rng.normal(size=(int(t), 6)).astype(np.float32) for t in rng.integers(1, 20, 40)]
@@ -191,7 +198,7 @@ def test_missing_labels_are_skipped_and_counted_and_study_keys_pool_videos(tmp_p
             w.writerow([v, 50, "x"])
     table = labels_lib.read_labels(str(path), "video_id", ["ef"])
     res = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=None, probes=("linear",),
-                             tasks={"ef": "regression"}, log=lambda *_: None)
+                             tasks={"ef": "regression"})
     ef = res["labels"]["ef"]
     assert ef["task_source"] == "given" and ef["n_train"] == 5 and ef["n_eval"] == 4
     assert ef["skipped"] == {"train": {"no_label_row": 2, "empty_label": 1},
@@ -206,24 +213,22 @@ def test_missing_labels_are_skipped_and_counted_and_study_keys_pool_videos(tmp_p
     np.testing.assert_allclose(items.frames[0], np.concatenate(frames[:2]), rtol=1e-6)
     study_table = {"ef": {"trs0": "40", "trs1": "45", "trs2": "", "evs0": "50"}}
     res = probe_pipeline.probe_splits(train, test, study_table, key="study_id", out_dir=None, probes=("linear",),
-                             tasks={"ef": "regression"}, log=lambda *_: None)
+                             tasks={"ef": "regression"})
     assert res["n_items"] == {"train": 4, "eval": 2}
     assert res["labels"]["ef"]["skipped"] == {"train": {"no_label_row": 1, "empty_label": 1},
                                               "eval": {"no_label_row": 1, "empty_label": 0}}
     # a patient on both sides would flatter the probe: refused
     leaky = _split(frames[8:], ["trp0"] * 4, tag="ev")
     with pytest.raises(ValueError, match="1 patient\\(s\\) in both"):
-        probe_pipeline.probe_splits(train, leaky, table, key="video_id", out_dir=None, log=lambda *_: None)
+        probe_pipeline.probe_splits(train, leaky, table, key="video_id", out_dir=None)
     # one class in training: an error for that label, not a crash
     one = probe_pipeline.probe_splits(train, test, {"c": {v: "a" for v in train.video_id} | {test.video_id[0]: "b"}},
-                             key="video_id", out_dir=None, log=lambda *_: None)
+                             key="video_id", out_dir=None)
     assert one["labels"]["c"]["error"] == "one class only in the training split"
 
 
 def test_synthetic_labels_csv(tmp_path):
     """Labels CSVs from a cohort: keyed by the salted ids data_prep.convert would give."""
-    from data_prep.plan import salted_hash
-    from data_prep.synthetic import read_truth, truth_by_video_id
 
     env = {**os.environ, "PYTHONPATH": REPO}
     subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(tmp_path / "c"), "--patients", "1",
@@ -256,11 +261,9 @@ TINY = {"model.vision.image_size": 32, "model.vision.depthwise_impl": "lax", "mo
 
 
 def _write_records(out, rng, image_size=32):
-    """Tiny records in the contract-A format: 4 train and 2 test patients, 2 studies each of 2 videos of
+    """Tiny records (data_prep.records): 4 train and 2 test patients, 2 studies each of 2 videos of
     1-4 frames. Returns every id written."""
-    from PIL import Image
 
-    from data_prep import records
 
     ids = []
     for split, patients in (("train", 4), ("test", 2)):
@@ -288,14 +291,11 @@ def _write_records(out, rng, image_size=32):
 
 
 def test_cli_end_to_end_on_tiny_records(tmp_path):
-    from flax import nnx
 
-    from configs.tiny import get_config
-    from echoclip_jax import models
 
     (tmp_path / "records").mkdir()
     ids = _write_records(str(tmp_path / "records"), np.random.default_rng(0))
-    config = get_config()
+    config = config_files.load(CONFIGS / "tiny.py")
     for k, v in TINY.items():
         *parents, leaf = k.split(".")
         node = config

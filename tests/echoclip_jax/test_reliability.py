@@ -18,6 +18,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -31,7 +32,6 @@ from .conftest import REPO, free_port, read_metrics, run_train, tiny_overrides, 
 
 
 def _mesh():
-    import ml_collections
 
     return sharding.build_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
 
@@ -523,7 +523,7 @@ def test_nan_batch_mid_run_stops_before_any_checkpoint_holds_it(records_dir, tmp
     r = run_train(records_dir, tmp_path, "--config.checkpoint_every_steps=2", "--config.eval_batches=0",
                   "--config.log_every_steps=4", prelude=NAN_BATCH, check=False)
     assert r.returncode == 1, r.stderr[-3000:]
-    assert (f"echoclip_jax.train: non-finite loss or gradient at step {NAN_STEP}; stopping without applying it "
+    assert (f"echoclip_jax.train: error: non-finite loss or gradient at step {NAN_STEP}; stopping without applying it "
             "or saving a checkpoint (latest good checkpoint: step 4)") in r.stderr, r.stderr[-3000:]
     steps = checkpoint.all_steps(str(tmp_path))
     assert steps == [2, 4]  # nothing saved at or after the bad step (index 5 = the 6th update)

@@ -11,11 +11,13 @@ import pytest
 
 from data_prep.plan import salted_hash
 from data_prep.synthetic import read_phi
-from echoclip_jax import report
+from echoclip_jax import tokenizers
 from echoclip_jax.data import loader as data
 from echoclip_jax.inference.embedder import Embedder
+from echoclip_jax.retrieval import bank as bank_lib
 from echoclip_jax.retrieval import ops
 from echoclip_jax.retrieval import report as retrieval_report
+from echoclip_jax.retrieval.bank import Bank
 
 from .conftest import REPO, tiny_overrides
 from .test_search import SALT, init_params, tiny  # noqa: F401 (the module-scoped model fixture)
@@ -46,7 +48,7 @@ def test_findings_come_from_the_zero_shot_rules():
 def test_nearest_report_and_vote_with_support():
     """Bank vectors chosen so the query's neighbours are known: rows 1, 0, 3, 2, 4 in that order."""
     vectors = np.eye(5, dtype=np.float32)
-    bank = report.Bank("test bank", [f"s{i}" for i in range(5)], REPORTS, vectors, "text")
+    bank = Bank("test bank", [f"s{i}" for i in range(5)], REPORTS, vectors, "text")
     query = np.asarray([0.5, 0.6, 0.1, 0.3, 0.0], np.float32)
     rows, sims = bank.retrieve(query, 3)
     assert list(rows) == [1, 0, 3]
@@ -60,8 +62,8 @@ def test_nearest_report_and_vote_with_support():
     assert f["lv_size"] == {"value": "moderate", "support": 2, "stated": 2, "of": 3,
                             "mean_similarity": pytest.approx(0.4)}
     assert list(bank.retrieve(query, 2, exclude_ids={"s1"})[0]) == [0, 3]  # a study's own report is left out
-    text = report.render(out, "Study q")
-    assert text.startswith(report.DISCLAIMER) and "NOT A DIAGNOSIS" in text and "about 35%" in text
+    text = retrieval_report.render(out, "Study q")
+    assert text.startswith(retrieval_report.DISCLAIMER) and "NOT A DIAGNOSIS" in text and "about 35%" in text
 
 
 def test_agreement_against_a_truth():
@@ -96,7 +98,7 @@ def test_report_of_a_study_identical_to_a_bank_study(records_dir, tiny, tmp_path
     study's, and with k=1 the voted findings are that study's truth (EF, devices)."""
     config, spec, _ = tiny
     index = ops.build(str(tmp_path / "index"), checkpoint=spec, config=config, data_dir=records_dir,
-                      splits=["train"], report_bank=True, batch_size=16, log=lambda m: None)
+                      splits=["train"], report_bank=True, batch_size=16)
     videos = list(data.iterate_videos(records_dir, "train"))
     study = videos[0]["study_id"]
     (tmp_path / "study").mkdir()
@@ -115,24 +117,22 @@ def test_report_of_a_study_identical_to_a_bank_study(records_dir, tiny, tmp_path
     assert got["findings"]["ef"]["value"] == float(truth["ef"])
     for device in retrieval_report.DEVICES:
         assert got["findings"][device]["value"] == ("present" if truth[device] == "1" else "absent")
-    assert got["disclaimer"] == report.DISCLAIMER
-    assert (tmp_path / "R" / "report.txt").read_text().startswith(report.DISCLAIMER)
-    assert report.DISCLAIMER in r.stdout and str(tmp_path / "study") not in json.dumps(got)
+    assert got["disclaimer"] == retrieval_report.DISCLAIMER
+    assert (tmp_path / "R" / "report.txt").read_text().startswith(retrieval_report.DISCLAIMER)
+    assert retrieval_report.DISCLAIMER in r.stdout and str(tmp_path / "study") not in json.dumps(got)
     assert _phi_hits(records_dir, [tmp_path / "R", tmp_path / "index"], [r.stdout, r.stderr]) == []
 
 
-def test_reports_for_a_split_against_a_records_bank(records_dir, tiny, tmp_path):  # noqa: F811
+def test_reports_for_a_split_against_a_records_bank(records_dir, tiny, tmp_path, project_logs):  # noqa: F811
     """Every val study and video gets a report from train reports of other patients; no PHI in the outputs."""
     config, spec, model = tiny
-    from echoclip_jax import tokenizers
 
     embedder = Embedder(model, tokenizers.from_config(config.tokenizer), batch_size=16)
-    bank = report.load_bank(records_dir, embedder, match="text", splits=["train"])
+    bank = bank_lib.load_bank(records_dir, embedder, match="text", splits=["train"])
     train = list(data.iterate_videos(records_dir, "train"))
     assert sorted(bank.ids) == sorted({v["study_id"] for v in train})
-    lines = []
-    summary = report.report_records(embedder, bank, records_dir, "val", out=str(tmp_path / "R"), k=3,
-                                    levels=("study", "video"), baseline=True, log=lines.append,
+    summary = retrieval_report.report_records(embedder, bank, records_dir, "val", out=str(tmp_path / "R"), k=3,
+                                    levels=("study", "video"), baseline=True,
                                     image_size=config.model.vision.image_size)
     val = list(data.iterate_videos(records_dir, "val"))
     rows = {lv: [json.loads(x) for x in open(tmp_path / "R" / f"{lv}_reports.jsonl")] for lv in ("study", "video")}
@@ -141,7 +141,7 @@ def test_reports_for_a_split_against_a_records_bank(records_dir, tiny, tmp_path)
     val_patients = {v["patient_id"] for v in val}
     patient_of = dict(zip(bank.ids, bank.patients))
     for row in rows["study"] + rows["video"]:
-        assert row["disclaimer"] == report.DISCLAIMER and row["k"] == 3 and "random_findings" in row
+        assert row["disclaimer"] == retrieval_report.DISCLAIMER and row["k"] == 3 and "random_findings" in row
         assert all(patient_of[n["id"]] not in val_patients for n in row["neighbours"])
         sims = [n["similarity"] for n in row["neighbours"]]
         assert sims == sorted(sims, reverse=True)
@@ -149,8 +149,8 @@ def test_reports_for_a_split_against_a_records_bank(records_dir, tiny, tmp_path)
     first = rows["video"][0]
     want = bank.vectors @ embedder.videos([val[0]["frames"]]).videos[0]
     assert first["neighbours"][0]["similarity"] == pytest.approx(float(want.max()), abs=1e-5)
-    assert (tmp_path / "R" / "reports.txt").read_text().startswith(report.DISCLAIMER)
-    assert _phi_hits(records_dir, [tmp_path / "R"], lines) == []
+    assert (tmp_path / "R" / "reports.txt").read_text().startswith(retrieval_report.DISCLAIMER)
+    assert _phi_hits(records_dir, [tmp_path / "R"], project_logs) == []
 
 
 def test_lv_size_in_other_readers_words():

@@ -2,16 +2,20 @@
 records and DICOM files, and no PHI string reaches it."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pydicom
 import pytest
+from flax import nnx
 
 from data_prep.plan import salted_hash
+from data_prep.synthetic import read_phi
+from echoclip_jax.config import files
 from echoclip_jax.data import loader as data
-from echoclip_jax.models import preprocess_images
+from echoclip_jax.models import build_model, preprocess_images
 from echoclip_jax.retrieval import archive as archive_lib
 from echoclip_jax.retrieval import ops
 from echoclip_jax.retrieval.vectors import VectorIndex, exact_search, recall_at_k
@@ -19,6 +23,8 @@ from echoclip_jax.weights import conversion
 from echoclip_jax.weights import loader as weights
 
 from .conftest import REPO, tiny_overrides
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 SALT = b"test-salt"  # conftest's records_dir converts with --salt test-salt
 
@@ -88,9 +94,7 @@ def test_archive_turns_approximate_and_keeps_study_means(tmp_path):
 
 
 def init_params(model_config, seed: int) -> dict:
-    from flax import nnx
 
-    from echoclip_jax.models import build_model
 
     model = build_model(model_config, rngs=nnx.Rngs(seed))
     return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -100,9 +104,8 @@ def init_params(model_config, seed: int) -> dict:
 def tiny(records_dir, tmp_path_factory):
     """configs/tiny.py with the tests' overrides, freshly initialised weights saved as safetensors, and the
     model (an initialised ConvNeXt tells the synthetic videos apart: its nearest record to a video is itself)."""
-    from configs.tiny import get_config
 
-    c = get_config()
+    c = files.load(CONFIGS / "tiny.py")
     for key, value in tiny_overrides(records_dir).items():
         node = c
         *parents, leaf = key.split(".")
@@ -120,7 +123,7 @@ def built(records_dir, tiny, tmp_path_factory):
     config, spec, _ = tiny
     out = str(tmp_path_factory.mktemp("search") / "index")
     index = ops.build(out, checkpoint=spec, config=config, data_dir=records_dir, splits=["train"], report_bank=True,
-                      batch_size=16, log=lambda m: None)
+                      batch_size=16)
     return out, index
 
 
@@ -211,7 +214,6 @@ def test_cli_add_skips_indexed_videos_and_query_writes_json(records_dir, tiny, b
 
 
 def test_no_phi_in_the_index(records_dir, built):
-    from data_prep.synthetic import read_phi
 
     path, _ = built
     phi = [s.lower().encode() for s in read_phi(os.path.join(os.path.dirname(records_dir), "syn"))]

@@ -13,10 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from echoclip_jax import models
 from echoclip_jax.training import checkpoint, loop
 from echoclip_jax.training import step as step_lib
 from echoclip_jax.weights import conversion
+from echoclip_jax.weights import loader as weights
 
 from .conftest import REPO, free_port, read_metrics, run_train, tiny_overrides, train_command
 
@@ -71,7 +74,7 @@ def test_checkpoint_from_eight_devices_continues_on_two(records_dir, tmp_path):
 def test_non_finite_loss_stops_before_any_checkpoint(records_dir, tmp_path):
     r = run_train(records_dir, tmp_path, "--config.model.init_logit_scale=nan", "--config.eval_batches=0", check=False)
     assert r.returncode == 1, r.stderr[-3000:]
-    assert "echoclip_jax.train: non-finite loss or gradient at step 0;" in r.stderr, r.stderr[-3000:]
+    assert "echoclip_jax.train: error: non-finite loss or gradient at step 0;" in r.stderr, r.stderr[-3000:]
     assert checkpoint.all_steps(str(tmp_path)) == []
 
 
@@ -128,7 +131,6 @@ def test_two_processes_match_one(records_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # The checkpoint both hosts wrote converts on one CPU process (one device), verifying its own embeddings.
-    from echoclip_jax.weights import loader as weights
 
     overrides = [f"--config.{k}={v}" for k, v in tiny_overrides(records_dir).items()]
     dst = tmp_path / "shared.safetensors"
@@ -214,9 +216,7 @@ def test_launch_scripts_dry_run_print_the_command(script, args, expect):
 
 
 def test_init_from_an_open_clip_state_dict(tiny_config, tmp_path):
-    from flax import nnx
 
-    from echoclip_jax import models
 
     source = models.build_model(tiny_config.model, rngs=nnx.Rngs(3))
     flat = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(source, nnx.Param))}

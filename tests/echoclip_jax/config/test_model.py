@@ -1,25 +1,32 @@
 """Which model config describes a checkpoint (echoclip_jax.config.model): one rule for convert, evaluate,
 embed, interpret and train's init, and conversions verified in float32 whatever the compute dtype."""
 import os
+import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from configs import tiny
-from echoclip_jax import convert
+from echoclip_jax import models
+from echoclip_jax.config import files
 from echoclip_jax.config import model as mcfg
+from echoclip_jax.runtime import sharding
 from echoclip_jax.training import step as step_lib
 from echoclip_jax.weights import conversion
 from echoclip_jax.weights import loader as weights
+from echoclip_jax.weights import open_clip as ocw
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[3] / "configs"
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def small(dtype="float32"):
     """configs/tiny.py's model, smaller, computing in `dtype`."""
-    mc = tiny.get_config().model
+    mc = files.load(CONFIGS / "tiny.py").model
     mc.vision.image_size, mc.vision.depthwise_impl, mc.embed_dim, mc.dtype = 32, "lax", 32, dtype
     mc.text.layers, mc.text.width, mc.text.heads = 1, 32, 2
     return mc
@@ -63,12 +70,11 @@ def test_bfloat16_compute_config_converts_to_every_kind_and_back(tmp_path):
     mc = small("bfloat16")
     params = random_params(mc)
     src = f"open_clip:{tmp_path / 'oc.safetensors'}"
-    from echoclip_jax.weights import open_clip as ocw
     ocw.write_state_dict(ocw.export_state_dict(params, mc), str(tmp_path / "oc.safetensors"))
     chain = [src, f"safetensors:{tmp_path / 'a.safetensors'}", f"open_clip:{tmp_path / 'back'}",
              f"params:{tmp_path / 'p'}", f"safetensors:{tmp_path / 'b.safetensors'}", f"open_clip:{tmp_path / 'c'}"]
     for a, b in zip(chain, chain[1:]):
-        assert convert.convert(a, b, mc) == {"image": 0.0, "text": 0.0}, (a, b)
+        assert conversion.convert(a, b, mc) == {"image": 0.0, "text": 0.0}, (a, b)
     for spec in chain[1:]:
         got_mc, got = weights.load(spec, mc)
         assert got_mc.dtype == "bfloat16"  # the run's compute dtype is kept for the run
@@ -78,13 +84,9 @@ def test_bfloat16_compute_config_converts_to_every_kind_and_back(tmp_path):
 def test_train_init_follows_the_same_rule(tmp_path):
     """train's init reads a params-only export (init.kind=checkpoint) and an open_clip directory through
     weights.load: same weights when the architecture agrees, the same clear error when it does not."""
-    import jax
-    from flax import nnx
 
-    from echoclip_jax import models
-    from echoclip_jax.runtime import sharding
 
-    config = tiny.get_config()
+    config = files.load(CONFIGS / "tiny.py")
     config.model = small("bfloat16")
     params = random_params(config.model, seed=3)
     conversion.save(f"params:{tmp_path / 'p'}", small("float32"), params)  # stored: another compute dtype
@@ -107,7 +109,7 @@ def test_train_init_follows_the_same_rule(tmp_path):
 
 def test_evaluate_embed_and_interpret_clis_name_a_mismatch(tmp_path):
     """Every CLI that loads weights fails the same way on a --config that contradicts the stored one."""
-    mc = tiny.get_config().model
+    mc = files.load(CONFIGS / "tiny.py").model
     mc.text.layers = 2
     path = tmp_path / "m.safetensors"
     conversion.save(f"safetensors:{path}", mc, random_params(mc))

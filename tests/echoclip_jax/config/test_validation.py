@@ -1,11 +1,16 @@
 """One config check at start-up: every shipped config passes; each wrong value is named with what would fit."""
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
-from configs import echoclip, echoclip_r, tiny
 from echoclip_jax.config import defaults as base
+from echoclip_jax.config import files
 from echoclip_jax.config.validation import ConfigError, validate
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[3] / "configs"
 
 TEMPLATE_VOCAB = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "echoclip_reference",
                               "template_vocab.txt")
@@ -13,8 +18,8 @@ TEMPLATE_VOCAB = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..",
 
 def test_shipped_configs_pass():
     validate(base.get_base_config(), num_devices=8, num_processes=1)
-    validate(tiny.get_config(), num_devices=8, num_processes=1)
-    c = echoclip.get_config()  # the recipe starts from LAION weights, which the user names
+    validate(files.load(CONFIGS / "tiny.py"), num_devices=8, num_processes=1)
+    c = files.load(CONFIGS / "echoclip.py")  # the recipe starts from LAION weights, which the user names
     with pytest.raises(ConfigError, match="init.path = '': init.kind 'open_clip' needs the weights: set "
                                           "--config.init.path=PATH"):
         validate(c, num_devices=8)
@@ -24,7 +29,7 @@ def test_shipped_configs_pass():
 
 
 def test_echoclip_r_passes_with_its_vocabulary_and_names_the_missing_file():
-    c = echoclip_r.get_config()
+    c = files.load(CONFIGS / "echoclip_r.py")
     with pytest.raises(ConfigError, match="tokenizer.path = '': the template tokenizer needs its vocabulary file"):
         validate(c, num_devices=8)
     c.tokenizer.path = TEMPLATE_VOCAB
@@ -36,15 +41,15 @@ def test_echoclip_r_passes_with_its_vocabulary_and_names_the_missing_file():
 
 
 def test_tokenizer_against_the_text_tower():
-    c = tiny.get_config()
+    c = files.load(CONFIGS / "tiny.py")
     c.tokenizer.context_length = 64
     with pytest.raises(ConfigError, match="tokenizer.context_length = 64: must equal model.text.context_length 77"):
         validate(c, num_devices=8)
-    c = tiny.get_config()
+    c = files.load(CONFIGS / "tiny.py")
     c.model.text.vocab_size = 1000
     with pytest.raises(ConfigError, match="model.text.vocab_size = 1000: the clip_bpe tokenizer has 49408 ids"):
         validate(c, num_devices=8)
-    c = echoclip_r.get_config()  # template ids end at EOS 908; a larger embedding breaks argmax pooling
+    c = files.load(CONFIGS / "echoclip_r.py")  # template ids end at EOS 908; a larger embedding breaks argmax pooling
     c.tokenizer.path, c.model.text.pool, c.model.text.vocab_size = TEMPLATE_VOCAB, "argmax", 1024
     with pytest.raises(ConfigError, match="model.text.pool = 'argmax': 'argmax' pools the highest id.*set "
                                           "model.text.pool=eos and model.text.eos_id=908"):
@@ -52,7 +57,7 @@ def test_tokenizer_against_the_text_tower():
 
 
 def test_batch_against_devices_accumulation_and_processes():
-    c = tiny.get_config()
+    c = files.load(CONFIGS / "tiny.py")
     c.batch_size, c.optim.grad_accum_steps = 36, 3  # micro-batches of 12 over 8 devices
     with pytest.raises(ConfigError, match=r"batch_size = 36: each of the 3 micro-batch\(es\) \(12\) must split over "
                                           r"the 8 data x fsdp devices: use a multiple of 24 \(e.g. 48\)"):
@@ -73,7 +78,7 @@ def test_batch_against_devices_accumulation_and_processes():
 
 
 def test_every_problem_in_one_message():
-    c = tiny.get_config()
+    c = files.load(CONFIGS / "tiny.py")
     c.model.dtype, c.loss.name, c.sharding_preset, c.total_steps = "float16", "softmax", "zero3", 0
     with pytest.raises(ConfigError) as e:
         validate(c, num_devices=8)
@@ -83,7 +88,7 @@ def test_every_problem_in_one_message():
                  "sharding_preset = 'zero3': expected one of 'dp', 'fsdp', 'fsdp_tp'",
                  "total_steps = 0: must be a positive number"):
         assert part in msg, msg
-    c = tiny.get_config()
+    c = files.load(CONFIGS / "tiny.py")
     c.model.text.heads, c.loss.name = 7, "siglip"
     with pytest.raises(ConfigError) as e:
         validate(c, num_devices=8)
@@ -92,7 +97,7 @@ def test_every_problem_in_one_message():
 
 
 def test_inference_commands_check_model_and_tokenizer_only():
-    c = tiny.get_config()
+    c = files.load(CONFIGS / "tiny.py")
     c.loss.name, c.batch_size = "softmax", 3  # training-only fields: not an inference command's concern
     validate(c, training=False)
     c.model.vision.variant = "huge"
@@ -101,12 +106,10 @@ def test_inference_commands_check_model_and_tokenizer_only():
 
 
 def test_train_cli_names_the_field_and_exits_before_reading_anything(tmp_path):
-    import subprocess
-    import sys
 
     repo = os.path.join(os.path.dirname(__file__), "..", "..", "..")
     r = subprocess.run([sys.executable, "-m", "echoclip_jax.train", "--config", os.path.join(repo, "configs", "tiny.py"),
                         "--config.batch_size=12", "--config.data_dir=/nonexistent", "--workdir", str(tmp_path / "w")],
                        cwd=repo, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "echoclip_jax.train: config: batch_size = 12: each of the 1 micro-batch(es) (12) must split over the 8" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]  # a config refused: usage
+    assert "echoclip_jax.train: error: config: batch_size = 12: each of the 1 micro-batch(es) (12) must split over the 8" in r.stderr

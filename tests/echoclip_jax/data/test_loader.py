@@ -1,5 +1,8 @@
 """The grain input pipeline over real data_prep shards: shapes, determinism, per-process slicing,
 exact resume from the iterator state, new frames each epoch, corrupt records, iterate_videos."""
+import shutil
+
+import ml_collections
 import numpy as np
 import pytest
 
@@ -9,7 +12,6 @@ from echoclip_jax.runtime import sharding
 
 
 def _mesh():
-    import ml_collections
     return sharding.build_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
 
 
@@ -70,7 +72,6 @@ def test_process_slices_reassemble_the_global_batch(tiny_config):
 
 
 def test_augmentation_keeps_shape_and_range():
-    import ml_collections
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     aug = ml_collections.ConfigDict(dict(random_resized_crop=(0.5, 0.6), brightness=0.2, contrast=0.2))
@@ -93,7 +94,6 @@ def test_iterate_videos_yields_every_record_in_order(records_dir):
 
 
 def test_corrupt_record_raises_naming_the_shard_or_is_skipped(tiny_config, tmp_path):
-    import shutil
     for p in records.list_shards(tiny_config.data_dir, "train"):
         shutil.copy(p, tmp_path)
         shutil.copy(records.index_path(p), tmp_path)

@@ -1,14 +1,18 @@
 """echoclip_jax.inference.embedder: videos of different lengths embedded in fixed-shape batches sharded over the 8
 simulated devices give each video exactly what the model gives that video alone."""
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from configs.tiny import get_config
 from echoclip_jax import models
+from echoclip_jax.config import files
 from echoclip_jax.inference import embedder as emb
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[3] / "configs"
 
 LENGTHS = [1, 7, 3, 12, 2, 9]  # a one-frame video, and lengths around the batch of 8 frames
 
@@ -17,7 +21,7 @@ LENGTHS = [1, 7, 3, 12, 2, 9]  # a one-frame video, and lengths around the batch
 def models_by_pool():
     """{"attention": a small model whose learned temporal pool really attends, "mean": the same weights
     with EchoCLIP's mean pool} (one initialisation: it dominates these tests' time on a CPU)."""
-    c = get_config()
+    c = files.load(CONFIGS / "tiny.py")
     c.model.vision.image_size = 32
     c.model.vision.depthwise_impl = "lax"  # compiles faster on CPU
     c.model.embed_dim = 32

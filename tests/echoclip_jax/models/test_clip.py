@@ -1,4 +1,6 @@
 """The dual encoder: shapes, normalisation, pooling, video embedding, dtypes, remat, sharding metadata."""
+import pathlib
+
 import flax.core.spmd
 import jax
 import jax.numpy as jnp
@@ -8,14 +10,18 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import tiny
+from echoclip_jax.config import files
 from echoclip_jax.models import build_model, preprocess_images
+from echoclip_jax.models.layers import gelu
+from echoclip_jax.models.transformer import Attention
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[3] / "configs"
 
 VOCAB = {"embed", "mlp", "heads", "kv", "vocab", "joint", None}
 
 
 def tiny_config(**overrides):
-    mc = tiny.get_config().model
+    mc = files.load(CONFIGS / "tiny.py").model
     mc.vision.image_size = 32
     mc.text.layers = 2
     for k, v in overrides.items():
@@ -182,7 +188,6 @@ def test_runs_sharded_with_params_split_over_8_devices():
 def test_gelu_is_exact_gelu_in_values_and_gradients():
     """layers.gelu uses PyTorch's erf formula (cheaper on XLA:CPU than jax.nn.gelu's erfc); it must be the
     same function, tails included, and have the same derivative."""
-    from echoclip_jax.models.layers import gelu
 
     x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 2401), jnp.asarray([-1e4, -40.0, 0.0, 40.0, 1e4])])
     # absolute tolerance: in the far-negative tail 1 + erf cancels, so (as in PyTorch) values ~1e-7 are
@@ -209,7 +214,6 @@ def _attention_per_head_reference(attn, x, causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_matches_per_head_reference_values_and_gradients(causal):
-    from echoclip_jax.models.transformer import Attention
 
     attn = Attention(48, 3, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
     graph, params = nnx.split(attn, nnx.Param)

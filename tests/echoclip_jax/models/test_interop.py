@@ -7,10 +7,14 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from configs import echoclip, tiny  # noqa: E402
+import pathlib
+
+from echoclip_jax.config import files
 from echoclip_jax.weights import conversion
 from echoclip_jax.weights import loader as weights
 from echoclip_jax.weights import open_clip as ocw
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[3] / "configs"
 
 pytestmark = pytest.mark.interop
 
@@ -57,13 +61,13 @@ def check_parity(model_config, torch_model, tmp_path):
 
 
 def test_small_convnext_parity_both_directions(tmp_path):
-    mc = tiny.get_config().model
+    mc = files.load(CONFIGS / "tiny.py").model
     mc.vision.image_size = 64
     check_parity(mc, randomised_open_clip(mc), tmp_path)
 
 
 def test_eos_pooled_text_tower_exports_pool_type(tmp_path):
-    mc = tiny.get_config().model
+    mc = files.load(CONFIGS / "tiny.py").model
     mc.text.vocab_size, mc.text.pool, mc.text.eos_id = 909, "eos", 908
     cfg = ocw.open_clip_model_cfg(mc)
     assert cfg["text_cfg"]["pool_type"] == "eos" and cfg["text_cfg"]["eos_id"] == 908
@@ -72,7 +76,7 @@ def test_eos_pooled_text_tower_exports_pool_type(tmp_path):
 
 
 def test_state_dict_mismatch_names_the_key():
-    mc = tiny.get_config().model
+    mc = files.load(CONFIGS / "tiny.py").model
     sd = {k: v.numpy() for k, v in randomised_open_clip(mc).state_dict().items()}
     del sd["visual.trunk.stem.0.weight"]
     sd["token_embedding.weight"] = sd["token_embedding.weight"][:100]
@@ -84,7 +88,7 @@ def test_state_dict_mismatch_names_the_key():
 
 @pytest.fixture(scope="module")
 def convnext_base():
-    mc = echoclip.get_config().model
+    mc = files.load(CONFIGS / "echoclip.py").model
     mc.dtype = "float32"
     return mc, randomised_open_clip(mc)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from echoclip_jax.models import preprocess_images
+from echoclip_jax.models import backend, preprocess_images
 from echoclip_jax.models.depthwise_conv import depthwise_conv2d
 from echoclip_jax.models.layers import DropPath, project
 
@@ -47,7 +47,6 @@ def test_depthwise_numpy_reference_and_bad_kernel(impl):
 
 def test_auto_impl_on_cpu_is_matmul_up_to_8x8_and_shifted_above():
     """The choice (models/backend.py) by feature-map size, and auto giving lax's values and gradients."""
-    from echoclip_jax.models import backend
 
     assert backend.depthwise_impl("auto", 8 * 8) == "matmul" and backend.depthwise_impl("auto", 9 * 8) == "shifted"
     assert backend.depthwise_impl("lax", 8 * 8) == "lax"

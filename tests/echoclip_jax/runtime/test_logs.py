@@ -3,18 +3,19 @@ import subprocess
 import sys
 
 SCRIPT = """
-import logging
-from absl import app, logging as absl_logging
-from echoclip_jax.runtime import logs
+import logging, sys
+from absl import logging as absl_logging
+from echoclip_jax.runtime import cli
 
-def main(argv):
-    logs.setup()
+FLAGS = cli.flag_values()
+
+def body(flags):
     absl_logging.info("absl info chatter")
     logging.getLogger("orbax.checkpoint").info("orbax info chatter")
     logging.getLogger("grain").warning("grain warns")
     logging.getLogger("echoclip_jax.train").info("step 1/3 loss 1.0")
 
-app.run(main)
+sys.exit(cli.run(body, FLAGS, name="train", doc="a command"))
 """
 
 

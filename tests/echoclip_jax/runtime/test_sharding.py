@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -55,7 +56,6 @@ class _Tiny(nnx.Module):
 
 
 def test_param_and_optimizer_state_shardings_follow_the_params():
-    import optax
 
     mesh = _mesh(2, 2, 2)
     state = nnx.state(_Tiny(nnx.Rngs(0)), nnx.Param)

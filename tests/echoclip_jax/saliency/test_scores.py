@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from data_prep import synthetic
+from data_prep.synthetic import truth_by_video_id
 from echoclip_jax import models, tokenizers
 from echoclip_jax.data import videos
 from echoclip_jax.demo import device_masks
@@ -92,7 +94,6 @@ def test_device_prompts_are_the_zero_shot_sentences():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """A small version-2 cohort converted as the demo converts it (64 px, 8 frames)."""
-    from data_prep import synthetic
 
     root = tmp_path_factory.mktemp("v2")
     synthetic.generate(root / "cohort", patients=8, seed=3, small=True, version=2)
@@ -105,7 +106,6 @@ def cohort(tmp_path_factory):
 
 
 def all_cases(cohort, frames=0):
-    from data_prep.synthetic import truth_by_video_id
 
     truth = truth_by_video_id(cohort / "cohort", SALT)
     return [c for split in ("train", "val", "test") for c in device_masks.device_cases(
@@ -182,7 +182,6 @@ def test_cli_scores_a_tiny_cohort_end_to_end(cohort, tiny_mapper, tmp_path):
     assert pooled["uniform"]["pointing_game"] > pooled["uniform"]["mass_share"]  # dilated vs exact mask
     assert (out / "score_frames.png").stat().st_size > 5000
     text = (out / "scores.json").read_text() + result.stdout
-    from data_prep.synthetic import truth_by_video_id
     for vid, row in truth_by_video_id(cohort / "cohort", SALT).items():
         assert vid not in text and row["patient"] not in text and row["path"] not in text
 

@@ -7,11 +7,14 @@ import random
 
 import numpy as np
 import pytest
+import sentencepiece
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from data_prep import records, synthetic
 from data_prep.reports import clean_text
 from echoclip_jax import train_sentencepiece
+from echoclip_jax.config.defaults import get_base_config
 from echoclip_jax.tokenizers import SentencePieceTokenizer, from_config, get_tokenizer
 from echoclip_jax.tokenizers import spm_train as tsp
 from echoclip_jax.tokenizers.clip_bpe import clean as clip_clean
@@ -313,7 +316,7 @@ def spm_model(tmp_path_factory, report_corpus, vocab_path):
         w.writerow(["StudyInstanceUID", "report"])
         w.writerows([f"1.2.{i}", r] for i, r in enumerate(report_corpus))
     out = d / "reports.model"
-    argv = ["--reports", str(d / "reports.csv"), "--vocab_size", "1000", "--out", str(out),
+    argv = ["train_sentencepiece", "--reports", str(d / "reports.csv"), "--vocab_size", "1000", "--out", str(out),
             "--template_vocab", vocab_path]
     assert train_sentencepiece.main(argv) == 0
     return str(out)
@@ -354,7 +357,6 @@ def test_sentencepiece_corpus_sources(tmp_path, report_corpus):
     txt = tmp_path / "reports.txt"
     txt.write_text("\n".join(report_corpus[:50] + report_corpus[:50] + [""]))
     assert len(tsp.corpus(tsp.read_reports(str(txt)))) == 50  # cleaned, de-duplicated, empties dropped
-    from data_prep import records
 
     shard = tmp_path / "train-00000-of-00001.tfrecord"
     with records.TFRecordWriter(str(shard)) as w:
@@ -383,7 +385,8 @@ def test_sentencepiece_bad_inputs(tmp_path, report_corpus):
         tsp.train(["", "  "], 100)
     # The command line reports the problem in one line and exits non-zero, writing nothing.
     out = tmp_path / "m.model"
-    assert train_sentencepiece.main(["--reports", str(csv_path), "--vocab_size", "50", "--out", str(out)]) == 2
+    argv = ["train_sentencepiece", "--reports", str(csv_path), "--vocab_size", "50", "--out", str(out)]
+    assert train_sentencepiece.main(argv) == 1
     assert not out.exists()
 
 
@@ -391,7 +394,6 @@ def test_sentencepiece_bad_inputs(tmp_path, report_corpus):
 
 
 def test_get_tokenizer_and_from_config(vocab_path):
-    from echoclip_jax.config.defaults import get_base_config
 
     with pytest.raises(ValueError, match="unknown tokenizer 'bert'"):
         get_tokenizer("bert")
@@ -407,12 +409,10 @@ def test_get_tokenizer_and_from_config(vocab_path):
 
 def test_sentencepiece_from_raw_reports_learns_no_identifier(tmp_path):
     """A tokenizer trained on a hospital's raw reports CSV must not hold a piece of a name or number."""
-    from data_prep import synthetic
 
     synthetic.generate(tmp_path / "syn", patients=12, seed=2, small=True)
     texts = tsp.read_reports(str(tmp_path / "syn" / "reports.csv"))
     model = tsp.train(texts, 120, source="reports.csv")
-    import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_proto=model)
     pieces = " ".join(sp.id_to_piece(i) for i in range(sp.get_piece_size())).replace("▁", " ").upper()

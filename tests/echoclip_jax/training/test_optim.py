@@ -87,8 +87,8 @@ def test_accumulation_averages_micro_batch_gradients():
 
     def loss_and_grad(p, b):
         f = lambda p: (jnp.mean((b["x"] @ p["w"]) ** 2), {"n": jnp.float32(b["x"].shape[0])})
-        (l, aux), g = jax.value_and_grad(f, has_aux=True)(p)
-        return (l, aux), g
+        (loss, aux), g = jax.value_and_grad(f, has_aux=True)(p)
+        return (loss, aux), g
 
     (l3, aux), g3 = optim.accumulate_gradients(loss_and_grad, params, batch, 3)
     parts = [loss_and_grad(params, {"x": batch["x"][i * 2:(i + 1) * 2]}) for i in range(3)]

@@ -1,10 +1,14 @@
 """The one weights loader: the KIND:PATH[@STEP] grammar every command takes, and what it reads."""
+import pathlib
+
 import numpy as np
 import pytest
 
-from echoclip_jax import convert
+from echoclip_jax.config import files
 from echoclip_jax.weights import conversion
 from echoclip_jax.weights import loader as weights
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[3] / "configs"
 
 
 def test_spec_grammar(tmp_path):
@@ -21,7 +25,7 @@ def test_spec_grammar(tmp_path):
     with pytest.raises(ValueError, match="expected KIND:PATH"):
         weights.parse("/just/a/path")
     with pytest.raises(ValueError, match="KIND one of open_clip, safetensors, params"):
-        weights.parse(f"orbax:{tmp_path}", convert.DEST_KINDS)
+        weights.parse(f"orbax:{tmp_path}", conversion.DEST_KINDS)
 
 
 def test_nested_is_the_inverse_of_flat_names():
@@ -34,8 +38,7 @@ def test_nested_is_the_inverse_of_flat_names():
 
 
 def test_params_only_checkpoint_has_no_steps(tmp_path):
-    from configs import tiny
-    mc = tiny.get_config().model
+    mc = files.load(CONFIGS / "tiny.py").model
     params = {k: np.zeros(s.shape, s.dtype) for k, s in weights.expected_params(mc).items()}
     conversion.save(f"params:{tmp_path / 'p'}", mc, params)
     with pytest.raises(ValueError, match="params-only checkpoint has no steps; drop @3"):
