@@ -3,6 +3,7 @@
 Versions are pinned exactly: JAX, Flax, Orbax and grain rename APIs at minor releases, so upgrades are
 deliberate and guarded by the tests.
 """
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [

@@ -4,6 +4,7 @@ the BENCHMARKS.md appender.
 The machines are shared and noisy, so every comparison is timed in one process, alternating A/B/A/B
 after a warm-up, and reported as a ratio of medians; lone absolute times are context only.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -21,8 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
 
 
-def alternate(fns: dict[str, Callable[[], object]], *, rounds: int = 5, warmup: int = 1,
-              pause: float = 0.0) -> dict[str, list[float]]:
+def alternate(
+    fns: dict[str, Callable[[], object]], *, rounds: int = 5, warmup: int = 1, pause: float = 0.0
+) -> dict[str, list[float]]:
     """Seconds per call of each fn, called in turn (A, B, C, A, B, C, ...) after `warmup` calls each.
 
     Each fn must block until its work is done (e.g. `jax.block_until_ready`), or the time is a lie.
@@ -79,8 +81,9 @@ def machine() -> str:
     """One line: CPU model, cores, memory, load average now (the noise the other users add)."""
     mem = memory_gib()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB" if mem else f"{cpu_model()}, {os.cpu_count()} cores") + \
-        f", load average {load:.1f} at start"
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB" if mem else f"{cpu_model()}, {os.cpu_count()} cores"
+    ) + f", load average {load:.1f} at start"
 
 
 def matmul_flops_jax(n: int = 2048, rounds: int = 5) -> float:

@@ -6,6 +6,7 @@ DCT domain, others box-reduced, grey ones kept one channel; + sector mask + crop
 should cost at most 1.3x the floor.
 Usage: python bench/data_prep.py [--patients 2] [--frames 32] [--repeats 3]
 """
+
 import argparse
 import datetime
 import glob
@@ -31,7 +32,7 @@ def _times(fns, paths, repeats):
     names = list(fns)
     for r in range(repeats):
         for p in paths:
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 t = time.perf_counter()
                 fns[name](p)
                 best[name][p] = min(best[name][p], time.perf_counter() - t)
@@ -49,8 +50,12 @@ def _stages(paths, headers, settings):
     for p in paths:
         h = headers[p]
         t0 = time.perf_counter()
-        frames, scale = dicom_io.read_frames_scaled(p, dicom_io.kept_indices(h.num_frames, settings.frames),
-                                                    min_side=settings.image_size * 5 // 4, keep_grey=True)
+        frames, scale = dicom_io.read_frames_scaled(
+            p,
+            dicom_io.kept_indices(h.num_frames, settings.frames),
+            min_side=settings.image_size * 5 // 4,
+            keep_grey=True,
+        )
         t1 = time.perf_counter()
         mask = sector.sector_mask(frames, tuple(tuple(v // scale for v in r) for r in h.regions))
         t2 = time.perf_counter()
@@ -83,34 +88,56 @@ def main():
 
         def pipeline(p):
             h = headers[p]
-            job = plan.Job(path=p, ref="", source="dicom", video_id="0", patient_id="0", study_id="0",
-                              study_day=0, report="", ef=0.0, fps=h.fps, num_frames=h.num_frames, regions=h.regions)
+            job = plan.Job(
+                path=p,
+                ref="",
+                source="dicom",
+                video_id="0",
+                patient_id="0",
+                study_id="0",
+                study_day=0,
+                report="",
+                ef=0.0,
+                fps=h.fps,
+                num_frames=h.num_frames,
+                regions=h.regions,
+            )
             shards.convert_video(job, settings)
 
         load = os.getloadavg()[0]
-        times = _times({"floor: decode kept frames": floor, "pipeline": pipeline, "naive: decode all frames": naive},
-                       paths, args.repeats)
+        times = _times(
+            {"floor: decode kept frames": floor, "pipeline": pipeline, "naive: decode all frames": naive},
+            paths,
+            args.repeats,
+        )
         stages = _stages(paths, headers, settings)
         encodings = {p: _encoding(p) for p in paths}
     rates = {name: len(paths) / sum(t.values()) for name, t in times.items()}
     frames = sum(h.num_frames for h in headers.values()) / len(headers)
     h0 = next(iter(headers.values()))
     ratio = rates["floor: decode kept frames"] / rates["pipeline"]
-    lines = [f"{len(paths)} synthetic videos, {h0.rows}x{h0.cols}, {frames:.0f} frames on average, "
-             f"{args.frames} kept, 1 process; each video's best of {args.repeats} rounds, the three alternating "
-             f"video by video; load average {load:.1f} at start", "",
-             "| what | videos/s per core | cost vs floor |", "| --- | --- | --- |"]
+    lines = [
+        f"{len(paths)} synthetic videos, {h0.rows}x{h0.cols}, {frames:.0f} frames on average, "
+        f"{args.frames} kept, 1 process; each video's best of {args.repeats} rounds, the three alternating "
+        f"video by video; load average {load:.1f} at start",
+        "",
+        "| what | videos/s per core | cost vs floor |",
+        "| --- | --- | --- |",
+    ]
     for name, r in rates.items():
         lines.append(f"| {name} | {r:.2f} | {rates['floor: decode kept frames'] / r:.2f}x |")
-    lines += ["", f"pipeline / floor = {ratio:.2f}x (target <= 1.3x)", "",
-              "| encoding | videos | floor ms/video | pipeline ms/video | pipeline / floor |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        f"pipeline / floor = {ratio:.2f}x (target <= 1.3x)",
+        "",
+        "| encoding | videos | floor ms/video | pipeline ms/video | pipeline / floor |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for enc in sorted(set(encodings.values())):
         mine = [p for p in paths if encodings[p] == enc]
         f, q = (1000 * sum(times[n][p] for p in mine) / len(mine) for n in ("floor: decode kept frames", "pipeline"))
         lines.append(f"| {enc} | {len(mine)} | {f:.0f} | {q:.0f} | {q / f:.2f}x |")
-    lines += ["",
-              "ms per video by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items())]
+    lines += ["", "ms per video by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items())]
     print("\n".join(lines))
     bench = pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
     with open(bench, "a") as f:

@@ -8,6 +8,7 @@ Records are made once (cached under --work) from the synthetic cohort with data_
 videos, 32 frames kept, image 64 and 224). The loader is the training one (random frame, augmentation,
 tokenisation, global batch as a jax.Array). Target: loader >= 2x the step's demand.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,47 @@ def make_records(work: str, patients: int, size: int) -> str:
     """Synthetic cohort -> records at `size` px (both cached: re-runs reuse them)."""
     cohort = os.path.join(work, f"cohort_{patients}")
     if not os.path.exists(os.path.join(cohort, "reports.csv")):
-        subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", cohort, "--patients", str(patients),
-                        "--seed", "0", "--small"], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.synthetic",
+                "--out",
+                cohort,
+                "--patients",
+                str(patients),
+                "--seed",
+                "0",
+                "--small",
+            ],
+            check=True,
+            cwd=REPO,
+        )
     out = os.path.join(work, f"records_{patients}_{size}")
     if not os.path.exists(os.path.join(out, "dataset_info.json")):
-        subprocess.run([sys.executable, "-m", "data_prep.convert", "--dicom_dir", os.path.join(cohort, "dicom"),
-                        "--reports", os.path.join(cohort, "reports.csv"), "--out", out, "--image_size", str(size),
-                        "--frames", "32", "--split_fractions", "1,0,0", "--salt", "bench-synthetic-cohort"], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.convert",
+                "--dicom_dir",
+                os.path.join(cohort, "dicom"),
+                "--reports",
+                os.path.join(cohort, "reports.csv"),
+                "--out",
+                out,
+                "--image_size",
+                str(size),
+                "--frames",
+                "32",
+                "--split_fractions",
+                "1,0,0",
+                "--salt",
+                "bench-synthetic-cohort",
+            ],
+            check=True,
+            cwd=REPO,
+        )
     return out
 
 
@@ -84,8 +119,6 @@ def main(argv=None):
     ap.add_argument("--no_append", action="store_true")
     args = ap.parse_args(argv)
 
-
-
     os.makedirs(args.work, exist_ok=True)
     cores = os.cpu_count()
     mesh = sharding.build_mesh(load_config("tiny", args.batch, "float32", args.impl).mesh, jax.devices()[:1])
@@ -107,24 +140,35 @@ def main(argv=None):
             if label.startswith("loader"):
                 w = int(label.split(", ")[1].split()[0])
                 used = min(max(w, 1), cores)
-                rows.append([label, common.fmt_rate(rate), common.fmt_rate(rate / used), used,
-                             f"{rate / demand:.1f}x" if demand else "-"])
+                rows.append(
+                    [
+                        label,
+                        common.fmt_rate(rate),
+                        common.fmt_rate(rate / used),
+                        used,
+                        f"{rate / demand:.1f}x" if demand else "-",
+                    ]
+                )
                 if demand:
                     ratios.append((label, rate / demand))
             else:
                 rows.append([label, common.fmt_rate(rate), "-", cores, "1.0x"])
 
-    body = (f"Machine: {common.machine()}. {args.patients} synthetic patients (--small), 32 frames kept per video; "
-            f"global batch {args.batch}; random frame + random resized crop + brightness/contrast + clip_bpe "
-            f"tokens; {args.rounds} alternating rounds of {args.batches} consecutive batches per loader (one step "
-            f"for the step) after a warm-up round, median. grain's in-process read-ahead threads keep filling "
-            f"while the step runs, so the in-process figure is an upper bound on the loader's own rate.\n\n")
+    body = (
+        f"Machine: {common.machine()}. {args.patients} synthetic patients (--small), 32 frames kept per video; "
+        f"global batch {args.batch}; random frame + random resized crop + brightness/contrast + clip_bpe "
+        f"tokens; {args.rounds} alternating rounds of {args.batches} consecutive batches per loader (one step "
+        f"for the step) after a warm-up round, median. grain's in-process read-ahead threads keep filling "
+        f"while the step runs, so the in-process figure is an upper bound on the loader's own rate.\n\n"
+    )
     body += common.table(["what", "samples/s", "samples/s per core", "cores used", "vs tiny step demand"], rows)
-    body += ("\n\n'cores used' counts the worker processes (or the one in-process thread), capped at the "
-             "machine's cores; with workers the main process also converts batches to jax.Arrays. The step's "
-             "demand is the tiny config's jitted step on the same machine, timed alternately with the loader. "
-             "At 224 px the GPU step's demand was not measured here (no GPU); per-core samples/s x host cores "
-             "gives a host's supply.")
+    body += (
+        "\n\n'cores used' counts the worker processes (or the one in-process thread), capped at the "
+        "machine's cores; with workers the main process also converts batches to jax.Arrays. The step's "
+        "demand is the tiny config's jitted step on the same machine, timed alternately with the loader. "
+        "At 224 px the GPU step's demand was not measured here (no GPU); per-core samples/s x host cores "
+        "gives a host's supply."
+    )
     print(body)
     if not args.no_append:
         common.append_section("input pipeline: grain loader vs the train step", body)

@@ -8,6 +8,7 @@ Records: a full-size synthetic cohort (600x800 videos) converted with 32 frames 
 --hand_codec_rev (`git show`), loaded as a second module. Before timing, every record is checked both ways:
 each codec decodes the other's bytes field for field, and both encode the decoded dict to the same bytes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ from data_prep.options import Options, Settings  # noqa: E402
 
 def load_hand_codec(rev: str, tmp: str):
     """data_prep/records.py as it was at `rev`, imported as the module `hand_records`."""
-    source = subprocess.run(["git", "-C", REPO, "show", f"{rev}:data_prep/records.py"], capture_output=True,
-                            text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "-C", REPO, "show", f"{rev}:data_prep/records.py"], capture_output=True, text=True, check=True
+    ).stdout
     if "_read_varint" not in source:
         raise SystemExit(f"data_prep/records.py at {rev} has no hand-written codec; pass --hand_codec_rev")
     path = os.path.join(tmp, "hand_records.py")
@@ -47,7 +49,8 @@ def _same(a: dict, b: dict) -> bool:
     nan = lambda x: isinstance(x, float) and math.isnan(x)  # noqa: E731
     return a.keys() == b.keys() and all(
         len(a[k]) == len(b[k]) and all(type(x) is type(y) and (x == y or nan(x) and nan(y)) for x, y in zip(a[k], b[k]))
-        for k in a)
+        for k in a
+    )
 
 
 def _each(fn, items) -> None:
@@ -69,9 +72,16 @@ def main():
         hand = load_hand_codec(args.hand_codec_rev, tmp)
         synthetic.generate(os.path.join(tmp, "cohort"), patients=args.patients, seed=0, small=False)
         out = os.path.join(tmp, "out")
-        status = convert.run(Options(out=out, dicom_dir=os.path.join(tmp, "cohort", "dicom"),
-                                     reports=os.path.join(tmp, "cohort", "reports.csv"), salt="bench-salt-1234",
-                                     settings=Settings(frames=32, image_size=224), progress="off"))
+        status = convert.run(
+            Options(
+                out=out,
+                dicom_dir=os.path.join(tmp, "cohort", "dicom"),
+                reports=os.path.join(tmp, "cohort", "reports.csv"),
+                salt="bench-salt-1234",
+                settings=Settings(frames=32, image_size=224),
+                progress="off",
+            )
+        )
         assert status == 0, status
         raws = [bytes(r) for p in sorted(glob.glob(os.path.join(out, "*.tfrecord"))) for r in records.ShardReader(p)]
     dicts = [records.decode_example(r) for r in raws]
@@ -89,16 +99,24 @@ def main():
     rate = {name: len(many_raws) / common.median(t) for name, t in times.items()}
     frames = sum(len(d["frames"]) for d in dicts) / len(dicts)
     size = sum(map(len, raws)) / len(raws) / 1024
-    body = (f"Machine: {machine}. {len(raws)} records of a converted full-size synthetic cohort ({frames:.0f} "
-            f"JPEG frames of 224x224 each, {size:.0f} KiB a record); the hand-written codec is data_prep/records.py "
-            f"at {args.hand_codec_rev}. Each codec decodes the other's bytes field for field and both encode every "
-            f"record to the same bytes. {args.rounds} alternating rounds of {args.repeat} passes over all records "
-            "after a warm-up, median.\n\n")
-    body += common.table(["codec", "encode records/s", "decode records/s"], [
-        [kind, common.fmt_rate(rate[f"encode {kind}"]), common.fmt_rate(rate[f"decode {kind}"])]
-        for kind in ("protobuf", "hand-written")])
-    body += (f"\n\nprotobuf / hand-written: encode {rate['encode protobuf'] / rate['encode hand-written']:.1f}x, "
-             f"decode {rate['decode protobuf'] / rate['decode hand-written']:.1f}x.")
+    body = (
+        f"Machine: {machine}. {len(raws)} records of a converted full-size synthetic cohort ({frames:.0f} "
+        f"JPEG frames of 224x224 each, {size:.0f} KiB a record); the hand-written codec is data_prep/records.py "
+        f"at {args.hand_codec_rev}. Each codec decodes the other's bytes field for field and both encode every "
+        f"record to the same bytes. {args.rounds} alternating rounds of {args.repeat} passes over all records "
+        "after a warm-up, median.\n\n"
+    )
+    body += common.table(
+        ["codec", "encode records/s", "decode records/s"],
+        [
+            [kind, common.fmt_rate(rate[f"encode {kind}"]), common.fmt_rate(rate[f"decode {kind}"])]
+            for kind in ("protobuf", "hand-written")
+        ],
+    )
+    body += (
+        f"\n\nprotobuf / hand-written: encode {rate['encode protobuf'] / rate['encode hand-written']:.1f}x, "
+        f"decode {rate['decode protobuf'] / rate['decode hand-written']:.1f}x."
+    )
     print(body)
     if not args.no_append:
         common.append_section("data_prep: records codec, protobuf (upb) vs the hand-written one", body)

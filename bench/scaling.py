@@ -9,6 +9,7 @@ program of one device) and from the shardings of the train state (parameters + A
 against total state / devices. The simulated devices share this machine's cores, so step time here shows
 the partitioning overhead, not a speed-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,6 @@ def state_bytes(abs_state) -> tuple[int, int]:
 def worker(args) -> None:
     """Runs in a subprocess with N devices: one JSON line per preset."""
 
-
     n = jax.device_count()
     presets = [p for p in args.presets.split(",") if n > 1 or p == "dp"]  # on 1 device all presets coincide
     steps = {}
@@ -71,10 +71,17 @@ def worker(args) -> None:
         compiled = ts.step.lower(ts.abs_state, batch).compile()
         mem = compiled.memory_analysis()
         total, per_dev = state_bytes(ts.abs_state)
-        row = {"devices": n, "preset": preset, "mesh": mesh_for(preset, n), "state_total": total,
-               "state_per_device": per_dev, "arguments": mem.argument_size_in_bytes,
-               "temp": mem.temp_size_in_bytes, "outputs": mem.output_size_in_bytes,
-               "alias": mem.alias_size_in_bytes}
+        row = {
+            "devices": n,
+            "preset": preset,
+            "mesh": mesh_for(preset, n),
+            "state_total": total,
+            "state_per_device": per_dev,
+            "arguments": mem.argument_size_in_bytes,
+            "temp": mem.temp_size_in_bytes,
+            "outputs": mem.output_size_in_bytes,
+            "alias": mem.alias_size_in_bytes,
+        }
         if not args.no_time:
             state = ts.init_state(step_lib.initial_params(c, ts.abs_params, ts.param_sh))
             steps[preset] = (compiled, state, batch)
@@ -88,6 +95,7 @@ def worker(args) -> None:
                 state, m = compiled(state, batch)
                 m["loss"].block_until_ready()
                 holder[p][1] = state
+
             return f
 
         times = common.alternate({p: run(p) for p in steps}, rounds=args.rounds, warmup=1)
@@ -114,10 +122,25 @@ def main(argv=None):
     for n in [int(x) for x in args.devices.split(",")]:
         if args.batch % n:
             raise SystemExit(f"--batch {args.batch} is not divisible by {n} devices")
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                                          f" --xla_force_host_platform_device_count={n}").strip())
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", args.config, "--batch",
-               str(args.batch), "--presets", args.presets, "--impl", args.impl, "--rounds", str(args.rounds)]
+        env = dict(
+            os.environ,
+            XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip(),
+        )
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            "--config",
+            args.config,
+            "--batch",
+            str(args.batch),
+            "--presets",
+            args.presets,
+            "--impl",
+            args.impl,
+            "--rounds",
+            str(args.rounds),
+        ]
         if args.no_time:
             cmd.append("--no_time")
         print(f"[{n} devices] ...", flush=True)
@@ -139,21 +162,47 @@ def main(argv=None):
         ideal = r["state_total"] / n
         ratio = r["state_per_device"] / ideal
         t = times.get((n, p))
-        table_rows.append([n, p, "x".join(map(str, r["mesh"])), mib(r["state_total"]), mib(r["state_per_device"]),
-                           f"{ratio:.2f}x", mib(r["arguments"]), mib(r["temp"]),
-                           common.spread(t) if t else "-",
-                           f"{common.median(t) / common.median(base):.2f}x" if t and base else "-"])
+        table_rows.append(
+            [
+                n,
+                p,
+                "x".join(map(str, r["mesh"])),
+                mib(r["state_total"]),
+                mib(r["state_per_device"]),
+                f"{ratio:.2f}x",
+                mib(r["arguments"]),
+                mib(r["temp"]),
+                common.spread(t) if t else "-",
+                f"{common.median(t) / common.median(base):.2f}x" if t and base else "-",
+            ]
+        )
         if n == max(x["devices"] for x in rows) and p.startswith("fsdp"):
             checks.append((p, n, ratio))
-    body = (f"Machine: {common.machine()}. Config {args.config}, global batch {args.batch}, fp32, "
-            f"depthwise_impl {args.impl}; simulated CPU devices sharing the machine's cores.\n\n")
-    body += common.table(["devices", "preset", "mesh d x f x t", "state total MiB", "state per device MiB",
-                          "per device / (total / devices)", "arguments MiB", "temp MiB", "step time",
-                          "vs 1 device"], rows=table_rows)
-    body += ("\n\nState = parameters + AdamW moments (+ step, rng), per device from the shardings; "
-             "'arguments' and 'temp' are the compiled step's memory_analysis() for one device (arguments "
-             "include the batch shard). Target: FSDP state per device within 1.2x of total / devices on 8 "
-             "devices: " + ", ".join(f"{p} on {n}: {r:.2f}x" for p, n, r in checks) + ".")
+    body = (
+        f"Machine: {common.machine()}. Config {args.config}, global batch {args.batch}, fp32, "
+        f"depthwise_impl {args.impl}; simulated CPU devices sharing the machine's cores.\n\n"
+    )
+    body += common.table(
+        [
+            "devices",
+            "preset",
+            "mesh d x f x t",
+            "state total MiB",
+            "state per device MiB",
+            "per device / (total / devices)",
+            "arguments MiB",
+            "temp MiB",
+            "step time",
+            "vs 1 device",
+        ],
+        rows=table_rows,
+    )
+    body += (
+        "\n\nState = parameters + AdamW moments (+ step, rng), per device from the shardings; "
+        "'arguments' and 'temp' are the compiled step's memory_analysis() for one device (arguments "
+        "include the batch shard). Target: FSDP state per device within 1.2x of total / devices on 8 "
+        "devices: " + ", ".join(f"{p} on {n}: {r:.2f}x" for p, n, r in checks) + "."
+    )
     print(body)
     if not args.no_append:
         common.append_section("scaling: simulated devices x sharding presets", body)

@@ -6,6 +6,7 @@ The corpus is EchoCLIP-style: reports of 20 template phrases with numbers filled
 the reference report) and 2-phrase prompts. clip_bpe is timed cold (empty per-word cache) and warm. The
 loader needs about batch_size / step_time reports/s per host: 1024 / 0.5 s = 2,048 for the paper's recipe.
 """
+
 import argparse
 import datetime
 import os
@@ -24,8 +25,9 @@ def corpus(phrases, n, per_report, seed):
     rng = random.Random(seed)
 
     def fill(p):
-        return "".join(part + (str(rng.randint(0, 100)) if i < p.count("<#>") else "")
-                       for i, part in enumerate(p.split("<#>")))
+        return "".join(
+            part + (str(rng.randint(0, 100)) if i < p.count("<#>") else "") for i, part in enumerate(p.split("<#>"))
+        )
 
     return [" ".join(fill(rng.choice(phrases)) for _ in range(per_report)) for _ in range(n)]
 
@@ -69,8 +71,12 @@ def main():
         for name, tok in toks.items():
             rows.append((name, {"reports": rate(tok.encode, reports), "prompts": rate(tok.encode, prompts)}))
             if name.startswith("clip_bpe"):
-                rows.append(("clip_bpe (warm cache)",
-                             {"reports": rate(tok.encode, reports), "prompts": rate(tok.encode, prompts)}))
+                rows.append(
+                    (
+                        "clip_bpe (warm cache)",
+                        {"reports": rate(tok.encode, reports), "prompts": rate(tok.encode, prompts)},
+                    )
+                )
 
     mean_chars = sum(map(len, reports)) / len(reports)
     lines = [

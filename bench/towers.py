@@ -10,6 +10,7 @@ CPU time (user + system of this process) is the steadier figure on a shared mach
 mostly measures the other users; PyTorch's OpenMP threads spin while they wait, so under load its CPU time
 is inflated too: compare ours with ours across changes, and against PyTorch only on a quiet machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,31 +36,33 @@ from echoclip_jax.weights import open_clip as ocw
 
 def with_cpu_time(fn, log: list):
     """fn, also appending its process CPU seconds per call to `log`."""
+
     def timed():
         c0 = time.process_time()
         fn()
         log.append(time.process_time() - c0)
+
     return timed
 
 
 def jax_tower_fns(config, batch) -> tuple[dict, dict]:
     """{"text fwd", "text fwd+bwd", "image ..."} -> blocking callables on our model; and its params."""
 
-
     model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
     model.train()
     graph, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
     inputs = {"text": jnp.asarray(batch["tokens"]), "visual": models.preprocess_images(batch["images"])}
-    w = jnp.asarray(np.random.default_rng(0).standard_normal((config.batch_size, config.model.embed_dim)),
-                    jnp.float32)
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((config.batch_size, config.model.embed_dim)), jnp.float32)
     fns = {}
     for tower, label in (("text", "text"), ("visual", "image")):
+
         def loss(sub, tower=tower):
             m = nnx.merge(graph, {**params, tower: sub}, rest)
             x = inputs[tower]
             feats = m.encode_text(x, normalize=False) if tower == "text" else m.encode_image(x, normalize=False)
             return jnp.sum(feats * w)
+
         fwd, grad = jax.jit(loss), jax.jit(jax.grad(loss))
         fns[f"{label} fwd"] = lambda f=fwd, t=tower: jax.block_until_ready(f(params[t]))
         fns[f"{label} fwd+bwd"] = lambda f=grad, t=tower: jax.block_until_ready(f(params[t]))
@@ -71,7 +74,6 @@ def torch_tower_fns(config, batch, params) -> dict:
     import open_clip  # noqa: PLC0415 (optional: the interop extra)
     import torch  # noqa: PLC0415 (optional: the interop extra)
 
-
     torch.set_num_threads(os.cpu_count())
     model = open_clip.CLIP(**ocw.open_clip_model_cfg(config.model))
     sd = ocw.export_state_dict({k: np.asarray(v) for k, v in flatten(params).items()}, config.model)
@@ -79,11 +81,13 @@ def torch_tower_fns(config, batch, params) -> dict:
     model.train()
     tokens = torch.from_numpy(batch["tokens"].astype(np.int64))
     images = torch.from_numpy(np.array(models.preprocess_images(batch["images"]))).permute(0, 3, 1, 2).contiguous()
-    w = torch.from_numpy(np.random.default_rng(0).standard_normal((config.batch_size, config.model.embed_dim))
-                         .astype(np.float32))
+    w = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((config.batch_size, config.model.embed_dim)).astype(np.float32)
+    )
     encode = {"text": lambda: model.encode_text(tokens), "image": lambda: model.encode_image(images)}
     fns = {}
     for label, enc in encode.items():
+
         def fwd(enc=enc):
             with torch.no_grad():
                 return float((enc() * w).sum())
@@ -93,6 +97,7 @@ def torch_tower_fns(config, batch, params) -> dict:
             loss = (enc() * w).sum()
             loss.backward()
             return loss.item()
+
         fns[f"{label} fwd"], fns[f"{label} fwd+bwd"] = fwd, fwd_bwd
     return fns
 
@@ -121,16 +126,27 @@ def main(argv=None):
     rows = []
     for part in ours:
         t_ours, t_theirs = (common.median(times[(part, w)]) for w in ("ours", "open_clip"))
-        c_ours, c_theirs = (statistics.median(cpu[(part, w)][-args.rounds:]) for w in ("ours", "open_clip"))
-        rows.append([part, common.spread(times[(part, "ours")]), common.spread(times[(part, "open_clip")]),
-                     f"{t_theirs / t_ours:.2f}x", f"{c_ours * 1e3:.0f} ms", f"{c_theirs * 1e3:.0f} ms",
-                     f"{c_theirs / c_ours:.2f}x"])
-    body = (f"{header} Config {args.config}, batch {args.batch}, fp32, depthwise_impl {args.impl}; "
-            f"{args.rounds} alternating rounds after a warm-up, median (min-max).\n\n"
-            + common.table(["part", "ours wall", "open_clip wall", "wall ratio", "ours CPU", "open_clip CPU",
-                            "CPU ratio"], rows)
-            + "\n\nRatios are open_clip / ours (>= 1: ours is at least as fast). CPU = this process's user + "
-              "system time per call.")
+        c_ours, c_theirs = (statistics.median(cpu[(part, w)][-args.rounds :]) for w in ("ours", "open_clip"))
+        rows.append(
+            [
+                part,
+                common.spread(times[(part, "ours")]),
+                common.spread(times[(part, "open_clip")]),
+                f"{t_theirs / t_ours:.2f}x",
+                f"{c_ours * 1e3:.0f} ms",
+                f"{c_theirs * 1e3:.0f} ms",
+                f"{c_theirs / c_ours:.2f}x",
+            ]
+        )
+    body = (
+        f"{header} Config {args.config}, batch {args.batch}, fp32, depthwise_impl {args.impl}; "
+        f"{args.rounds} alternating rounds after a warm-up, median (min-max).\n\n"
+        + common.table(
+            ["part", "ours wall", "open_clip wall", "wall ratio", "ours CPU", "open_clip CPU", "CPU ratio"], rows
+        )
+        + "\n\nRatios are open_clip / ours (>= 1: ours is at least as fast). CPU = this process's user + "
+        "system time per call."
+    )
     print(body)
     if not args.no_append:
         common.append_section(f"towers: ours vs open_clip, {args.config} batch {args.batch}", body)

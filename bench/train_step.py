@@ -10,6 +10,7 @@ The PyTorch model is open_clip.CLIP built from our config through echoclip_jax.w
 loaded (strictly) with our initial weights, so a layout mismatch fails loudly instead of timing a
 different network. MFU on CPU uses the fp32 matmul peak measured here; on a GPU the bf16 matmul peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,7 +79,6 @@ class JaxStep:
 
     def __init__(self, config, device):
 
-
         mesh = sharding.build_mesh(config.mesh, [device])
         ts = step_lib.build_train_step(config, mesh, 1000)
         self.params0 = step_lib.initial_params(config, ts.abs_params, ts.param_sh)
@@ -107,7 +107,6 @@ class TorchStep:
         import open_clip  # noqa: PLC0415 (optional: the interop extra)
         import torch  # noqa: PLC0415 (optional: the interop extra)
 
-
         torch.set_num_threads(os.cpu_count())
         self.torch = torch
         self.model = open_clip.CLIP(**ocw.open_clip_model_cfg(config.model))
@@ -115,8 +114,9 @@ class TorchStep:
         self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
         self.model.train()
         o = config.optim
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
-                                     weight_decay=o.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+        )
         self.loss = open_clip.ClipLoss()
         self.clip = float(o.grad_clip_norm)
         self.max_ls = float(config.loss.max_logit_scale)
@@ -147,24 +147,31 @@ def main(argv=None):
     ap.add_argument("--configs", default="tiny,echoclip", help="comma-separated configs/*.py names")
     ap.add_argument("--batch", type=int, default=0, help="batch for every config (default: tiny 32, echoclip 2)")
     ap.add_argument("--dtype", default="float32", help="model compute dtype (bfloat16 on a GPU)")
-    ap.add_argument("--impls", default="auto,shifted",
-                    help="depthwise_impl values to time (auto: per backend and feature-map size; lax: slow on CPU)")
+    ap.add_argument(
+        "--impls",
+        default="auto,shifted",
+        help="depthwise_impl values to time (auto: per backend and feature-map size; lax: slow on CPU)",
+    )
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (one step of each per round)")
     ap.add_argument("--matmul", type=int, default=2048, help="n of the n x n matmul that measures the peak")
     ap.add_argument("--no_torch", action="store_true", help="skip open_clip (e.g. on a GPU host without it)")
     ap.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
 
-
     device = jax.devices()[0]
     backend = jax.default_backend()
-    lines = [f"Machine: {common.machine()}; JAX backend {backend} ({device.device_kind}), 1 device, "
-             f"dtype {args.dtype}, AdamW + grad clipping + CLIP loss, synthetic batch; {args.rounds} alternating "
-             f"rounds after a warm-up, 1 s idle before each timed step, median step time (min-max)."]
+    lines = [
+        f"Machine: {common.machine()}; JAX backend {backend} ({device.device_kind}), 1 device, "
+        f"dtype {args.dtype}, AdamW + grad clipping + CLIP loss, synthetic batch; {args.rounds} alternating "
+        f"rounds after a warm-up, 1 s idle before each timed step, median step time (min-max)."
+    ]
     peak_jax = common.matmul_flops_jax(args.matmul)
     peak_torch = None if args.no_torch else common.matmul_flops_torch(args.matmul)
-    lines.append(f"Measured fp32 {args.matmul}^3 matmul peak: JAX {peak_jax / 1e9:.1f} GFLOP/s"
-                 + ("" if peak_torch is None else f", PyTorch {peak_torch / 1e9:.1f} GFLOP/s") + ".")
+    lines.append(
+        f"Measured fp32 {args.matmul}^3 matmul peak: JAX {peak_jax / 1e9:.1f} GFLOP/s"
+        + ("" if peak_torch is None else f", PyTorch {peak_torch / 1e9:.1f} GFLOP/s")
+        + "."
+    )
 
     rows, ratios = [], []
     for name in args.configs.split(","):
@@ -193,29 +200,41 @@ def main(argv=None):
             t = common.median(ts)
             is_jax = label in steps
             peak = peak_jax if is_jax else peak_torch
-            rows.append([name, batch, label, common.spread(ts), common.fmt_rate(batch / t),
-                         f"{flops.get(label, net_flops) / batch / 1e9:.1f}", f"{100 * net_flops / t / peak:.1f}%",
-                         f"{torch_t / t:.2f}x" if torch_t else "-",
-                         f"{compile_s[label]:.0f} s" if is_jax else "-"])
+            rows.append(
+                [
+                    name,
+                    batch,
+                    label,
+                    common.spread(ts),
+                    common.fmt_rate(batch / t),
+                    f"{flops.get(label, net_flops) / batch / 1e9:.1f}",
+                    f"{100 * net_flops / t / peak:.1f}%",
+                    f"{torch_t / t:.2f}x" if torch_t else "-",
+                    f"{compile_s[label]:.0f} s" if is_jax else "-",
+                ]
+            )
             if is_jax and torch_t:
                 ratios.append((name, label, torch_t / t))
 
-    headers = ["config", "batch", "step", "step time", "samples/s", "GFLOP/sample", "MFU", "vs open_clip",
-               "compile"]
+    headers = ["config", "batch", "step", "step time", "samples/s", "GFLOP/sample", "MFU", "vs open_clip", "compile"]
     body = "\n\n".join(lines) + "\n\n" + common.table(headers, rows)
-    body += ("\n\nGFLOP/sample is each compiled step's cost_analysis() (forward + backward + AdamW, per "
-             "sample); the lax row's count is inflated because XLA counts the grouped convolution's kernel "
-             "gradient as a dense convolution, and the auto row's because on CPU its depthwise convolutions of "
-             "at most 8x8 positions are matmuls with a [HW, HW] matrix per channel, zeros included. MFU uses "
-             "the shifted step's count for every row (its depthwise products are explicit multiply-adds) / "
-             "step time / the measured matmul peak of the same "
-             "framework. 'vs open_clip' = open_clip step time / ours (>= 1: ours is at least as fast).")
+    body += (
+        "\n\nGFLOP/sample is each compiled step's cost_analysis() (forward + backward + AdamW, per "
+        "sample); the lax row's count is inflated because XLA counts the grouped convolution's kernel "
+        "gradient as a dense convolution, and the auto row's because on CPU its depthwise convolutions of "
+        "at most 8x8 positions are matmuls with a [HW, HW] matrix per channel, zeros included. MFU uses "
+        "the shifted step's count for every row (its depthwise products are explicit multiply-adds) / "
+        "step time / the measured matmul peak of the same "
+        "framework. 'vs open_clip' = open_clip step time / ours (>= 1: ours is at least as fast)."
+    )
     if backend == "cpu":
-        body += ("\n\nGPU figures (bf16 MFU, images/s at a batch that fills the GPU, and the paper's 50-epoch "
-                 "wall time) were NOT measured here: no GPU was available to this run. On a GPU host run "
-                 "`python bench/train_step.py --configs echoclip --dtype bfloat16 --batch 256 --impls auto "
-                 "--no_torch` (raise --batch until memory is full); 50 epochs of 922k videos = "
-                 "46.1M samples / (samples/s).")
+        body += (
+            "\n\nGPU figures (bf16 MFU, images/s at a batch that fills the GPU, and the paper's 50-epoch "
+            "wall time) were NOT measured here: no GPU was available to this run. On a GPU host run "
+            "`python bench/train_step.py --configs echoclip --dtype bfloat16 --batch 256 --impls auto "
+            "--no_torch` (raise --batch until memory is full); 50 epochs of 922k videos = "
+            "46.1M samples / (samples/s)."
+        )
     print(body)
     if not args.no_append:
         common.append_section(f"train step: ours vs open_clip ({backend})", body)

@@ -4,6 +4,7 @@ open_clip `convnext_base` (ConvNeXt-Base 224 + CLIP text transformer 512/8/12, e
 parameters), CLIP BPE tokens, CLIP softmax loss, global batch 1024, warm-up 2000 steps to 5e-5, cosine
 to 0 over 50 epochs, one random frame per video, initialised from LAION-400M CLIP.
 """
+
 from echoclip_jax.config.defaults import get_base_config
 
 PAPER_TRAIN_VIDEOS = 922_000  # about 1.03M videos before the patient split

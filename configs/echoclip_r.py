@@ -3,6 +3,7 @@
 The template vocabulary is EchoCLIP-R's own data: pass its path with
 `--config.tokenizer.path=/path/to/template_vocab.txt`.
 """
+
 from echoclip_jax.config import files
 
 

@@ -2,6 +2,7 @@
 
 ConvNeXt-atto-like image tower at 64x64 and a 4-layer, width-128 text transformer.
 """
+
 from echoclip_jax.config.defaults import get_base_config
 
 

@@ -10,6 +10,7 @@ uses, so records, manifest lines and resume behave identically. The launcher the
 and dataset_info.json from the per-shard manifest parts. `--out` and the inputs must be paths every
 worker can open (a shared filesystem such as NFS, Filestore or a GCS FUSE mount).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,11 @@ def _write(task: shards.ShardTask) -> tuple[str, int]:
 
 def build_parser():
     p = options.build_parser("python -m data_prep.beam", __doc__.split("\n\n")[0])
-    p.add_argument("--runner", default="DirectRunner",
-                   help="Beam runner: DirectRunner (here), DataflowRunner, FlinkRunner, SparkRunner, ...")
+    p.add_argument(
+        "--runner",
+        default="DirectRunner",
+        help="Beam runner: DirectRunner (here), DataflowRunner, FlinkRunner, SparkRunner, ...",
+    )
     return p
 
 
@@ -50,15 +54,19 @@ def main(argv=None) -> int:
     done = dict(prepared.done)
     if prepared.todo:
         with beam.Pipeline(options=PipelineOptions(beam_args, runner=args.runner)) as pipeline:
-            (pipeline
-             | "shards" >> beam.Create(prepared.todo)
-             | "spread" >> beam.Reshuffle()
-             | "write" >> beam.Map(_write))
+            (
+                pipeline
+                | "shards" >> beam.Create(prepared.todo)
+                | "spread" >> beam.Reshuffle()
+                | "write" >> beam.Map(_write)
+            )
     for task in prepared.todo:
         lines = shards.shard_done(opts.out, task.name)
         if lines is None:
-            print(f"error: shard {os.path.join(opts.out, task.name)} was not completed by the pipeline; rerun to "
-                  "resume", file=sys.stderr)
+            print(
+                f"error: shard {os.path.join(opts.out, task.name)} was not completed by the pipeline; rerun to resume",
+                file=sys.stderr,
+            )
             return 4
         done[task.name] = lines
     return convert.finish(opts, done, prepared.skipped)

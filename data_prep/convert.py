@@ -16,6 +16,7 @@ Manifest lines name each input by a salted hash of its relative path (`--manifes
 the path itself, for exports whose file names are known to carry no PHI); the map from hash to path is
 written only outside --out, beside the salt file or at `--path_map` (Options).
 """
+
 from __future__ import annotations
 
 import collections
@@ -74,15 +75,18 @@ def write_path_map(path: str, inputs: dict[str, str]) -> int:
                     try:
                         known.add(json.loads(line)["input"])
                     except (ValueError, KeyError, TypeError):
-                        raise ValueError(f"{path}: line {number} is not a path map line ({{\"input\": ..., "
-                                         "\"path\": ...}); give another --path_map") from None
+                        raise ValueError(
+                            f'{path}: line {number} is not a path map line ({{"input": ..., '
+                            '"path": ...}); give another --path_map'
+                        ) from None
         new = [json.dumps({"input": ref, "path": rel}) + "\n" for ref, rel in inputs.items() if ref not in known]
         if new:
             with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "w", encoding="utf-8") as f:
                 f.write("".join(new))
     except OSError as e:
-        raise ValueError(f"{path}: cannot write the path map ({e.strerror}); give a writable --path_map, or "
-                         "--path_map none") from None
+        raise ValueError(
+            f"{path}: cannot write the path map ({e.strerror}); give a writable --path_map, or --path_map none"
+        ) from None
     return len(known | set(inputs))
 
 
@@ -92,8 +96,10 @@ def _path_map_line(options: Options, plan: Plan) -> str | None:
         return None
     target = options.path_map_file
     if target is None:
-        return ("manifest inputs are named by salted hashes and no path map is kept: pass --salt_file or "
-                "--path_map FILE to keep one (hash -> input path) where the salt is")
+        return (
+            "manifest inputs are named by salted hashes and no path map is kept: pass --salt_file or "
+            "--path_map FILE to keep one (hash -> input path) where the salt is"
+        )
     n = write_path_map(target, plan.inputs)
     return f"path map (manifest hash -> input path; private, keep it with the salt): {target} ({n} inputs)"
 
@@ -114,8 +120,9 @@ def prepare(options: Options, ctx=None) -> Prepared:
     if os.path.exists(plan_path):
         with open(plan_path) as f:
             if json.load(f).get("fingerprint") != digest:
-                raise ValueError(f"{options.out} holds a different conversion (other inputs, salt or settings); "
-                                 "use an empty --out")
+                raise ValueError(
+                    f"{options.out} holds a different conversion (other inputs, salt or settings); use an empty --out"
+                )
     with open(plan_path, "w") as f:
         json.dump({"fingerprint": digest, "report_deid": plan.report_deid}, f)
     done, todo = {}, []
@@ -125,8 +132,11 @@ def prepare(options: Options, ctx=None) -> Prepared:
             todo.append(ShardTask(options.out, name, tuple(members), settings))
         else:
             done[name] = lines
-    print(f"{len(plan.jobs)} videos planned in {len(shards)} shards ({len(done)} already done); "
-          f"{len(plan.skipped)} inputs skipped at scan", file=sys.stderr)
+    print(
+        f"{len(plan.jobs)} videos planned in {len(shards)} shards ({len(done)} already done); "
+        f"{len(plan.skipped)} inputs skipped at scan",
+        file=sys.stderr,
+    )
     print(_deid_line(plan.report_deid), file=sys.stderr)
     map_line = _path_map_line(options, plan)
     if map_line:
@@ -142,7 +152,7 @@ def run(options: Options) -> int:
     parallel = options.workers > 1 and len(todo) > 1
     with progress_bar(options.progress, sum(len(t.jobs) for t in todo), "convert", "video") as bar:
         pool = ctx.Pool(min(options.workers, len(todo))) if parallel else None
-        for name, lines in (pool.imap_unordered(write_shard, todo) if pool else map(write_shard, todo)):
+        for name, lines in pool.imap_unordered(write_shard, todo) if pool else map(write_shard, todo):
             done[name] = lines
             bar.update(len(lines))
         if pool:
@@ -153,13 +163,17 @@ def run(options: Options) -> int:
 
 def _deid_line(deid: dict) -> str:
     if deid.get("mode") == "off":
-        return ("report de-identification is OFF (--report_deid off): report text is written as given; use this "
-                "only for reports that are already de-identified")
+        return (
+            "report de-identification is OFF (--report_deid off): report text is written as given; use this "
+            "only for reports that are already de-identified"
+        )
     if deid.get("mode") != "on":
         return f"report de-identification: {deid.get('mode')}"
     removed = ", ".join(f"{k} {v}" for k, v in deid["removed"].items()) or "nothing found"
-    return (f"report de-identification: {sum(deid['removed'].values())} identifiers removed from "
-            f"{deid['reports_with_removals']} of {deid['reports']} reports ({removed})")
+    return (
+        f"report de-identification: {sum(deid['removed'].values())} identifiers removed from "
+        f"{deid['reports_with_removals']} of {deid['reports']} reports ({removed})"
+    )
 
 
 def _plan_deid(out: str) -> dict:
@@ -184,27 +198,37 @@ def finish(options: Options, done: dict[str, list[dict]], skipped: list[dict]) -
     reasons = collections.Counter(line["reason"] for line in manifest if line["status"] == "skipped")
     info = {
         "format": "tf.train.Example in TFRecord shards {split}-NNNNN-of-MMMMM.tfrecord, one .index each "
-                  "(data_prep.records)",
+        "(data_prep.records)",
         "source": "echonet" if options.echonet_dir else "dicom",
         "splits": {s: {"num_videos": counts[s], "num_shards": num_shards[s]} for s in records.SPLITS},
         "features": records.SCHEMA,
-        "max_frames": settings.frames, "image_size": settings.image_size, "jpeg_quality": settings.jpeg_quality,
-        "text_field": "report", "report_normalisation": "data_prep.reports.clean_text",
+        "max_frames": settings.frames,
+        "image_size": settings.image_size,
+        "jpeg_quality": settings.jpeg_quality,
+        "text_field": "report",
+        "report_normalisation": "data_prep.reports.clean_text",
         "report_deid": _plan_deid(out),
-        "num_inputs": len(manifest), "num_converted": converted, "num_skipped": len(manifest) - converted,
+        "num_inputs": len(manifest),
+        "num_converted": converted,
+        "num_skipped": len(manifest) - converted,
         "skipped_reasons": dict(reasons),
     }
     with open(os.path.join(out, "dataset_info.json"), "w") as f:
         json.dump(info, f, indent=1)
     n_skipped = len(manifest) - converted
-    print(f"converted {converted} of {len(manifest)} inputs "
-          f"(train {counts['train']}, val {counts['val']}, test {counts['test']}); skipped {n_skipped}")
+    print(
+        f"converted {converted} of {len(manifest)} inputs "
+        f"(train {counts['train']}, val {counts['val']}, test {counts['test']}); skipped {n_skipped}"
+    )
     for reason, n in reasons.most_common():
         print(f"  skipped {n}: {reason}")
     fraction = n_skipped / max(len(manifest), 1)
     if fraction > options.max_skipped_fraction:
-        print(f"data_prep.convert: {fraction:.1%} of inputs skipped, above --max_skipped_fraction "
-              f"{options.max_skipped_fraction:.1%} (see {os.path.join(out, 'manifest.jsonl')})", file=sys.stderr)
+        print(
+            f"data_prep.convert: {fraction:.1%} of inputs skipped, above --max_skipped_fraction "
+            f"{options.max_skipped_fraction:.1%} (see {os.path.join(out, 'manifest.jsonl')})",
+            file=sys.stderr,
+        )
         return TOO_MANY_SKIPPED
     return 0
 

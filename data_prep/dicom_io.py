@@ -16,6 +16,7 @@ Identifying header values (patient id, UIDs, accession, date, and the names and 
 must not carry) are returned in `HeaderKeys` only so the caller can derive salted hashes and day offsets
 and scrub the report; nothing here writes them anywhere.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,6 +68,7 @@ def time_limit(seconds: float):
     _deadline.at = (time.monotonic() + seconds, seconds)
     use_alarm = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
     if use_alarm:
+
         def _on_alarm(signum, frame):
             raise TimeLimitExceeded(f"took longer than the time limit ({seconds:g} s)")
 
@@ -142,8 +144,10 @@ def _tissue_regions(ds) -> tuple[tuple[tuple[int, int, int, int], ...], tuple[fl
         if int(item.get("RegionSpatialFormat", 0) or 0) != 1:  # 1 = 2D (B-mode); skip M-mode, Doppler, ECG
             continue
         try:
-            box = tuple(int(item[k].value) for k in (
-                "RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1"))
+            box = tuple(
+                int(item[k].value)
+                for k in ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1")
+            )
         except (KeyError, TypeError, ValueError):
             continue
         regions.append(box)
@@ -285,8 +289,9 @@ def box_reduce(frame: np.ndarray, scale: int) -> np.ndarray:
     return small[..., None] if grey else small
 
 
-def read_frames_scaled(path: str, indices: list[int], max_pixels: int = MAX_PIXELS, min_side: int = 0,
-                       keep_grey: bool = False) -> tuple[np.ndarray, int]:
+def read_frames_scaled(
+    path: str, indices: list[int], max_pixels: int = MAX_PIXELS, min_side: int = 0, keep_grey: bool = False
+) -> tuple[np.ndarray, int]:
     """Like read_frames, but at 1/scale size (scale from draft_scale, so the shorter side stays >= min_side;
     1 for min_side=0). JPEG Baseline frames are decoded at that size (libjpeg scales in the DCT domain,
     several times cheaper than a full decode and as good as decoding and then shrinking); other encodings
@@ -311,8 +316,9 @@ def read_frames_scaled(path: str, indices: list[int], max_pixels: int = MAX_PIXE
             source = _jpeg_frames(path, ds, indices, rows, cols, scale)
         else:
             lut_shift = _palette_shift(ds)
-            source = (box_reduce(_to_rgb8(arr, ds, lut_shift, keep_grey), scale)
-                      for arr in iter_pixels(path, indices=indices))
+            source = (
+                box_reduce(_to_rgb8(arr, ds, lut_shift, keep_grey), scale) for arr in iter_pixels(path, indices=indices)
+            )
         for frame in source:
             _check_deadline()
             frames.append(frame)
@@ -334,9 +340,12 @@ def read_frames_scaled(path: str, indices: list[int], max_pixels: int = MAX_PIXE
 def _pillow_decodes(ds) -> bool:
     """8-bit YBR_FULL(_422) JPEG Baseline, ultrasound's usual encoding: Pillow's libjpeg decodes each
     frame's bytes straight to RGB, the pixels pydicom returns, at about a third of pydicom's cost."""
-    return (str(ds.file_meta.get("TransferSyntaxUID", "")) == JPEG_BASELINE
-            and str(ds.get("PhotometricInterpretation", "")).upper() in ("YBR_FULL_422", "YBR_FULL")
-            and int(ds.get("SamplesPerPixel", 0) or 0) == 3 and int(ds.get("BitsAllocated", 0) or 0) == 8)
+    return (
+        str(ds.file_meta.get("TransferSyntaxUID", "")) == JPEG_BASELINE
+        and str(ds.get("PhotometricInterpretation", "")).upper() in ("YBR_FULL_422", "YBR_FULL")
+        and int(ds.get("SamplesPerPixel", 0) or 0) == 3
+        and int(ds.get("BitsAllocated", 0) or 0) == 8
+    )
 
 
 def _jpeg_frames(path: str, header, indices: list[int], rows: int, cols: int, scale: int):
@@ -356,8 +365,9 @@ def _jpeg_frames(path: str, header, indices: list[int], rows: int, cols: int, sc
             raise SkipVideo(f"frame {i} outside NumberOfFrames {n}")
         image = Image.open(io.BytesIO(get_frame(ds.PixelData, i, number_of_frames=n)), formats=["JPEG"])
         if image.size != (cols, rows) or image.mode != "RGB":
-            raise SkipVideo(f"JPEG frame {i} is {image.size[0]}x{image.size[1]} {image.mode}, the header says "
-                            f"{cols}x{rows} RGB")
+            raise SkipVideo(
+                f"JPEG frame {i} is {image.size[0]}x{image.size[1]} {image.mode}, the header says {cols}x{rows} RGB"
+            )
         if scale > 1:
             image.draft("RGB", (cols // scale, rows // scale))
         yield np.asarray(image)

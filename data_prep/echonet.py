@@ -4,6 +4,7 @@ The videos are already cropped and masked (112x112 in EchoNet-Dynamic, 224x224 i
 they are only resized; the EF label from FileList.csv is kept. AVI is read with PyAV (BSD; FFmpeg is
 dynamically linked LGPL), decoding sequentially and converting to RGB only the frames that are kept.
 """
+
 from __future__ import annotations
 
 import csv

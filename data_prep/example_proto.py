@@ -1,4 +1,5 @@
 """TensorFlow's `tf.train.Example` message classes, registered with protobuf from their descriptor."""
+
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 
@@ -11,8 +12,9 @@ def _build():
     loader threads then never import anything while they decode, and no TensorFlow or TFDS is loaded."""
 
     F = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(name="echoclip_jax/tf_example.proto", package="tensorflow",
-                                               syntax="proto3")
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="echoclip_jax/tf_example.proto", package="tensorflow", syntax="proto3"
+    )
 
     def message(name, *fields, nested=()):
         m = proto.message_type.add(name=name)
@@ -30,16 +32,18 @@ def _build():
     message("BytesList", ("value", 1, F.TYPE_BYTES, repeated, ""))
     message("FloatList", ("value", 1, F.TYPE_FLOAT, repeated, ""))
     message("Int64List", ("value", 1, F.TYPE_INT64, repeated, ""))
-    feature = message("Feature", ("bytes_list", 1, F.TYPE_MESSAGE, optional, ".tensorflow.BytesList", 0),
-                      ("float_list", 2, F.TYPE_MESSAGE, optional, ".tensorflow.FloatList", 0),
-                      ("int64_list", 3, F.TYPE_MESSAGE, optional, ".tensorflow.Int64List", 0))
+    feature = message(
+        "Feature",
+        ("bytes_list", 1, F.TYPE_MESSAGE, optional, ".tensorflow.BytesList", 0),
+        ("float_list", 2, F.TYPE_MESSAGE, optional, ".tensorflow.FloatList", 0),
+        ("int64_list", 3, F.TYPE_MESSAGE, optional, ".tensorflow.Int64List", 0),
+    )
     feature.oneof_decl.add(name="kind")
     entry = descriptor_pb2.DescriptorProto(name="FeatureEntry")
     entry.options.map_entry = True
     entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=optional)
     entry.field.add(name="value", number=2, type=F.TYPE_MESSAGE, label=optional, type_name=".tensorflow.Feature")
-    message("Features", ("feature", 1, F.TYPE_MESSAGE, repeated, ".tensorflow.Features.FeatureEntry"),
-            nested=[entry])
+    message("Features", ("feature", 1, F.TYPE_MESSAGE, repeated, ".tensorflow.Features.FeatureEntry"), nested=[entry])
     message("Example", ("features", 1, F.TYPE_MESSAGE, optional, ".tensorflow.Features"))
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)

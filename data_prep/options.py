@@ -5,6 +5,7 @@ Library callers build `Options(...)` directly; `python -m data_prep.convert` and
 argv into the same `Options` with `build_parser` and `from_args`. A bad value is refused by
 `Options.__post_init__` with the option to fix, before any work starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ import sys
 
 import phonenumbers
 
-from data_prep import dicom_io, report_deid
+from data_prep import dicom_io, report_detectors
 
 PATH_MAP_SUFFIX = ".paths.jsonl"  # default path map: beside the salt file, named after it
 
@@ -68,26 +69,37 @@ class Options:
             problems.append("--reports is required with --dicom_dir")
         if (self.salt is None) == (self.salt_file is None):
             problems.append("give one of --salt or --salt_file")
-        if not (1 <= s.jpeg_quality <= 100 and s.image_size >= 16 and s.shard_size >= 1 and s.frames >= 0
-                and s.max_pixels >= 256 and s.time_limit_s > 0):
-            problems.append("--jpeg_quality 1..100, --image_size >= 16, --shard_size >= 1, --frames >= 0, "
-                            "--max_pixels >= 256, --time_limit > 0")
-        for name, value, choices in (("--report_deid", self.report_deid, ("on", "off")),
-                                     ("--manifest_paths", self.manifest_paths, ("hash", "relative")),
-                                     ("--progress", self.progress, ("auto", "on", "off"))):
+        if not (
+            1 <= s.jpeg_quality <= 100
+            and s.image_size >= 16
+            and s.shard_size >= 1
+            and s.frames >= 0
+            and s.max_pixels >= 256
+            and s.time_limit_s > 0
+        ):
+            problems.append(
+                "--jpeg_quality 1..100, --image_size >= 16, --shard_size >= 1, --frames >= 0, "
+                "--max_pixels >= 256, --time_limit > 0"
+            )
+        for name, value, choices in (
+            ("--report_deid", self.report_deid, ("on", "off")),
+            ("--manifest_paths", self.manifest_paths, ("hash", "relative")),
+            ("--progress", self.progress, ("auto", "on", "off")),
+        ):
             if value not in choices:
                 problems.append(f"{name} {value!r}: one of {', '.join(choices)}")
         map_file = self.path_map_file
         if map_file is not None and _inside(map_file, self.out):
-            problems.append(f"--path_map {map_file} is inside --out {self.out}: the map names every input "
-                            "file and --out is what you share; keep it where you keep the salt")
+            problems.append(
+                f"--path_map {map_file} is inside --out {self.out}: the map names every input "
+                "file and --out is what you share; keep it where you keep the salt"
+            )
         if self.dicom_dir is not None:
-
             region = self.phone_region
             if region.lower() != "none" and region.upper() not in phonenumbers.SUPPORTED_REGIONS:
                 problems.append(f"--phone_region {region!r}: not a region code (e.g. US, GB, DE) or none")
             try:
-                report_deid.build_detectors(self.report_detectors)
+                report_detectors.build_detectors(self.report_detectors)
             except ValueError as e:
                 problems.append(str(e))
         if problems:
@@ -126,8 +138,10 @@ def load_salt(salt: str | bytes | None = None, salt_file: str | None = None) -> 
     else:
         value = salt.encode("utf-8") if isinstance(salt, str) else (salt or b"")
     if len(value) < 8:
-        raise ValueError("the salt must be at least 8 bytes (--salt or --salt_file); keep it secret and reuse it "
-                         "for every conversion whose ids must match")
+        raise ValueError(
+            "the salt must be at least 8 bytes (--salt or --salt_file); keep it secret and reuse it "
+            "for every conversion whose ids must match"
+        )
     return value
 
 
@@ -167,30 +181,70 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     salt.add_argument("--salt_file", help="file holding the secret for the id hashes")
     p.add_argument("--split_fractions", type=_fractions, default=o.split_fractions, help="train,val,test")
     p.add_argument("--study_column", default=o.study_column, help="reports column pairing a report to videos")
-    p.add_argument("--study_key", choices=("StudyInstanceUID", "AccessionNumber"), default=o.study_key,
-                   help="DICOM attribute matching --study_column (inferred from its name by default)")
+    p.add_argument(
+        "--study_key",
+        choices=("StudyInstanceUID", "AccessionNumber"),
+        default=o.study_key,
+        help="DICOM attribute matching --study_column (inferred from its name by default)",
+    )
     p.add_argument("--report_column", default=o.report_column)
-    p.add_argument("--max_skipped_fraction", type=float, default=o.max_skipped_fraction,
-                   help="exit with status 3 when more than this fraction of inputs is skipped")
-    p.add_argument("--max_pixels", type=int, default=s.max_pixels,
-                   help="skip videos whose frames have more pixels (Rows x Columns) than this: bounds memory")
-    p.add_argument("--time_limit", type=float, default=s.time_limit_s,
-                   help="seconds per video; a video taking longer is skipped with that reason")
-    p.add_argument("--report_deid", choices=("on", "off"), default=o.report_deid,
-                   help="remove identifiers from report text (default); off only for already de-identified reports")
-    p.add_argument("--report_detector", action="append", default=list(o.report_detectors), metavar="SPEC",
-                   help="extra report identifier detector (repeatable): wordlist:PATH (e.g. staff names, one per "
-                        "line), presidio (needs presidio-analyzer and a spaCy model), python:MODULE:NAME")
-    p.add_argument("--phone_region", default=o.phone_region,
-                   help="region for phone numbers without a country code (ISO code, e.g. GB), or none")
-    p.add_argument("--manifest_paths", choices=("hash", "relative"), default=o.manifest_paths,
-                   help="name inputs in manifest.jsonl by a salted hash of the relative path (default) or the path")
-    p.add_argument("--path_map", default=o.path_map, metavar="FILE",
-                   help="private JSON-lines map from each manifest hash to its input's relative path, added to on "
-                        f"every run (default: beside --salt_file, as SALT_FILE{PATH_MAP_SUFFIX}; none: no map); "
-                        "never inside --out")
-    p.add_argument("--progress", choices=("auto", "on", "off"), default=o.progress,
-                   help="progress bars with counts and rates on stderr (auto: only on a terminal)")
+    p.add_argument(
+        "--max_skipped_fraction",
+        type=float,
+        default=o.max_skipped_fraction,
+        help="exit with status 3 when more than this fraction of inputs is skipped",
+    )
+    p.add_argument(
+        "--max_pixels",
+        type=int,
+        default=s.max_pixels,
+        help="skip videos whose frames have more pixels (Rows x Columns) than this: bounds memory",
+    )
+    p.add_argument(
+        "--time_limit",
+        type=float,
+        default=s.time_limit_s,
+        help="seconds per video; a video taking longer is skipped with that reason",
+    )
+    p.add_argument(
+        "--report_deid",
+        choices=("on", "off"),
+        default=o.report_deid,
+        help="remove identifiers from report text (default); off only for already de-identified reports",
+    )
+    p.add_argument(
+        "--report_detector",
+        action="append",
+        default=list(o.report_detectors),
+        metavar="SPEC",
+        help="extra report identifier detector (repeatable): wordlist:PATH (e.g. staff names, one per "
+        "line), presidio (needs presidio-analyzer and a spaCy model), python:MODULE:NAME",
+    )
+    p.add_argument(
+        "--phone_region",
+        default=o.phone_region,
+        help="region for phone numbers without a country code (ISO code, e.g. GB), or none",
+    )
+    p.add_argument(
+        "--manifest_paths",
+        choices=("hash", "relative"),
+        default=o.manifest_paths,
+        help="name inputs in manifest.jsonl by a salted hash of the relative path (default) or the path",
+    )
+    p.add_argument(
+        "--path_map",
+        default=o.path_map,
+        metavar="FILE",
+        help="private JSON-lines map from each manifest hash to its input's relative path, added to on "
+        f"every run (default: beside --salt_file, as SALT_FILE{PATH_MAP_SUFFIX}; none: no map); "
+        "never inside --out",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("auto", "on", "off"),
+        default=o.progress,
+        help="progress bars with counts and rates on stderr (auto: only on a terminal)",
+    )
     return p
 
 
@@ -198,14 +252,27 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Opti
     """The Options of parsed arguments; a bad value exits with status 2 and the reason (parser.error)."""
     try:
         return Options(
-            out=args.out, dicom_dir=args.dicom_dir, reports=args.reports, echonet_dir=args.echonet_dir,
-            salt=args.salt, salt_file=args.salt_file, workers=args.workers,
-            settings=Settings(args.frames, args.image_size, args.jpeg_quality, args.shard_size, args.max_pixels,
-                              args.time_limit),
-            split_fractions=args.split_fractions, study_column=args.study_column, study_key=args.study_key,
-            report_column=args.report_column, max_skipped_fraction=args.max_skipped_fraction,
-            report_deid=args.report_deid, report_detectors=tuple(args.report_detector),
-            phone_region=args.phone_region, manifest_paths=args.manifest_paths, path_map=args.path_map,
-            progress=args.progress)
+            out=args.out,
+            dicom_dir=args.dicom_dir,
+            reports=args.reports,
+            echonet_dir=args.echonet_dir,
+            salt=args.salt,
+            salt_file=args.salt_file,
+            workers=args.workers,
+            settings=Settings(
+                args.frames, args.image_size, args.jpeg_quality, args.shard_size, args.max_pixels, args.time_limit
+            ),
+            split_fractions=args.split_fractions,
+            study_column=args.study_column,
+            study_key=args.study_key,
+            report_column=args.report_column,
+            max_skipped_fraction=args.max_skipped_fraction,
+            report_deid=args.report_deid,
+            report_detectors=tuple(args.report_detector),
+            phone_region=args.phone_region,
+            manifest_paths=args.manifest_paths,
+            path_map=args.path_map,
+            progress=args.progress,
+        )
     except ValueError as e:
         parser.error(str(e))

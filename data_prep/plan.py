@@ -9,6 +9,7 @@ output directory holds this very conversion.
 Identifying header values stay in memory: only salted hashes, day offsets, scrubbed reports and counts
 reach the plan.
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,8 +29,12 @@ from data_prep.options import Options, Settings
 from data_prep.reports import clean_text, read_reports
 
 _DICOM_NAME = {"study_uid": "StudyInstanceUID", "accession": "AccessionNumber"}
-_STUDY_KEYS = {"studyinstanceuid": "study_uid", "studyuid": "study_uid", "accessionnumber": "accession",
-               "accession": "accession"}
+_STUDY_KEYS = {
+    "studyinstanceuid": "study_uid",
+    "studyuid": "study_uid",
+    "accessionnumber": "accession",
+    "accession": "accession",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +88,7 @@ def input_ref(salt: bytes, rel: str, mode: str) -> str:
     return rel if mode == "relative" else "sha256:" + salted_hash(salt, "path", rel)[:32]
 
 
-def manifest_line(ref: str, status: str, reason: str = "", video_id: str = "", shard: str = "",
-                  removed=()) -> dict:
+def manifest_line(ref: str, status: str, reason: str = "", video_id: str = "", shard: str = "", removed=()) -> dict:
     """One manifest.jsonl line: the input's name, converted or skipped and why, its ids, its shard, and how
     many identifiers of each category its report lost (counts only)."""
     line = {"input": ref, "status": status, "reason": reason, "video_id": video_id, "shard": shard}
@@ -99,8 +103,14 @@ def manifest_line(ref: str, status: str, reason: str = "", video_id: str = "", s
 def progress_bar(mode: str, total: int, desc: str, unit: str):
     """A tqdm bar on stderr with counts and rate: `auto` shows it only on a terminal, `on` always."""
 
-    return tqdm(total=total, desc=desc, unit=unit, mininterval=2.0, file=sys.stderr,
-                disable={"auto": None, "on": False, "off": True}[mode])
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        mininterval=2.0,
+        file=sys.stderr,
+        disable={"auto": None, "on": False, "off": True}[mode],
+    )
 
 
 def _counted(bar, result):
@@ -127,8 +137,9 @@ def _deid_one(task) -> tuple[str, dict]:
     return clean_text(text), removed
 
 
-def deidentify_reports(reports: dict[str, str], identifiers: dict[str, set], deid, workers: int, ctx,
-                       progress: str = "off") -> dict[str, tuple[str, dict]]:
+def deidentify_reports(
+    reports: dict[str, str], identifiers: dict[str, set], deid, workers: int, ctx, progress: str = "off"
+) -> dict[str, tuple[str, dict]]:
     """{key: raw report} -> {key: (de-identified, clean_text-normalised report, {category: removed})}.
 
     `identifiers[key]` are the header identifiers of every video of that study; `deid` None keeps the text."""
@@ -143,9 +154,13 @@ def deid_summary(results: dict, deid) -> dict:
     removed = collections.Counter()
     for _, counts in results.values():
         removed.update(counts)
-    return {"mode": "on" if deid is not None else "off", "detectors": list(deid.specs) if deid else [],
-            "reports": len(results), "reports_with_removals": sum(bool(c) for _, c in results.values()),
-            "removed": dict(sorted(removed.items()))}
+    return {
+        "mode": "on" if deid is not None else "off",
+        "detectors": list(deid.specs) if deid else [],
+        "reports": len(results),
+        "reports_with_removals": sum(bool(c) for _, c in results.values()),
+        "removed": dict(sorted(removed.items())),
+    }
 
 
 def study_key_attr(study_column: str, override: str | None) -> str:
@@ -187,8 +202,7 @@ def _scan(options: Options, salt: bytes, ctx):
         raise ValueError(f"{options.dicom_dir}: no input files")
     s = options.settings
     with progress_bar(options.progress, len(paths), "scan headers", "file") as bar:
-        headers = parallel_map(_scan_one, [(p, s.max_pixels, s.time_limit_s) for p in paths], options.workers,
-                               ctx, bar)
+        headers = parallel_map(_scan_one, [(p, s.max_pixels, s.time_limit_s) for p in paths], options.workers, ctx, bar)
     rels = [os.path.relpath(p, options.dicom_dir) for p in paths]
     refs = [input_ref(salt, rel, options.manifest_paths) for rel in rels]
     skipped, ok = [], []
@@ -210,8 +224,9 @@ def plan_dicom(options: Options, salt: bytes, deid, ctx) -> Plan:
     study_ids = collections.defaultdict(set)
     for _, _, h in ok:
         study_ids[getattr(h.keys, attr)].update(h.keys.identifiers)
-    scrubbed = deidentify_reports({k: v for k, v in reports.items() if k in study_ids}, study_ids, deid,
-                                  options.workers, ctx, options.progress)
+    scrubbed = deidentify_reports(
+        {k: v for k, v in reports.items() if k in study_ids}, study_ids, deid, options.workers, ctx, options.progress
+    )
     first_day = {}
     for _, _, h in ok:
         if h.keys.study_date is not None:
@@ -238,12 +253,23 @@ def plan_dicom(options: Options, salt: bytes, deid, ctx) -> Plan:
             continue
         report, removed = scrubbed[key]
         day = (k.study_date - first_day[k.patient_id]).days if k.study_date and k.patient_id in first_day else -1
-        jobs.append(Job(
-            path=path, ref=ref, source="dicom", video_id=video_id,
-            patient_id=salted_hash(salt, "patient", k.patient_id),
-            study_id=salted_hash(salt, "study", k.study_uid or k.accession), study_day=day,
-            report=report, ef=math.nan, fps=h.fps, num_frames=h.num_frames, regions=h.regions,
-            report_removed=tuple(sorted(removed.items()))))
+        jobs.append(
+            Job(
+                path=path,
+                ref=ref,
+                source="dicom",
+                video_id=video_id,
+                patient_id=salted_hash(salt, "patient", k.patient_id),
+                study_id=salted_hash(salt, "study", k.study_uid or k.accession),
+                study_day=day,
+                report=report,
+                ef=math.nan,
+                fps=h.fps,
+                num_frames=h.num_frames,
+                regions=h.regions,
+                report_removed=tuple(sorted(removed.items())),
+            )
+        )
     splits = {j.video_id: split_of(j.patient_id, options.split_fractions) for j in jobs}
     paired = {getattr(h.keys, attr) for _, _, h in ok} & set(scrubbed)
     return Plan(jobs, skipped, splits, deid_summary({k: scrubbed[k] for k in paired}, deid), inputs)
@@ -268,9 +294,19 @@ def plan_echonet(options: Options, salt: bytes) -> Plan:
                 skipped.append(manifest_line(ref, "skipped", str(err)))
                 continue
             pid = salted_hash(salt, "patient", "echonet:" + e.name)
-            job = Job(path=e.path, ref=ref, source="echonet", video_id=salted_hash(salt, "video", "echonet:" + e.name),
-                      patient_id=pid, study_id=salted_hash(salt, "study", "echonet:" + e.name), study_day=0,
-                      report="", ef=e.ef, fps=e.fps or rate, num_frames=n)
+            job = Job(
+                path=e.path,
+                ref=ref,
+                source="echonet",
+                video_id=salted_hash(salt, "video", "echonet:" + e.name),
+                patient_id=pid,
+                study_id=salted_hash(salt, "study", "echonet:" + e.name),
+                study_day=0,
+                report="",
+                ef=e.ef,
+                fps=e.fps or rate,
+                num_frames=n,
+            )
             jobs.append(job)
             splits[job.video_id] = e.split or split_of(pid, options.split_fractions)
     return Plan(jobs, skipped, splits, {"mode": "no reports (EchoNet-Dynamic)"}, inputs)

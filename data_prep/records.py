@@ -11,6 +11,7 @@ Index file layout (little endian): magic b"ECLIPIDX", uint32 version (1), uint64
 pairs (uint64 offset, uint64 payload length), then uint32 CRC32C of everything before it. A flipped byte
 anywhere in it fails the CRC, and the index must agree with the shard's size.
 """
+
 from __future__ import annotations
 
 import glob
@@ -300,8 +301,7 @@ class ShardReader:
                     data = f.read()
             except FileNotFoundError:
                 raise FileNotFoundError(
-                    f"{ipath}: index missing for shard {self.path} "
-                    "(data_prep.records.rebuild_index writes one)"
+                    f"{ipath}: index missing for shard {self.path} (data_prep.records.rebuild_index writes one)"
                 ) from None
             index = decode_index(data, ipath)
             size = os.path.getsize(self.path)

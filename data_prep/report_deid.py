@@ -9,7 +9,7 @@ Three layers, applied to the raw report of one study (before `clean_text`):
    `phonenumbers`), e-mail addresses, URLs, record- and accession-like numbers, DICOM UIDs, ages over 89,
    street addresses and postcodes, and signature clauses ("ELECTRONICALLY SIGNED BY ...", "READING
    PHYSICIAN: ...", "DR. ...", "..., MD") with the name that follows or precedes.
-3. Detectors a hospital adds (`build_detectors`): `wordlist:PATH` (its staff names, one per line),
+3. Detectors a hospital adds (`data_prep.report_detectors`): `wordlist:PATH` (its staff names, one per line),
    `presidio` (Microsoft Presidio's analyzer, when it and its spaCy model are installed), or
    `python:MODULE:NAME` (any callable `text -> [(start, end, category)]`).
 
@@ -21,34 +21,46 @@ behaves exactly as EchoCLIP's did on reports without PHI. Only counts per catego
 Not guaranteed: a free-text name that no header, cue word or title reveals ("seen with Anna today") is
 found only by a word list or an NER detector (`presidio`).
 """
+
 from __future__ import annotations
 
 import collections
-import importlib
-import os
 import re
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import phonenumbers
 
-__all__ = ["Deidentifier", "build_detectors", "identifiers_from_dataset", "report_patterns", "CATEGORIES"]
+from data_prep.report_detectors import Span, build_detectors, loose, word
 
-Span = tuple[int, int, str]
-Detector = Callable[[str], Iterable[Span]]
+__all__ = ["Deidentifier", "identifiers_from_dataset", "report_patterns", "CATEGORIES"]
 
-CATEGORIES = ("name", "signature", "id", "institution", "address", "date", "time", "phone", "email", "url",
-              "age")
+
+CATEGORIES = ("name", "signature", "id", "institution", "address", "date", "time", "phone", "email", "url", "age")
 
 # --------------------------------------------------------------------------------- header identifiers
 
-_NAME_FIELDS = ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
-                "ReferringPhysicianName", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy",
-                "PhysiciansOfRecord", "RequestingPhysician", "OperatorsName", "ConsultingPhysicianName",
-                "ResponsiblePerson")
+_NAME_FIELDS = (
+    "PatientName",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansOfRecord",
+    "RequestingPhysician",
+    "OperatorsName",
+    "ConsultingPhysicianName",
+    "ResponsiblePerson",
+)
 _ID_FIELDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "MedicalRecordLocator")
-_TEXT_FIELDS = (("InstitutionName", "institution"), ("InstitutionalDepartmentName", "institution"),
-                ("InstitutionAddress", "address"), ("PatientAddress", "address"),
-                ("PatientTelephoneNumbers", "phone"))
+_TEXT_FIELDS = (
+    ("InstitutionName", "institution"),
+    ("InstitutionalDepartmentName", "institution"),
+    ("InstitutionAddress", "address"),
+    ("PatientAddress", "address"),
+    ("PatientTelephoneNumbers", "phone"),
+)
 
 
 def _values(ds, keyword: str) -> list[str]:
@@ -77,7 +89,8 @@ def identifiers_from_dataset(ds) -> tuple[tuple[str, str], ...]:
 
 # Words that are never removed on their own as a header name part (they are echo or everyday words), and at
 # which a name taken after a cue stops. Upper case.
-_COMMON = frozenset("""
+_COMMON = frozenset(
+    """
 A ABNORMAL ABOVE ABSENT ACROSS ADEQUATE AFTER AKINESIS AKINETIC ALL ALSO AN ANALYSIS AND ANEURYSM ANTERIOR
 AORTA AORTIC APEX APICAL APPEARANCE APPEARS ARE AREA ARREST ARTERY AS ASD AT ATRIAL ATRIUM BASAL BE BEAT
 BELOW BICUSPID BIOPROSTHETIC BLOOD BODY BORDERLINE BUT BY CALCIFICATION CALCIFIED CAP CARDIAC CARDIOMYOPATHY
@@ -101,26 +114,64 @@ ULTRASOUND IMAGING ANGIOGRAPHY INDICATION INDICATIONS COMMENTS CONCLUSION CONCLU
 RECOMMENDED CONSIDER REPEAT RECOMMENDATION DOBUTAMINE EXERCISE PROTOCOL SECONDARY RHEUMATIC JET SEVERITY
 EF LV RV LA RA TR MR AR PR AS MS PS TS IVC LVEF LVOT RVOT TAPSE RVSP PASP VTI AV MV TV PV ICD CRT LAA ASD VSD
 PFO TAVI SAVR AVR MVR BPM MMHG CM MM ML
-""".split())
-_MONTHS = ("JAN(?:UARY)?|FEB(?:RUARY)?|MAR(?:CH)?|APR(?:IL)?|MAY|JUNE?|JULY?|AUG(?:UST)?|SEPT?(?:EMBER)?|"
-           "OCT(?:OBER)?|NOV(?:EMBER)?|DEC(?:EMBER)?")
+""".split()
+)
+_MONTHS = (
+    "JAN(?:UARY)?|FEB(?:RUARY)?|MAR(?:CH)?|APR(?:IL)?|MAY|JUNE?|JULY?|AUG(?:UST)?|SEPT?(?:EMBER)?|"
+    "OCT(?:OBER)?|NOV(?:EMBER)?|DEC(?:EMBER)?"
+)
 _MONTH_WORDS = frozenset(re.findall(r"[A-Z]+", _MONTHS.replace("(?:", "")))
 _TITLES = frozenset({"DR", "DOCTOR", "MR", "MRS", "MS", "MISS", "PROF", "PROFESSOR"})
-_CREDENTIALS = frozenset({"MD", "DO", "PHD", "RDCS", "RCS", "RVT", "RDMS", "FACC", "FASE", "FRCP", "MBBS", "RN",
-                          "NP", "PA-C", "MSC", "JR", "SR", "II", "III"})
-_INSTITUTION_WORDS = frozenset({"SAINT", "ST", "HOSPITAL", "MEDICAL", "CENTER", "CENTRE", "HEART", "CARDIAC",
-                                "INSTITUTE", "UNIVERSITY", "MEMORIAL", "GENERAL", "CLINIC", "HEALTH", "REGIONAL",
-                                "COMMUNITY", "CHILDREN", "CHILDRENS", "VALLEY", "COUNTY", "OF", "THE", "AND"})
-
-
-def _loose(value: str) -> str:
-    """A regex for `value` that ignores case, punctuation and spacing between its letter and digit runs."""
-    runs = re.findall(r"[A-Za-z]+|\d+", value)
-    return r"[\W_]*".join(re.escape(r) for r in runs)
-
-
-def _word(pattern: str) -> str:
-    return rf"(?<![A-Za-z0-9]){pattern}(?![A-Za-z0-9])"
+_CREDENTIALS = frozenset(
+    {
+        "MD",
+        "DO",
+        "PHD",
+        "RDCS",
+        "RCS",
+        "RVT",
+        "RDMS",
+        "FACC",
+        "FASE",
+        "FRCP",
+        "MBBS",
+        "RN",
+        "NP",
+        "PA-C",
+        "MSC",
+        "JR",
+        "SR",
+        "II",
+        "III",
+    }
+)
+_INSTITUTION_WORDS = frozenset(
+    {
+        "SAINT",
+        "ST",
+        "HOSPITAL",
+        "MEDICAL",
+        "CENTER",
+        "CENTRE",
+        "HEART",
+        "CARDIAC",
+        "INSTITUTE",
+        "UNIVERSITY",
+        "MEMORIAL",
+        "GENERAL",
+        "CLINIC",
+        "HEALTH",
+        "REGIONAL",
+        "COMMUNITY",
+        "CHILDREN",
+        "CHILDRENS",
+        "VALLEY",
+        "COUNTY",
+        "OF",
+        "THE",
+        "AND",
+    }
+)
 
 
 def _header_patterns(identifiers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -135,30 +186,30 @@ def _header_patterns(identifiers: Sequence[tuple[str, str]]) -> list[tuple[str, 
                 forms = {f"{given} {family}", f"{family} {given}"}
                 if len(parts) > 2:
                     forms |= {f"{given} {' '.join(parts[2])} {family}", f"{family} {given} {' '.join(parts[2])}"}
-                out += [(_word(_loose(f)), "name") for f in sorted(forms, key=len, reverse=True)]
+                out += [(word(loose(f)), "name") for f in sorted(forms, key=len, reverse=True)]
             titles = "DR|DOCTOR|MRS|MISS|PROF|PROFESSOR"
             for w in words:
                 if len(w) < 2 or w.upper() in _TITLES or w.upper() in _CREDENTIALS:
                     continue
                 if w.upper() in _COMMON or w.upper() in _MONTH_WORDS:  # only as a name: after a title
-                    out.append((_word(rf"(?:{titles})\.?\s+{_loose(w)}"), "name"))
+                    out.append((word(rf"(?:{titles})\.?\s+{loose(w)}"), "name"))
                 else:
-                    out.append((_word(_loose(w)), "name"))
+                    out.append((word(loose(w)), "name"))
         elif category == "id":
             alnum = re.sub(r"[\W_]", "", value)
             if len(alnum) >= 5:
-                out.append((_word(_loose(value)), "id"))
+                out.append((word(loose(value)), "id"))
                 out += [(rf"(?<!\d){d}(?!\d)", "id") for d in re.findall(r"\d{5,}", value)]
         elif category in ("institution", "address"):
             if len(value) >= 4:
-                out.append((_word(_loose(value)), category))
+                out.append((word(loose(value)), category))
                 for part in re.split(r"\s*,\s*", value):  # "1200 HARBOR BLVD, PORT ELSEWHERE": each part too
                     if part != value and len(part) >= 4 and part.upper() not in _COMMON:
-                        out.append((_word(_loose(part)), category))
+                        out.append((word(loose(part)), category))
                 if category == "institution":  # its distinctive words ("ELSEWHERE" of "SAINT ELSEWHERE ...")
                     for w in re.findall(r"[A-Za-z]{4,}", value):
                         if w.upper() not in _COMMON and w.upper() not in _INSTITUTION_WORDS:
-                            out.append((_word(re.escape(w)), category))
+                            out.append((word(re.escape(w)), category))
         elif category == "phone":
             digits = re.sub(r"\D", "", value)
             if len(digits) >= 7:
@@ -184,12 +235,18 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     (rf"\b{_D}(?:ST|ND|RD|TH)?\s+(?:OF\s+)?(?:{_MONTHS})\.?,?\s+{_Y}\b", "date"),
     (rf"\b(?:{_MONTHS})\.?,?\s+{_Y}\b", "date"),
     # month and day without a year: not MAY, MAR(ch), SEPT (septal) or DEC(reased) abbreviated
-    (r"\b(?:JAN(?:UARY)?|FEB(?:RUARY)?|MARCH|APR(?:IL)?|JUNE|JULY|AUG(?:UST)?|SEPTEMBER|OCT(?:OBER)?|"
-     rf"NOV(?:EMBER)?|DECEMBER)\.?\s+{_D}(?:ST|ND|RD|TH)?(?![\w%.]|\s*(?:MM|CM|ML|CC|M/S)\b)", "date"),
+    (
+        r"\b(?:JAN(?:UARY)?|FEB(?:RUARY)?|MARCH|APR(?:IL)?|JUNE|JULY|AUG(?:UST)?|SEPTEMBER|OCT(?:OBER)?|"
+        rf"NOV(?:EMBER)?|DECEMBER)\.?\s+{_D}(?:ST|ND|RD|TH)?(?![\w%.]|\s*(?:MM|CM|ML|CC|M/S)\b)",
+        "date",
+    ),
     (r"\b(?:[01]?\d|2[0-3]):[0-5]\d(?::[0-5]\d)?(?:\s*(?:AM|PM|A\.M\.|P\.M\.))?(?![\w:])", "time"),
     (r"\b(?:1[0-2]|0?[1-9])\s*(?:AM|PM|A\.M\.|P\.M\.)(?!\w)", "time"),
-    (r"\b(?:MRN|MR(?=\s*(?:#|NO\b))|MED(?:ICAL)?\s+REC(?:ORD)?|PATIENT\s+ID|PT\s+ID|ACC(?:ESSION)?|CSN|FIN|ENCOUNTER|VISIT|"
-     r"ORDER|RECORD|CASE|SSN|NHS|ID)(?:\s*(?:#|NO\.?|NUMBER|NUM|:))*\s*#?\s*[A-Z]*-?\d[A-Z0-9\-]{2,}\b", "id"),
+    (
+        r"\b(?:MRN|MR(?=\s*(?:#|NO\b))|MED(?:ICAL)?\s+REC(?:ORD)?|PATIENT\s+ID|PT\s+ID|ACC(?:ESSION)?|CSN|FIN|ENCOUNTER|VISIT|"
+        r"ORDER|RECORD|CASE|SSN|NHS|ID)(?:\s*(?:#|NO\.?|NUMBER|NUM|:))*\s*#?\s*[A-Z]*-?\d[A-Z0-9\-]{2,}\b",
+        "id",
+    ),
     (r"\b[A-Z]{0,4}\d{6,}[A-Z0-9]*\b", "id"),  # six digits in a row are never a measurement
     (r"\b\d{3}-\d{2}-\d{4}\b", "id"),
     (r"\b\d+(?:\.\d+){4,}\b", "id"),  # DICOM UIDs
@@ -207,11 +264,14 @@ _NAME_CUE = re.compile(
     r"(?:READING|REFERRING|ORDERING|ATTENDING|INTERPRETING|PERFORMING|REQUESTING|PRIMARY|CONSULTING)\s+"
     r"(?:PHYSICIAN|CARDIOLOGIST|DOCTOR|MD|CLINICIAN|PROVIDER)|"
     r"(?:SONOGRAPHER|TECHNOLOGIST|READER|CC|(?:PATIENT\s+)?NAME|PATIENT|ATTENDING|CARDIOLOGIST)(?=\s*:))"
-    r"\s*[:\-]?\s*", re.IGNORECASE)
+    r"\s*[:\-]?\s*",
+    re.IGNORECASE,
+)
 # Not MR or MS: in echo reports they are mitral regurgitation and stenosis.
 _TITLE_CUE = re.compile(r"\b(?:DR|DOCTOR|MRS|MISS|PROF|PROFESSOR)\b\.?\s+", re.IGNORECASE)
-_CREDENTIAL = re.compile(r"(?:,\s*(?:M\.?D|D\.?O)\b\.?|,?\s*\b(?:M\.D\.|MD|PHD|RDCS|RCS|RDMS|FACC|FASE|MBBS|FRCP)\b\.?)",
-                         re.IGNORECASE)
+_CREDENTIAL = re.compile(
+    r"(?:,\s*(?:M\.?D|D\.?O)\b\.?|,?\s*\b(?:M\.D\.|MD|PHD|RDCS|RCS|RDMS|FACC|FASE|MBBS|FRCP)\b\.?)", re.IGNORECASE
+)
 _DOB = re.compile(r"\b(?:DOB\b|D\.O\.B\.|DATE\s+OF\s+BIRTH|BIRTH\s*DATE)\s*[:\-]?\s*", re.IGNORECASE)
 _TOKEN = re.compile(r"[A-Z](?:[A-Z'\-]*[A-Z])?\.?", re.IGNORECASE)
 
@@ -247,7 +307,7 @@ def _take_name_back(text: str, pos: int, limit: int = 3) -> int:
     """Start of the name that ends just before `pos` (a credential like ", MD" follows it), or `pos`."""
     start, taken = pos, 0
     for m in reversed(list(_TOKEN.finditer(text, max(0, pos - 80), pos))):
-        if taken >= limit or text[m.end():start].strip(" ,") or not _is_name_token(m.group()):
+        if taken >= limit or text[m.end() : start].strip(" ,") or not _is_name_token(m.group()):
             break
         start, taken = m.start(), taken + 1
     return start
@@ -274,7 +334,6 @@ def report_patterns(text: str, region: str | None = "US") -> list[Span]:
     for m in _DOB.finditer(text):
         spans.append((m.start(), m.end(), "date"))  # the label; the date itself is a date pattern
     if region is not None:
-
         for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
             spans.append((match.start, match.end, "phone"))
     return spans
@@ -284,65 +343,9 @@ _COMPILED = tuple((re.compile(p, re.IGNORECASE), c) for p, c in _PATTERNS)
 _STREET = re.compile(
     r"\b\d{1,6}\s+(?P<words>(?:[A-Z][A-Z0-9'.\-]*\s+){1,4})(?:STREET|ST(?=[.,])|AVENUE|AVE|ROAD|RD|BOULEVARD|"
     r"BLVD|DRIVE|LANE|LN|WAY|COURT|CT|PLAZA|TERRACE|PARKWAY|PKWY|HIGHWAY|HWY|CIRCLE|SQUARE)\b\.?"
-    r"(?:,?\s*(?:APT|SUITE|STE|UNIT|#)\.?\s*\w+)?", re.IGNORECASE)
-
-
-# ------------------------------------------------------------------------------------------ detectors
-
-
-def _wordlist(path: str) -> Detector:
-    try:
-        with open(path, encoding="utf-8") as f:
-            words = sorted({w.strip() for w in f if w.strip() and not w.startswith("#")}, key=len, reverse=True)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the word list for --report_detector ({e.strerror})") from None
-    if not words:
-        raise ValueError(f"{path}: the word list for --report_detector is empty")
-    pattern = re.compile("|".join(_word(_loose(w)) for w in words if re.search(r"\w", w)), re.IGNORECASE)
-    return lambda text: [(m.start(), m.end(), "wordlist") for m in pattern.finditer(text)]
-
-
-def _presidio() -> Detector:
-    """Microsoft Presidio's AnalyzerEngine (spaCy NER + its recognisers), if installed with a spaCy model."""
-    try:
-        import spacy  # noqa: PLC0415 (optional: the presidio detector)
-        from presidio_analyzer import AnalyzerEngine  # noqa: PLC0415 (optional: the presidio detector)
-    except ImportError:
-        raise ValueError("--report_detector presidio needs `pip install presidio-analyzer` and a spaCy English "
-                         "model (e.g. en_core_web_lg) installed") from None
-    model = "en_core_web_lg"
-    if not spacy.util.is_package(model):
-        raise ValueError(f"--report_detector presidio: the spaCy model {model} is not installed "
-                         "(install it as a package; nothing is downloaded at run time)")
-    engine = AnalyzerEngine()
-    entities = ["PERSON", "LOCATION", "PHONE_NUMBER", "EMAIL_ADDRESS", "DATE_TIME", "URL", "US_SSN", "NRP"]
-    return lambda text: [(r.start, r.end, "presidio:" + r.entity_type.lower())
-                         for r in engine.analyze(text=text, language="en", entities=entities)]
-
-
-def _python(spec: str) -> Detector:
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--report_detector python:{spec}: cannot load {name!r} from {module!r} ({e})") from None
-    return fn
-
-
-def build_detectors(specs: Sequence[str]) -> list[Detector]:
-    """Detectors from `--report_detector` values: wordlist:PATH, presidio, python:MODULE:NAME."""
-    out = []
-    for spec in specs:
-        kind, _, arg = spec.partition(":")
-        if kind == "wordlist" and arg:
-            out.append(_wordlist(os.path.expanduser(arg)))
-        elif kind == "presidio" and not arg:
-            out.append(_presidio())
-        elif kind == "python" and ":" in arg:
-            out.append(_python(arg))
-        else:
-            raise ValueError(f"--report_detector {spec!r}: expected wordlist:PATH, presidio or python:MODULE:NAME")
-    return out
+    r"(?:,?\s*(?:APT|SUITE|STE|UNIT|#)\.?\s*\w+)?",
+    re.IGNORECASE,
+)
 
 
 class Deidentifier:
@@ -360,8 +363,11 @@ class Deidentifier:
         self.__init__(state["specs"], state["region"])
 
     def find(self, text: str, identifiers: Sequence[tuple[str, str]] = ()) -> list[Span]:
-        spans = [(m.start(), m.end(), cat) for pattern, cat in _header_patterns(identifiers)
-                 for m in re.finditer(pattern, text, re.IGNORECASE)]
+        spans = [
+            (m.start(), m.end(), cat)
+            for pattern, cat in _header_patterns(identifiers)
+            for m in re.finditer(pattern, text, re.IGNORECASE)
+        ]
         spans += report_patterns(text, self.region)
         for detector in self._detectors:
             spans += [(int(s), int(e), str(c)) for s, e, c in detector(text) if 0 <= s < e <= len(text)]
@@ -389,7 +395,7 @@ def _join_around(text: str, spans: Sequence) -> str:
     bounds = [0] + [x for start, end, _ in spans for x in (start, end)] + [len(text)]
     kept: list[str] = []
     for i in range(0, len(bounds), 2):
-        segment = text[bounds[i]:bounds[i + 1]]
+        segment = text[bounds[i] : bounds[i + 1]]
         if i > 0:  # a removed span precedes: drop its separators, and a period that would end nothing
             segment = segment.lstrip(_EDGE)
             if segment.startswith(".") and (not kept or kept[-1].endswith(".")):

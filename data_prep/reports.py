@@ -7,6 +7,7 @@ the released model saw it, so every rule here reproduces the released behaviour,
 check them against the released model's own normalised examples. Pure Python: data_prep imports this
 without JAX.
 """
+
 import collections
 import csv
 import io
@@ -62,8 +63,13 @@ _SPACE_PLUS_SPACE = re.compile(r"\s\+\s")
 _ADD_PERIOD = re.compile("(" + "|".join(_phrase_pattern(p) for p in PERIOD_PHRASES) + ")")
 _PERIOD_RUNS = re.compile(r"\.+")
 # Literal rewrites; str.replace scans left to right without overlap, as re.sub does.
-_WORD_FORMS = (("NORMALLY", "NORMAL"), ("MILDLY", "MILD"), ("MODERATELY", "MODERATE"), ("SEVERELY", "SEVERE"),
-               ("PULMONARY ARTERY", "PA"))
+_WORD_FORMS = (
+    ("NORMALLY", "NORMAL"),
+    ("MILDLY", "MILD"),
+    ("MODERATELY", "MODERATE"),
+    ("SEVERELY", "SEVERE"),
+    ("PULMONARY ARTERY", "PA"),
+)
 
 
 def _squash_whitespace(text: str) -> str:

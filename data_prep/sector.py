@@ -7,6 +7,7 @@ time, the largest connected region of them, filled row by row (a fan is convex a
 graphics, even inside the region rectangle, stay outside the mask; a thin moving ECG cursor is removed
 by a morphological opening.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -128,16 +129,20 @@ def crop_resize(frames: np.ndarray, mask: np.ndarray, image_size: int) -> np.nda
     y0, y1, x0, x1 = max(top, 0), min(top + side, h), max(left, 0), min(left + side, w)
     canvas = np.zeros((k, side, side * c), np.uint8)
     keep = np.repeat(mask[y0:y1, x0:x1].view(np.uint8), c, axis=1)
-    np.multiply(frames[:, y0:y1, x0:x1].reshape(k, y1 - y0, -1), keep,  # a view: each row's pixels are contiguous
-                out=canvas[:, y0 - top : y1 - top, c * (x0 - left) : c * (x1 - left)])
+    np.multiply(
+        frames[:, y0:y1, x0:x1].reshape(k, y1 - y0, -1),
+        keep,  # a view: each row's pixels are contiguous
+        out=canvas[:, y0 - top : y1 - top, c * (x0 - left) : c * (x1 - left)],
+    )
     canvas = canvas.reshape(k, side, side, c) if c == 3 else canvas
     if side == image_size:
         out = canvas
     else:
         out = np.empty((k, image_size, image_size) + canvas.shape[3:], np.uint8)
         for i in range(k):
-            out[i] = np.asarray(Image.fromarray(canvas[i]).resize(
-                (image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=1.0))
+            out[i] = np.asarray(
+                Image.fromarray(canvas[i]).resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=1.0)
+            )
     return out if c == 3 else np.repeat(out[..., None], 3, axis=-1)
 
 

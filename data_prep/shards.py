@@ -6,6 +6,7 @@ into one `tf.train.Example` (data_prep.records). A shard is written to a tempora
 renamed when complete, after its manifest part, so a rerun skips finished shards (`shard_done`) and redoes
 the rest. `ShardTask` is the unit of work of both runners, local processes and Apache Beam.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +56,9 @@ def _convert_video(job: Job, settings: Settings) -> bytes:
         # Frames come at the smallest scale that keeps 1.25x the output size (600x800 -> 300x400 for 224; JPEG
         # in the DCT domain, others box-reduced), grey ones as one channel: the sector and crop are found on
         # those pixels, the header's regions scaled to match.
-        raw, scale = dicom_io.read_frames_scaled(job.path, indices, settings.max_pixels,
-                                                 min_side=settings.image_size * 5 // 4, keep_grey=True)
+        raw, scale = dicom_io.read_frames_scaled(
+            job.path, indices, settings.max_pixels, min_side=settings.image_size * 5 // 4, keep_grey=True
+        )
         regions = tuple(tuple(v // scale for v in box) for box in job.regions)
         frames = sector.prepare(raw, regions, settings.image_size)
     else:  # EchoNet videos are already masked and cropped: resize only
@@ -65,12 +67,21 @@ def _convert_video(job: Job, settings: Settings) -> bytes:
         if indices is None and settings.frames and len(raw) > settings.frames:
             raw = raw[dicom_io.kept_indices(len(raw), settings.frames)]
         frames = sector.crop_resize(raw, np.ones(raw.shape[1:3], bool), settings.image_size)
-    return records.encode_example({
-        "video_id": job.video_id, "patient_id": job.patient_id, "study_id": job.study_id,
-        "study_day": job.study_day, "frames": [encode_jpeg(f, settings.jpeg_quality) for f in frames],
-        "num_frames": len(frames), "image_size": settings.image_size, "fps": float(job.fps),
-        "report": job.report.encode("utf-8"), "ef": float(job.ef), "source": job.source.encode(),
-    })
+    return records.encode_example(
+        {
+            "video_id": job.video_id,
+            "patient_id": job.patient_id,
+            "study_id": job.study_id,
+            "study_day": job.study_day,
+            "frames": [encode_jpeg(f, settings.jpeg_quality) for f in frames],
+            "num_frames": len(frames),
+            "image_size": settings.image_size,
+            "fps": float(job.fps),
+            "report": job.report.encode("utf-8"),
+            "ef": float(job.ef),
+            "source": job.source.encode(),
+        }
+    )
 
 
 def _part_path(out_dir: str, name: str) -> str:

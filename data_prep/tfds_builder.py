@@ -14,6 +14,7 @@ gives dicts with `frames` uint8 [K, S, S, 3] (decoded JPEG), ids and report as t
 TFDS decodes JPEG with libjpeg's fast integer DCT (up to ~4 grey levels from Pillow's); pass
 `decoders=tfds_builder.decoders()` to get the pixels echoclip_jax's loader (Pillow) sees, exactly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,19 +79,32 @@ def write_metadata(data_dir: str, name: str = "echoclip_videos", version: str = 
             link = os.path.join(target, os.path.basename(shard))
             if not os.path.lexists(link):
                 os.symlink(os.path.relpath(shard, target), link)
-        split_infos.append(tfds.core.SplitInfo(
-            name=split, shard_lengths=[len(records.ShardReader(s)) for s in shards],
-            num_bytes=sum(os.path.getsize(s) for s in shards),
-            filename_template=tfds.core.ShardedFileTemplate(
-                data_dir=epath.Path(target), template=TEMPLATE, dataset_name=name, split=split,
-                filetype_suffix="tfrecord")))
+        split_infos.append(
+            tfds.core.SplitInfo(
+                name=split,
+                shard_lengths=[len(records.ShardReader(s)) for s in shards],
+                num_bytes=sum(os.path.getsize(s) for s in shards),
+                filename_template=tfds.core.ShardedFileTemplate(
+                    data_dir=epath.Path(target),
+                    template=TEMPLATE,
+                    dataset_name=name,
+                    split=split,
+                    filetype_suffix="tfrecord",
+                ),
+            )
+        )
     if not split_infos:
         raise ValueError(f"{data_dir}: no shards to describe")
     tfds.folder_dataset.write_metadata(
-        data_dir=target, features=features(image_size), split_infos=split_infos, version=version,
-        filename_template=TEMPLATE, check_data=False,
+        data_dir=target,
+        features=features(image_size),
+        split_infos=split_infos,
+        version=version,
+        filename_template=TEMPLATE,
+        check_data=False,
         description="EchoCLIP-style echocardiography videos and reports written by data_prep.convert "
-                    "(one tf.train.Example per video; see data_prep/records.py).")
+        "(one tf.train.Example per video; see data_prep/records.py).",
+    )
     return target
 
 

@@ -13,6 +13,7 @@ replicated state, float32 matmuls when bfloat16 was asked); `echoclip_jax.traini
 Exit status: 0 fits; 3 does not fit; 2 a usage error (an unknown topology, a config that fails validation);
 1 no libtpu, or the compiler failed for another reason than memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ log = logging.getLogger("echoclip_jax.aot")
 
 FLAGS = cli.flag_values()
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", flag_values=FLAGS)
-flags.DEFINE_string("topology", None, f"TPU slice to compile for: {', '.join(TOPOLOGIES)} (or gcloud's "
-                    "v5litepod-N)", flag_values=FLAGS)
+flags.DEFINE_string(
+    "topology", None, f"TPU slice to compile for: {', '.join(TOPOLOGIES)} (or gcloud's v5litepod-N)", flag_values=FLAGS
+)
 flags.DEFINE_string("json", "", "also write the report to this JSON file", flag_values=FLAGS)
 flags.DEFINE_string("hlo", "", "also write the compiled step's optimized HLO to this file", flag_values=FLAGS)
 flags.mark_flags_as_required(["config", "topology"], flag_values=FLAGS)

@@ -16,6 +16,7 @@ After writing, the destination is read back and the image and text embeddings of
 compared with the source's, both computed in float32 whatever the config's compute dtype (the check
 compares weights; tolerance 1e-5 for float32 weights, 2e-2 for bfloat16).
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,20 +29,26 @@ from echoclip_jax.weights import loader as weights
 from echoclip_jax.weights.conversion import DEST_KINDS, DTYPES, convert
 
 FLAGS = cli.flag_values()
-flags.DEFINE_string("src", None, "KIND:PATH to read; KIND one of " + ", ".join(weights.SOURCE_KINDS),
-                    flag_values=FLAGS)
+flags.DEFINE_string("src", None, "KIND:PATH to read; KIND one of " + ", ".join(weights.SOURCE_KINDS), flag_values=FLAGS)
 flags.DEFINE_string("dst", None, "KIND:PATH to write; KIND one of " + ", ".join(DEST_KINDS), flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", list(DTYPES), "dtype of the written floating-point weights", flag_values=FLAGS)
-config_flags.DEFINE_config_file("config", None, "configs/*.py: the architecture when the source does not store one "
-                                "(else it must agree with it), and the run settings", lock_config=False,
-                                flag_values=FLAGS)
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "configs/*.py: the architecture when the source does not store one "
+    "(else it must agree with it), and the run settings",
+    lock_config=False,
+    flag_values=FLAGS,
+)
 flags.mark_flags_as_required(["src", "dst"], flag_values=FLAGS)
 
 
 def _convert(f) -> None:
     errors = convert(f.src, f.dst, f.config.model if f.config is not None else None, f.dtype)
-    print(f"converted {f.src} -> {f.dst}; verified: image embeddings max rel. error {errors['image']:.2e}, text "
-          f"{errors['text']:.2e} (fixed input, source vs re-read destination)")
+    print(
+        f"converted {f.src} -> {f.dst}; verified: image embeddings max rel. error {errors['image']:.2e}, text "
+        f"{errors['text']:.2e} (fixed input, source vs re-read destination)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ here. Texts: one per line, tokenised by the config's tokenizer. KIND as in `echo
 with --config; compute dtype and other run settings from --config). Batches are jitted with fixed shapes
 and sharded over all local devices (`echoclip_jax.inference.embedder`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,8 +30,12 @@ from echoclip_jax.weights.loader import load_model
 FLAGS = cli.flag_values()
 flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights.loader)", flag_values=FLAGS)
 config_flags.DEFINE_config_file("config", None, "configs/*.py", lock_config=False, flag_values=FLAGS)
-flags.DEFINE_string("images", None, "uint8 .npy (N, H, W, 3) or (N, T, H, W, 3), or .npz of videos (T_i, H, W, 3) "
-                    "of any lengths", flag_values=FLAGS)
+flags.DEFINE_string(
+    "images",
+    None,
+    "uint8 .npy (N, H, W, 3) or (N, T, H, W, 3), or .npz of videos (T_i, H, W, 3) of any lengths",
+    flag_values=FLAGS,
+)
 flags.DEFINE_string("texts", None, "UTF-8 text file, one text per line", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "output .npy (N, embed_dim) float32", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 32, "frames (or texts) per jitted batch, over all devices", flag_values=FLAGS)

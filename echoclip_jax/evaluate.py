@@ -27,6 +27,7 @@ frames laid end to end, sharded over all local devices). Per-frame embeddings dr
 each frame-wise rule applied per video over its own frames (the paper), or per study over its videos'
 frames; video (study) embeddings drive retrieval and patient identification.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,32 +44,59 @@ from echoclip_jax.runtime import cli
 
 FLAGS = cli.flag_values()
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)", flag_values=FLAGS)
-flags.DEFINE_string("checkpoint", None, "one checkpoint, KIND:PATH (orbax, params, safetensors, open_clip)",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+    "checkpoint", None, "one checkpoint, KIND:PATH (orbax, params, safetensors, open_clip)", flag_values=FLAGS
+)
 flags.DEFINE_string("workdir", None, "training workdir: evaluate its checkpoints", flag_values=FLAGS)
 flags.DEFINE_list("steps", None, "with --workdir: only these steps, e.g. 100,200", flag_values=FLAGS)
-flags.DEFINE_multi_string("glob", None, "checkpoint directories matching this pattern (repeatable)",
-                          flag_values=FLAGS)
+flags.DEFINE_multi_string("glob", None, "checkpoint directories matching this pattern (repeatable)", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "records from data_prep.convert", flag_values=FLAGS)
 flags.DEFINE_string("split", "test", "split to evaluate", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "output directory E", flag_values=FLAGS)
-flags.DEFINE_list("tasks", None, "zero-shot tasks (names or aliases); default: every task in the table",
-                  flag_values=FLAGS)
-flags.DEFINE_string("task_table", None, "zero-shot task table JSON (default: the paper's 16 tasks, "
-                    "echoclip_jax/config/zero_shot_tasks.json)", flag_values=FLAGS)
-flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video, for speed (default: "
-                     "every frame in the records; videos may differ in length)", flag_values=FLAGS)
+flags.DEFINE_list(
+    "tasks", None, "zero-shot tasks (names or aliases); default: every task in the table", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "task_table",
+    None,
+    "zero-shot task table JSON (default: the paper's 16 tasks, echoclip_jax/config/zero_shot_tasks.json)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "frames",
+    None,
+    "at most this many evenly spaced frames per video, for speed (default: "
+    "every frame in the records; videos may differ in length)",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("batch_size", 128, "frames (or prompts) per device batch, over all devices", flag_values=FLAGS)
-flags.DEFINE_string("calibration_split", None, "choose binary thresholds on this split (e.g. val) instead of on "
-                    "the evaluated split", flag_values=FLAGS)
-flags.DEFINE_enum("level", "both", list(LEVELS), "answer per video (the paper), per study (all its videos; the "
-                  "JSON's `study` block) or both", flag_values=FLAGS)
-flags.DEFINE_enum("study_pool", "mean", list(study_level.POOLS),
-                  "study level: every frame of every video counts alike (mean), or each video weighted by softmax "
-                  "of its zero-shot relevance to the task (weighted; see study_level)", flag_values=FLAGS)
-flags.DEFINE_float("study_temperature", study_level.TEMPERATURE,
-                   "softmax temperature of --study_pool weighted (smaller: closer to the best view alone)",
-                   flag_values=FLAGS)
+flags.DEFINE_string(
+    "calibration_split",
+    None,
+    "choose binary thresholds on this split (e.g. val) instead of on the evaluated split",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    "level",
+    "both",
+    list(LEVELS),
+    "answer per video (the paper), per study (all its videos; the JSON's `study` block) or both",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    "study_pool",
+    "mean",
+    list(study_level.POOLS),
+    "study level: every frame of every video counts alike (mean), or each video weighted by softmax "
+    "of its zero-shot relevance to the task (weighted; see study_level)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_float(
+    "study_temperature",
+    study_level.TEMPERATURE,
+    "softmax temperature of --study_pool weighted (smaller: closer to the best view alone)",
+    flag_values=FLAGS,
+)
 flags.mark_flags_as_required(["config", "data_dir", "out"], flag_values=FLAGS)
 
 
@@ -84,11 +112,24 @@ def _evaluate(f) -> None:
     validate(f.config, training=False)
     tasks = zs.load_tasks(f.task_table, f.tasks)
     sources = list_sources(checkpoint=f.checkpoint, workdir=f.workdir, steps=steps, globs=f.glob)
-    done = run(f.config, sources, data_dir=f.data_dir, split=f.split, out_dir=f.out, tasks=tasks, frames=f.frames,
-               batch_size=f.batch_size, calibration_split=f.calibration_split, level=f.level,
-               study_pool=f.study_pool, study_temperature=f.study_temperature)
-    print(f"evaluated {len(done)} checkpoint(s), skipped {len(sources) - len(done)}; "
-          f"summary: {os.path.join(f.out, 'summary.csv')}")
+    done = run(
+        f.config,
+        sources,
+        data_dir=f.data_dir,
+        split=f.split,
+        out_dir=f.out,
+        tasks=tasks,
+        frames=f.frames,
+        batch_size=f.batch_size,
+        calibration_split=f.calibration_split,
+        level=f.level,
+        study_pool=f.study_pool,
+        study_temperature=f.study_temperature,
+    )
+    print(
+        f"evaluated {len(done)} checkpoint(s), skipped {len(sources) - len(done)}; "
+        f"summary: {os.path.join(f.out, 'summary.csv')}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

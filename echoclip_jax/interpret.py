@@ -34,6 +34,7 @@ the maps of `--score_methods` are scored against the devices' true masks (pointi
 uniform and centre baselines) into OUT/scores.json and OUT/score_frames.png (`echoclip_jax.saliency.scores`,
 the cohort's masks from `echoclip_jax.demo.device_masks`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -54,37 +55,59 @@ from echoclip_jax.weights import loader as weights
 
 FLAGS = cli.flag_values()
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)", flag_values=FLAGS)
-flags.DEFINE_string("checkpoint", None, "weights, KIND:PATH (open_clip, safetensors, orbax, params), as "
-                    "echoclip_jax.convert reads them", flag_values=FLAGS)
-flags.DEFINE_multi_string("video", None, "a video: .dcm, .avi or .npy (uint8 [T, H, W, 3]); repeatable",
-                          flag_values=FLAGS)
+flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "weights, KIND:PATH (open_clip, safetensors, orbax, params), as echoclip_jax.convert reads them",
+    flag_values=FLAGS,
+)
+flags.DEFINE_multi_string(
+    "video", None, "a video: .dcm, .avi or .npy (uint8 [T, H, W, 3]); repeatable", flag_values=FLAGS
+)
 flags.DEFINE_string("data_dir", None, "records from data_prep.convert (batch mode)", flag_values=FLAGS)
 flags.DEFINE_string("split", "test", "with --data_dir: the split", flag_values=FLAGS)
-flags.DEFINE_integer("limit", 0, "with --data_dir: at most this many videos (0 = all)", lower_bound=0,
-                     flag_values=FLAGS)
+flags.DEFINE_integer(
+    "limit", 0, "with --data_dir: at most this many videos (0 = all)", lower_bound=0, flag_values=FLAGS
+)
 flags.DEFINE_multi_string("prompt", None, "a text prompt; repeatable", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "output directory", flag_values=FLAGS)
 flags.DEFINE_enum("method", "both", ["promptcam", "gradient", "both"], "saliency method", flag_values=FLAGS)
 flags.DEFINE_integer("frames", 0, "frames per video, evenly spaced (0 = all)", lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 16, "frames per jitted batch, over all devices", flag_values=FLAGS)
-flags.DEFINE_integer("smoothgrad", 0, "gradient maps: average over this many noisy copies (0 = plain)",
-                     flag_values=FLAGS)
+flags.DEFINE_integer(
+    "smoothgrad", 0, "gradient maps: average over this many noisy copies (0 = plain)", flag_values=FLAGS
+)
 flags.DEFINE_float("smoothgrad_sigma", 0.15, "SmoothGrad noise, as a fraction of the 0..255 range", flag_values=FLAGS)
-flags.DEFINE_string("cam_stage", "last", "PromptCAM's ConvNeXt stage: last (EchoCLIP's, stride 32) or 0..3 "
-                    "(stride 4 * 2**stage: 1 = 8x8 at 64 px)", flag_values=FLAGS)
-flags.DEFINE_string("score_truth", None, "a version-2 synthetic cohort: score the maps of --data_dir's device "
-                    "videos against its device masks (no maps written)", flag_values=FLAGS)
-flags.DEFINE_string("salt_file", None, "with --score_truth: the salt the records were converted with",
-                    flag_values=FLAGS)
-flags.DEFINE_string("score_methods", ",".join(DEFAULT_SCORE_METHODS), "with --score_truth: maps to score, "
-                    "comma-separated: promptcam[:last|0..3], gradient, smoothgrad:N", flag_values=FLAGS)
+flags.DEFINE_string(
+    "cam_stage",
+    "last",
+    "PromptCAM's ConvNeXt stage: last (EchoCLIP's, stride 32) or 0..3 (stride 4 * 2**stage: 1 = 8x8 at 64 px)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "score_truth",
+    None,
+    "a version-2 synthetic cohort: score the maps of --data_dir's device "
+    "videos against its device masks (no maps written)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "salt_file", None, "with --score_truth: the salt the records were converted with", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "score_methods",
+    ",".join(DEFAULT_SCORE_METHODS),
+    "with --score_truth: maps to score, comma-separated: promptcam[:last|0..3], gradient, smoothgrad:N",
+    flag_values=FLAGS,
+)
 flags.mark_flags_as_required(["config", "checkpoint", "out"], flag_values=FLAGS)
 
 
 def _interpret(f) -> None:
     if f.score_truth and (not f.data_dir or not f.salt_file or f.video or f.prompt):
-        raise cli.UsageError("--score_truth needs --data_dir and --salt_file (its prompts are the device tasks'; "
-                             "no --video or --prompt)")
+        raise cli.UsageError(
+            "--score_truth needs --data_dir and --salt_file (its prompts are the device tasks'; no --video or --prompt)"
+        )
     if not (f.prompt or f.score_truth):
         raise cli.UsageError("give --prompt (repeatable), or --score_truth")
     if bool(f.video) == bool(f.data_dir):
@@ -92,13 +115,28 @@ def _interpret(f) -> None:
     validate(f.config, training=False)
     model_config, params = weights.load(f.checkpoint, f.config.model)
     image_size = int(model_config.vision.image_size)
-    mapper = SaliencyMapper(weights.make_model(model_config, params), tokenizers.from_config(f.config.tokenizer),
-                            image_size=image_size, batch_size=f.batch_size, smoothgrad_samples=f.smoothgrad,
-                            smoothgrad_sigma=f.smoothgrad_sigma, seed=f.config.seed, cam_stage=f.cam_stage)
+    mapper = SaliencyMapper(
+        weights.make_model(model_config, params),
+        tokenizers.from_config(f.config.tokenizer),
+        image_size=image_size,
+        batch_size=f.batch_size,
+        smoothgrad_samples=f.smoothgrad,
+        smoothgrad_sigma=f.smoothgrad_sigma,
+        seed=f.config.seed,
+        cam_stage=f.cam_stage,
+    )
     if f.score_truth:
-        result = device_masks.score(mapper, data_dir=f.data_dir, split=f.split, cohort_dir=f.score_truth,
-                                    salt=load_salt(salt_file=f.salt_file), out_dir=f.out, methods=f.score_methods,
-                                    frames=f.frames, limit=f.limit)
+        result = device_masks.score(
+            mapper,
+            data_dir=f.data_dir,
+            split=f.split,
+            cohort_dir=f.score_truth,
+            salt=load_salt(salt_file=f.salt_file),
+            out_dir=f.out,
+            methods=f.score_methods,
+            frames=f.frames,
+            limit=f.limit,
+        )
         print(scores.format_scores(result))
         return
     if f.video:

@@ -24,6 +24,7 @@ Writes P/probe.json (per label and probe: metrics, baseline, n_train, n_eval, sk
 hyperparameters) and P/plots/ (confusion matrices, predicted vs true). Only aggregate numbers are written
 or logged: no video, patient or study identifier leaves this module.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ from echoclip_jax.runtime import cli
 
 FLAGS = cli.flag_values()
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)", flag_values=FLAGS)
-flags.DEFINE_string("checkpoint", None, "weights, KIND:PATH[@STEP] (orbax, params, safetensors, open_clip)",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+    "checkpoint", None, "weights, KIND:PATH[@STEP] (orbax, params, safetensors, open_clip)", flag_values=FLAGS
+)
 flags.DEFINE_string("data_dir", None, "records from data_prep.convert", flag_values=FLAGS)
 flags.DEFINE_string("labels", None, "labels CSV: a key column and label columns", flag_values=FLAGS)
 flags.DEFINE_multi_string("label", None, "a label column to probe (repeatable)", flag_values=FLAGS)
@@ -50,11 +52,13 @@ flags.DEFINE_string("train_split", "train", "split the probes are trained on", f
 flags.DEFINE_string("eval_split", "test", "split the probes are scored on", flag_values=FLAGS)
 flags.DEFINE_enum("probe", "both", ("linear", "attentive", "both"), "which probes", flag_values=FLAGS)
 flags.DEFINE_multi_string("task", None, "NAME=regression|classification: overrides detection", flag_values=FLAGS)
-flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video (default: all)",
-                     flag_values=FLAGS)
+flags.DEFINE_integer(
+    "frames", None, "at most this many evenly spaced frames per video (default: all)", flag_values=FLAGS
+)
 flags.DEFINE_integer("batch_size", 128, "frames per device batch when embedding", flag_values=FLAGS)
-flags.DEFINE_integer("epochs", None, f"attentive probe epochs (default {ATTENTIVE_DEFAULTS['epochs']})",
-                     flag_values=FLAGS)
+flags.DEFINE_integer(
+    "epochs", None, f"attentive probe epochs (default {ATTENTIVE_DEFAULTS['epochs']})", flag_values=FLAGS
+)
 flags.DEFINE_integer("seed", 0, "attentive probe seed", flag_values=FLAGS)
 flags.mark_flags_as_required(["config", "checkpoint", "data_dir", "labels", "label", "out"], flag_values=FLAGS)
 
@@ -67,10 +71,22 @@ def _probe(f) -> None:
             raise cli.UsageError(f"--task {item!r}: expected NAME=regression or NAME=classification")
         tasks[name] = task
     attentive = {"seed": f.seed, **({"epochs": f.epochs} if f.epochs else {})}
-    run(f.config, f.checkpoint, f.data_dir, f.labels, labels=list(dict.fromkeys(f.label)), key=f.key,
-        out_dir=f.out, train_split=f.train_split, eval_split=f.eval_split,
-        probes=PROBES if f.probe == "both" else (f.probe,), tasks=tasks, frames=f.frames,
-        batch_size=f.batch_size, attentive=attentive)
+    run(
+        f.config,
+        f.checkpoint,
+        f.data_dir,
+        f.labels,
+        labels=list(dict.fromkeys(f.label)),
+        key=f.key,
+        out_dir=f.out,
+        train_split=f.train_split,
+        eval_split=f.eval_split,
+        probes=PROBES if f.probe == "both" else (f.probe,),
+        tasks=tasks,
+        frames=f.frames,
+        batch_size=f.batch_size,
+        attentive=attentive,
+    )
     print(f"probe: wrote {os.path.join(f.out, 'probe.json')}")
 
 

@@ -29,6 +29,7 @@ among the reports that state it). Each finding carries its support (how many of 
 state it, and the agreeing reports' mean similarity. Outputs: R/report.json + R/report.txt (--video), or
 R/study_reports.jsonl, R/video_reports.jsonl, R/reports.txt and R/summary.json (--data_dir; salted ids).
 """
+
 from __future__ import annotations
 
 import os
@@ -49,24 +50,42 @@ from echoclip_jax.weights import loader as weights
 FLAGS = cli.flag_values()
 flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights.loader)", flag_values=FLAGS)
 config_flags.DEFINE_config_file("config", None, "configs/*.py", lock_config=False, flag_values=FLAGS)
-flags.DEFINE_string("video", None, "one study: a .dcm/.avi/.npy video or a directory of its .dcm files",
-                    flag_values=FLAGS)
-flags.DEFINE_string("data_dir", None, "records (data_prep.convert): a report for every study of --split",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+    "video", None, "one study: a .dcm/.avi/.npy video or a directory of its .dcm files", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "data_dir", None, "records (data_prep.convert): a report for every study of --split", flag_values=FLAGS
+)
 flags.DEFINE_string("split", "test", "with --data_dir: the split to report on", flag_values=FLAGS)
-flags.DEFINE_string("bank", None, "search index (build --reports), records directory or CSV of reports (default "
-                    "with --data_dir: that directory's --bank_split)", flag_values=FLAGS)
+flags.DEFINE_string(
+    "bank",
+    None,
+    "search index (build --reports), records directory or CSV of reports (default "
+    "with --data_dir: that directory's --bank_split)",
+    flag_values=FLAGS,
+)
 flags.DEFINE_list("bank_split", ["train"], "the bank's splits (index or records bank)", flag_values=FLAGS)
-flags.DEFINE_enum("match", "text", ["text", "image"], "query study embedding vs the bank's report text embeddings "
-                  "(text) or its studies' embeddings (image)", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "match",
+    "text",
+    ["text", "image"],
+    "query study embedding vs the bank's report text embeddings (text) or its studies' embeddings (image)",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("k", 10, "reports retrieved and voted over", flag_values=FLAGS)
-flags.DEFINE_enum("level", "study", ["study", "video", "both"], "with --data_dir: report per study, video or both",
-                  flag_values=FLAGS)
+flags.DEFINE_enum(
+    "level", "study", ["study", "video", "both"], "with --data_dir: report per study, video or both", flag_values=FLAGS
+)
 flags.DEFINE_string("out", None, "output directory R", flag_values=FLAGS)
 flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 128, "frames (or texts) per device batch", flag_values=FLAGS)
-flags.DEFINE_boolean("baseline", False, "with --data_dir: also vote over k random bank reports per query "
-                     "(random_findings), the chance level an evaluation compares with", flag_values=FLAGS)
+flags.DEFINE_boolean(
+    "baseline",
+    False,
+    "with --data_dir: also vote over k random bank reports per query "
+    "(random_findings), the chance level an evaluation compares with",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("seed", 0, "random baseline seed", flag_values=FLAGS)
 flags.mark_flags_as_required(["checkpoint", "config", "out"], flag_values=FLAGS)
 
@@ -81,8 +100,11 @@ def _report(f) -> None:
     config = f.config
     image_size = int(config.model.vision.image_size)
     validate(config, training=False)
-    embedder = Embedder(weights.load_model(f.checkpoint, config.model), tokenizers.from_config(config.tokenizer),
-                        batch_size=f.batch_size)
+    embedder = Embedder(
+        weights.load_model(f.checkpoint, config.model),
+        tokenizers.from_config(config.tokenizer),
+        batch_size=f.batch_size,
+    )
     embedder.fingerprint = fingerprint(embedder, config.model)
     bank = load_bank(bank_spec, embedder, match=f.match, splits=f.bank_split, frames=f.frames, image_size=image_size)
     print(f"report: bank {bank.source}: {len(bank.ids)} reports, {f.match} match, k={f.k}")
@@ -92,8 +114,19 @@ def _report(f) -> None:
         print(render(report, f"Study {report['query']} ({report['files']} video file(s))"))
         print(f"report: wrote {os.path.join(f.out, 'report.json')} and report.txt")
     else:
-        summary = report_records(embedder, bank, f.data_dir, f.split, out=f.out, k=f.k, levels=levels,
-                                 frames=f.frames, image_size=image_size, baseline=f.baseline, seed=f.seed)
+        summary = report_records(
+            embedder,
+            bank,
+            f.data_dir,
+            f.split,
+            out=f.out,
+            k=f.k,
+            levels=levels,
+            frames=f.frames,
+            image_size=image_size,
+            baseline=f.baseline,
+            seed=f.seed,
+        )
         counts = ", ".join(f"{n} {lv} reports" for lv, n in summary["levels"].items())
         print(f"report: {DISCLAIMER}\nreport: wrote {counts} under {f.out}")
 

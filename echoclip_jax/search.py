@@ -21,6 +21,7 @@ and then only the de-identified text the records already hold.
 
 The work is done in `echoclip_jax.retrieval.ops`; this file parses the command line.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,52 +40,88 @@ COMMANDS = ("build", "add", "query")
 log = logging.getLogger("echoclip_jax.search")
 
 FLAGS = cli.flag_values()
-flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights.loader); build: required; "
-                    "add/query: default the index's own", flag_values=FLAGS)
-config_flags.DEFINE_config_file("config", None, "configs/*.py (with --checkpoint)", lock_config=False,
-                                flag_values=FLAGS)
+flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "KIND:PATH[@STEP] (see echoclip_jax.weights.loader); build: required; add/query: default the index's own",
+    flag_values=FLAGS,
+)
+config_flags.DEFINE_config_file(
+    "config", None, "configs/*.py (with --checkpoint)", lock_config=False, flag_values=FLAGS
+)
 flags.DEFINE_string("data_dir", None, "records from data_prep.convert (build, add)", flag_values=FLAGS)
 flags.DEFINE_list("split", None, "splits to index (default: every split with shards)", flag_values=FLAGS)
-flags.DEFINE_string("out", None, "build: the INDEX directory; query: write the results as JSON here",
-                    flag_values=FLAGS)
-flags.DEFINE_enum("kind", "auto", ["auto", "exact", "ivf"], "auto: exact up to --approximate_above vectors, IVF "
-                  "above", flag_values=FLAGS)
-flags.DEFINE_integer("approximate_above", archive_lib.APPROXIMATE_ABOVE, "auto: vectors above which a level is "
-                     "indexed approximately", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "build: the INDEX directory; query: write the results as JSON here", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "kind",
+    "auto",
+    ["auto", "exact", "ivf"],
+    "auto: exact up to --approximate_above vectors, IVF above",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "approximate_above",
+    archive_lib.APPROXIMATE_ABOVE,
+    "auto: vectors above which a level is indexed approximately",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("nlist", None, "IVF cells (default about sqrt(N))", flag_values=FLAGS)
-flags.DEFINE_integer("nprobe", None, "IVF cells scanned per query (build: stored default; query: override)",
-                     flag_values=FLAGS)
-flags.DEFINE_boolean("reports", False, "build: also keep a report bank (the records' de-identified report text and "
-                     "its text embedding, per study) for echoclip_jax.report", flag_values=FLAGS)
-flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video (default: all the records "
-                     "hold; DICOM queries: as many as data_prep kept)", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "nprobe", None, "IVF cells scanned per query (build: stored default; query: override)", flag_values=FLAGS
+)
+flags.DEFINE_boolean(
+    "reports",
+    False,
+    "build: also keep a report bank (the records' de-identified report text and "
+    "its text embedding, per study) for echoclip_jax.report",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "frames",
+    None,
+    "at most this many evenly spaced frames per video (default: all the records "
+    "hold; DICOM queries: as many as data_prep kept)",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("batch_size", 128, "frames (or texts) per device batch", flag_values=FLAGS)
 flags.DEFINE_string("text", None, "query: a report-style text", flag_values=FLAGS)
-flags.DEFINE_string("video", None, "query: a .dcm/.avi/.npy video or a study directory of such files",
-                    flag_values=FLAGS)
-flags.DEFINE_string("study_of", None, "query: the salted video_id of an indexed video: its study's neighbours",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+    "video", None, "query: a .dcm/.avi/.npy video or a study directory of such files", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "study_of", None, "query: the salted video_id of an indexed video: its study's neighbours", flag_values=FLAGS
+)
 flags.DEFINE_integer("k", 10, "query: neighbours per level", flag_values=FLAGS)
 flags.DEFINE_enum("level", "both", ["both", "video", "study"], "query: which neighbours", flag_values=FLAGS)
-flags.DEFINE_boolean("exclude_same_patient", False, "query --study_of: leave out the patient's other studies",
-                     flag_values=FLAGS)
+flags.DEFINE_boolean(
+    "exclude_same_patient", False, "query --study_of: leave out the patient's other studies", flag_values=FLAGS
+)
 
 
 def _summary(index: archive_lib.Archive) -> None:
-    levels = ", ".join(f"{len(index.rows[lv])} {archive_lib.FILES[lv]} ({index.meta['levels'].get(lv, {}).get('kind')})"
-                       for lv in archive_lib.LEVELS)
+    levels = ", ".join(
+        f"{len(index.rows[lv])} {archive_lib.FILES[lv]} ({index.meta['levels'].get(lv, {}).get('kind')})"
+        for lv in archive_lib.LEVELS
+    )
     bank = f", {len(index.reports)} reports in the report bank" if index.reports is not None else ""
     log.info("wrote %s: %s%s", index.path, levels, bank)
 
 
 def _print(result: dict) -> None:
     q = result["query"]
-    what = (f"text {q['text']!r}" if "text" in q else f"video {q['video']} ({q['files']} file(s))" if "video" in q
-            else f"the study of video {q['study_of']}")
+    what = (
+        f"text {q['text']!r}"
+        if "text" in q
+        else f"video {q['video']} ({q['files']} file(s))"
+        if "video" in q
+        else f"the study of video {q['study_of']}"
+    )
     for level, rows in result["results"].items():
         info = result["index"].get(level) or {}
-        print(f"{level} neighbours of {what} ({info.get('kind')} search over {info.get('vectors', 0)} "
-              f"{archive_lib.FILES[level]}):")
+        print(
+            f"{level} neighbours of {what} ({info.get('kind')} search over {info.get('vectors', 0)} "
+            f"{archive_lib.FILES[level]}):"
+        )
         id_col = "video_id" if level == "video" else "study_id"
         print(f"  {'rank':>4s}  {'score':>7s}  {'split':5s}  {id_col}")
         for r in rows:
@@ -101,9 +138,17 @@ def _query(f, path: str) -> None:
     if f.checkpoint and f.study_of is None:
         model = ops.model_of(index, f.checkpoint, f.config)
         embedder = ops.embedder_for(model, index.meta["model"].get("fingerprint"), path, f.batch_size)
-    result = ops.query(index, text=f.text, video=f.video, study_of=f.study_of, k=f.k,
-                       levels=archive_lib.LEVELS if f.level == "both" else (f.level,),
-                       exclude_same_patient=f.exclude_same_patient, embedder=embedder, frames=f.frames)
+    result = ops.query(
+        index,
+        text=f.text,
+        video=f.video,
+        study_of=f.study_of,
+        k=f.k,
+        levels=archive_lib.LEVELS if f.level == "both" else (f.level,),
+        exclude_same_patient=f.exclude_same_patient,
+        embedder=embedder,
+        frames=f.frames,
+    )
     _print(result)
     if f.out:
         with open(f.out, "w", encoding="utf-8") as fh:
@@ -116,8 +161,10 @@ def _search(f, args: list[str]) -> None:
         raise cli.UsageError(f"the first argument is one of {', '.join(COMMANDS)}")
     command, rest = args[0], args[1:]
     if command == "build" and (rest or not (f.out and f.checkpoint and f.config and f.data_dir)):
-        raise cli.UsageError("build takes no positional argument and needs --checkpoint KIND:PATH, --config C, "
-                             "--data_dir O and --out INDEX")
+        raise cli.UsageError(
+            "build takes no positional argument and needs --checkpoint KIND:PATH, --config C, "
+            "--data_dir O and --out INDEX"
+        )
     if command != "build" and len(rest) != 1:
         raise cli.UsageError(f"{command} takes one positional argument, the INDEX directory")
     if command == "add" and not f.data_dir:
@@ -125,12 +172,31 @@ def _search(f, args: list[str]) -> None:
     if f.config is not None:
         validate(f.config, training=False)
     if command == "build":
-        _summary(ops.build(f.out, checkpoint=f.checkpoint, config=f.config, data_dir=f.data_dir, splits=f.split,
-                           kind=f.kind, approximate_above=f.approximate_above, nlist=f.nlist, nprobe=f.nprobe,
-                           report_bank=f.reports, frames=f.frames, batch_size=f.batch_size))
+        _summary(
+            ops.build(
+                f.out,
+                checkpoint=f.checkpoint,
+                config=f.config,
+                data_dir=f.data_dir,
+                splits=f.split,
+                kind=f.kind,
+                approximate_above=f.approximate_above,
+                nlist=f.nlist,
+                nprobe=f.nprobe,
+                report_bank=f.reports,
+                frames=f.frames,
+                batch_size=f.batch_size,
+            )
+        )
     elif command == "add":
-        ops.add(rest[0], data_dir=f.data_dir, splits=f.split, checkpoint=f.checkpoint, config=f.config,
-                batch_size=f.batch_size)
+        ops.add(
+            rest[0],
+            data_dir=f.data_dir,
+            splits=f.split,
+            checkpoint=f.checkpoint,
+            config=f.config,
+            batch_size=f.batch_size,
+        )
         _summary(archive_lib.Archive.open(rest[0]))
     else:
         _query(f, rest[0])

@@ -6,6 +6,7 @@ The workdir gets the checkpoints (train state and data position together), `metr
 per logged step) and TensorBoard events. Every field of the config file can be overridden as
 `--config.field=value`. The work is done in `echoclip_jax.training.loop`, which reads top to bottom.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ from echoclip_jax.training.loop import train
 
 FLAGS = cli.flag_values()
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", flag_values=FLAGS)
-flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, TensorBoard; resumes from it",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+    "workdir", None, "run directory: checkpoints, metrics.jsonl, TensorBoard; resumes from it", flag_values=FLAGS
+)
 flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 

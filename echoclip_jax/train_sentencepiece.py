@@ -9,6 +9,7 @@ header identifiers: the better source), a CSV with a report column, or a text fi
 piece. `echoclip_jax.tokenizers.spm_train` says how; use the model with `--config.tokenizer.name=sentencepiece
 --config.tokenizer.path=M.model`.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,12 +22,12 @@ from echoclip_jax.runtime import cli
 from echoclip_jax.tokenizers.spm_train import read_reports, template_pieces, train
 
 FLAGS = cli.flag_values()
-flags.DEFINE_string("reports", None, "reports CSV, one-report-per-line text, or data_prep output dir",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+    "reports", None, "reports CSV, one-report-per-line text, or data_prep output dir", flag_values=FLAGS
+)
 flags.DEFINE_integer("vocab_size", None, "pieces in the model", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "model file to write (e.g. reports.model)", flag_values=FLAGS)
-flags.DEFINE_string("template_vocab", "", "template phrase file: its fixed wording becomes pieces",
-                    flag_values=FLAGS)
+flags.DEFINE_string("template_vocab", "", "template phrase file: its fixed wording becomes pieces", flag_values=FLAGS)
 flags.DEFINE_string("column", "report", "report column of a CSV", flag_values=FLAGS)
 flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "SentencePiece's model type", flag_values=FLAGS)
 flags.DEFINE_boolean("byte_fallback", False, "unseen characters become byte pieces, not unk", flag_values=FLAGS)
@@ -35,8 +36,14 @@ flags.mark_flags_as_required(["reports", "vocab_size", "out"], flag_values=FLAGS
 
 def _train(f) -> None:
     pieces = template_pieces(f.template_vocab) if f.template_vocab else []
-    model = train(read_reports(f.reports, f.column), f.vocab_size, user_pieces=pieces, model_type=f.model_type,
-                  byte_fallback=f.byte_fallback, source=f.reports)
+    model = train(
+        read_reports(f.reports, f.column),
+        f.vocab_size,
+        user_pieces=pieces,
+        model_type=f.model_type,
+        byte_fallback=f.byte_fallback,
+        source=f.reports,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
     tmp = f.out + ".tmp"
     with open(tmp, "wb") as fh:

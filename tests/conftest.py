@@ -2,6 +2,7 @@
 
 The flag is set here, before JAX is imported anywhere, so no caller has to remember it.
 """
+
 import logging
 import os
 import pathlib
@@ -21,9 +22,7 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The real EchoCLIP reference data lives beside the project (never copied into it).
-REFERENCE_DIR = pathlib.Path(
-    os.environ.get("ECHOCLIP_REFERENCE_DIR", REPO.parent / "shared" / "echoclip_reference")
-)
+REFERENCE_DIR = pathlib.Path(os.environ.get("ECHOCLIP_REFERENCE_DIR", REPO.parent / "shared" / "echoclip_reference"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The layout's rules, read from the source: layers point one way, no module uses another's private names,
 imports sit at the top of the file, and the library never reaches for the experiment configs or the
 synthetic cohort."""
+
 import ast
 import pathlib
 
@@ -48,12 +49,16 @@ def test_layers_point_one_way(name):
     for module, _, node, _ in _imports(_parsed(name)):
         where = f"{MODULES[name].relative_to(REPO)}:{node.lineno}"
         assert module.split(".")[0] != "configs", f"{where}: the library never imports the experiment configs"
-        if module.startswith("data_prep.synthetic") or module == "data_prep" and "synthetic" in [
-                a.name for a in node.names]:
+        if (
+            module.startswith("data_prep.synthetic")
+            or module == "data_prep"
+            and "synthetic" in [a.name for a in node.names]
+        ):
             assert name.startswith(SYNTHETIC_READERS), f"{where}: only the demo reads the synthetic cohort"
         if name.startswith("data_prep"):
-            assert module.split(".")[0] not in ("echoclip_jax", "jax", "flax", "optax"), \
+            assert module.split(".")[0] not in ("echoclip_jax", "jax", "flax", "optax"), (
                 f"{where}: data_prep runs without JAX and below the library"
+            )
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -69,15 +74,17 @@ def test_no_module_uses_another_modules_private_names(name):
             aliases[a.asname or a.name.split(".")[-1]] = module
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
-            assert not (node.attr.startswith("_") and not node.attr.startswith("__")), \
+            assert not (node.attr.startswith("_") and not node.attr.startswith("__")), (
                 f"{MODULES[name].relative_to(REPO)}:{node.lineno}: {node.value.id}.{node.attr}"
+            )
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_imports_at_the_top_except_optional_dependencies(name):
     for module, _, node, top in _imports(_parsed(name)):
-        assert top or module.split(".")[0] in OPTIONAL, \
+        assert top or module.split(".")[0] in OPTIONAL, (
             f"{MODULES[name].relative_to(REPO)}:{node.lineno}: import {module} inside a function"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -44,6 +44,7 @@ they draw: `cohort` (the plan: patients, studies, videos, fake PHI), `geometry` 
 `views` (the standard views' scenes), `device_shapes` (devices as pixel shapes, their masks),
 `render_views` (the frames), `reports_v2` (readers' wording).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,20 +87,36 @@ def _make_one(args: tuple[VideoSpec, str]) -> tuple[dict, dict | None]:
         geometry = dict(path=spec.path, rows=frames.shape[1], cols=frames.shape[2], frames=shapes)
     write_dicom(pathlib.Path(out_dir) / spec.path, frames, spec, geo_truth)
     return dict(
-        path=spec.path, StudyInstanceUID=spec.phi["StudyInstanceUID"], patient=spec.patient,
-        study_index=spec.study_index, study_day=spec.study_day, video_index=spec.video_index,
-        ef=spec.ef, ef_definition=EF_DEFINITION, devices=";".join(spec.devices),
-        pacemaker=int("pacemaker" in spec.devices), tavr=int("tavr" in spec.devices), mitraclip=int("mitraclip" in spec.devices),
-        n_mitraclips=spec.n_mitraclips, lv_size=spec.lv_size, heart_rate=spec.heart_rate,
-        fps=round(spec.fps, 4), frame_time_ms=spec.frame_time_ms, frames=spec.frames, rows=frames.shape[1],
-        cols=frames.shape[2], encoding=spec.encoding, has_us_regions=int(spec.has_regions), **geo_truth), geometry
+        path=spec.path,
+        StudyInstanceUID=spec.phi["StudyInstanceUID"],
+        patient=spec.patient,
+        study_index=spec.study_index,
+        study_day=spec.study_day,
+        video_index=spec.video_index,
+        ef=spec.ef,
+        ef_definition=EF_DEFINITION,
+        devices=";".join(spec.devices),
+        pacemaker=int("pacemaker" in spec.devices),
+        tavr=int("tavr" in spec.devices),
+        mitraclip=int("mitraclip" in spec.devices),
+        n_mitraclips=spec.n_mitraclips,
+        lv_size=spec.lv_size,
+        heart_rate=spec.heart_rate,
+        fps=round(spec.fps, 4),
+        frame_time_ms=spec.frame_time_ms,
+        frames=spec.frames,
+        rows=frames.shape[1],
+        cols=frames.shape[2],
+        encoding=spec.encoding,
+        has_us_regions=int(spec.has_regions),
+        **geo_truth,
+    ), geometry
 
 
 _OUTPUTS = ("reports.csv", "reports_clinical.csv", "truth.csv", "phi.json", "cohort.json", "device_geometry.jsonl")
 
 
-def generate(out_dir, patients: int, seed: int = 0, small: bool = False, workers: int = 1,
-             version: int = 1) -> dict:
+def generate(out_dir, patients: int, seed: int = 0, small: bool = False, workers: int = 1, version: int = 1) -> dict:
     """Writes the cohort under `out_dir` (which must not already hold one); returns cohort.json's content.
     `version` 1: one A4C-like phantom per video (byte-identical to earlier releases); 2: standard views,
     reports in readers' own words, device geometry per frame (see the package docstring)."""
@@ -139,9 +156,13 @@ def generate(out_dir, patients: int, seed: int = 0, small: bool = False, workers
     all_phi = sorted({s for kind, values in phi.items() if kind != "report_numbers" for s in values})
     (out / "phi.json").write_text(json.dumps({"strings": all_phi, "by_field": phi}, indent=1) + "\n")
     summary = dict(patients=patients, seed=seed, small=small) | ({} if version == 1 else dict(cohort_version=2))
-    summary |= dict(studies=len(studies), videos=len(videos),
-                   ef_definition=EF_DEFINITION, encodings={e: sum(v.encoding == e for v in videos) for e in ENCODINGS},
-                   without_us_regions=sum(not v.has_regions for v in videos))
+    summary |= dict(
+        studies=len(studies),
+        videos=len(videos),
+        ef_definition=EF_DEFINITION,
+        encodings={e: sum(v.encoding == e for v in videos) for e in ENCODINGS},
+        without_us_regions=sum(not v.has_regions for v in videos),
+    )
     if version == 2:
         summary["views"] = {view: sum(v.view == view for v in videos) for view in VIEWS}
     (out / "cohort.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -170,7 +191,6 @@ def truth_by_video_id(out_dir, salt: str | bytes) -> dict[str, dict]:
     salted hash of the DICOM's SOPInstanceUID), so evaluation can join records to their truth. Only for the
     synthetic cohort: the truth never travels with the records."""
 
-
     salt = salt.encode("utf-8") if isinstance(salt, str) else salt
     out = {}
     for row in read_truth(out_dir):
@@ -186,11 +206,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="160x208 frames, 16-24 per video (fast tests)")
     parser.add_argument("--workers", type=int, default=1, help="processes (the output is the same for any)")
-    parser.add_argument("--cohort_version", type=int, choices=COHORT_VERSIONS, default=1, help=(
-        "1 (default): one apical-4-chamber-like phantom per video, reports in the zero-shot prompts' own "
-        "sentences (byte-identical to earlier releases); 2: several standard views per study (A4C, A2C, PLAX, "
-        "PSAX, subcostal; devices only where each view shows them), reports worded by different readers "
-        "with none of the prompts' sentences, per-frame device geometry in device_geometry.jsonl"))
+    parser.add_argument(
+        "--cohort_version",
+        type=int,
+        choices=COHORT_VERSIONS,
+        default=1,
+        help=(
+            "1 (default): one apical-4-chamber-like phantom per video, reports in the zero-shot prompts' own "
+            "sentences (byte-identical to earlier releases); 2: several standard views per study (A4C, A2C, PLAX, "
+            "PSAX, subcostal; devices only where each view shows them), reports worded by different readers "
+            "with none of the prompts' sentences, per-frame device geometry in device_geometry.jsonl"
+        ),
+    )
     args = parser.parse_args(argv)
     try:
         summary = generate(args.out, args.patients, args.seed, args.small, args.workers, args.cohort_version)

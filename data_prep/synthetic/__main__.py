@@ -1,4 +1,5 @@
 """`python -m data_prep.synthetic`: see data_prep.synthetic."""
+
 import sys
 
 from data_prep.synthetic import main

@@ -4,6 +4,7 @@ Cheap and sequential, drawn from one seeded generator, so the same (patients, se
 plans the same cohort; the pixels of each video come later from its own seed (data_prep.synthetic.render,
 or render_views for version 2, whose studies hold several standard views each).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,7 @@ EF_DEFINITION = "(EDA-ESA)/EDA of the LV cavity area in the image plane, percent
 DEVICES = ("pacemaker", "tavr", "mitraclip")
 # version 2: the standard views drawn, and the views each device shows in
 VIEWS = ("a4c", "a2c", "plax", "psax", "subcostal")
-DEVICE_VIEWS = {"pacemaker": ("a4c", "psax", "subcostal"), "tavr": ("a4c", "plax"),
-                "mitraclip": ("a4c", "a2c", "plax")}
+DEVICE_VIEWS = {"pacemaker": ("a4c", "psax", "subcostal"), "tavr": ("a4c", "plax"), "mitraclip": ("a4c", "a2c", "plax")}
 LV_SIZES = ("normal", "mild", "moderate", "severe")
 LV_SCALE = {"normal": 1.0, "mild": 1.1, "moderate": 1.2, "severe": 1.3}  # ED cavity axes multiplier
 # Reduced EF goes with a dilated LV, as in dilated cardiomyopathy: the lower bound of EF for each size.
@@ -30,16 +30,62 @@ COHORT_VERSIONS = (1, 2)
 VIDEOS_PER_STUDY_V2 = {True: (3, 4), False: (4, 5)}  # keyed by `small`
 
 # Invented names (no real person): distinctive, so a privacy test can grep every output byte for them.
-_LAST = ("QUILLAMORE", "VANTERBUSH", "ZEPHYRANT", "MARLOWICK", "OSTRAVEN", "BRINDLEFOX", "KESTRANE",
-         "THORNVALE", "WYNDERLY", "CALDERIX", "PEMBERWICK", "ROOKSBANE", "FAIRWEXLEY", "DUNMARROW",
-         "GLASSENBY", "HOLLOWAYNE", "IVORSTEAD", "JASPERLEY", "LOXWORTH", "MIREBROOK")
-_FIRST = ("ALBINA", "BRISCO", "CORVINA", "DELPHA", "EVANDER", "FIORELLA", "GASTON", "HESPERA",
-          "ISIDRO", "JOVANKA", "LEOCADIA", "MAXENTIO", "NERISSA", "ORLANDO", "PERPETUA", "QUENTIN",
-          "ROSALBA", "SEVERIN", "TEODORA", "VALERIO")
-_INSTITUTIONS = ("SAINT ELSEWHERE HEART CENTER", "MERIDIAN VALLEY CARDIAC INSTITUTE",
-                 "NORTHGATE UNIVERSITY HOSPITAL", "LAKESHORE MEMORIAL MEDICAL CENTER")
-_ADDRESSES = ("1200 HARBOR BLVD, PORT ELSEWHERE", "77 MERIDIAN WAY, VALLEYTOWN",
-              "4 NORTHGATE PLAZA, UNIVERSITYVILLE", "900 SHORE DRIVE, LAKESIDE")
+_LAST = (
+    "QUILLAMORE",
+    "VANTERBUSH",
+    "ZEPHYRANT",
+    "MARLOWICK",
+    "OSTRAVEN",
+    "BRINDLEFOX",
+    "KESTRANE",
+    "THORNVALE",
+    "WYNDERLY",
+    "CALDERIX",
+    "PEMBERWICK",
+    "ROOKSBANE",
+    "FAIRWEXLEY",
+    "DUNMARROW",
+    "GLASSENBY",
+    "HOLLOWAYNE",
+    "IVORSTEAD",
+    "JASPERLEY",
+    "LOXWORTH",
+    "MIREBROOK",
+)
+_FIRST = (
+    "ALBINA",
+    "BRISCO",
+    "CORVINA",
+    "DELPHA",
+    "EVANDER",
+    "FIORELLA",
+    "GASTON",
+    "HESPERA",
+    "ISIDRO",
+    "JOVANKA",
+    "LEOCADIA",
+    "MAXENTIO",
+    "NERISSA",
+    "ORLANDO",
+    "PERPETUA",
+    "QUENTIN",
+    "ROSALBA",
+    "SEVERIN",
+    "TEODORA",
+    "VALERIO",
+)
+_INSTITUTIONS = (
+    "SAINT ELSEWHERE HEART CENTER",
+    "MERIDIAN VALLEY CARDIAC INSTITUTE",
+    "NORTHGATE UNIVERSITY HOSPITAL",
+    "LAKESHORE MEMORIAL MEDICAL CENTER",
+)
+_ADDRESSES = (
+    "1200 HARBOR BLVD, PORT ELSEWHERE",
+    "77 MERIDIAN WAY, VALLEYTOWN",
+    "4 NORTHGATE PLAZA, UNIVERSITYVILLE",
+    "900 SHORE DRIVE, LAKESIDE",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +102,12 @@ class Layout:
     speckle_blur: tuple[int, int]  # box blur (rows, cols): speckle grain grows with resolution
 
 
-SMALL = Layout(rows=160, cols=208, header=26, ecg=16, font_px=10, frames=(16, 24),
-               videos_per_study=(2, 3), speckle_blur=(1, 3))
-FULL = Layout(rows=600, cols=800, header=56, ecg=44, font_px=18, frames=(30, 100),
-              videos_per_study=(2, 4), speckle_blur=(3, 7))
+SMALL = Layout(
+    rows=160, cols=208, header=26, ecg=16, font_px=10, frames=(16, 24), videos_per_study=(2, 3), speckle_blur=(1, 3)
+)
+FULL = Layout(
+    rows=600, cols=800, header=56, ecg=44, font_px=18, frames=(30, 100), videos_per_study=(2, 4), speckle_blur=(3, 7)
+)
 
 
 @dataclasses.dataclass
@@ -138,10 +186,24 @@ def plan_cohort(patients: int, seed: int, small: bool, version: int = 1) -> tupl
     names = _patient_names(rng, patients)
     videos: list[VideoSpec] = []
     studies: list[dict] = []
-    phi: dict[str, set] = {k: set() for k in (
-        "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
-        "InstitutionAddress", "StudyDate", "ReferringPhysicianName", "OperatorsName",
-        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "burned_in")}
+    phi: dict[str, set] = {
+        k: set()
+        for k in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "AccessionNumber",
+            "InstitutionName",
+            "InstitutionAddress",
+            "StudyDate",
+            "ReferringPhysicianName",
+            "OperatorsName",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "burned_in",
+        )
+    }
     counter = 0
     uid_tag = () if version == 1 else ("v2",)  # v2 cohorts never share a UID with v1 ones of the same seed
     for p in range(patients):
@@ -153,8 +215,10 @@ def plan_cohort(patients: int, seed: int, small: bool, version: int = 1) -> tupl
         dob = first_day - datetime.timedelta(days=int(rng.integers(25 * 365, 90 * 365)))
         sex = str(rng.choice(["F", "M"]))
         ef0 = _baseline_ef(rng)
-        onset = {d: (int(rng.integers(0, n_studies)) if rng.random() < prob else None)
-                 for d, prob in zip(DEVICES, (0.25, 0.2, 0.2))}
+        onset = {
+            d: (int(rng.integers(0, n_studies)) if rng.random() < prob else None)
+            for d, prob in zip(DEVICES, (0.25, 0.2, 0.2))
+        }
         n_clips = int(rng.integers(1, 3))
         referrer = f"{_LAST[int(rng.integers(len(_LAST)))]}^{_FIRST[int(rng.integers(len(_FIRST)))]}^^DR"
         for s in range(n_studies):
@@ -170,17 +234,36 @@ def plan_cohort(patients: int, seed: int, small: bool, version: int = 1) -> tupl
             study_time = f"{int(rng.integers(7, 18)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}"
             burned_date = study_date.strftime("%m/%d/%Y")
             study_phi = dict(
-                PatientName=f"{last}^{first}", PatientID=pid, PatientBirthDate=_fmt_date(dob),
-                PatientSex=sex, PatientAge=f"{(study_date - dob).days // 365:03d}Y",
-                AccessionNumber=accession, InstitutionName=_INSTITUTIONS[inst],
-                InstitutionAddress=_ADDRESSES[inst], StudyDate=_fmt_date(study_date), StudyTime=study_time,
-                ReferringPhysicianName=referrer, OperatorsName=operator, StudyInstanceUID=study_uid,
+                PatientName=f"{last}^{first}",
+                PatientID=pid,
+                PatientBirthDate=_fmt_date(dob),
+                PatientSex=sex,
+                PatientAge=f"{(study_date - dob).days // 365:03d}Y",
+                AccessionNumber=accession,
+                InstitutionName=_INSTITUTIONS[inst],
+                InstitutionAddress=_ADDRESSES[inst],
+                StudyDate=_fmt_date(study_date),
+                StudyTime=study_time,
+                ReferringPhysicianName=referrer,
+                OperatorsName=operator,
+                StudyInstanceUID=study_uid,
                 StudyID=f"{int(rng.integers(1000, 10000))}",
-                burned_name=f"{last}, {first}", burned_id=f"ID: {pid}",
-                burned_date=f"{burned_date} {study_time[:2]}:{study_time[2:4]}")
-            for key in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
-                        "InstitutionAddress", "StudyDate", "ReferringPhysicianName", "OperatorsName",
-                        "StudyInstanceUID"):
+                burned_name=f"{last}, {first}",
+                burned_id=f"ID: {pid}",
+                burned_date=f"{burned_date} {study_time[:2]}:{study_time[2:4]}",
+            )
+            for key in (
+                "PatientName",
+                "PatientID",
+                "PatientBirthDate",
+                "AccessionNumber",
+                "InstitutionName",
+                "InstitutionAddress",
+                "StudyDate",
+                "ReferringPhysicianName",
+                "OperatorsName",
+                "StudyInstanceUID",
+            ):
                 phi[key].add(study_phi[key])
             phi["burned_in"].update([study_phi["burned_name"], pid, burned_date])
             lo, hi = layout.videos_per_study if version == 1 else VIDEOS_PER_STUDY_V2[small]
@@ -193,21 +276,52 @@ def plan_cohort(patients: int, seed: int, small: bool, version: int = 1) -> tupl
                 encoding = ENCODINGS[1] if counter % 8 == 3 else ENCODINGS[2] if counter % 8 == 6 else ENCODINGS[0]
                 has_regions = counter % 6 != 5
                 counter += 1
-                videos.append(VideoSpec(
-                    path=f"dicom/P{p + 1:05d}/S{s + 1:02d}/IM{v + 1:04d}.dcm", seed=(seed, p, s, v),
-                    patient=f"P{p + 1:05d}", study_index=s, video_index=v, study_day=int(days[s]), ef=ef,
-                    devices=devices, n_mitraclips=n_clips if "mitraclip" in devices else 0, lv_size=size,
-                    heart_rate=round(hr, 1), fps=1000.0 / frame_time, frame_time_ms=frame_time,
-                    frames=frames, encoding=encoding, has_regions=has_regions, small=small,
-                    phi=dict(study_phi, SeriesInstanceUID=_uid(seed, *uid_tag, "series", p, s, v),
-                             SOPInstanceUID=_uid(seed, *uid_tag, "sop", p, s, v), SeriesNumber=v + 1),
-                    version=version, view=views[v]))
+                videos.append(
+                    VideoSpec(
+                        path=f"dicom/P{p + 1:05d}/S{s + 1:02d}/IM{v + 1:04d}.dcm",
+                        seed=(seed, p, s, v),
+                        patient=f"P{p + 1:05d}",
+                        study_index=s,
+                        video_index=v,
+                        study_day=int(days[s]),
+                        ef=ef,
+                        devices=devices,
+                        n_mitraclips=n_clips if "mitraclip" in devices else 0,
+                        lv_size=size,
+                        heart_rate=round(hr, 1),
+                        fps=1000.0 / frame_time,
+                        frame_time_ms=frame_time,
+                        frames=frames,
+                        encoding=encoding,
+                        has_regions=has_regions,
+                        small=small,
+                        phi=dict(
+                            study_phi,
+                            SeriesInstanceUID=_uid(seed, *uid_tag, "series", p, s, v),
+                            SOPInstanceUID=_uid(seed, *uid_tag, "sop", p, s, v),
+                            SeriesNumber=v + 1,
+                        ),
+                        version=version,
+                        view=views[v],
+                    )
+                )
                 phi["SeriesInstanceUID"].add(videos[-1].phi["SeriesInstanceUID"])
                 phi["SOPInstanceUID"].add(videos[-1].phi["SOPInstanceUID"])
-            studies.append(dict(StudyInstanceUID=study_uid, AccessionNumber=accession, patient=f"P{p + 1:05d}",
-                                ef=ef, devices=devices, n_mitraclips=n_clips if "mitraclip" in devices else 0,
-                                lv_size=size, heart_rate=hr0, report_seed=(seed, p, s), phi=study_phi,
-                                version=version))
+            studies.append(
+                dict(
+                    StudyInstanceUID=study_uid,
+                    AccessionNumber=accession,
+                    patient=f"P{p + 1:05d}",
+                    ef=ef,
+                    devices=devices,
+                    n_mitraclips=n_clips if "mitraclip" in devices else 0,
+                    lv_size=size,
+                    heart_rate=hr0,
+                    report_seed=(seed, p, s),
+                    phi=study_phi,
+                    version=version,
+                )
+            )
     return videos, studies, {k: sorted(v) for k, v in phi.items()}
 
 
@@ -216,13 +330,17 @@ def _views_v2(rng, n_videos: int, devices: tuple[str, ...]) -> tuple[str, ...]:
     complete transthoracic study has it, and every device of the study shown by at least one of them (a
     view that shows none is swapped for one that does); the order of acquisition varies."""
     others = [VIEWS[i] for i in rng.permutation(np.arange(1, len(VIEWS)))]
-    chosen = (["a4c"] + others[:n_videos - 1]) if rng.random() < 0.8 else others[:n_videos]
+    chosen = (["a4c"] + others[: n_videos - 1]) if rng.random() < 0.8 else others[:n_videos]
     for d in devices:
         if any(v in DEVICE_VIEWS[d] for v in chosen):
             continue
         # A slot whose view no other device of the study needs as its only view.
-        sole = {v for e in devices for v in chosen if v in DEVICE_VIEWS[e]
-                and sum(w in DEVICE_VIEWS[e] for w in chosen) == 1}
+        sole = {
+            v
+            for e in devices
+            for v in chosen
+            if v in DEVICE_VIEWS[e] and sum(w in DEVICE_VIEWS[e] for w in chosen) == 1
+        }
         slot = next(i for i in rng.permutation(n_videos) if chosen[i] not in sole)
         options = [v for v in DEVICE_VIEWS[d] if v not in chosen]
         chosen[slot] = options[int(rng.integers(len(options)))]

@@ -15,6 +15,7 @@ numbers gives the very mask the renderer used:
 The truth file `device_geometry.jsonl` holds one line per video: {"path", "rows", "cols", "frames":
 [[shape, ...] per frame]}; `device_mask(out_dir, path)` turns it back into a boolean mask [T, rows, cols].
 """
+
 from __future__ import annotations
 
 import json
@@ -49,21 +50,48 @@ def frame_shapes(scene: Scene, geo: Geometry, devices, n_clips: int, phase: floa
     if "pacemaker" in shown and scene.lead:
         sway = 0.012 * math.sin(2 * math.pi * phase) * (1.0 if scene.lead_points > 20 else 0.4)
         (s0, s1), (c0, c1), (e0, e1) = scene.lead
-        shapes.append(dict(device="pacemaker", kind="lead", p0=px((s0, s1)), p1=px((c0 - sway, c1)),
-                           p2=px((e0 + sway, e1)), n=scene.lead_points, r=round(LEAD_RADIUS * k, 3)))
+        shapes.append(
+            dict(
+                device="pacemaker",
+                kind="lead",
+                p0=px((s0, s1)),
+                p1=px((c0 - sway, c1)),
+                p2=px((e0 + sway, e1)),
+                n=scene.lead_points,
+                r=round(LEAD_RADIUS * k, 3),
+            )
+        )
     if "tavr" in shown and scene.stent:
         c, half_len, half_wid, angle = scene.stent
-        shapes.append(dict(device="tavr", kind="stent", c=px(c), half_len=round(half_len * k, 3),
-                           half_wid=round(half_wid * k, 3), angle=round(angle, 6), strut=round(STENT_STRUT * k, 3),
-                           period=round(STENT_PERIOD * k, 3), lattice=round(STENT_LATTICE * k, 3)))
+        shapes.append(
+            dict(
+                device="tavr",
+                kind="stent",
+                c=px(c),
+                half_len=round(half_len * k, 3),
+                half_wid=round(half_wid * k, 3),
+                angle=round(angle, 6),
+                strut=round(STENT_STRUT * k, 3),
+                period=round(STENT_PERIOD * k, 3),
+                lattice=round(STENT_LATTICE * k, 3),
+            )
+        )
     if "mitraclip" in shown and scene.clips and n_clips:
         h = scene.heart
         s, co = math.sin(h.lv_axis), math.cos(h.lv_axis)
         d = base_dist + 0.02
         cu, cv = h.lv_c[0] + s * d, h.lv_c[1] + co * d
-        for off in ((0.0,) if n_clips == 1 else (-0.05, 0.05)):
-            shapes.append(dict(device="mitraclip", kind="ellipse", c=px((cu + co * off, cv - s * off)),
-                               a=round(CLIP_AB[0] * k, 3), b=round(CLIP_AB[1] * k, 3), angle=round(h.lv_axis, 6)))
+        for off in (0.0,) if n_clips == 1 else (-0.05, 0.05):
+            shapes.append(
+                dict(
+                    device="mitraclip",
+                    kind="ellipse",
+                    c=px((cu + co * off, cv - s * off)),
+                    a=round(CLIP_AB[0] * k, 3),
+                    b=round(CLIP_AB[1] * k, 3),
+                    angle=round(h.lv_axis, 6),
+                )
+            )
     return shapes
 
 
@@ -84,8 +112,8 @@ def _inside(shape: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if kind == "lead":
         t = np.linspace(0.0, 1.0, shape["n"])[:, None, None]
         (x0, y0), (x1, y1), (x2, y2) = shape["p0"], shape["p1"], shape["p2"]
-        px = (1 - t) ** 2 * x0 + 2 * (1 - t) * t * x1 + t ** 2 * x2
-        py = (1 - t) ** 2 * y0 + 2 * (1 - t) * t * y1 + t ** 2 * y2
+        px = (1 - t) ** 2 * x0 + 2 * (1 - t) * t * x1 + t**2 * x2
+        py = (1 - t) ** 2 * y0 + 2 * (1 - t) * t * y1 + t**2 * y2
         return np.min((x[None] - px) ** 2 + (y[None] - py) ** 2, axis=0) < shape["r"] ** 2
     s, c = math.sin(shape["angle"]), math.cos(shape["angle"])
     dx, dy = x - shape["c"][0], y - shape["c"][1]
@@ -112,8 +140,8 @@ def rasterize(shapes: list[dict], rows: int, cols: int) -> np.ndarray:
         c1, r1 = min(int(math.ceil(x1)) + 1, cols - 1), min(int(math.ceil(y1)) + 1, rows - 1)
         if c1 < c0 or r1 < r0:
             continue
-        yy, xx = np.mgrid[r0:r1 + 1, c0:c1 + 1].astype(np.float64)
-        mask[r0:r1 + 1, c0:c1 + 1] |= _inside(shape, xx, yy)
+        yy, xx = np.mgrid[r0 : r1 + 1, c0 : c1 + 1].astype(np.float64)
+        mask[r0 : r1 + 1, c0 : c1 + 1] |= _inside(shape, xx, yy)
     return mask
 
 
@@ -133,5 +161,9 @@ def device_mask(out_dir, path: str, device: str | None = None) -> np.ndarray:
     if path not in entries:
         raise KeyError(f"{path}: not a video of the cohort in {out_dir}")
     entry = entries[path]
-    return np.stack([rasterize([s for s in shapes if device is None or s["device"] == device],
-                               entry["rows"], entry["cols"]) for shapes in entry["frames"]])
+    return np.stack(
+        [
+            rasterize([s for s in shapes if device is None or s["device"] == device], entry["rows"], entry["cols"])
+            for shapes in entry["frames"]
+        ]
+    )

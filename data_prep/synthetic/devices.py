@@ -1,5 +1,6 @@
 """The devices: a pacemaker lead, a stent-frame aortic valve prosthesis, mitral clips, drawn as masks of
 near-saturated metal in sector units."""
+
 from __future__ import annotations
 
 import math
@@ -18,15 +19,17 @@ def device_mask(u, v, heart: Heart, base_dist: float, phase: float, spec: VideoS
         # A lead from the right atrium through the tricuspid valve to the RV apex; it sways a little.
         sway = 0.012 * math.sin(2 * math.pi * phase)
         rv_axis = math.atan2(heart.rv_c[0], heart.rv_c[1])
-        apex = (heart.rv_c[0] - math.sin(rv_axis) * heart.rv_ab[1] * 0.75 + sway,
-                heart.rv_c[1] - math.cos(rv_axis) * heart.rv_ab[1] * 0.75)
+        apex = (
+            heart.rv_c[0] - math.sin(rv_axis) * heart.rv_ab[1] * 0.75 + sway,
+            heart.rv_c[1] - math.cos(rv_axis) * heart.rv_ab[1] * 0.75,
+        )
         start = (heart.ra_c[0] - 0.03, heart.ra_c[1] + 0.06)
         ctrl = (heart.rv_c[0] + 0.05 - sway, heart.rv_c[1] + 0.12)
         tt = np.linspace(0, 1, 40)[:, None, None]
-        pu = (1 - tt) ** 2 * start[0] + 2 * (1 - tt) * tt * ctrl[0] + tt ** 2 * apex[0]
-        pv = (1 - tt) ** 2 * start[1] + 2 * (1 - tt) * tt * ctrl[1] + tt ** 2 * apex[1]
+        pu = (1 - tt) ** 2 * start[0] + 2 * (1 - tt) * tt * ctrl[0] + tt**2 * apex[0]
+        pv = (1 - tt) ** 2 * start[1] + 2 * (1 - tt) * tt * ctrl[1] + tt**2 * apex[1]
         d2 = np.min((u[None] - pu) ** 2 + (v[None] - pv) ** 2, axis=0)
-        mask |= d2 < 0.024 ** 2
+        mask |= d2 < 0.024**2
     if "tavr" in spec.devices:
         # A stent frame with its diamond lattice at the crux, between the atria below the LV base.
         cu = (heart.la_c[0] + heart.ra_c[0]) / 2 + 0.02

@@ -1,6 +1,7 @@
 """Writing one video as Ultrasound Multi-frame Image Storage: JPEG Baseline YBR_FULL_422, uncompressed RGB
 or MONOCHROME2, with the study's fake PHI in the header, a private tag repeating the name, and (for most
 files) a SequenceOfUltrasoundRegions describing the sector and the ECG band."""
+
 from __future__ import annotations
 
 import io

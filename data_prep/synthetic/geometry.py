@@ -1,5 +1,6 @@
 """Where things are: the heart's chambers in sector units (depth 1 = the sector radius), how the LV cavity's
 area follows the cardiac cycle, and the scan sector in pixels."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,12 +82,20 @@ class Geometry:
     def bbox(self) -> tuple[int, int, int, int]:
         """Inclusive (x0, y0, x1, y1) of the sector."""
         half = self.radius * math.sin(self.half_angle)
-        return (int(math.floor(self.apex_x - half)), int(math.floor(self.apex_y)),
-                int(math.ceil(self.apex_x + half)), int(math.ceil(self.apex_y + self.radius)))
+        return (
+            int(math.floor(self.apex_x - half)),
+            int(math.floor(self.apex_y)),
+            int(math.ceil(self.apex_x + half)),
+            int(math.ceil(self.apex_y + self.radius)),
+        )
 
 
 def make_geometry(rng, layout: Layout) -> Geometry:
     r_max = layout.rows - layout.header - layout.ecg - 2
-    return Geometry(apex_x=layout.cols / 2 + rng.uniform(-3, 3), apex_y=layout.header + 1.0,
-                    radius=r_max * rng.uniform(0.94, 1.0), half_angle=math.radians(rng.uniform(38, 44)),
-                    depth_cm=float(rng.uniform(14, 18)))
+    return Geometry(
+        apex_x=layout.cols / 2 + rng.uniform(-3, 3),
+        apex_y=layout.header + 1.0,
+        radius=r_max * rng.uniform(0.94, 1.0),
+        half_angle=math.radians(rng.uniform(38, 44)),
+        depth_cm=float(rng.uniform(14, 18)),
+    )

@@ -1,5 +1,6 @@
 """What scanners burn in outside the sector: the patient's name, id and date, the heart rate, a probe label
 and depth ticks beside the fan, and the ECG trace in the bottom band."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,7 @@ def ecg_value(phase: np.ndarray) -> np.ndarray:
     return g(0, 0.012) - 0.2 * g(0.03, 0.01) - 0.1 * g(-0.025, 0.008) + 0.3 * g(0.3, 0.045) + 0.15 * g(-0.15, 0.03)
 
 
-def draw_overlay(spec: VideoSpec, layout: Layout, geo: Geometry, fan: np.ndarray, phase0: float,
-                 label: str = "A4C"):
+def draw_overlay(spec: VideoSpec, layout: Layout, geo: Geometry, fan: np.ndarray, phase0: float, label: str = "A4C"):
     """Static burned-in graphics outside the sector, as (mask, RGB colour) images, and the ECG sweep.
     `label` is burned in beside the fan (version 1: "A4C"; version 2: a probe name, never the view)."""
     img = Image.new("RGB", (layout.cols, layout.rows))

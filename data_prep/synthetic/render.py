@@ -1,5 +1,6 @@
 """One video's frames: echogenicity of the beating heart and its devices, speckle, attenuation, and the
 overlays outside the sector, with the per-video truth (geometry in pixels)."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,10 @@ def echogenicity(u, v, heart: Heart, f: float, phase: float, spec: VideoSpec):
     aa, ab = heart.atrium_ab[0] * atrial, heart.atrium_ab[1] * atrial
     rv = math.sqrt(1 - 0.6 * (1 - f))
     for (cu, cv), (a, b), ang in (
-            (heart.ra_c, (aa, ab), 0.0), (heart.la_c, (aa, ab), heart.lv_axis),
-            (heart.rv_c, (heart.rv_ab[0] * rv, heart.rv_ab[1] * rv), math.atan2(heart.rv_c[0], heart.rv_c[1]))):
+        (heart.ra_c, (aa, ab), 0.0),
+        (heart.la_c, (aa, ab), heart.lv_axis),
+        (heart.rv_c, (heart.rv_ab[0] * rv, heart.rv_ab[1] * rv), math.atan2(heart.rv_c[0], heart.rv_c[1])),
+    ):
         e = np.where(ellipse(u, v, cu, cv, a + 0.03, b + 0.03, ang) <= 1, 0.6, e)
         e = np.where(ellipse(u, v, cu, cv, a, b, ang) <= 1, 0.05, e)
     # LV territory: tissue out to its ED epicardium, so no other chamber shows where the LV shrank.
@@ -64,12 +67,12 @@ def fan_pixels(geo, layout):
     """(u, v, fan_box, fan): the sector's bounding box in apex-centred units of its radius (u across, v down
     the beam), the fan inside that box, and the fan as a full-frame mask."""
     x0, y0, x1, y1 = geo.bbox
-    yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1].astype(np.float32)
+    yy, xx = np.mgrid[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
     u, v = (xx - geo.apex_x) / geo.radius, (yy - geo.apex_y) / geo.radius
     r, ang = np.hypot(u, v), np.arctan2(u, v)
     fan_box = (r <= 1.0) & (np.abs(ang) <= geo.half_angle)
     fan = np.zeros((layout.rows, layout.cols), bool)
-    fan[y0:y1 + 1, x0:x1 + 1] = fan_box
+    fan[y0 : y1 + 1, x0 : x1 + 1] = fan_box
     return u, v, fan_box, fan
 
 
@@ -77,7 +80,7 @@ def paint_frame(frame, img, fan_box, bbox, overlay, overlay_mask, cursor_rows, c
     """Writes one frame in place: the echo image `img` (grey levels, the sector's bounding box) inside the
     fan, black around it, then the burned-in overlay and the ECG sweep's cursor column."""
     x0, y0, x1, y1 = bbox
-    frame[y0:y1 + 1, x0:x1 + 1] = np.where(fan_box, np.clip(img, 0, 255), 0).astype(np.uint8)[..., None]
+    frame[y0 : y1 + 1, x0 : x1 + 1] = np.where(fan_box, np.clip(img, 0, 255), 0).astype(np.uint8)[..., None]
     frame[overlay_mask] = overlay[overlay_mask]
     frame[cursor_rows, cursor] = (255, 255, 255)
 
@@ -87,14 +90,21 @@ def geometry_truth(geo, heart) -> dict:
     depth) and the LV's end-diastolic cavity ellipse (centre, semi-axes, axis angle)."""
     x0, y0, x1, y1 = geo.bbox
     return dict(
-        sector_apex_x=round(geo.apex_x, 2), sector_apex_y=round(geo.apex_y, 2),
-        sector_radius=round(geo.radius, 2), sector_half_angle_deg=round(math.degrees(geo.half_angle), 2),
-        sector_x0=x0, sector_y0=y0, sector_x1=x1, sector_y1=y1, depth_cm=round(geo.depth_cm, 3),
+        sector_apex_x=round(geo.apex_x, 2),
+        sector_apex_y=round(geo.apex_y, 2),
+        sector_radius=round(geo.radius, 2),
+        sector_half_angle_deg=round(math.degrees(geo.half_angle), 2),
+        sector_x0=x0,
+        sector_y0=y0,
+        sector_x1=x1,
+        sector_y1=y1,
+        depth_cm=round(geo.depth_cm, 3),
         lv_center_x=round(geo.apex_x + heart.lv_c[0] * geo.radius, 2),
         lv_center_y=round(geo.apex_y + heart.lv_c[1] * geo.radius, 2),
         lv_ed_semi_across_px=round(heart.lv_a * geo.radius, 2),
         lv_ed_semi_along_px=round(heart.lv_b * geo.radius, 2),
-        lv_axis_deg=round(math.degrees(heart.lv_axis), 3))
+        lv_axis_deg=round(math.degrees(heart.lv_axis), 3),
+    )
 
 
 def render_video(spec: VideoSpec) -> tuple[np.ndarray, dict]:
@@ -120,7 +130,15 @@ def render_video(spec: VideoSpec) -> tuple[np.ndarray, dict]:
         img = box_blur(e * speckle * depth_gain * 255.0, *layout.speckle_blur)
         img += rng.normal(0, 2.0, size=img.shape)
         img[device] = 250.0 + rng.normal(0, 3.0, size=int(device.sum()))
-        paint_frame(frames[i], img, fan_box, geo.bbox, overlay, overlay_mask, ecg_cursor_rows,
-                    int((t % sweep_s) / sweep_s * layout.cols))
+        paint_frame(
+            frames[i],
+            img,
+            fan_box,
+            geo.bbox,
+            overlay,
+            overlay_mask,
+            ecg_cursor_rows,
+            int((t % sweep_s) / sweep_s * layout.cols),
+        )
     truth = geometry_truth(geo, heart)
     return frames, truth

@@ -2,6 +2,7 @@
 its known EF and the devices this view shows drawn from exact pixel shapes (device_shapes), which come back
 as truth. Tissue, speckle, attenuation and the overlays are version 1's (render.py); the view's name is
 never burned in (the probe label is the same on every view)."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,11 @@ from data_prep.synthetic.overlays import draw_overlay
 from data_prep.synthetic.render import box_blur, fan_pixels, geometry_truth, paint_frame
 from data_prep.synthetic.views import PROBE_LABEL, Scene, make_scene, make_view_geometry
 
-_MOTION = {"ventricle": lambda f: math.sqrt(1 - 0.6 * (1 - f)), "atrium": lambda f: math.sqrt(1 + 0.25 * (1 - f)),
-           "static": lambda f: 1.0}
+_MOTION = {
+    "ventricle": lambda f: math.sqrt(1 - 0.6 * (1 - f)),
+    "atrium": lambda f: math.sqrt(1 + 0.25 * (1 - f)),
+    "static": lambda f: 1.0,
+}
 
 
 def scene_echogenicity(u, v, scene: Scene, f: float) -> tuple[np.ndarray, float]:
@@ -79,12 +83,22 @@ def render_view_video(spec: VideoSpec, draw_devices: bool = True) -> tuple[np.nd
             device = rasterize(shapes, layout.rows, layout.cols)
             most_pixels = max(most_pixels, int(device.sum()))
             if draw_devices:
-                img = np.where(device[y0:y1 + 1, x0:x1 + 1], metal, img)
-        paint_frame(frames[i], img, fan_box, geo.bbox, overlay, overlay_mask, ecg_cursor_rows,
-                    int((t % sweep_s) / sweep_s * layout.cols))
+                img = np.where(device[y0 : y1 + 1, x0 : x1 + 1], metal, img)
+        paint_frame(
+            frames[i],
+            img,
+            fan_box,
+            geo.bbox,
+            overlay,
+            overlay_mask,
+            ecg_cursor_rows,
+            int((t % sweep_s) / sweep_s * layout.cols),
+        )
     shown = visible_devices(spec.devices, spec.view)
     truth = dict(
-        view=spec.view, **geometry_truth(geo, heart),
+        view=spec.view,
+        **geometry_truth(geo, heart),
         **{f"{d}_visible": int(d in shown) for d in ("pacemaker", "tavr", "mitraclip")},
-        device_pixels_max=most_pixels)
+        device_pixels_max=most_pixels,
+    )
     return frames, truth, all_shapes

@@ -9,6 +9,7 @@ patient's home address, a portal URL, and now and then an age over 89. `report_p
 string so the privacy tests can look for it in every output; the clinical text is drawn from its own
 random stream, so the identifiers never change what the report says about the heart.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -19,19 +20,48 @@ from data_prep.synthetic.reports_v2 import clinical_report_v2
 
 REPORT_GRADE_PROB = 0.5  # chance that a report states the LV size (and, separately, the systolic grade)
 
-_FILLER = ("NORMAL PERICARDIUM WITH NO PERICARDIAL EFFUSION.", "NORMAL APPEARANCE OF THE TRICUSPID VALVE.",
-           "NORMAL LEFT ATRIAL SIZE AND MORPHOLOGY.", "NORMAL RIGHT ATRIAL SIZE AND MORPHOLOGY.",
-           "NORMAL RIGHT VENTRICULAR SYSTOLIC FUNCTION.", "NORMAL LEFT VENTRICULAR WALL THICKNESS.")
+_FILLER = (
+    "NORMAL PERICARDIUM WITH NO PERICARDIAL EFFUSION.",
+    "NORMAL APPEARANCE OF THE TRICUSPID VALVE.",
+    "NORMAL LEFT ATRIAL SIZE AND MORPHOLOGY.",
+    "NORMAL RIGHT ATRIAL SIZE AND MORPHOLOGY.",
+    "NORMAL RIGHT VENTRICULAR SYSTOLIC FUNCTION.",
+    "NORMAL LEFT VENTRICULAR WALL THICKNESS.",
+)
 # Invented staff (no real person, in no DICOM header): only the report reveals them.
-_STAFF_LAST = ("ABERCRANTZ", "BELLWETHAM", "CRANSHOLT", "DORVENTINE", "EMBERLIGHT", "FROSTHAVEN", "GRIMSWALD",
-               "HAVERSTOCK")
+_STAFF_LAST = (
+    "ABERCRANTZ",
+    "BELLWETHAM",
+    "CRANSHOLT",
+    "DORVENTINE",
+    "EMBERLIGHT",
+    "FROSTHAVEN",
+    "GRIMSWALD",
+    "HAVERSTOCK",
+)
 _STAFF_FIRST = ("ANSELMO", "BRUNHILDA", "CASSIAN", "DORINDA", "EULALIA", "FABRIZIO", "GWENDOLYN", "HORATIO")
-_STREETS = (("14", "QUINCEWOOD LANE"), ("382", "ORCHARDVALE ROAD"), ("9", "TAMBERLY COURT"),
-            ("1507", "WILLOWMERE AVENUE"))
+_STREETS = (
+    ("14", "QUINCEWOOD LANE"),
+    ("382", "ORCHARDVALE ROAD"),
+    ("9", "TAMBERLY COURT"),
+    ("1507", "WILLOWMERE AVENUE"),
+)
 _TOWNS = (("FENWICK FALLS", "MA", "01867"), ("BRIARSTONE", "CA", "94115"), ("OLDCASTLE", "NY", "10023"))
 _DOMAINS = ("elsewhereheart.org", "meridianvalley.org", "northgate-hospital.org", "lakeshorememorial.org")
-_MONTH_NAMES = ("JANUARY", "FEBRUARY", "MARCH", "APRIL", "MAY", "JUNE", "JULY", "AUGUST", "SEPTEMBER", "OCTOBER",
-                "NOVEMBER", "DECEMBER")
+_MONTH_NAMES = (
+    "JANUARY",
+    "FEBRUARY",
+    "MARCH",
+    "APRIL",
+    "MAY",
+    "JUNE",
+    "JULY",
+    "AUGUST",
+    "SEPTEMBER",
+    "OCTOBER",
+    "NOVEMBER",
+    "DECEMBER",
+)
 
 
 def systolic_function(ef: int) -> str:
@@ -64,8 +94,11 @@ def clinical_report(study: dict) -> str:
     if rng.random() < REPORT_GRADE_PROB:
         parts.append(systolic_function(study["ef"]))
     ef = study["ef"]
-    parts.append(f"LV EJECTION FRACTION IS {ef}%." if rng.random() < 0.6
-                 else f"THE LEFT VENTRICULAR EJECTION FRACTION IS ESTIMATED TO BE {ef}%.")
+    parts.append(
+        f"LV EJECTION FRACTION IS {ef}%."
+        if rng.random() < 0.6
+        else f"THE LEFT VENTRICULAR EJECTION FRACTION IS ESTIMATED TO BE {ef}%."
+    )
     if study["n_mitraclips"] == 1:
         parts.append("ONE MITRACLIP IS SEEN ON THE ANTERIOR AND POSTERIOR LEAFLETS OF THE MITRAL VALVE.")
     elif study["n_mitraclips"] == 2:
@@ -85,8 +118,14 @@ def _date(value: str) -> datetime.date:
 
 
 def _date_formats(d: datetime.date) -> tuple[str, ...]:
-    return (d.strftime("%m/%d/%Y"), d.strftime("%Y-%m-%d"), f"{_MONTH_NAMES[d.month - 1]} {d.day}, {d.year}",
-            d.strftime("%d.%m.%Y"), f"{d.month}/{d.day}/{d.strftime('%y')}", f"{d.day} {_MONTH_NAMES[d.month - 1]} {d.year}")
+    return (
+        d.strftime("%m/%d/%Y"),
+        d.strftime("%Y-%m-%d"),
+        f"{_MONTH_NAMES[d.month - 1]} {d.day}, {d.year}",
+        d.strftime("%d.%m.%Y"),
+        f"{d.month}/{d.day}/{d.strftime('%y')}",
+        f"{d.day} {_MONTH_NAMES[d.month - 1]} {d.year}",
+    )
 
 
 def _person(name: str) -> tuple[str, str]:
@@ -118,20 +157,26 @@ def report_phi(study: dict) -> tuple[str, str, dict[str, list[str]]]:
     home = f"{number} {street}, {town}, {state} {zipcode}"
     url = f"https://portal.{domain}/echo/{acc.lower()}"
     age = (study_date - dob).days // 365
-    head = pick((
-        f"PATIENT: {last}, {first}   MRN: {pid}   DOB: {born}   ACCESSION: {acc}   STUDY DATE: {when} {time}",
-        f"Name: {first.title()} {last.title()} ({pid}). Exam date {when}, {time}. Acc# {acc}.",
-        f"{first} {last}, DOB {born}, MR# {pid.replace('MRN', '')}. REFERRING PHYSICIAN: DR. {ref_last}.",
-        f"ECHO REPORT {acc} FOR {last}, {first} ON {when}. Referred by Dr. {ref_first.title()} {ref_last.title()}.",
-    ))
+    head = pick(
+        (
+            f"PATIENT: {last}, {first}   MRN: {pid}   DOB: {born}   ACCESSION: {acc}   STUDY DATE: {when} {time}",
+            f"Name: {first.title()} {last.title()} ({pid}). Exam date {when}, {time}. Acc# {acc}.",
+            f"{first} {last}, DOB {born}, MR# {pid.replace('MRN', '')}. REFERRING PHYSICIAN: DR. {ref_last}.",
+            f"ECHO REPORT {acc} FOR {last}, {first} ON {when}. Referred by Dr. {ref_first.title()} {ref_last.title()}.",
+        )
+    )
     if age > 89:
         head += f" {age} YEAR OLD PATIENT."
-    tail = [pick((
-        f"ELECTRONICALLY SIGNED BY {reader[0]} {reader[1]}, MD ON {when} AT {time}.",
-        f"Dictated by: Dr. {reader[1].title()}. Transcribed by {typist[0].title()} {typist[1].title()} {when}.",
-        f"READING PHYSICIAN: {reader[1]}, {reader[0]} MD FACC. SONOGRAPHER: {op_first} {op_last}, RDCS.",
-        f"Interpreted by {reader[0].title()} {reader[1].title()}, M.D. Performed by {op_first} {op_last}.",
-    ))]
+    tail = [
+        pick(
+            (
+                f"ELECTRONICALLY SIGNED BY {reader[0]} {reader[1]}, MD ON {when} AT {time}.",
+                f"Dictated by: Dr. {reader[1].title()}. Transcribed by {typist[0].title()} {typist[1].title()} {when}.",
+                f"READING PHYSICIAN: {reader[1]}, {reader[0]} MD FACC. SONOGRAPHER: {op_first} {op_last}, RDCS.",
+                f"Interpreted by {reader[0].title()} {reader[1].title()}, M.D. Performed by {op_first} {op_last}.",
+            )
+        )
+    ]
     if rng.random() < 0.5:
         tail.append(f"QUESTIONS: CALL THE ECHO LAB AT {phone} OR FAX {fax}, E-MAIL {email}.")
     if rng.random() < 0.5:

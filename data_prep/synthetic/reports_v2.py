@@ -13,48 +13,96 @@ statements drawn per report and kept in truth.csv: no significant valve disease 
 MitraClip) and normal LV wall thickness. The label phrases of echoclip_jax/config/zero_shot_tasks.json
 ("report_phrases") cover every phrasing here, so `zero_shot.task_labels` reads these reports' labels.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from data_prep.synthetic.cohort import LV_SIZES
 
-_EF = ("The ejection fraction is estimated at {ef}%.", "LVEF {ef}%.", "Left ventricular ejection fraction of {ef}%.",
-       "EF approximately {ef} %.", "LV ejection fraction measures {ef}%.",
-       "The LV ejection fraction was calculated at {ef}% (biplane method of discs).")
-_SIZE_NORMAL = ("The left ventricle is normal in size.", "Normal LV cavity size.", "LV size is normal.",
-                "Left ventricular cavity size is within normal limits.")
-_SIZE_DILATED = ("The left ventricle is {adv} dilated.", "{Adv} dilated LV cavity.",
-                 "LV cavity size is {adv} increased.", "{Sev} LV dilatation.", "The LV is {adv} enlarged.")
-_GRADE = {"hyperdynamic": ("Hyperdynamic LV systolic function.", "Left ventricular systolic function is hyperdynamic."),
-          "normal": ("Left ventricular systolic function is normal.", "Preserved LV systolic function."),
-          "reduced": ("{Adv} reduced LV systolic function.", "Left ventricular systolic function is {adv} depressed.",
-                      "{Sev} global LV systolic dysfunction.")}
+_EF = (
+    "The ejection fraction is estimated at {ef}%.",
+    "LVEF {ef}%.",
+    "Left ventricular ejection fraction of {ef}%.",
+    "EF approximately {ef} %.",
+    "LV ejection fraction measures {ef}%.",
+    "The LV ejection fraction was calculated at {ef}% (biplane method of discs).",
+)
+_SIZE_NORMAL = (
+    "The left ventricle is normal in size.",
+    "Normal LV cavity size.",
+    "LV size is normal.",
+    "Left ventricular cavity size is within normal limits.",
+)
+_SIZE_DILATED = (
+    "The left ventricle is {adv} dilated.",
+    "{Adv} dilated LV cavity.",
+    "LV cavity size is {adv} increased.",
+    "{Sev} LV dilatation.",
+    "The LV is {adv} enlarged.",
+)
+_GRADE = {
+    "hyperdynamic": ("Hyperdynamic LV systolic function.", "Left ventricular systolic function is hyperdynamic."),
+    "normal": ("Left ventricular systolic function is normal.", "Preserved LV systolic function."),
+    "reduced": (
+        "{Adv} reduced LV systolic function.",
+        "Left ventricular systolic function is {adv} depressed.",
+        "{Sev} global LV systolic dysfunction.",
+    ),
+}
 # Devices: noun phrases (the label phrase is the part after the article) in sentence frames.
-_PACER = ("a pacemaker lead in the right ventricle", "a pacer lead in the right heart",
-          "a pacemaker wire across the tricuspid valve")
+_PACER = (
+    "a pacemaker lead in the right ventricle",
+    "a pacer lead in the right heart",
+    "a pacemaker wire across the tricuspid valve",
+)
 _TAVR = ("a transcatheter aortic valve prosthesis", "a well-seated TAVR valve", "a TAVR valve in good position")
-_CLIPS = {1: ("a single MitraClip on the mitral leaflets", "one mitral clip in stable position",
-              "one MitraClip device bridging the mitral leaflets"),
-          2: ("two MitraClips on the mitral leaflets", "two mitral clips in stable position",
-              "two MitraClip devices bridging the mitral leaflets")}
+_CLIPS = {
+    1: (
+        "a single MitraClip on the mitral leaflets",
+        "one mitral clip in stable position",
+        "one MitraClip device bridging the mitral leaflets",
+    ),
+    2: (
+        "two MitraClips on the mitral leaflets",
+        "two mitral clips in stable position",
+        "two MitraClip devices bridging the mitral leaflets",
+    ),
+}
 _FRAMES = ("There is {np}.", "Note is made of {np}.", "{NP}.", "{NP} is again seen.")
-_NO_VALVE = ("No significant valvular disease.", "The valves are structurally normal without significant stenosis "
-             "or regurgitation.", "No hemodynamically significant valve disease.")
-_WALL = ("LV wall thickness is normal.", "Left ventricular wall thickness is within normal limits.",
-         "Normal LV wall thickness.")
-_RHYTHM = {"SINUS BRADYCARDIA": ("Sinus bradycardia.", "The rhythm is sinus bradycardia."),
-           "SINUS TACHYCARDIA": ("Sinus tachycardia during the study.", "The rhythm is sinus tachycardia."),
-           "NORMAL SINUS RHYTHM": ("Sinus rhythm.", "The rhythm is normal sinus.")}
-_FILLER = (("No pericardial effusion.", "There is no pericardial effusion."),
-           ("Right ventricular size and function are normal.", "Normal RV size and systolic function."),
-           ("The atria are normal in size.", "Left atrium is normal in size."),
-           ("The tricuspid valve appears normal.",), ("The aortic root is normal in size.",),
-           ("No intracardiac thrombus is seen.",), ("IVC is normal in caliber.",))
+_NO_VALVE = (
+    "No significant valvular disease.",
+    "The valves are structurally normal without significant stenosis or regurgitation.",
+    "No hemodynamically significant valve disease.",
+)
+_WALL = (
+    "LV wall thickness is normal.",
+    "Left ventricular wall thickness is within normal limits.",
+    "Normal LV wall thickness.",
+)
+_RHYTHM = {
+    "SINUS BRADYCARDIA": ("Sinus bradycardia.", "The rhythm is sinus bradycardia."),
+    "SINUS TACHYCARDIA": ("Sinus tachycardia during the study.", "The rhythm is sinus tachycardia."),
+    "NORMAL SINUS RHYTHM": ("Sinus rhythm.", "The rhythm is normal sinus."),
+}
+_FILLER = (
+    ("No pericardial effusion.", "There is no pericardial effusion."),
+    ("Right ventricular size and function are normal.", "Normal RV size and systolic function."),
+    ("The atria are normal in size.", "Left atrium is normal in size."),
+    ("The tricuspid valve appears normal.",),
+    ("The aortic root is normal in size.",),
+    ("No intracardiac thrombus is seen.",),
+    ("IVC is normal in caliber.",),
+)
 _QUALITY = ("Technically adequate study.", "Image quality is fair.", "Adequate acoustic windows.", "")
 # Readers: (upper case?, section headings?, terse? (fewer filler sentences), leads with the impression?)
-READERS = ((True, False, False, False), (False, True, False, False), (False, False, True, False),
-           (True, True, False, True), (False, False, False, True))
+READERS = (
+    (True, False, False, False),
+    (False, True, False, False),
+    (False, False, True, False),
+    (True, True, False, True),
+    (False, False, False, True),
+)
 _ADV = {"mild": "mildly", "moderate": "moderately", "severe": "severely"}
 _HEAD = ("LEFT VENTRICLE:", "DEVICES:", "VALVES:", "OTHER:", "IMPRESSION:")
 
@@ -89,8 +137,7 @@ def clinical_report_v2(study: dict) -> tuple[str, dict[str, int]]:
     upper, headed, terse, impression_first = READERS[int(rng.integers(len(READERS)))]
     ef, size, devices = study["ef"], study["lv_size"], set(study["devices"])
     assert size in LV_SIZES
-    lv = [pick(_EF).format(ef=ef),
-          pick(_SIZE_NORMAL) if size == "normal" else _fill(pick(_SIZE_DILATED), size)]
+    lv = [pick(_EF).format(ef=ef), pick(_SIZE_NORMAL) if size == "normal" else _fill(pick(_SIZE_DILATED), size)]
     band, sev = _grade(ef)
     if rng.random() < 0.5:
         lv.append(_fill(pick(_GRADE[band]), sev))

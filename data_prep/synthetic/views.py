@@ -11,6 +11,7 @@ the views where it would be seen (`DEVICE_VIEWS`): a pacemaker lead where the ri
 transcatheter aortic valve where the aortic root is cut along its axis, mitral clips where the mitral
 leaflets are. The view is truth only: no DICOM header, burned-in label or report names it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,12 +22,22 @@ import numpy as np
 from data_prep.synthetic.cohort import Layout
 from data_prep.synthetic.geometry import Geometry, Heart, make_heart
 
-VIEW_NAMES = {"a4c": "apical 4-chamber", "a2c": "apical 2-chamber", "plax": "parasternal long axis",
-              "psax": "parasternal short axis", "subcostal": "subcostal 4-chamber"}
+VIEW_NAMES = {
+    "a4c": "apical 4-chamber",
+    "a2c": "apical 2-chamber",
+    "plax": "parasternal long axis",
+    "psax": "parasternal short axis",
+    "subcostal": "subcostal 4-chamber",
+}
 # Sector half-angle (degrees) and imaging depth (cm) ranges: parasternal views are shallower and
 # narrower, the subcostal deeper and wider (the heart lies behind the liver).
-SECTOR = {"a4c": ((38, 44), (14, 18)), "a2c": ((38, 44), (14, 18)), "plax": ((36, 40), (12, 16)),
-          "psax": ((36, 40), (11, 14)), "subcostal": ((44, 48), (18, 22))}
+SECTOR = {
+    "a4c": ((38, 44), (14, 18)),
+    "a2c": ((38, 44), (14, 18)),
+    "plax": ((36, 40), (12, 16)),
+    "psax": ((36, 40), (11, 14)),
+    "subcostal": ((44, 48), (18, 22)),
+}
 PROBE_LABEL = "S5-1"  # burned in beside the fan of every view (version 1 burns in "A4C")
 
 
@@ -61,9 +72,13 @@ def make_view_geometry(rng: np.random.Generator, layout: Layout, view: str) -> G
     """The scan sector of a view in pixels (apex at the top centre, as version 1's)."""
     (a_lo, a_hi), (d_lo, d_hi) = SECTOR[view]
     r_max = layout.rows - layout.header - layout.ecg - 2
-    return Geometry(apex_x=layout.cols / 2 + rng.uniform(-3, 3), apex_y=layout.header + 1.0,
-                    radius=r_max * rng.uniform(0.94, 1.0), half_angle=math.radians(rng.uniform(a_lo, a_hi)),
-                    depth_cm=float(rng.uniform(d_lo, d_hi)))
+    return Geometry(
+        apex_x=layout.cols / 2 + rng.uniform(-3, 3),
+        apex_y=layout.header + 1.0,
+        radius=r_max * rng.uniform(0.94, 1.0),
+        half_angle=math.radians(rng.uniform(a_lo, a_hi)),
+        depth_cm=float(rng.uniform(d_lo, d_hi)),
+    )
 
 
 def _unit(angle: float) -> tuple[float, float]:
@@ -77,20 +92,32 @@ def _along(c, angle: float, dist: float) -> tuple[float, float]:
 
 def _lv(c, axis: float, a: float, b: float) -> Heart:
     """A Heart holding only the LV (the other chambers of a non-apical view are Scene.chambers)."""
-    return Heart(lv_c=c, lv_axis=axis, lv_a=a, lv_b=b, wall=0.05, rv_c=(0.0, 0.0), rv_ab=(0.0, 0.0),
-                 la_c=(0.0, 0.0), ra_c=(0.0, 0.0), atrium_ab=(0.0, 0.0))
+    return Heart(
+        lv_c=c,
+        lv_axis=axis,
+        lv_a=a,
+        lv_b=b,
+        wall=0.05,
+        rv_c=(0.0, 0.0),
+        rv_ab=(0.0, 0.0),
+        la_c=(0.0, 0.0),
+        ra_c=(0.0, 0.0),
+        atrium_ab=(0.0, 0.0),
+    )
 
 
 def _a4c(rng, scale: float) -> Scene:
     h = make_heart(rng, scale)
     rv_axis = math.atan2(h.rv_c[0], h.rv_c[1])
-    chambers = (Chamber(h.ra_c, h.atrium_ab, 0.0, "atrium"), Chamber(h.la_c, h.atrium_ab, h.lv_axis, "atrium"),
-                Chamber(h.rv_c, h.rv_ab, rv_axis, "ventricle"))
+    chambers = (
+        Chamber(h.ra_c, h.atrium_ab, 0.0, "atrium"),
+        Chamber(h.la_c, h.atrium_ab, h.lv_axis, "atrium"),
+        Chamber(h.rv_c, h.rv_ab, rv_axis, "ventricle"),
+    )
     apex = (h.rv_c[0] - math.sin(rv_axis) * h.rv_ab[1] * 0.75, h.rv_c[1] - math.cos(rv_axis) * h.rv_ab[1] * 0.75)
     lead = ((h.ra_c[0] - 0.03, h.ra_c[1] + 0.06), (h.rv_c[0] + 0.05, h.rv_c[1] + 0.12), apex)
     stent = (((h.la_c[0] + h.ra_c[0]) / 2 + 0.02, h.la_c[1] - 0.02), 0.06, 0.065, 0.0)
-    return Scene("a4c", h, chambers, (((0.0, 0.55), (0.44, 0.47), 0.0, 0.045),), lead=lead, stent=stent,
-                 clips=True)
+    return Scene("a4c", h, chambers, (((0.0, 0.55), (0.44, 0.47), 0.0, 0.045),), lead=lead, stent=stent, clips=True)
 
 
 def _a2c(rng, scale: float) -> Scene:
@@ -112,8 +139,9 @@ def _plax(rng, scale: float) -> Scene:
     aorta = Chamber((0.22, 0.50), (0.055, 0.17), ao_axis, "static")
     rv = Chamber((-0.02, 0.30), (0.06, 0.20), axis, "ventricle")
     stent = (_along((0.22, 0.50), ao_axis, -0.06), 0.05, 0.06, ao_axis)
-    return Scene("plax", _lv(c, axis, a, b), (rv, aorta, la), (((0.0, 0.60), (0.30, 0.42), axis, 0.03),),
-                 stent=stent, clips=True)
+    return Scene(
+        "plax", _lv(c, axis, a, b), (rv, aorta, la), (((0.0, 0.60), (0.30, 0.42), axis, 0.03),), stent=stent, clips=True
+    )
 
 
 def _psax(rng, scale: float) -> Scene:
@@ -121,8 +149,9 @@ def _psax(rng, scale: float) -> Scene:
     c = (rng.uniform(-0.015, 0.015), 0.52 + rng.uniform(-0.01, 0.01))
     rv = Chamber((-0.12, 0.30), (0.22, 0.075), -0.5, "ventricle")
     lead = ((-0.155, 0.29), (-0.13, 0.30), (-0.105, 0.31))  # a lead crossing the plane obliquely
-    return Scene("psax", _lv(c, 0.0, r, r), (rv,), (((c[0], c[1]), (0.33, 0.33), 0.0, 0.03),), lead=lead,
-                 lead_points=12)
+    return Scene(
+        "psax", _lv(c, 0.0, r, r), (rv,), (((c[0], c[1]), (0.33, 0.33), 0.0, 0.03),), lead=lead, lead_points=12
+    )
 
 
 def _subcostal(rng, scale: float) -> Scene:

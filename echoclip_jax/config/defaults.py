@@ -3,6 +3,7 @@
 Every field is overridable from the command line, e.g. `--config.batch_size=64`
 or `--config.model.vision.drop_path_rate=0.0`.
 """
+
 import math
 
 import ml_collections

@@ -4,6 +4,7 @@ Commands read them through their `--config` flag (ml_collections' config_flags, 
 `--config.field=value` overrides). `load` is the same read for code (tests, benchmarks, a config file that
 starts from another one): the file is loaded by its path, so config files need not be an installed package.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -21,6 +21,7 @@ which calls `resolve` below, so the rule is the same everywhere:
 Verification of a conversion is a comparison of weights, so it runs both models in float32 whatever the
 run's compute dtype (`for_verification`).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,9 +31,20 @@ import ml_collections
 # Fields of config.model that describe the weights. `text.eos_id` counts too when `text.pool` is "eos"
 # (it picks the pooled token), and `init_logit_bias` counts only as present or None (a `logit_bias`
 # parameter exists or not); its value is a run setting (the trained value lives in the weights).
-ARCHITECTURE = ("embed_dim", "temporal_pool", "vision.kind", "vision.variant", "vision.image_size",
-                "vision.head", "text.vocab_size", "text.context_length", "text.width", "text.heads",
-                "text.layers", "text.pool")
+ARCHITECTURE = (
+    "embed_dim",
+    "temporal_pool",
+    "vision.kind",
+    "vision.variant",
+    "vision.image_size",
+    "vision.head",
+    "text.vocab_size",
+    "text.context_length",
+    "text.width",
+    "text.heads",
+    "text.layers",
+    "text.pool",
+)
 
 
 def _get(mc, field: str):
@@ -75,7 +87,9 @@ def defaults() -> ml_collections.ConfigDict:
     m.vision.image_size = 224
     m.vision.drop_path_rate = 0.1
     m.vision.head = "linear"  # "linear" or "mlp"
-    m.vision.depthwise_impl = "auto"  # ConvNeXt depthwise conv: auto | shifted | matmul | lax (lax compiles faster on CPU)
+    m.vision.depthwise_impl = (
+        "auto"  # ConvNeXt depthwise conv: auto | shifted | matmul | lax (lax compiles faster on CPU)
+    )
 
     m.text = ml_collections.ConfigDict()
     m.text.vocab_size = 49408
@@ -103,13 +117,17 @@ def resolve(stored, given, where: str) -> ml_collections.ConfigDict:
         have = architecture(given)
         for field, value in want.items():
             if have.get(field) != value:
-                fix = (f"--config.model.{field}={value}" if field != "init_logit_bias" else
-                       "--config.model.init_logit_bias=" + ("-10.0 (any number)" if value is not None else "None"))
+                fix = (
+                    f"--config.model.{field}={value}"
+                    if field != "init_logit_bias"
+                    else "--config.model.init_logit_bias=" + ("-10.0 (any number)" if value is not None else "None")
+                )
                 raise ValueError(
                     f"{where}: the stored model config has model.{field} = {value!r}, --config has "
                     f"{have.get(field)!r}. The stored config describes these weights: pass {fix} or a config "
                     f"file that matches (architecture fields: {', '.join(ARCHITECTURE)}, text.eos_id with "
-                    f"pool 'eos', init_logit_bias None or not)")
+                    f"pool 'eos', init_logit_bias None or not)"
+                )
         return ml_collections.ConfigDict(out)
     for field in ARCHITECTURE:
         _set(out, field, _get(stored, field))

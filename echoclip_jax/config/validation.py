@@ -6,6 +6,7 @@ and raises one `ConfigError` listing every problem, each naming the field, its v
 `train` and `aot` check the whole config (`training=True`, with the devices the run uses); the commands
 that only run a model (evaluate, embed, interpret, search, report) check the model and tokenizer.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,12 +38,34 @@ TRAIN_CHOICES = {
     "sharding_preset": ("dp", "fsdp", "fsdp_tp"),
     "data.on_corrupt_record": ("raise", "skip"),
 }
-POSITIVE = ("model.embed_dim", "model.vision.image_size", "model.text.vocab_size", "model.text.context_length",
-            "model.text.width", "model.text.heads", "model.text.layers", "tokenizer.context_length")
-TRAIN_POSITIVE = ("batch_size", "total_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints",
-                  "data.frames_per_sample", "optim.grad_accum_steps")
-TRAIN_NON_NEGATIVE = ("eval_batches", "eval_every_steps", "data.num_workers", "optim.warmup_steps", "optim.weight_decay",
-                      "optim.grad_clip_norm", "loss.chunk_size")
+POSITIVE = (
+    "model.embed_dim",
+    "model.vision.image_size",
+    "model.text.vocab_size",
+    "model.text.context_length",
+    "model.text.width",
+    "model.text.heads",
+    "model.text.layers",
+    "tokenizer.context_length",
+)
+TRAIN_POSITIVE = (
+    "batch_size",
+    "total_steps",
+    "checkpoint_every_steps",
+    "log_every_steps",
+    "keep_checkpoints",
+    "data.frames_per_sample",
+    "optim.grad_accum_steps",
+)
+TRAIN_NON_NEGATIVE = (
+    "eval_batches",
+    "eval_every_steps",
+    "data.num_workers",
+    "optim.warmup_steps",
+    "optim.weight_decay",
+    "optim.grad_clip_norm",
+    "loss.chunk_size",
+)
 
 
 class ConfigError(UsageError, ValueError):
@@ -56,8 +79,15 @@ def _get(config, field: str):
     return node
 
 
-def validate(config, *, training: bool = True, num_devices: int | None = None,
-             num_processes: int | None = None, tokenizer=None, compile_only: bool = False) -> None:
+def validate(
+    config,
+    *,
+    training: bool = True,
+    num_devices: int | None = None,
+    num_processes: int | None = None,
+    tokenizer=None,
+    compile_only: bool = False,
+) -> None:
     """Raises ConfigError naming every field that cannot work; returns None when all can.
 
     `num_devices` / `num_processes`: what the run will use (default: jax's, when `training`). `tokenizer`:
@@ -118,13 +148,19 @@ def _model(mc, bad) -> None:
 def _tokenizer(config, tokenizer, bad) -> None:
     tc, tok = config.model.text, config.tokenizer
     if tok.context_length != tc.context_length:
-        bad("tokenizer.context_length", tok.context_length,
-            f"must equal model.text.context_length {tc.context_length} (the text tower's positions)")
+        bad(
+            "tokenizer.context_length",
+            tok.context_length,
+            f"must equal model.text.context_length {tc.context_length} (the text tower's positions)",
+        )
         return
     if tokenizer is None:
         if tok.name != "clip_bpe" and not tok.get("path"):
-            bad("tokenizer.path", tok.get("path", ""), f"the {tok.name} tokenizer needs its "
-                f"{'vocabulary' if tok.name == 'template' else 'model'} file")
+            bad(
+                "tokenizer.path",
+                tok.get("path", ""),
+                f"the {tok.name} tokenizer needs its {'vocabulary' if tok.name == 'template' else 'model'} file",
+            )
             return
         try:
             tokenizer = tokenizers.from_config(tok)
@@ -132,15 +168,26 @@ def _tokenizer(config, tokenizer, bad) -> None:
             bad("tokenizer.path", tok.get("path", ""), f"cannot be read ({e})")
             return
     if tokenizer.vocab_size > tc.vocab_size:
-        bad("model.text.vocab_size", tc.vocab_size, f"the {tok.name} tokenizer has {tokenizer.vocab_size} ids; "
-            f"set model.text.vocab_size={tokenizer.vocab_size}")
+        bad(
+            "model.text.vocab_size",
+            tc.vocab_size,
+            f"the {tok.name} tokenizer has {tokenizer.vocab_size} ids; "
+            f"set model.text.vocab_size={tokenizer.vocab_size}",
+        )
     if tc.pool == "eos" and tc.eos_id != tokenizer.eos_id:
-        bad("model.text.eos_id", tc.eos_id, f"the {tok.name} tokenizer ends texts with id {tokenizer.eos_id}; "
-            f"set model.text.eos_id={tokenizer.eos_id}")
+        bad(
+            "model.text.eos_id",
+            tc.eos_id,
+            f"the {tok.name} tokenizer ends texts with id {tokenizer.eos_id}; set model.text.eos_id={tokenizer.eos_id}",
+        )
     if tc.pool == "argmax" and tokenizer.eos_id != tc.vocab_size - 1:
-        bad("model.text.pool", tc.pool, f"'argmax' pools the highest id, but the {tok.name} tokenizer's "
+        bad(
+            "model.text.pool",
+            tc.pool,
+            f"'argmax' pools the highest id, but the {tok.name} tokenizer's "
             f"end-of-text id is {tokenizer.eos_id} of {tc.vocab_size}; set model.text.pool=eos and "
-            f"model.text.eos_id={tokenizer.eos_id}")
+            f"model.text.eos_id={tokenizer.eos_id}",
+        )
 
 
 def _training(config, num_devices, num_processes, bad, check_init) -> None:
@@ -150,10 +197,12 @@ def _training(config, num_devices, num_processes, bad, check_init) -> None:
     b, accum = int(config.batch_size), int(config.optim.grad_accum_steps)
     sizes = [int(config.mesh[a]) for a in ("data", "fsdp", "tensor")]
     known = math.prod(s for s in sizes if s != -1)
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes) or n % known or (
-            -1 not in sizes and known != n):
-        bad("mesh", dict(zip(("data", "fsdp", "tensor"), sizes)),
-            f"must use all {n} devices: sizes multiplying to {n}, one of them may be -1")
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes) or n % known or (-1 not in sizes and known != n):
+        bad(
+            "mesh",
+            dict(zip(("data", "fsdp", "tensor"), sizes)),
+            f"must use all {n} devices: sizes multiplying to {n}, one of them may be -1",
+        )
         return
     sizes = [n // known if s == -1 else s for s in sizes]
     batch_devices = sizes[0] * sizes[1]  # the batch is split over data x fsdp
@@ -163,8 +212,12 @@ def _training(config, num_devices, num_processes, bad, check_init) -> None:
     micro = b // accum
     if micro % batch_devices:
         fit = math.lcm(batch_devices, accum)
-        bad("batch_size", b, f"each of the {accum} micro-batch(es) ({micro}) must split over the {batch_devices} "
-            f"data x fsdp devices: use a multiple of {fit} (e.g. {-(-b // fit) * fit})")
+        bad(
+            "batch_size",
+            b,
+            f"each of the {accum} micro-batch(es) ({micro}) must split over the {batch_devices} "
+            f"data x fsdp devices: use a multiple of {fit} (e.g. {-(-b // fit) * fit})",
+        )
     if b % procs:
         bad("batch_size", b, f"must split over the {procs} processes")
     if config.loss.name == "siglip" and config.model.init_logit_bias is None:
@@ -173,11 +226,21 @@ def _training(config, num_devices, num_processes, bad, check_init) -> None:
     block = micro // batch_devices
     if chunk and config.loss.impl == "allgather" and chunk < micro and micro % chunk:
         bad("loss.chunk_size", chunk, f"must divide the gathered micro-batch {micro} (or be 0)")
-    elif (chunk and config.loss.impl == "ring" and config.loss.name == "siglip" and micro % batch_devices == 0
-          and chunk < block and block % chunk):
+    elif (
+        chunk
+        and config.loss.impl == "ring"
+        and config.loss.name == "siglip"
+        and micro % batch_devices == 0
+        and chunk < block
+        and block % chunk
+    ):
         bad("loss.chunk_size", chunk, f"must divide each device's block of {block} (or be 0)")
     if check_init and config.init.kind != "random" and not config.init.path:
-        bad("init.path", "", f"init.kind {config.init.kind!r} needs the weights: set --config.init.path=PATH "
-            f"(or --config.init.kind=random)")
+        bad(
+            "init.path",
+            "",
+            f"init.kind {config.init.kind!r} needs the weights: set --config.init.path=PATH "
+            f"(or --config.init.kind=random)",
+        )
     if config.data.frames_per_sample > 1 and config.model.temporal_pool not in ("mean", "attention"):
         bad("model.temporal_pool", config.model.temporal_pool, "multi-frame samples need 'mean' or 'attention'")

@@ -7,6 +7,7 @@ process count. The frame (or frames) of a video and the augmentation are drawn f
 record), so a new frame is seen each epoch and a resumed run sees exactly the samples it would have
 seen: the grain iterator state (one integer per process) is saved with each checkpoint.
 """
+
 from __future__ import annotations
 
 import io
@@ -72,8 +73,9 @@ def augment(frames: np.ndarray, rng: np.random.Generator, aug) -> np.ndarray:
         side = math.sqrt(rng.uniform(lo, hi))
         ch, cw = max(1, round(h * side)), max(1, round(w * side))
         y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        out = np.stack([np.asarray(Image.fromarray(f[y:y + ch, x:x + cw]).resize((w, h), Image.BILINEAR))
-                        for f in out])
+        out = np.stack(
+            [np.asarray(Image.fromarray(f[y : y + ch, x : x + cw]).resize((w, h), Image.BILINEAR)) for f in out]
+        )
     b = 1.0 + rng.uniform(-aug.brightness, aug.brightness) if aug.brightness else 1.0
     c = 1.0 + rng.uniform(-aug.contrast, aug.contrast) if aug.contrast else 1.0
     if b != 1.0 or c != 1.0:
@@ -143,13 +145,11 @@ class _Sample:
         if rng is not None:
             video = augment(video, rng, self.aug)
         if self._tok is None:
-
             self._tok = tokenizers.from_config(self.tok_config)
         report = feats["report"][0].decode("utf-8") if feats.get("report") else ""
         tokens = self._tok.encode([report])[0].astype(np.int32)
         # the count rides with the sample so it survives grain worker processes; the Loader sums it up
-        return {"images": video[0] if self.k == 1 else video, "tokens": tokens,
-                "corrupt_skipped": np.int32(skipped)}
+        return {"images": video[0] if self.k == 1 else video, "tokens": tokens, "corrupt_skipped": np.int32(skipped)}
 
 
 class _Indices(grain.sources.RandomAccessDataSource):
@@ -172,8 +172,17 @@ class Loader:
     with `get_state()` / `set_state()` for the checkpoint (per process). `corrupt_skipped` counts the
     corrupt records this process skipped (data.on_corrupt_record="skip") since it started."""
 
-    def __init__(self, config, mesh, *, split: str, train: bool, num_batches: int,
-                 process_index: int | None = None, process_count: int | None = None):
+    def __init__(
+        self,
+        config,
+        mesh,
+        *,
+        split: str,
+        train: bool,
+        num_batches: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
 
         pi = jax.process_index() if process_index is None else process_index
         pc = jax.process_count() if process_count is None else process_count
@@ -186,12 +195,13 @@ class Loader:
         ds = grain.MapDataset.source(_Indices(num_batches, self.global_batch, pi, pc)).map(sample)
         ds = ds.batch(self.global_batch // pc, drop_remainder=True).to_iter_dataset()
         if int(config.data.num_workers) > 0:
-
             if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
                 flags.FLAGS.mark_as_parsed()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=int(config.data.num_workers),
-                per_worker_buffer_size=int(config.data.prefetch_buffer)))
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=int(config.data.num_workers), per_worker_buffer_size=int(config.data.prefetch_buffer)
+                )
+            )
         self.dataset = ds
         self._it = iter(ds)
         self.mesh = mesh
@@ -213,23 +223,22 @@ class Loader:
 
     def __next__(self) -> dict:
 
-
         local = next(self._it)
         self.corrupt_skipped += int(local.pop("corrupt_skipped").sum())
-        return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, v.ndim), v)
-                for k, v in local.items()}
+        return {
+            k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, v.ndim), v)
+            for k, v in local.items()
+        }
 
 
 def train_loader(config, mesh, **kw) -> Loader:
-    return Loader(config, mesh, split=config.data.train_split, train=True,
-                  num_batches=int(config.total_steps), **kw)
+    return Loader(config, mesh, split=config.data.train_split, train=True, num_batches=int(config.total_steps), **kw)
 
 
 def eval_loader(config, mesh, **kw) -> Loader:
     """The first config.eval_batches global batches of the eval split (wrapping round a small split);
     middle frame, no augmentation: the same samples at every evaluation."""
-    return Loader(config, mesh, split=config.data.eval_split, train=False,
-                  num_batches=int(config.eval_batches), **kw)
+    return Loader(config, mesh, split=config.data.eval_split, train=False, num_batches=int(config.eval_batches), **kw)
 
 
 def iterate_videos(data_dir: str, split: str, *, frames: int | None = None, image_size: int | None = None):
@@ -242,14 +251,20 @@ def iterate_videos(data_dir: str, split: str, *, frames: int | None = None, imag
         where = f"{data_dir} {split} record {i}"
         jpegs = decode_frames(feats, where)
         size = int(image_size or feats["image_size"][0])
-        keep = [int(j) for j in pick_frames(len(jpegs), min(frames, len(jpegs)), None)] if frames else list(
-            range(len(jpegs)))
+        keep = (
+            [int(j) for j in pick_frames(len(jpegs), min(frames, len(jpegs)), None)]
+            if frames
+            else list(range(len(jpegs)))
+        )
         text = lambda key: feats[key][0].decode("utf-8") if feats.get(key) else ""
         yield {
-            "video_id": text("video_id"), "patient_id": text("patient_id"), "study_id": text("study_id"),
+            "video_id": text("video_id"),
+            "patient_id": text("patient_id"),
+            "study_id": text("study_id"),
             "study_day": int(feats["study_day"][0]) if feats.get("study_day") else 0,
             "report": text("report"),
             "ef": float(feats["ef"][0]) if feats.get("ef") else math.nan,
             "frames": np.stack([decode_jpeg(jpegs[j], size) for j in keep]),
-            "positions": keep, "num_frames": len(jpegs),
+            "positions": keep,
+            "num_frames": len(jpegs),
         }

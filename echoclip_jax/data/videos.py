@@ -10,6 +10,7 @@ a record's is its salted video id. AVI and .npy files (blank outside the sector,
 everything outside the sector, so it is where any frame is brighter than JPEG's ringing on black.
 `to_output` carries masks found on a file's pixels through the same crop and resize as its frames.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,8 +84,7 @@ def _read_npy(path: str) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or len(arr) == 0:
-        raise ValueError(f"{path}: expected uint8 RGB frames [T, H, W, 3] or [H, W, 3], "
-                         f"got {arr.dtype} {arr.shape}")
+        raise ValueError(f"{path}: expected uint8 RGB frames [T, H, W, 3] or [H, W, 3], got {arr.dtype} {arr.shape}")
     return arr
 
 
@@ -100,8 +100,7 @@ def record_videos(data_dir: str, split: str, *, image_size: int, frames: int = 0
         if limit and i >= limit:
             return
         video_id = str(item["video_id"])
-        yield Video(_safe_name(video_id), "record", np.asarray(item["frames"], np.uint8), item["positions"],
-                    video_id)
+        yield Video(_safe_name(video_id), "record", np.asarray(item["frames"], np.uint8), item["positions"], video_id)
 
 
 def sector_from_frames(frames: np.ndarray) -> np.ndarray:

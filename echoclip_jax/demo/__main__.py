@@ -14,6 +14,7 @@ interrupted demo resumes. The results table prints every figure beside the basel
 (echoclip_jax.demo.results_table); `OUT/results.json` holds them. Only the demo joins the cohort's truth to the
 records (the label CSVs it writes for the probes hold salted ids and stay under OUT/secrets).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,21 +29,37 @@ from echoclip_jax.runtime import cli
 FLAGS = cli.flag_values()
 flags.DEFINE_string("out", "demo_out", "everything is written under this directory", flag_values=FLAGS)
 flags.DEFINE_integer("patients", 500, "synthetic patients (several studies each)", flag_values=FLAGS)
-flags.DEFINE_integer("seed", 0, "the cohort's seed (and its salt's: the same command draws the same split)",
-                     flag_values=FLAGS)
+flags.DEFINE_integer(
+    "seed", 0, "the cohort's seed (and its salt's: the same command draws the same split)", flag_values=FLAGS
+)
 flags.DEFINE_integer("train_steps", 1200, "steps of configs/tiny.py", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 32, "global training batch", flag_values=FLAGS)
 flags.DEFINE_integer("image_size", 64, "frames' side in the records and the model", flag_values=FLAGS)
 flags.DEFINE_integer("frames", 16, "frames kept per video by data_prep", flag_values=FLAGS)
 flags.DEFINE_integer("workers", 2, "data_prep processes", flag_values=FLAGS)
-flags.DEFINE_enum("cohort_version", "2", ["1", "2"], "synthetic cohort: 2 (several views per study, reports in "
-                  "readers' own words, device masks: the explanation scores need them) or 1 (one view, reports in "
-                  "the zero-shot prompts' own sentences: earlier releases' figures)", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "cohort_version",
+    "2",
+    ["1", "2"],
+    "synthetic cohort: 2 (several views per study, reports in "
+    "readers' own words, device masks: the explanation scores need them) or 1 (one view, reports in "
+    "the zero-shot prompts' own sentences: earlier releases' figures)",
+    flag_values=FLAGS,
+)
 
 
 def _demo(f) -> None:
-    results = run(f.out, patients=f.patients, seed=f.seed, train_steps=f.train_steps, batch_size=f.batch_size,
-                  image_size=f.image_size, frames=f.frames, workers=f.workers, cohort_version=int(f.cohort_version))
+    results = run(
+        f.out,
+        patients=f.patients,
+        seed=f.seed,
+        train_steps=f.train_steps,
+        batch_size=f.batch_size,
+        image_size=f.image_size,
+        frames=f.frames,
+        workers=f.workers,
+        cohort_version=int(f.cohort_version),
+    )
     rows, out = results["figures"], os.path.abspath(f.out)
     losses = results["train"]
     print(f"\n=== results on held-out patients (test split; cohort version {results['cohort_version']}) ===")

@@ -11,6 +11,7 @@ device mask through those very functions, as a 0/255 grey video (box-reduced by 
 and resized by the same call), and keeps the pixels at least half covered: the mask and the record's
 frames cannot disagree about the geometry, because one code path made both.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ from echoclip_jax.saliency.maps import DEFAULT_SCORE_METHODS
 DEVICES = ("pacemaker", "tavr", "mitraclip")
 
 
-def record_truth(cohort_dir: str, rel_path: str, device: str, *, image_size: int, record_frames: int,
-                 positions) -> tuple[np.ndarray, np.ndarray]:
+def record_truth(
+    cohort_dir: str, rel_path: str, device: str, *, image_size: int, record_frames: int, positions
+) -> tuple[np.ndarray, np.ndarray]:
     """The device mask [k, S, S] of record frames `positions` (of the record's `record_frames`) and the
     record's scan sector [S, S], for the DICOM `rel_path` of a version-2 synthetic cohort, converted by
     data_prep.convert at `image_size` (frame selection, scale, sector, crop and resize as it does them)."""
@@ -39,10 +41,12 @@ def record_truth(cohort_dir: str, rel_path: str, device: str, *, image_size: int
     header = dicom_io.read_header(path, max_pixels=1 << 40)
     indices = dicom_io.kept_indices(header.num_frames, record_frames)
     if len(indices) != record_frames:
-        raise ValueError(f"the record has {record_frames} frames, its DICOM {header.num_frames}: "
-                         f"not this cohort's conversion")
-    raw, scale = dicom_io.read_frames_scaled(path, indices, header.rows * header.cols,
-                                             min_side=image_size * 5 // 4, keep_grey=True)
+        raise ValueError(
+            f"the record has {record_frames} frames, its DICOM {header.num_frames}: not this cohort's conversion"
+        )
+    raw, scale = dicom_io.read_frames_scaled(
+        path, indices, header.rows * header.cols, min_side=image_size * 5 // 4, keep_grey=True
+    )
     regions = tuple(tuple(v // scale for v in box) for box in header.regions)
     found = sector.sector_mask(raw, regions)
     dicom_frames = [indices[p] for p in positions]
@@ -67,8 +71,9 @@ def device_prompts(tasks_path: str | None = None) -> dict:
     tasks = {t.name: t for t in zero_shot.load_tasks(tasks_path, names=list(DEVICES))}
     out = {d: {0: tasks[d].label_sources[0].strip()} for d in DEVICES}
     for n, word in ((1, "ONE "), (2, "TWO ")):
-        out["mitraclip"][n] = next((s.strip() for s in tasks["mitraclip"].label_sources if s.startswith(word)),
-                                   out["mitraclip"][0])
+        out["mitraclip"][n] = next(
+            (s.strip() for s in tasks["mitraclip"].label_sources if s.startswith(word)), out["mitraclip"][0]
+        )
     return out
 
 
@@ -77,8 +82,7 @@ def _prompt(prompts: dict, device: str, row: dict) -> str:
     return prompts[device].get(clips, prompts[device][0])
 
 
-def device_cases(data_dir: str, split: str, truth: dict, *, cohort_dir: str, image_size: int, frames: int,
-                 limit: int):
+def device_cases(data_dir: str, split: str, truth: dict, *, cohort_dir: str, image_size: int, frames: int, limit: int):
     """(device, truth row, frames [k, S, S, 3], masks [k, S, S], sector [S, S]) for each device a video
     of the split shows, the first `limit` such videos (0 = all) in shard order, k = `frames` record frames
     (0 = all) picked as interpret does."""
@@ -95,25 +99,52 @@ def device_cases(data_dir: str, split: str, truth: dict, *, cohort_dir: str, ima
         used += 1
         clip = np.asarray(item["frames"], np.uint8)
         if clip.shape[1] != image_size:
-            raise ValueError(f"records are {clip.shape[1]} px, the model {image_size}: score records "
-                             f"converted at the model's image size")
+            raise ValueError(
+                f"records are {clip.shape[1]} px, the model {image_size}: score records "
+                f"converted at the model's image size"
+            )
         for device in devices:
-            masks, found = record_truth(cohort_dir, row["path"], device, image_size=image_size,
-                                        record_frames=item["num_frames"], positions=item["positions"])
+            masks, found = record_truth(
+                cohort_dir,
+                row["path"],
+                device,
+                image_size=image_size,
+                record_frames=item["num_frames"],
+                positions=item["positions"],
+            )
             yield device, row, clip, masks, found
 
 
-def score(mapper, *, data_dir: str, split: str, cohort_dir: str, salt: bytes, out_dir: str,
-          methods=DEFAULT_SCORE_METHODS, frames: int = 4, limit: int = 40, tasks_path: str | None = None) -> dict:
+def score(
+    mapper,
+    *,
+    data_dir: str,
+    split: str,
+    cohort_dir: str,
+    salt: bytes,
+    out_dir: str,
+    methods=DEFAULT_SCORE_METHODS,
+    frames: int = 4,
+    limit: int = 40,
+    tasks_path: str | None = None,
+) -> dict:
     """Score every method's maps (`echoclip_jax.saliency.scores`) on a split's device videos against the
     devices' true masks; writes OUT/scores.json and OUT/score_frames.png and returns the scores."""
     prompts = device_prompts(tasks_path)
     truth = truth_by_video_id(cohort_dir, salt)
-    cases = [scores.Case(target=device, prompt=_prompt(prompts, device, row), video=row["path"], frames=clip,
-                         masks=masks, sector=found)
-             for device, row, clip, masks, found in device_cases(data_dir, split, truth, cohort_dir=cohort_dir,
-                                                                 image_size=mapper.image_size, frames=frames,
-                                                                 limit=limit)]
+    cases = [
+        scores.Case(
+            target=device,
+            prompt=_prompt(prompts, device, row),
+            video=row["path"],
+            frames=clip,
+            masks=masks,
+            sector=found,
+        )
+        for device, row, clip, masks, found in device_cases(
+            data_dir, split, truth, cohort_dir=cohort_dir, image_size=mapper.image_size, frames=frames, limit=limit
+        )
+    ]
     if not cases:
         raise ValueError(f"no device videos in the {split} split (is the cohort version 2?)")
     meta = {"split": split, "frames_per_video": frames, "prompts": {d: prompts[d] for d in DEVICES}}

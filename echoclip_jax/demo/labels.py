@@ -9,6 +9,7 @@ Columns: video key: video_id, view (cohort version 2 only), ef, pacemaker, tavr,
 key: study_id, ef, pacemaker, tavr, mitraclip, lv_size (study-level truths: every video of a study has the
 same; view is per video and left out).
 """
+
 from __future__ import annotations
 
 import csv

@@ -8,6 +8,7 @@ device prompts' maps scored against the devices' true masks -> preliminary repor
 whose output already exists is not redone, so an interrupted demo resumes. Only the demo joins the cohort's
 truth to the records (the label CSVs it writes for the probes hold salted ids and stay under OUT/secrets).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,10 @@ SALIENCY_PROMPTS = (
 CAM_STAGE = "0"  # PromptCAM on ConvNeXt's first stage: 16x16 at 64 px (the last stage's 2x2 cannot localise)
 SCORE_METHODS = f"promptcam:last,promptcam:{CAM_STAGE},gradient,smoothgrad:4"
 SCORE_VIDEOS = 40  # device videos of the test split whose maps are scored
-PROBE_LABELS = {"video_id": ("view", "ef", "pacemaker", "tavr", "mitraclip"),
-                "study_id": ("ef", "pacemaker", "tavr", "mitraclip")}
+PROBE_LABELS = {
+    "video_id": ("view", "ef", "pacemaker", "tavr", "mitraclip"),
+    "study_id": ("ef", "pacemaker", "tavr", "mitraclip"),
+}
 PROBE_FRAMES = 4  # frames per video the probes see (evenly spaced): the train split's embedding dominates their time
 
 
@@ -62,9 +65,18 @@ def run_stage(stage: str, cmd: list[str], log_dir: str) -> float:
     return time.time() - start
 
 
-
-def run(out: str, *, patients: int = 500, seed: int = 0, train_steps: int = 1200, batch_size: int = 32,
-        image_size: int = 64, frames: int = 16, workers: int = 2, cohort_version: int = 2) -> dict:
+def run(
+    out: str,
+    *,
+    patients: int = 500,
+    seed: int = 0,
+    train_steps: int = 1200,
+    batch_size: int = 32,
+    image_size: int = 64,
+    frames: int = 16,
+    workers: int = 2,
+    cohort_version: int = 2,
+) -> dict:
     """Runs every stage not done yet under `out` and returns results.json's content (written there, with
     results.md, the README's table)."""
     out = os.path.abspath(out)
@@ -89,60 +101,238 @@ def run(out: str, *, patients: int = 500, seed: int = 0, train_steps: int = 1200
     timings = {}
 
     if not os.path.exists(os.path.join(cohort, "truth.csv")):
-        timings["synthetic"] = run_stage("synthetic", [
-            py, "-m", "data_prep.synthetic", "--out", cohort, "--patients", str(patients),
-            "--seed", str(seed), "--small", "--workers", str(workers),
-            "--cohort_version", str(cohort_version)], logs)
+        timings["synthetic"] = run_stage(
+            "synthetic",
+            [
+                py,
+                "-m",
+                "data_prep.synthetic",
+                "--out",
+                cohort,
+                "--patients",
+                str(patients),
+                "--seed",
+                str(seed),
+                "--small",
+                "--workers",
+                str(workers),
+                "--cohort_version",
+                str(cohort_version),
+            ],
+            logs,
+        )
     with open(os.path.join(cohort, "cohort.json")) as f:
         version = int(json.load(f).get("cohort_version", 1))
     if not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
-        timings["data_prep"] = run_stage("data_prep", [
-            py, "-m", "data_prep.convert", "--dicom_dir", os.path.join(cohort, "dicom"),
-            "--reports", os.path.join(cohort, "reports.csv"), "--out", data_dir,
-            "--image_size", str(image_size), "--frames", str(frames),
-            "--workers", str(workers), "--salt_file", salt_file], logs)
-    overrides = [f"--config.data_dir={data_dir}", f"--config.total_steps={train_steps}",
-                 f"--config.batch_size={batch_size}", f"--config.seed={seed}",
-                 f"--config.model.vision.image_size={image_size}"]
-    timings["train"] = run_stage("train", [py, "-m", "echoclip_jax.train", f"--config={config}",
-                                      "--workdir", workdir, *overrides], logs)
+        timings["data_prep"] = run_stage(
+            "data_prep",
+            [
+                py,
+                "-m",
+                "data_prep.convert",
+                "--dicom_dir",
+                os.path.join(cohort, "dicom"),
+                "--reports",
+                os.path.join(cohort, "reports.csv"),
+                "--out",
+                data_dir,
+                "--image_size",
+                str(image_size),
+                "--frames",
+                str(frames),
+                "--workers",
+                str(workers),
+                "--salt_file",
+                salt_file,
+            ],
+            logs,
+        )
+    overrides = [
+        f"--config.data_dir={data_dir}",
+        f"--config.total_steps={train_steps}",
+        f"--config.batch_size={batch_size}",
+        f"--config.seed={seed}",
+        f"--config.model.vision.image_size={image_size}",
+    ]
+    timings["train"] = run_stage(
+        "train", [py, "-m", "echoclip_jax.train", f"--config={config}", "--workdir", workdir, *overrides], logs
+    )
     if not os.path.exists(export):
-        timings["convert"] = run_stage("convert", [
-            py, "-m", "echoclip_jax.convert", "--src", f"orbax:{workdir}", "--dst", f"safetensors:{export}",
-            f"--config={config}", *overrides[3:]], logs)
+        timings["convert"] = run_stage(
+            "convert",
+            [
+                py,
+                "-m",
+                "echoclip_jax.convert",
+                "--src",
+                f"orbax:{workdir}",
+                "--dst",
+                f"safetensors:{export}",
+                f"--config={config}",
+                *overrides[3:],
+            ],
+            logs,
+        )
     model = [f"--config={config}", *overrides[3:], "--checkpoint", f"safetensors:{export}"]
-    timings["evaluate"] = run_stage("evaluate", [
-        py, "-m", "echoclip_jax.evaluate", *model, "--data_dir", data_dir, "--split", "test", "--out", eval_dir,
-        "--tasks", ",".join(EVAL_TASKS), "--level", "both"], logs)
-    timings["evaluate_weighted"] = run_stage("evaluate_weighted", [  # the views weighted by zero-shot relevance
-        py, "-m", "echoclip_jax.evaluate", *model, "--data_dir", data_dir, "--split", "test",
-        "--out", weighted_dir, "--tasks", ",".join(EVAL_TASKS), "--level", "study", "--study_pool", "weighted"], logs)
+    timings["evaluate"] = run_stage(
+        "evaluate",
+        [
+            py,
+            "-m",
+            "echoclip_jax.evaluate",
+            *model,
+            "--data_dir",
+            data_dir,
+            "--split",
+            "test",
+            "--out",
+            eval_dir,
+            "--tasks",
+            ",".join(EVAL_TASKS),
+            "--level",
+            "both",
+        ],
+        logs,
+    )
+    timings["evaluate_weighted"] = run_stage(
+        "evaluate_weighted",
+        [  # the views weighted by zero-shot relevance
+            py,
+            "-m",
+            "echoclip_jax.evaluate",
+            *model,
+            "--data_dir",
+            data_dir,
+            "--split",
+            "test",
+            "--out",
+            weighted_dir,
+            "--tasks",
+            ",".join(EVAL_TASKS),
+            "--level",
+            "study",
+            "--study_pool",
+            "weighted",
+        ],
+        logs,
+    )
     for key, labels in PROBE_LABELS.items():
         labels = [label for label in labels if label != "view" or version >= 2]
         labels_csv = os.path.join(out, "secrets", f"labels_{key}.csv")  # salted ids: kept beside the salt
         if not os.path.exists(labels_csv):
-            run_stage(f"probe_labels_{key}", [py, "-m", "echoclip_jax.probe_labels", "--cohort", cohort,
-                                         "--salt_file", salt_file, "--key", key, "--out", labels_csv], logs)
+            run_stage(
+                f"probe_labels_{key}",
+                [
+                    py,
+                    "-m",
+                    "echoclip_jax.probe_labels",
+                    "--cohort",
+                    cohort,
+                    "--salt_file",
+                    salt_file,
+                    "--key",
+                    key,
+                    "--out",
+                    labels_csv,
+                ],
+                logs,
+            )
         level_dir = os.path.join(probe_dir, key.split("_")[0])
         if not os.path.exists(os.path.join(level_dir, "probe.json")):
-            timings[f"probe_{key}"] = run_stage(f"probe_{key}", [
-                py, "-m", "echoclip_jax.probe", *model, "--data_dir", data_dir, "--labels", labels_csv,
-                "--key", key, "--frames", str(PROBE_FRAMES), *[a for label in labels for a in ("--label", label)],
-                "--out", level_dir], logs)
+            timings[f"probe_{key}"] = run_stage(
+                f"probe_{key}",
+                [
+                    py,
+                    "-m",
+                    "echoclip_jax.probe",
+                    *model,
+                    "--data_dir",
+                    data_dir,
+                    "--labels",
+                    labels_csv,
+                    "--key",
+                    key,
+                    "--frames",
+                    str(PROBE_FRAMES),
+                    *[a for label in labels for a in ("--label", label)],
+                    "--out",
+                    level_dir,
+                ],
+                logs,
+            )
     if not os.path.exists(saliency_dir):
-        timings["interpret"] = run_stage("interpret", [
-            py, "-m", "echoclip_jax.interpret", *model, "--data_dir", data_dir, "--split", "test", "--limit", "3",
-            "--frames", "4", "--cam_stage", CAM_STAGE, "--out", saliency_dir,
-            *[a for prompt in SALIENCY_PROMPTS for a in ("--prompt", prompt)]], logs)
+        timings["interpret"] = run_stage(
+            "interpret",
+            [
+                py,
+                "-m",
+                "echoclip_jax.interpret",
+                *model,
+                "--data_dir",
+                data_dir,
+                "--split",
+                "test",
+                "--limit",
+                "3",
+                "--frames",
+                "4",
+                "--cam_stage",
+                CAM_STAGE,
+                "--out",
+                saliency_dir,
+                *[a for prompt in SALIENCY_PROMPTS for a in ("--prompt", prompt)],
+            ],
+            logs,
+        )
     if version >= 2 and not os.path.exists(os.path.join(scores_dir, "scores.json")):
-        timings["explain_scores"] = run_stage("explain_scores", [
-            py, "-m", "echoclip_jax.interpret", *model, "--data_dir", data_dir, "--split", "test",
-            "--limit", str(SCORE_VIDEOS), "--frames", "4", "--score_truth", cohort, "--salt_file", salt_file,
-            "--score_methods", SCORE_METHODS, "--out", scores_dir], logs)
+        timings["explain_scores"] = run_stage(
+            "explain_scores",
+            [
+                py,
+                "-m",
+                "echoclip_jax.interpret",
+                *model,
+                "--data_dir",
+                data_dir,
+                "--split",
+                "test",
+                "--limit",
+                str(SCORE_VIDEOS),
+                "--frames",
+                "4",
+                "--score_truth",
+                cohort,
+                "--salt_file",
+                salt_file,
+                "--score_methods",
+                SCORE_METHODS,
+                "--out",
+                scores_dir,
+            ],
+            logs,
+        )
     if not os.path.exists(os.path.join(report_dir, "summary.json")):
-        timings["report"] = run_stage("report", [
-            py, "-m", "echoclip_jax.report", *model, "--data_dir", data_dir, "--split", "test", "--level", "both",
-            "--baseline", "--k", str(REPORT_K), "--out", report_dir], logs)
+        timings["report"] = run_stage(
+            "report",
+            [
+                py,
+                "-m",
+                "echoclip_jax.report",
+                *model,
+                "--data_dir",
+                data_dir,
+                "--split",
+                "test",
+                "--level",
+                "both",
+                "--baseline",
+                "--k",
+                str(REPORT_K),
+                "--out",
+                report_dir,
+            ],
+            logs,
+        )
 
     with open(os.path.join(eval_dir, "model.json")) as f:
         eval_json = json.load(f)
@@ -163,15 +353,27 @@ def run(out: str, *, patients: int = 500, seed: int = 0, train_steps: int = 1200
     results = {
         "cohort_version": version,
         "figures": rows,
-        "train": {"steps": train_steps, "first_loss": losses[0] if losses else None,
-                  "last_loss": losses[-1] if losses else None},
+        "train": {
+            "steps": train_steps,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+        },
         "num_test_videos": eval_json.get("num_videos"),
         "num_test_studies": eval_json.get("study", {}).get("num_studies"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "paths": {"cohort": cohort, "records": data_dir, "workdir": workdir, "export": export,
-                  "evaluation": eval_dir, "evaluation_weighted_views": weighted_dir, "probe": probe_dir,
-                  "saliency": saliency_dir,
-                  **({"explain_scores": scores_dir} if version >= 2 else {}), "report": report_dir, "logs": logs},
+        "paths": {
+            "cohort": cohort,
+            "records": data_dir,
+            "workdir": workdir,
+            "export": export,
+            "evaluation": eval_dir,
+            "evaluation_weighted_views": weighted_dir,
+            "probe": probe_dir,
+            "saliency": saliency_dir,
+            **({"explain_scores": scores_dir} if version >= 2 else {}),
+            "report": report_dir,
+            "logs": logs,
+        },
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -6,6 +6,7 @@ and its `study` block), report rows from echoclip_jax.report's outputs joined to
 demo reads the truth), probe rows from echoclip_jax.probe's probe.json, explanation rows from
 echoclip_jax.saliency.scores' scores.json (pointing game beside a uniform-in-sector map).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,9 +47,12 @@ def baselines(data_dir: str) -> dict:
     y = zs.task_labels(ef_task, test_reports, {"ef": test_ef})
     _, first = np.unique(test_studies, return_index=True)  # each study's first video (its report's labels)
     y_study = y[first]
-    return {"ef_mae_predict_train_mean": float(np.nanmean(np.abs(y - train_mean))),
-            "study_ef_mae_predict_train_mean": float(np.nanmean(np.abs(y_study - train_mean))),
-            "ef_train_mean": train_mean, "chance": 0.5}
+    return {
+        "ef_mae_predict_train_mean": float(np.nanmean(np.abs(y - train_mean))),
+        "study_ef_mae_predict_train_mean": float(np.nanmean(np.abs(y_study - train_mean))),
+        "ef_train_mean": train_mean,
+        "chance": 0.5,
+    }
 
 
 def _row(value, baseline, better: str, n=None, **extra) -> dict:
@@ -60,18 +64,27 @@ def _row(value, baseline, better: str, n=None, **extra) -> dict:
 def level_rows(block: dict, base: dict, *, prefix: str = "", ef_baseline: float, video: dict | None = None) -> dict:
     """The zero-shot, retrieval and patient-identification rows of one level's block of evaluate's JSON;
     `video`: the video-level block, whose figure each row also carries (`video_value`)."""
+
     def pick(b, *path):
         for key in path:
             b = (b or {}).get(key)
         return b
 
-    specs = {"ejection_fraction_mae": (("tasks", "ejection_fraction", "mae"), ef_baseline, "lower"),
-             "ejection_fraction_mae_repository_rule": (("tasks", "ejection_fraction", "mae_repository"),
-                                                       ef_baseline, "lower")}
+    specs = {
+        "ejection_fraction_mae": (("tasks", "ejection_fraction", "mae"), ef_baseline, "lower"),
+        "ejection_fraction_mae_repository_rule": (
+            ("tasks", "ejection_fraction", "mae_repository"),
+            ef_baseline,
+            "lower",
+        ),
+    }
     for name in DEVICES:
         specs[f"{name}_auc"] = (("tasks", name, "auc"), base["chance"], "higher")
-    specs["retrieval_to_report_mean_rank_fraction"] = (("retrieval", "image_to_text", "mean_rank_fraction"),
-                                                       base["chance"], "lower")
+    specs["retrieval_to_report_mean_rank_fraction"] = (
+        ("retrieval", "image_to_text", "mean_rank_fraction"),
+        base["chance"],
+        "lower",
+    )
     specs["patient_identification_auc"] = (("patient_identification", "auc"), base["chance"], "higher")
     rows = {}
     for name, (path, baseline, better) in specs.items():
@@ -89,13 +102,29 @@ def evaluation_rows(eval_json: dict, base: dict, weighted: dict | None = None) -
     `study_weighted_*`; its retrieval and patient identification are the mean pool's, so left out)."""
     rows = level_rows(eval_json, base, ef_baseline=base["ef_mae_predict_train_mean"])
     if "study" in eval_json:
-        rows.update(level_rows(eval_json["study"], base, prefix="study_",
-                               ef_baseline=base["study_ef_mae_predict_train_mean"], video=eval_json))
+        rows.update(
+            level_rows(
+                eval_json["study"],
+                base,
+                prefix="study_",
+                ef_baseline=base["study_ef_mae_predict_train_mean"],
+                video=eval_json,
+            )
+        )
     if weighted is not None and "study" in weighted:
-        rows.update({k: v for k, v in level_rows(weighted["study"], base, prefix="study_weighted_",
-                                                 ef_baseline=base["study_ef_mae_predict_train_mean"],
-                                                 video=eval_json).items()
-                     if "retrieval" not in k and "patient_identification" not in k})
+        rows.update(
+            {
+                k: v
+                for k, v in level_rows(
+                    weighted["study"],
+                    base,
+                    prefix="study_weighted_",
+                    ef_baseline=base["study_ef_mae_predict_train_mean"],
+                    video=eval_json,
+                ).items()
+                if "retrieval" not in k and "patient_identification" not in k
+            }
+        )
     return rows
 
 
@@ -105,11 +134,15 @@ def report_rows(report_dir: str, cohort: str, salt: bytes) -> dict:
 
     truth = {}
     for r in read_truth(cohort):
-        truth.setdefault(salted_hash(salt, "study", r["StudyInstanceUID"]),
-                         {"ef": float(r["ef"]), "lv_size": r["lv_size"], **{d: int(r[d]) for d in retrieval_report.DEVICES}})
+        truth.setdefault(
+            salted_hash(salt, "study", r["StudyInstanceUID"]),
+            {"ef": float(r["ef"]), "lv_size": r["lv_size"], **{d: int(r[d]) for d in retrieval_report.DEVICES}},
+        )
     rows = {}
-    for level, keys in (("study", ("ef_within_5", "ef_band_accuracy", "devices_balanced_accuracy", "lv_size_accuracy")),
-                        ("video", ("ef_within_5", "devices_balanced_accuracy"))):
+    for level, keys in (
+        ("study", ("ef_within_5", "ef_band_accuracy", "devices_balanced_accuracy", "lv_size_accuracy")),
+        ("video", ("ef_within_5", "devices_balanced_accuracy")),
+    ):
         with open(os.path.join(report_dir, f"{level}_reports.jsonl")) as f:
             found = [json.loads(line) for line in f]
         true = [truth[x["study_id"]] for x in found]
@@ -135,8 +168,9 @@ def probe_rows(probe_json: dict, *, level: str) -> dict:
         if res["task"] == "classification" and len(res["baseline"].get("confusion_matrix", {}).get("labels", [])) == 2:
             m = "balanced_accuracy"
         for probe, r in res["probes"].items():
-            rows[f"probe_{level}_{probe}_{label}_{m}"] = _row(r["metrics"][m], res["baseline"][m], better,
-                                                              r["metrics"].get("n"))
+            rows[f"probe_{level}_{probe}_{label}_{m}"] = _row(
+                r["metrics"][m], res["baseline"][m], better, r["metrics"].get("n")
+            )
     return rows
 
 
@@ -150,8 +184,9 @@ def saliency_rows(scores: dict) -> dict:
         if label in ("uniform", "centre"):
             continue
         for m in ("pointing_game", "mass_share"):
-            rows[f"explain_{label}_{m}"] = _row(per["all"][m], uniform[m], "higher", per["all"]["frames"],
-                                                centre=centre[m])
+            rows[f"explain_{label}_{m}"] = _row(
+                per["all"][m], uniform[m], "higher", per["all"]["frames"], centre=centre[m]
+            )
     return rows
 
 
@@ -159,9 +194,11 @@ def format_table(rows: dict) -> str:
     lines = [f"{'figure':52s} {'value':>9s} {'baseline':>9s} {'video':>7s}  beats"]
     for name, row in rows.items():
         v, b, vv = row["value"], row["baseline"], row.get("video_value")
-        lines.append(f"{name:52s} {'n/a' if v is None else f'{v:9.3f}':>9s} "
-                     f"{'n/a' if b is None else f'{b:9.3f}':>9s} {'' if vv is None else f'{vv:7.3f}':>7s}  "
-                     f"{'yes' if row['beats_baseline'] else 'NO'}")
+        lines.append(
+            f"{name:52s} {'n/a' if v is None else f'{v:9.3f}':>9s} "
+            f"{'n/a' if b is None else f'{b:9.3f}':>9s} {'' if vv is None else f'{vv:7.3f}':>7s}  "
+            f"{'yes' if row['beats_baseline'] else 'NO'}"
+        )
     return "\n".join(lines)
 
 
@@ -170,26 +207,43 @@ HEADLINES = (  # (label, rows joined with " / "): the README's table, from resul
     ("zero-shot pacemaker / TAVR / MitraClip AUC", tuple(f"{d}_auc" for d in DEVICES)),
     ("retrieval to report, mean rank fraction", ("retrieval_to_report_mean_rank_fraction",)),
     ("patient identification AUC", ("patient_identification_auc",)),
-    ("probe, view accuracy (linear / attentive)", ("probe_video_linear_view_accuracy",
-                                                   "probe_video_attentive_view_accuracy")),
+    (
+        "probe, view accuracy (linear / attentive)",
+        ("probe_video_linear_view_accuracy", "probe_video_attentive_view_accuracy"),
+    ),
     ("probe, EF MAE (linear / attentive)", ("probe_video_linear_ef_mae", "probe_video_attentive_ef_mae")),
-    ("probe, pacemaker / TAVR / MitraClip balanced accuracy (linear)",
-     tuple(f"probe_video_linear_{d}_balanced_accuracy" for d in DEVICES)),
-    ("explanation maps, pointing game: PromptCAM last stage / first stage / gradient",
-     ("explain_promptcam:last_pointing_game", "explain_promptcam:0_pointing_game", "explain_gradient_pointing_game")),
-    ("preliminary report by retrieval: EF within ±5 / EF band", ("report_study_ef_within_5",
-                                                                 "report_study_ef_band_accuracy")),
-    ("preliminary report: devices (mean balanced accuracy) / LV size", ("report_study_devices_balanced_accuracy",
-                                                                       "report_study_lv_size_accuracy")),
+    (
+        "probe, pacemaker / TAVR / MitraClip balanced accuracy (linear)",
+        tuple(f"probe_video_linear_{d}_balanced_accuracy" for d in DEVICES),
+    ),
+    (
+        "explanation maps, pointing game: PromptCAM last stage / first stage / gradient",
+        ("explain_promptcam:last_pointing_game", "explain_promptcam:0_pointing_game", "explain_gradient_pointing_game"),
+    ),
+    (
+        "preliminary report by retrieval: EF within ±5 / EF band",
+        ("report_study_ef_within_5", "report_study_ef_band_accuracy"),
+    ),
+    (
+        "preliminary report: devices (mean balanced accuracy) / LV size",
+        ("report_study_devices_balanced_accuracy", "report_study_lv_size_accuracy"),
+    ),
 )
-STUDY_ROWS = {"ejection_fraction_mae", "pacemaker_auc", "tavr_auc", "mitraclip_auc",
-              "retrieval_to_report_mean_rank_fraction", "patient_identification_auc"}
+STUDY_ROWS = {
+    "ejection_fraction_mae",
+    "pacemaker_auc",
+    "tavr_auc",
+    "mitraclip_auc",
+    "retrieval_to_report_mean_rank_fraction",
+    "patient_identification_auc",
+}
 
 
 def markdown_table(rows: dict) -> str:
     """The headline figures as a Markdown table: per video, per study (where the figure has a study level;
     probes: the study-keyed probe; reports are per study), per study with the views weighted (zero-shot
     tasks) and the baselines."""
+
     def fmt(names, key="value", prefix=""):
         got = [rows.get(prefix + n, {}).get(key) for n in names]
         return " / ".join("-" if v is None else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}" for v in got)
@@ -203,16 +257,21 @@ def markdown_table(rows: dict) -> str:
             return "", names
         return None, names
 
-    lines = ["| figure | per video | per study | per study, views weighted | baseline |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| figure | per video | per study | per study, views weighted | baseline |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for label, names in HEADLINES:
         if not any(n in rows for n in names):
             continue
         prefix, s_names = study_names(names)
         video = "" if names[0].startswith("report_study_") else fmt(names)
         study = fmt(s_names, prefix=prefix) if prefix is not None and any(prefix + n in rows for n in s_names) else ""
-        weighted = (fmt(names, prefix="study_weighted_") if prefix == "study_"
-                    and any("study_weighted_" + n in rows for n in names) else "")
+        weighted = (
+            fmt(names, prefix="study_weighted_")
+            if prefix == "study_" and any("study_weighted_" + n in rows for n in names)
+            else ""
+        )
         baseline = fmt(names, "baseline")
         present = [n for n in names if n in rows]
         if all("centre" in rows[n] for n in present):  # maps: one uniform map and one centre map for all

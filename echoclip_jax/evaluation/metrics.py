@@ -5,6 +5,7 @@ Conventions: scores are "higher = more positive"; a metric that is undefined for
 (an AUC with one class, an R² of a constant target) is NaN rather than an exception, so one degenerate
 task does not abort a sweep.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -114,8 +115,14 @@ def binary_metrics(labels, scores, *, calibration: tuple | None = None, criterio
         thr, source = best_threshold(*calibration, criterion=criterion), "calibration"
     else:
         thr, source = best_threshold(y, s, criterion=criterion), "self"
-    out = {"auc": roc_auc(y, s), "n": int(len(y)), "n_pos": int(y.sum()), "threshold": thr,
-           "threshold_source": source, "threshold_criterion": criterion}
+    out = {
+        "auc": roc_auc(y, s),
+        "n": int(len(y)),
+        "n_pos": int(y.sum()),
+        "threshold": thr,
+        "threshold_source": source,
+        "threshold_criterion": criterion,
+    }
     if np.isfinite(thr):
         c = confusion_at(y, s, thr)
         out["f1"] = f1_at(y, s, thr)
@@ -201,8 +208,7 @@ def rank_summary(ranks: np.ndarray, num_candidates: int, ks: Sequence[int] = (1,
     return out
 
 
-def retrieval_metrics(image_embeds, text_embeds, *, chunk_size: int = 1024,
-                      matmul: Callable | None = None) -> dict:
+def retrieval_metrics(image_embeds, text_embeds, *, chunk_size: int = 1024, matmul: Callable | None = None) -> dict:
     """Image->text and text->image retrieval where pair i (video i, report i) is the match.
 
     Embeddings are L2-normalised [N, D]. Memory is O(chunk_size * N), so 100k x 100k never exists at
@@ -245,8 +251,9 @@ def _first_values(keys: list, study_ids, values) -> np.ndarray:
     return np.asarray([first[k] for k in keys])
 
 
-def patient_identification(video_embeds, patient_ids, study_ids, *, max_negatives: int = 1_000_000,
-                           seed: int = 0) -> dict:
+def patient_identification(
+    video_embeds, patient_ids, study_ids, *, max_negatives: int = 1_000_000, seed: int = 0
+) -> dict:
     """AUC of cosine similarity between two studies' embeddings for same vs different patient.
 
     Studies are the unit (videos are pooled per study), and only pairs of distinct studies count, so a
@@ -282,9 +289,14 @@ def patient_identification(video_embeds, patient_ids, study_ids, *, max_negative
     pos_a, pos_b = np.asarray(pos_a, dtype=np.int64), np.asarray(pos_b, dtype=np.int64)
     sims = np.r_[(emb[pos_a] * emb[pos_b]).sum(1), (emb[neg_a] * emb[neg_b]).sum(1)]
     labels = np.r_[np.ones(len(pos_a), bool), np.zeros(len(neg_a), bool)]
-    return {"auc": roc_auc(labels, sims) if len(labels) else float("nan"),
-            "n_studies": n, "n_same": int(len(pos_a)), "n_different": int(len(neg_a)),
-            "scores": sims, "labels": labels}
+    return {
+        "auc": roc_auc(labels, sims) if len(labels) else float("nan"),
+        "n_studies": n,
+        "n_same": int(len(pos_a)),
+        "n_different": int(len(neg_a)),
+        "scores": sims,
+        "labels": labels,
+    }
 
 
 def clinical_change(video_embeds, patient_ids, study_ids, study_days, labels) -> dict:
@@ -315,5 +327,8 @@ def clinical_change(video_embeds, patient_ids, study_ids, study_days, labels) ->
             scores.append(1.0 - float(emb[base] @ emb[later]))
             targets.append(bool(study_label[later]))
     scores_a, targets_a = np.asarray(scores, dtype=np.float64), np.asarray(targets, dtype=bool)
-    return {"auc": roc_auc(targets_a, scores_a) if len(scores) else float("nan"),
-            "n": int(len(scores)), "n_pos": int(targets_a.sum())}
+    return {
+        "auc": roc_auc(targets_a, scores_a) if len(scores) else float("nan"),
+        "n": int(len(scores)),
+        "n_pos": int(targets_a.sum()),
+    }

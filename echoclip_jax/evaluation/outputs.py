@@ -6,6 +6,7 @@ the video-level keys; plots are drawn only for what has data: a task whose label
 one class) gets no curve, a metric that is NaN at every step or level gets no panel, and a figure with
 nothing to draw is not written.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,6 +25,7 @@ from echoclip_jax.evaluation import metrics
 
 PLOT_KEYS = re.compile(r"/(auc|mae|accuracy|mean_rank_fraction)$")
 LEVEL_COLOURS = {"video": "tab:blue", "study": "tab:orange"}
+
 
 def _jsonable(x):
     if isinstance(x, dict):
@@ -78,9 +80,13 @@ def write_summary(out_dir: str) -> str:
         writer = csv.writer(f)
         writer.writerow(["name", "step", *columns])
         for r, flat in zip(rows, flats):
-            writer.writerow([r["name"], "" if r.get("step") is None else r["step"],
-                             *("" if math.isnan(flat.get(c, math.nan)) else f"{flat[c]:.6g}"
-                               for c in columns)])
+            writer.writerow(
+                [
+                    r["name"],
+                    "" if r.get("step") is None else r["step"],
+                    *("" if math.isnan(flat.get(c, math.nan)) else f"{flat[c]:.6g}" for c in columns),
+                ]
+            )
     return path
 
 
@@ -112,8 +118,7 @@ def plot_checkpoint(out_dir: str, name: str, curves: dict, *, level: str = "vide
     rocs = dict(curves["binary"])
     if "patient_identification" in curves:
         rocs["patient identification"] = curves["patient_identification"]
-    drawable = {task: c for task, c in rocs.items()
-                if 0 < np.asarray(c["labels"]).astype(int).sum() < len(c["labels"])}
+    drawable = {task: c for task, c in rocs.items() if 0 < np.asarray(c["labels"]).astype(int).sum() < len(c["labels"])}
     if drawable:
         fig, ax = plt.subplots(figsize=(6, 6))
         for task, c in drawable.items():
@@ -135,8 +140,11 @@ def plot_checkpoint(out_dir: str, name: str, curves: dict, *, level: str = "vide
         lo = float(min(np.min(c["true"]), np.min(c["pred"])))
         hi = float(max(np.max(c["true"]), np.max(c["pred"])))
         ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
-        ax.set(xlabel=f"true {task}", ylabel=f"predicted {task}",
-               title=f"{task}{where}: MAE {metrics.mae(c['true'], c['pred']):.2f}, checkpoint {name}")
+        ax.set(
+            xlabel=f"true {task}",
+            ylabel=f"predicted {task}",
+            title=f"{task}{where}: MAE {metrics.mae(c['true'], c['pred']):.2f}, checkpoint {name}",
+        )
         path = os.path.join(out_dir, "plots", f"{stem}_{task}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -150,8 +158,14 @@ def plot_metrics_vs_step(out_dir: str) -> str | None:
     if not rows:
         return None
     flats = [flatten({k: v for k, v in r.items() if k not in ("name", "step")}) for r in rows]
-    keys = sorted({k for f in flats for k in f if PLOT_KEYS.search(k) and "per_class" not in k
-                   and any(math.isfinite(g.get(k, math.nan)) for g in flats)})  # no empty panels
+    keys = sorted(
+        {
+            k
+            for f in flats
+            for k in f
+            if PLOT_KEYS.search(k) and "per_class" not in k and any(math.isfinite(g.get(k, math.nan)) for g in flats)
+        }
+    )  # no empty panels
     if not keys:
         return None
     plt = _pyplot()
@@ -163,7 +177,7 @@ def plot_metrics_vs_step(out_dir: str) -> str | None:
         ax.plot(steps, [f.get(key, math.nan) for f in flats], "o-")
         ax.set_title(key, fontsize=8)
         ax.set_xlabel("step", fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
@@ -173,15 +187,16 @@ def plot_metrics_vs_step(out_dir: str) -> str | None:
     return path
 
 
-
-
 def headline_figures(results: dict) -> dict[str, tuple[str, float]]:
     """{panel title: (better, value)} of one level's block: each task's AUC (binary), macro AUC
     (categorical) or MAE (regression), video/study -> report mean rank fraction, patient id AUC."""
     out = {}
     for task, r in results.get("tasks", {}).items():
-        key, better = {"binary": ("auc", "higher"), "categorical": ("macro_auc", "higher"),
-                       "regression": ("mae", "lower")}[r["mode"]]
+        key, better = {
+            "binary": ("auc", "higher"),
+            "categorical": ("macro_auc", "higher"),
+            "regression": ("mae", "lower"),
+        }[r["mode"]]
         if key in r:
             out[f"{task} {key}"] = (better, r[key])
     if "retrieval" in results:
@@ -194,8 +209,10 @@ def headline_figures(results: dict) -> dict[str, tuple[str, float]]:
 def level_panels(results: dict) -> dict[str, dict]:
     """{panel title: {"better": ..., "video": value, "study": value}} of a result with a study block: the
     headline figures that are finite at some level (a task with no labels, or one class, has none)."""
-    levels = {"video": headline_figures(results) if "tasks" in results else {},
-              "study": headline_figures(results.get("study", {}))}
+    levels = {
+        "video": headline_figures(results) if "tasks" in results else {},
+        "study": headline_figures(results.get("study", {})),
+    }
     panels: dict = {}
     for lv, figures in levels.items():
         for title, (better, value) in figures.items():
@@ -221,7 +238,7 @@ def plot_levels(out_dir: str, name: str, results: dict) -> str | None:
         for x, v in enumerate(values):
             ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=7)
         ax.set_title(f"{title} ({panel['better']} is better)", fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")  # the grid's unused cells: no panel
     fig.suptitle(f"video vs study level, checkpoint {name}", fontsize=9)
     fig.tight_layout()

@@ -31,6 +31,7 @@ identification and clinical change were already study-level (`metrics` pools vid
 run on the study embeddings directly, so with one report per study their figures equal the video-level
 block's. No study or patient identifier leaves this module: studies are numbered 0..S-1 internally.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,11 +77,14 @@ class Studies:
         self.video_order = np.argsort(self.study_of_video, kind="stable")
         self.videos_per_study = np.bincount(self.study_of_video, minlength=self.num_studies)
         starts = np.concatenate([[0], np.cumsum(self.video_lengths)[:-1]])
-        self.frame_index = (np.concatenate([np.arange(starts[v], starts[v] + self.video_lengths[v])
-                                            for v in self.video_order]) if len(self.video_order)
-                            else np.zeros(0, np.int64))
-        self.lengths = np.bincount(self.study_of_video, weights=self.video_lengths,
-                                   minlength=self.num_studies).astype(np.int64)  # frames per study
+        self.frame_index = (
+            np.concatenate([np.arange(starts[v], starts[v] + self.video_lengths[v]) for v in self.video_order])
+            if len(self.video_order)
+            else np.zeros(0, np.int64)
+        )
+        self.lengths = np.bincount(self.study_of_video, weights=self.video_lengths, minlength=self.num_studies).astype(
+            np.int64
+        )  # frames per study
         self.report = [""] * self.num_studies
         self.ef = np.full(self.num_studies, np.nan)
         self.patient = [None] * self.num_studies
@@ -107,8 +111,7 @@ class Studies:
 
     def video_weights(self, task: zs.Task, sims: np.ndarray) -> np.ndarray:
         """Weight [N] of each video within its study: softmax of relevance / temperature (sums to 1)."""
-        return _softmax_within(self.relevance(task, sims) / self.temperature, self.study_of_video,
-                               self.num_studies)
+        return _softmax_within(self.relevance(task, sims) / self.temperature, self.study_of_video, self.num_studies)
 
     def frame_weights(self, task: zs.Task, sims: np.ndarray) -> np.ndarray | None:
         """Per-frame weights [M] in study order for the weighted pool (w_v / T_v), None for the mean."""
@@ -132,14 +135,18 @@ class StudyMetrics:
 
     def __init__(self, split, *, pool: str = "mean", temperature: float = TEMPERATURE, calibration=None):
         self.studies = Studies(split, pool=pool, temperature=temperature)
-        self.calibration = (Studies(calibration, pool=pool, temperature=temperature)
-                            if calibration is not None else None)
+        self.calibration = Studies(calibration, pool=pool, temperature=temperature) if calibration is not None else None
         st = self.studies
-        self.results: dict = {"num_studies": st.num_studies, "num_videos": int(len(st.study_of_video)),
-                              "num_frames": int(st.lengths.sum()),
-                              "videos_per_study": _summary(st.videos_per_study),
-                              "frames_per_study": _summary(st.lengths), "pool": pool,
-                              "tasks": {}, "clinical_change": {}}
+        self.results: dict = {
+            "num_studies": st.num_studies,
+            "num_videos": int(len(st.study_of_video)),
+            "num_frames": int(st.lengths.sum()),
+            "videos_per_study": _summary(st.videos_per_study),
+            "frames_per_study": _summary(st.lengths),
+            "pool": pool,
+            "tasks": {},
+            "clinical_change": {},
+        }
         if pool == "weighted":
             self.results["pool_temperature"] = st.temperature
         self.curves: dict = {"binary": {}, "regression": {}}
@@ -153,10 +160,10 @@ class StudyMetrics:
             c_labels = self.calibration.labels(task)
             known = np.isfinite(c_labels)
             if len(np.unique(c_labels[known])) == 2:
-                calib = (c_labels[known].astype(int),
-                         self.calibration.binary_scores(task, calibration_sims)[known])
-        out = zs.evaluate_task(task, st.frames(sims), labels, lengths=st.lengths, calibration=calib,
-                               weights=st.frame_weights(task, sims))
+                calib = (c_labels[known].astype(int), self.calibration.binary_scores(task, calibration_sims)[known])
+        out = zs.evaluate_task(
+            task, st.frames(sims), labels, lengths=st.lengths, calibration=calib, weights=st.frame_weights(task, sims)
+        )
         curve = out.pop("_curves", None)
         if curve is not None:
             self.curves["binary" if task.mode == "binary" else "regression"][task.name] = curve
@@ -164,7 +171,8 @@ class StudyMetrics:
         if task.mode == "binary":
             ids = np.arange(st.num_studies)
             self.results["clinical_change"][task.name] = metrics.clinical_change(
-                st.embeddings, st.patient, ids, st.day, np.nan_to_num(labels))
+                st.embeddings, st.patient, ids, st.day, np.nan_to_num(labels)
+            )
 
     def finish(self, embed_texts, *, retrieval_chunk: int = 1024) -> tuple[dict, dict]:
         """(results, curves) of the study block: the tasks so far, retrieval (study embedding vs its report
@@ -173,8 +181,9 @@ class StudyMetrics:
         has_report = np.asarray([bool(r.strip()) for r in st.report])
         if has_report.sum() >= 2:
             report_embeds = embed_texts([r for r, h in zip(st.report, has_report) if h])
-            self.results["retrieval"] = metrics.retrieval_metrics(st.embeddings[has_report], report_embeds,
-                                                                  chunk_size=retrieval_chunk)
+            self.results["retrieval"] = metrics.retrieval_metrics(
+                st.embeddings[has_report], report_embeds, chunk_size=retrieval_chunk
+            )
         pid = metrics.patient_identification(st.embeddings, st.patient, np.arange(st.num_studies))
         self.curves["patient_identification"] = {"labels": pid.pop("labels"), "scores": pid.pop("scores")}
         self.results["patient_identification"] = pid

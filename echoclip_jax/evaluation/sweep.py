@@ -11,6 +11,7 @@ over all its views, `echoclip_jax.evaluation.study_level`): the same figures und
 key. Embeddings come from `echoclip_jax.inference.embedder` (videos of any lengths in fixed-shape sharded
 batches). Only aggregate numbers are written: no video, patient or study identifier leaves this module.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,15 @@ from echoclip_jax.weights import loader as weights
 log = logging.getLogger(__name__)
 
 LEVELS = {"video": ("video",), "study": ("study",), "both": ("video", "study")}
-VIDEO_KEYS = ("num_videos", "num_frames", "frames_per_video", "tasks", "clinical_change", "retrieval",
-              "patient_identification")  # the video level's keys of a result JSON (top level)
+VIDEO_KEYS = (
+    "num_videos",
+    "num_frames",
+    "frames_per_video",
+    "tasks",
+    "clinical_change",
+    "retrieval",
+    "patient_identification",
+)  # the video level's keys of a result JSON (top level)
 
 
 def _task_sims(embedder: Embedder, task: zs.Task, split: SplitEmbeddings) -> np.ndarray:
@@ -49,10 +57,17 @@ def _task_sims(embedder: Embedder, task: zs.Task, split: SplitEmbeddings) -> np.
     return zs.similarities(split.frames, embedder.texts(texts))
 
 
-def compute_metrics(embedder: Embedder, split: SplitEmbeddings, tasks: list[zs.Task], *,
-                    calibration: SplitEmbeddings | None = None, retrieval_chunk: int = 1024,
-                    level: str = "both", study_pool: str = "mean",
-                    study_temperature: float = study_level.TEMPERATURE) -> tuple[dict, dict]:
+def compute_metrics(
+    embedder: Embedder,
+    split: SplitEmbeddings,
+    tasks: list[zs.Task],
+    *,
+    calibration: SplitEmbeddings | None = None,
+    retrieval_chunk: int = 1024,
+    level: str = "both",
+    study_pool: str = "mean",
+    study_temperature: float = study_level.TEMPERATURE,
+) -> tuple[dict, dict]:
     """(results, curves): JSON-able metrics of one checkpoint, and arrays for its plots.
 
     `level` "video": today's keys (VIDEO_KEYS); "study": only `results["study"]` (curves["study"]);
@@ -61,21 +76,26 @@ def compute_metrics(embedder: Embedder, split: SplitEmbeddings, tasks: list[zs.T
     if level not in LEVELS:
         raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
     video = "video" in LEVELS[level]
-    study = (study_level.StudyMetrics(split, pool=study_pool, temperature=study_temperature,
-                                      calibration=calibration) if "study" in LEVELS[level] else None)
+    study = (
+        study_level.StudyMetrics(split, pool=study_pool, temperature=study_temperature, calibration=calibration)
+        if "study" in LEVELS[level]
+        else None
+    )
     lengths = split.lengths
     results: dict = {}
     curves: dict = {}
     if video:
-        results = {"num_videos": int(len(split.videos)), "num_frames": int(lengths.sum()),
-                   "frames_per_video": {"min": int(lengths.min()), "max": int(lengths.max()),
-                                        "mean": float(lengths.mean())},
-                   "tasks": {}, "clinical_change": {}}
+        results = {
+            "num_videos": int(len(split.videos)),
+            "num_frames": int(lengths.sum()),
+            "frames_per_video": {"min": int(lengths.min()), "max": int(lengths.max()), "mean": float(lengths.mean())},
+            "tasks": {},
+            "clinical_change": {},
+        }
         curves = {"binary": {}, "regression": {}}
     for task in tasks:
         sims = _task_sims(embedder, task, split)
-        c_sims = (_task_sims(embedder, task, calibration)
-                  if calibration is not None and task.mode == "binary" else None)
+        c_sims = _task_sims(embedder, task, calibration) if calibration is not None and task.mode == "binary" else None
         if study is not None:
             study.add_task(task, sims, c_sims)
         if not video:
@@ -94,13 +114,15 @@ def compute_metrics(embedder: Embedder, split: SplitEmbeddings, tasks: list[zs.T
         results["tasks"][task.name] = out
         if task.mode == "binary":
             results["clinical_change"][task.name] = metrics.clinical_change(
-                split.videos, split.patient_id, split.study_id, split.study_day, np.nan_to_num(labels))
+                split.videos, split.patient_id, split.study_id, split.study_day, np.nan_to_num(labels)
+            )
     if video:
         has_report = np.asarray([bool(r.strip()) for r in split.report])
         if has_report.sum() >= 2:
             report_embeds = embedder.texts([r for r, h in zip(split.report, has_report) if h])
-            results["retrieval"] = metrics.retrieval_metrics(split.videos[has_report], report_embeds,
-                                                             chunk_size=retrieval_chunk)
+            results["retrieval"] = metrics.retrieval_metrics(
+                split.videos[has_report], report_embeds, chunk_size=retrieval_chunk
+            )
         pid = metrics.patient_identification(split.videos, split.patient_id, split.study_id)
         curves["patient_identification"] = {"labels": pid.pop("labels"), "scores": pid.pop("scores")}
         results["patient_identification"] = pid
@@ -116,8 +138,13 @@ class Source:
     spec: str  # what to load, as `echoclip_jax.weights.loader.load` reads it: KIND:PATH[@STEP]
 
 
-def list_sources(*, checkpoint: str | None = None, workdir: str | None = None,
-                 steps: list[int] | None = None, globs: list[str] | None = None) -> list[Source]:
+def list_sources(
+    *,
+    checkpoint: str | None = None,
+    workdir: str | None = None,
+    steps: list[int] | None = None,
+    globs: list[str] | None = None,
+) -> list[Source]:
     """The checkpoints to evaluate, in step order, each with its output name."""
 
     sources = []
@@ -166,10 +193,21 @@ def _missing_levels(path: str, levels: tuple[str, ...]) -> tuple[tuple[str, ...]
     return tuple(lv for lv in levels if not have[lv]), old
 
 
-def run(config, sources: list[Source], *, data_dir: str, split: str, out_dir: str,
-        tasks: list[zs.Task], frames: int | None = None, batch_size: int = 128,
-        calibration_split: str | None = None, level: str = "both", study_pool: str = "mean",
-        study_temperature: float = study_level.TEMPERATURE) -> list[str]:
+def run(
+    config,
+    sources: list[Source],
+    *,
+    data_dir: str,
+    split: str,
+    out_dir: str,
+    tasks: list[zs.Task],
+    frames: int | None = None,
+    batch_size: int = 128,
+    calibration_split: str | None = None,
+    level: str = "both",
+    study_pool: str = "mean",
+    study_temperature: float = study_level.TEMPERATURE,
+) -> list[str]:
     """Evaluate every source whose result in out_dir lacks a level asked for (a result that has one
     level keeps it and gains the other); returns the names evaluated."""
     if level not in LEVELS:
@@ -189,19 +227,34 @@ def run(config, sources: list[Source], *, data_dir: str, split: str, out_dir: st
         log.info("evaluate %s (%s) on %s [%s], level %s", source.name, source.spec, data_dir, split, "+".join(missing))
         # weights and model config through weights.load's one rule (architecture: the stored config, which
         # must agree with --config; compute dtype and other run settings: --config)
-        embedder = Embedder(weights.load_model(source.spec, config.model), tokenizers.from_config(config.tokenizer),
-                            batch_size=batch_size)
+        embedder = Embedder(
+            weights.load_model(source.spec, config.model),
+            tokenizers.from_config(config.tokenizer),
+            batch_size=batch_size,
+        )
         split_embeds = embed_split(embedder, data_dir, split, frames=frames, image_size=image_size)
         calibration = None
         if calibration_split:
-            calibration = embed_split(embedder, data_dir, calibration_split, frames=frames,
-                                      image_size=image_size)
-        results, curves = compute_metrics(embedder, split_embeds, tasks, calibration=calibration,
-                                          level="both" if len(missing) == 2 else missing[0],
-                                          study_pool=study_pool, study_temperature=study_temperature)
+            calibration = embed_split(embedder, data_dir, calibration_split, frames=frames, image_size=image_size)
+        results, curves = compute_metrics(
+            embedder,
+            split_embeds,
+            tasks,
+            calibration=calibration,
+            level="both" if len(missing) == 2 else missing[0],
+            study_pool=study_pool,
+            study_temperature=study_temperature,
+        )
         kept = {k: v for k, v in old.items() if k in (*VIDEO_KEYS, "study")}  # the level it already has
-        record = {"name": source.name, "step": source.step, "checkpoint": source.spec, "split": split,
-                  "calibration_split": calibration_split, **kept, **results}
+        record = {
+            "name": source.name,
+            "step": source.step,
+            "checkpoint": source.spec,
+            "split": split,
+            "calibration_split": calibration_split,
+            **kept,
+            **results,
+        }
         if "video" in missing:
             plot_checkpoint(out_dir, source.name, curves)
         if "study" in missing:

@@ -22,6 +22,7 @@ videos of different lengths (every frame-wise rule is applied per video, over it
 The same rules answer per study (`echoclip_jax.evaluation.study_level`): a study's frames are its videos' frames end
 to end, and optional per-frame `weights` (each unit's summing to 1) turn every frame mean into a weighted one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,14 +71,19 @@ def _task_from_spec(name: str, spec: dict, path: str) -> Task:
     if mode not in MODES:
         raise bad(f"mode must be one of {MODES}, got {mode!r}")
     sources = spec.get("label_sources")
-    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s.strip()
-                                                                for s in sources):
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s.strip() for s in sources):
         raise bad("label_sources must be a non-empty list of non-empty strings")
     testers = spec.get("testers", sources)
     if not isinstance(testers, list) or not testers or not all(isinstance(s, str) for s in testers):
         raise bad("testers must be a non-empty list of strings")
-    fields = dict(name=name, mode=mode, label_sources=tuple(sources), testers=tuple(testers),
-                  label_column=spec.get("label_column"), aliases=tuple(spec.get("aliases", ())))
+    fields = dict(
+        name=name,
+        mode=mode,
+        label_sources=tuple(sources),
+        testers=tuple(testers),
+        label_column=spec.get("label_column"),
+        aliases=tuple(spec.get("aliases", ())),
+    )
     phrases = spec.get("report_phrases", [])
     if not isinstance(phrases, list) or not all(isinstance(s, str) and s.strip() for s in phrases):
         raise bad("report_phrases must be a list of non-empty strings")
@@ -97,12 +103,14 @@ def _task_from_spec(name: str, spec: dict, path: str) -> Task:
         if not isinstance(tester_values, list) or len(tester_values) != len(testers):
             raise bad(f"categorical needs 'tester_values', one per tester ({len(testers)})")
         mapping = {float(k): v for k, v in spec.get("value_mapping", {}).items()}
-        fields.update(source_values=tuple(float(v) for v in values),
-                      tester_values=tuple(float(v) for v in tester_values), value_mapping=mapping)
+        fields.update(
+            source_values=tuple(float(v) for v in values),
+            tester_values=tuple(float(v) for v in tester_values),
+            value_mapping=mapping,
+        )
     if mode == "regression":
         rng = spec.get("range")
-        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) for v in rng)
-                and rng[0] < rng[1]):
+        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) for v in rng) and rng[0] < rng[1]):
             raise bad(f"regression needs 'range': [lo, hi] integers with lo < hi, got {rng!r}")
         missing = [t for t in testers if "<#>" not in t]
         if missing:
@@ -211,13 +219,15 @@ def task_labels(task: Task, reports: Sequence[str], columns: dict | None = None)
     """One label per video (NaN = unknown). `columns[task.label_column]` (e.g. EchoNet's EF) wins over
     the report wherever it is finite."""
     patterns = _compiled(task)
-    labels = np.asarray([np.nan if (v := extract_label(task, r, patterns)) is None else v
-                         for r in reports], dtype=np.float64)
+    labels = np.asarray(
+        [np.nan if (v := extract_label(task, r, patterns)) is None else v for r in reports], dtype=np.float64
+    )
     if task.label_column and columns and task.label_column in columns:
         col = np.asarray(columns[task.label_column], dtype=np.float64)
         if col.shape != labels.shape:
-            raise ValueError(f"label column {task.label_column!r} has {col.shape[0]} values for "
-                             f"{labels.shape[0]} videos")
+            raise ValueError(
+                f"label column {task.label_column!r} has {col.shape[0]} values for {labels.shape[0]} videos"
+            )
         labels = np.where(np.isfinite(col), col, labels)
     return labels
 
@@ -250,8 +260,10 @@ def ragged(sims: np.ndarray, lengths=None) -> tuple[np.ndarray, np.ndarray]:
         return sims.reshape(n * t, sims.shape[2]), np.full(n, t, np.int64)
     lengths = np.asarray(lengths, np.int64)
     if sims.ndim != 2 or lengths.ndim != 1 or (lengths < 1).any() or int(lengths.sum()) != len(sims):
-        raise ValueError(f"ragged similarities {sims.shape} need [M, P] with lengths >= 1 summing to M; "
-                         f"got {len(lengths)} lengths summing to {int(lengths.sum())}")
+        raise ValueError(
+            f"ragged similarities {sims.shape} need [M, P] with lengths >= 1 summing to M; "
+            f"got {len(lengths)} lengths summing to {int(lengths.sum())}"
+        )
     return sims, lengths
 
 
@@ -263,8 +275,9 @@ def video_mean(x: np.ndarray, lengths: np.ndarray, weights=None) -> np.ndarray:
         w = np.asarray(weights, np.float64)
         if w.shape != (len(x),):
             raise ValueError(f"{w.shape} frame weights for {len(x)} frames")
-        sums = np.add.reduceat(np.asarray(x) * w.reshape(-1, *([1] * (np.ndim(x) - 1))), starts, axis=0,
-                               dtype=np.float64)
+        sums = np.add.reduceat(
+            np.asarray(x) * w.reshape(-1, *([1] * (np.ndim(x) - 1))), starts, axis=0, dtype=np.float64
+        )
         return sums / np.add.reduceat(w, starts).reshape(-1, *([1] * (sums.ndim - 1)))
     sums = np.add.reduceat(np.asarray(x), starts, axis=0, dtype=np.float64)
     return sums / lengths.reshape(-1, *([1] * (sums.ndim - 1)))
@@ -284,8 +297,9 @@ def score_binary(sims: np.ndarray, lengths=None, weights=None) -> np.ndarray:
     return video_mean(flat.mean(axis=1, dtype=np.float64), lengths, weights)
 
 
-def categorical_scores(sims: np.ndarray, values: np.ndarray, lengths=None,
-                       weights=None) -> tuple[np.ndarray, np.ndarray]:
+def categorical_scores(
+    sims: np.ndarray, values: np.ndarray, lengths=None, weights=None
+) -> tuple[np.ndarray, np.ndarray]:
     """(classes, scores[N, C]): a class's score is its best prompt's frame-averaged similarity, so the
     argmax over classes is the argmax over class prompts."""
     per_prompt = video_mean(*ragged(sims, lengths), weights)  # [N, P]
@@ -308,8 +322,15 @@ def _ranked_values(sims: np.ndarray, values: np.ndarray) -> np.ndarray:
     return values[np.argsort(-sims, axis=-1, kind="stable")]
 
 
-def predict_regression(sims: np.ndarray, values: np.ndarray, lengths=None, *, variant: str = "paper",
-                       top_fraction: float = TOP_FRACTION, weights=None) -> np.ndarray:
+def predict_regression(
+    sims: np.ndarray,
+    values: np.ndarray,
+    lengths=None,
+    *,
+    variant: str = "paper",
+    top_fraction: float = TOP_FRACTION,
+    weights=None,
+) -> np.ndarray:
     """Value predicted for each video from its frames' similarities to prompts standing for `values[P]`.
 
     "paper": per frame, rank the candidate values by similarity and take the median of the top 20%;
@@ -325,8 +346,16 @@ def predict_regression(sims: np.ndarray, values: np.ndarray, lengths=None, *, va
     if variant not in ("paper", "repository"):
         raise ValueError(f"unknown regression variant {variant!r} (use 'paper' or 'repository')")
     k = _top_k(len(values), top_fraction)
-    ranked = np.concatenate([_ranked_values(flat[i:i + 16384], values)[:, :k]  # [M, k], in slices of frames
-                             for i in range(0, len(flat), 16384)]) if len(flat) else np.zeros((0, k))
+    ranked = (
+        np.concatenate(
+            [
+                _ranked_values(flat[i : i + 16384], values)[:, :k]  # [M, k], in slices of frames
+                for i in range(0, len(flat), 16384)
+            ]
+        )
+        if len(flat)
+        else np.zeros((0, k))
+    )
     if variant == "paper":
         return video_mean(np.median(ranked, axis=-1), lengths, weights)
     averaged = np.sort(video_mean(ranked, lengths, weights), axis=-1)  # [N, k]
@@ -336,8 +365,9 @@ def predict_regression(sims: np.ndarray, values: np.ndarray, lengths=None, *, va
 # ------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_task(task: Task, sims: np.ndarray, labels: np.ndarray, *, lengths=None,
-                  calibration: tuple | None = None, weights=None) -> dict:
+def evaluate_task(
+    task: Task, sims: np.ndarray, labels: np.ndarray, *, lengths=None, calibration: tuple | None = None, weights=None
+) -> dict:
     """Metrics of one task over the videos with a known label (labels NaN = unknown, left out).
 
     `sims` dense [N, T, P], or ragged [M, P] with `lengths[N]` (see above). Returns a JSON-able dict of

@@ -14,6 +14,7 @@ of videos padded with a mask to a bucket length (a power of two, at least 8), so
 per bucket, not once per length. The frame embeddings and per-video `lengths` are kept for the
 frame-wise zero-shot rules (`echoclip_jax.evaluation.zero_shot`'s ragged layout).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,7 +56,6 @@ class Embedder:
     """Jitted, batched, device-sharded embedding with one set of weights (`model`, a models.CLIP)."""
 
     def __init__(self, model, tokenizer=None, *, batch_size: int = 128):
-
 
         self.sharded = sm = ShardedModel(model, batch_size=batch_size)
         self.batch_size = sm.batch_size
@@ -100,11 +100,11 @@ class Embedder:
         for i, video in enumerate(videos):
             video = np.asarray(video)
             if video.ndim != 4 or video.dtype != np.uint8 or video.shape[-1] != 3 or len(video) == 0:
-                raise ValueError(f"video {i}: expected uint8 frames [T >= 1, H, W, 3], got {video.dtype} "
-                                 f"{video.shape}")
+                raise ValueError(f"video {i}: expected uint8 frames [T >= 1, H, W, 3], got {video.dtype} {video.shape}")
             if shape is not None and video.shape[1:] != shape:
-                raise ValueError(f"video {i}: frames of {video.shape[1:]}, earlier videos {shape}; resize to "
-                                 f"one image size first")
+                raise ValueError(
+                    f"video {i}: frames of {video.shape[1:]}, earlier videos {shape}; resize to one image size first"
+                )
             shape = video.shape[1:]
             lengths.append(len(video))
             pending.append(video)
@@ -137,10 +137,10 @@ class Embedder:
             mask = np.zeros((g, t), bool)
             mask[:, 0] = True  # padding videos pool one zero frame (dropped), never an empty softmax
             for row, v in enumerate(idx):
-                padded[row, :lengths[v]] = frames[starts[v]:starts[v] + lengths[v]]
-                mask[row, :lengths[v]] = True
+                padded[row, : lengths[v]] = frames[starts[v] : starts[v] + lengths[v]]
+                mask[row, : lengths[v]] = True
             pooled = self._pool(self.sharded.state, self.sharded.put(padded), self.sharded.put(mask))
-            out.append(np.asarray(pooled, np.float32)[:len(idx)])
+            out.append(np.asarray(pooled, np.float32)[: len(idx)])
         return np.concatenate(out)
 
     def videos(self, videos: Iterable[np.ndarray]) -> VideoEmbeddings:
@@ -154,6 +154,7 @@ class Embedder:
 @dataclasses.dataclass
 class SplitEmbeddings:
     """A split's embeddings and what evaluation needs beside them (no identifier is ever written out)."""
+
     frames: np.ndarray  # [M, D] L2-normalised, videos end to end; or dense [N, T, D], laid flat on creation
     videos: np.ndarray  # [N, D]
     patient_id: list
@@ -173,12 +174,15 @@ class SplitEmbeddings:
             self.frames = dense.reshape(-1, dense.shape[-1])
         self.lengths = np.asarray(self.lengths, np.int64)
         if int(self.lengths.sum()) != len(self.frames) or len(self.lengths) != len(self.videos):
-            raise ValueError(f"{len(self.lengths)} lengths summing to {int(self.lengths.sum())} for "
-                             f"{len(self.frames)} frames of {len(self.videos)} videos")
+            raise ValueError(
+                f"{len(self.lengths)} lengths summing to {int(self.lengths.sum())} for "
+                f"{len(self.frames)} frames of {len(self.videos)} videos"
+            )
 
 
-def embed_split(embedder: Embedder, data_dir: str, split: str, *, frames: int | None,
-                image_size: int, progress: str = "auto") -> SplitEmbeddings:
+def embed_split(
+    embedder: Embedder, data_dir: str, split: str, *, frames: int | None, image_size: int, progress: str = "auto"
+) -> SplitEmbeddings:
     """Every video of a split of records through the image tower, streamed (videos of any lengths;
     `frames` K keeps at most K evenly spaced frames of each, and only those are decoded). `progress`: a bar
     with counts and rate on stderr, "auto" (on a terminal), "on" or "off"."""
@@ -198,25 +202,32 @@ def embed_split(embedder: Embedder, data_dir: str, split: str, *, frames: int | 
         out = embedder.videos(clips(bar))
     if not len(out.lengths):
         raise ValueError(f"{data_dir}: split {split!r} has no videos")
-    return SplitEmbeddings(frames=out.frames, videos=out.videos, lengths=out.lengths,
-                           patient_id=meta["patient_id"], study_id=meta["study_id"],
-                           study_day=np.asarray(meta["study_day"], np.float64), report=meta["report"],
-                           ef=np.asarray(meta["ef"], np.float64), video_id=meta["video_id"])
+    return SplitEmbeddings(
+        frames=out.frames,
+        videos=out.videos,
+        lengths=out.lengths,
+        patient_id=meta["patient_id"],
+        study_id=meta["study_id"],
+        study_day=np.asarray(meta["study_day"], np.float64),
+        report=meta["report"],
+        ef=np.asarray(meta["ef"], np.float64),
+        video_id=meta["video_id"],
+    )
 
 
 def _check(video, source: str, what: str) -> np.ndarray:
     video = np.asarray(video)
     if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or len(video) == 0:
-        raise ValueError(f"{source}: {what}: expected uint8 frames (T >= 1, H, W, 3), got {video.dtype} "
-                         f"{video.shape}")
+        raise ValueError(f"{source}: {what}: expected uint8 frames (T >= 1, H, W, 3), got {video.dtype} {video.shape}")
     return video
 
 
 def embed_images(model: CLIP, images: np.ndarray, batch_size: int = 32, source: str = "images") -> np.ndarray:
     """uint8 (N, H, W, 3) images or (N, T, H, W, 3) videos -> float32 (N, embed_dim), L2-normalised."""
     if images.dtype != np.uint8 or images.ndim not in (4, 5) or images.shape[-1] != 3:
-        raise ValueError(f"{source}: expected uint8 (N, H, W, 3) images or (N, T, H, W, 3) videos, "
-                         f"got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"{source}: expected uint8 (N, H, W, 3) images or (N, T, H, W, 3) videos, got {images.dtype} {images.shape}"
+        )
     if images.ndim == 5:
         return embed_videos(model, list(images), batch_size, source)
     return Embedder(model, batch_size=batch_size).images(images)

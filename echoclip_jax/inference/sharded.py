@@ -5,6 +5,7 @@ both hold a `ShardedModel`. Its mesh is `sharding.build_mesh` with every local d
 the weights are replicated, a batch is split over the devices, and every call pads its last batch to the
 one fixed size, so no input length triggers a new compilation.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -49,8 +50,15 @@ class ShardedModel:
     def replicate(self, x):
         return jax.device_put(x, self.replicated)
 
-    def map_batches(self, fn: Callable, x: np.ndarray, *args, batch: int | None = None, out_axis: int = 0,
-                    per_batch: Callable[[], tuple] | None = None):
+    def map_batches(
+        self,
+        fn: Callable,
+        x: np.ndarray,
+        *args,
+        batch: int | None = None,
+        out_axis: int = 0,
+        per_batch: Callable[[], tuple] | None = None,
+    ):
         """fn(state, batch, *args, *per_batch()) over x in batches of `batch` rows (default `batch_size`);
         the last batch is padded with zeros and its padding dropped from every output (a pytree of arrays
         whose axis `out_axis` is the batch). All batches are dispatched before the first result is read,
@@ -58,7 +66,7 @@ class ShardedModel:
         batch = self.batch_size if batch is None else batch
         pending = []
         for start in range(0, len(x), batch):
-            chunk = x[start:start + batch]
+            chunk = x[start : start + batch]
             keep = len(chunk)
             if keep < batch:
                 chunk = np.concatenate([chunk, np.zeros((batch - keep, *chunk.shape[1:]), chunk.dtype)])
@@ -66,6 +74,8 @@ class ShardedModel:
             pending.append((fn(self.state, self.put(chunk), *args, *extra), keep))
         if not pending:
             return None
-        host = [jax.tree.map(lambda a, k=keep: np.take(np.asarray(a), np.arange(k), axis=out_axis), out)
-                for out, keep in pending]
+        host = [
+            jax.tree.map(lambda a, k=keep: np.take(np.asarray(a), np.arange(k), axis=out_axis), out)
+            for out, keep in pending
+        ]
         return jax.tree.map(lambda *parts: np.concatenate(parts, axis=out_axis), *host)

@@ -25,6 +25,7 @@ step that echoclip_jax.aot compiles; BENCHMARKS.md):
   per block) rather than gather 7x7xC weights; a sharding constraint on the kernel alone does not prevent
   it everywhere.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,8 +98,10 @@ def platform() -> str:
 def depthwise_impl(impl: str, positions: int) -> str:
     """Depthwise convolution implementation for a feature map of `positions` (H*W); "auto" resolved here."""
     if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"unknown depthwise conv impl {impl!r} (model.vision.depthwise_impl): use one of "
-                         f"{', '.join(DEPTHWISE_IMPLS)}")
+        raise ValueError(
+            f"unknown depthwise conv impl {impl!r} (model.vision.depthwise_impl): use one of "
+            f"{', '.join(DEPTHWISE_IMPLS)}"
+        )
     if impl != "auto":
         return impl
     if platform() != "cpu":

@@ -1,4 +1,5 @@
 """The dual encoder: image tower + text tower + learnable logit scale (and bias), video embeddings."""
+
 from __future__ import annotations
 
 import jax
@@ -51,14 +52,18 @@ class AttentionTemporalPool(nnx.Module):
             heads = 1
         self.heads = heads
         self.norm = LayerNorm(dim, eps=1e-5, name="joint", param_dtype=param_dtype, rngs=rngs)
-        self.query = param(rngs, nnx.initializers.normal(dim ** -0.5), (heads, dim // heads), ("heads", "kv"),
-                           param_dtype)
-        self.key = param(rngs, nnx.initializers.normal(dim ** -0.5), (dim, heads, dim // heads),
-                         ("joint", "heads", "kv"), param_dtype)
-        self.value = param(rngs, nnx.initializers.normal(dim ** -0.5), (dim, heads, dim // heads),
-                           ("joint", "heads", "kv"), param_dtype)
-        self.out = param(rngs, nnx.initializers.zeros, (heads, dim // heads, dim), ("heads", "kv", "joint"),
-                         param_dtype)
+        self.query = param(
+            rngs, nnx.initializers.normal(dim**-0.5), (heads, dim // heads), ("heads", "kv"), param_dtype
+        )
+        self.key = param(
+            rngs, nnx.initializers.normal(dim**-0.5), (dim, heads, dim // heads), ("joint", "heads", "kv"), param_dtype
+        )
+        self.value = param(
+            rngs, nnx.initializers.normal(dim**-0.5), (dim, heads, dim // heads), ("joint", "heads", "kv"), param_dtype
+        )
+        self.out = param(
+            rngs, nnx.initializers.zeros, (heads, dim // heads, dim), ("heads", "kv", "joint"), param_dtype
+        )
 
     def __call__(self, frames, mask=None):
         """frames [B, T, D] (L2-normalised) -> [B, D] (not normalised). `mask` bool [B, T] marks the real
@@ -76,21 +81,34 @@ class AttentionTemporalPool(nnx.Module):
 
 
 class CLIP(nnx.Module):
-    def __init__(self, visual: nnx.Module, text: TextTransformer, *, embed_dim: int, init_logit_scale: float,
-                 init_logit_bias: float | None = None, temporal_pool: str = "mean", param_dtype="float32",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        visual: nnx.Module,
+        text: TextTransformer,
+        *,
+        embed_dim: int,
+        init_logit_scale: float,
+        init_logit_bias: float | None = None,
+        temporal_pool: str = "mean",
+        param_dtype="float32",
+        rngs: nnx.Rngs,
+    ):
         if temporal_pool not in ("mean", "attention"):
             raise ValueError(f"unknown temporal_pool {temporal_pool!r}; use 'mean' or 'attention'")
         self.visual = visual
         self.text = text
         self.embed_dim = embed_dim
-        self.logit_scale = nnx.Param(jnp.asarray(init_logit_scale, param_dtype), out_sharding=(),
-                                     eager_sharding=False)
-        self.logit_bias = (None if init_logit_bias is None else
-                           nnx.Param(jnp.asarray(init_logit_bias, param_dtype), out_sharding=(),
-                                     eager_sharding=False))
-        self.temporal_pool = (AttentionTemporalPool(embed_dim, param_dtype=param_dtype, rngs=rngs)
-                              if temporal_pool == "attention" else None)
+        self.logit_scale = nnx.Param(jnp.asarray(init_logit_scale, param_dtype), out_sharding=(), eager_sharding=False)
+        self.logit_bias = (
+            None
+            if init_logit_bias is None
+            else nnx.Param(jnp.asarray(init_logit_bias, param_dtype), out_sharding=(), eager_sharding=False)
+        )
+        self.temporal_pool = (
+            AttentionTemporalPool(embed_dim, param_dtype=param_dtype, rngs=rngs)
+            if temporal_pool == "attention"
+            else None
+        )
 
     def encode_image(self, images, normalize: bool = True):
         """images float [B, H, W, 3] (see preprocess_images) -> [B, embed_dim] float32."""
@@ -134,20 +152,54 @@ def build_model(model_config, *, rngs: nnx.Rngs) -> CLIP:
     dt, pdt = mc.dtype, mc.param_dtype
     vc, tc = mc.vision, mc.text
     if vc.kind == "convnext":
-        visual = ConvNeXt(vc.variant, mc.embed_dim, drop_path_rate=vc.drop_path_rate, head=vc.head,
-                          dw_impl=vc.get("depthwise_impl", "auto"), remat=mc.remat, dtype=dt, param_dtype=pdt,
-                          rngs=rngs)
+        visual = ConvNeXt(
+            vc.variant,
+            mc.embed_dim,
+            drop_path_rate=vc.drop_path_rate,
+            head=vc.head,
+            dw_impl=vc.get("depthwise_impl", "auto"),
+            remat=mc.remat,
+            dtype=dt,
+            param_dtype=pdt,
+            rngs=rngs,
+        )
     elif vc.kind == "vit":
         if vc.head != "linear":
             raise ValueError(f"the ViT tower has open_clip's linear projection only, got head {vc.head!r}")
-        visual = VisionTransformer(vc.variant, mc.embed_dim, image_size=vc.image_size,
-                                   drop_path_rate=vc.drop_path_rate, remat=mc.remat, dtype=dt, param_dtype=pdt,
-                                   rngs=rngs)
+        visual = VisionTransformer(
+            vc.variant,
+            mc.embed_dim,
+            image_size=vc.image_size,
+            drop_path_rate=vc.drop_path_rate,
+            remat=mc.remat,
+            dtype=dt,
+            param_dtype=pdt,
+            rngs=rngs,
+        )
     else:
         raise ValueError(f"unknown model.vision.kind {vc.kind!r}; use 'convnext' or 'vit'")
-    text = TextTransformer(vocab_size=tc.vocab_size, context_length=tc.context_length, width=tc.width,
-                           heads=tc.heads, layers=tc.layers, embed_dim=mc.embed_dim, pool=tc.pool,
-                           eos_id=tc.eos_id, dropout=tc.dropout, remat=mc.remat, dtype=dt, param_dtype=pdt,
-                           rngs=rngs)
-    return CLIP(visual, text, embed_dim=mc.embed_dim, init_logit_scale=mc.init_logit_scale,
-                init_logit_bias=mc.init_logit_bias, temporal_pool=mc.temporal_pool, param_dtype=pdt, rngs=rngs)
+    text = TextTransformer(
+        vocab_size=tc.vocab_size,
+        context_length=tc.context_length,
+        width=tc.width,
+        heads=tc.heads,
+        layers=tc.layers,
+        embed_dim=mc.embed_dim,
+        pool=tc.pool,
+        eos_id=tc.eos_id,
+        dropout=tc.dropout,
+        remat=mc.remat,
+        dtype=dt,
+        param_dtype=pdt,
+        rngs=rngs,
+    )
+    return CLIP(
+        visual,
+        text,
+        embed_dim=mc.embed_dim,
+        init_logit_scale=mc.init_logit_scale,
+        init_logit_bias=mc.init_logit_bias,
+        temporal_pool=mc.temporal_pool,
+        param_dtype=pdt,
+        rngs=rngs,
+    )

@@ -6,6 +6,7 @@ depthwise 7x7 -> LayerNorm -> MLP(4x, GELU) -> layer scale -> drop path, then gl
 LayerNorm and open_clip's head ("linear": bias-free projection; "mlp": Linear-GELU-Linear(no bias)).
 NHWC throughout. Stochastic depth rates increase linearly over all blocks, as timm's do.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -33,8 +34,7 @@ _INIT = nnx.initializers.truncated_normal(stddev=0.02)
 
 
 class ConvNeXtBlock(nnx.Module):
-    def __init__(self, dim: int, drop_path: float, *, ls_init: float, dw_impl: str, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, drop_path: float, *, ls_init: float, dw_impl: str, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv_dw = DepthwiseConv(dim, 7, impl=dw_impl, **kw)
         self.norm = LayerNorm(dim, eps=LN_EPS, **kw)
@@ -49,8 +49,9 @@ class ConvNeXtBlock(nnx.Module):
 
 
 class ConvNeXtStage(nnx.Module):
-    def __init__(self, din: int, dout: int, depth: int, drop_paths, *, downsample: bool, remat: bool,
-                 block_kw, rngs: nnx.Rngs):
+    def __init__(
+        self, din: int, dout: int, depth: int, drop_paths, *, downsample: bool, remat: bool, block_kw, rngs: nnx.Rngs
+    ):
         kw = dict(dtype=block_kw["dtype"], param_dtype=block_kw["param_dtype"], rngs=rngs)
         self.downsample_norm = LayerNorm(din, eps=LN_EPS, **kw) if downsample else None
         self.downsample_conv = Conv(din, dout, 2, 2, **kw) if downsample else None
@@ -69,9 +70,20 @@ class ConvNeXtStage(nnx.Module):
 class ConvNeXt(nnx.Module):
     """images float [B, H, W, 3] -> features [B, embed_dim] (not normalised)."""
 
-    def __init__(self, variant: str, embed_dim: int, *, drop_path_rate: float = 0.0, head: str = "linear",
-                 ls_init: float = 1e-6, dw_impl: str = "auto", remat: bool = False, dtype="float32",
-                 param_dtype="float32", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        variant: str,
+        embed_dim: int,
+        *,
+        drop_path_rate: float = 0.0,
+        head: str = "linear",
+        ls_init: float = 1e-6,
+        dw_impl: str = "auto",
+        remat: bool = False,
+        dtype="float32",
+        param_dtype="float32",
+        rngs: nnx.Rngs,
+    ):
         if variant not in CONVNEXT_VARIANTS:
             raise ValueError(f"unknown ConvNeXt variant {variant!r}; choose from {sorted(CONVNEXT_VARIANTS)}")
         if head not in ("linear", "mlp"):
@@ -86,8 +98,18 @@ class ConvNeXt(nnx.Module):
         stages, start = [], 0
         for i, depth in enumerate(depths):
             din = dims[max(i - 1, 0)]
-            stages.append(ConvNeXtStage(din, dims[i], depth, rates[start:start + depth], downsample=i > 0,
-                                        remat=remat, block_kw=block_kw, rngs=rngs))
+            stages.append(
+                ConvNeXtStage(
+                    din,
+                    dims[i],
+                    depth,
+                    rates[start : start + depth],
+                    downsample=i > 0,
+                    remat=remat,
+                    block_kw=block_kw,
+                    rngs=rngs,
+                )
+            )
             start += depth
         self.stages = nnx.List(stages)
         self.head_norm = LayerNorm(dims[-1], eps=LN_EPS, **kw)
@@ -113,14 +135,14 @@ class ConvNeXt(nnx.Module):
         if not 0 <= upto < len(self.stages):
             raise ValueError(f"stage {upto} outside 0..{len(self.stages) - 1}")
         x = backend.constrain_batch(self.stem_norm(self.stem_conv(images)))
-        for stage in self.stages[:upto + 1]:
+        for stage in self.stages[: upto + 1]:
             x = stage(x)
         return x
 
     def forward_after(self, x, stage: int):
         """The feature map after stage `stage` -> the last stage's (forward_features' output); with
         forward_stages it splits forward_features at any stage."""
-        for later in self.stages[stage + 1:]:
+        for later in self.stages[stage + 1 :]:
             x = later(x)
         return x
 

@@ -10,6 +10,7 @@ matmul, forward and backward: more multiply-adds, but no materialised shifted co
 On GPU/TPU `lax.conv_general_dilated` is kept: cuDNN and the TPU compiler handle it well. Which form
 "auto" takes is decided by `backend.depthwise_impl`, for the platform the program is compiled for.
 """
+
 from __future__ import annotations
 
 import jax
@@ -25,8 +26,8 @@ MATMUL_MAX_POSITIONS = backend.MATMUL_MAX_POSITIONS
 def _conv_lax(x, kernel):
     k, _, c = kernel.shape
     return jax.lax.conv_general_dilated(
-        x, kernel.reshape(k, k, 1, c), (1, 1), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+        x, kernel.reshape(k, k, 1, c), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c
+    )
 
 
 def _correlate(xpad, kernel, h, w):
@@ -36,7 +37,7 @@ def _correlate(xpad, kernel, h, w):
     out = jnp.zeros(xpad.shape[:1] + (h, w) + xpad.shape[3:], acc_dtype)
     for i in range(k):
         for j in range(k):
-            out = out + (xpad[:, i:i + h, j:j + w, :] * kernel[i, j]).astype(acc_dtype)
+            out = out + (xpad[:, i : i + h, j : j + w, :] * kernel[i, j]).astype(acc_dtype)
     return out.astype(xpad.dtype)
 
 
@@ -77,7 +78,7 @@ def _kernel_grad(xpad, g, k):
     xt = jnp.transpose(xpad, (3, 0, 1, 2))  # [C, B, H + k - 1, W + k - 1]
     rows = []
     for i in range(k):
-        xi = xt[:, :, i:i + h].reshape(c, b * h, wp)  # [C, (b, y), x']
+        xi = xt[:, :, i : i + h].reshape(c, b * h, wp)  # [C, (b, y), x']
         a = jnp.einsum("cvn,cnu->cvu", gt, xi, preferred_element_type=jnp.float32)  # [C, x, x']
         # a[c, x, x + j] sits at x * (wp + 1) + j of the flattened rows, padded to w * (wp + 1)
         skewed = jnp.pad(a.reshape(c, w * wp), ((0, 0), (0, w))).reshape(c, w, wp + 1)
@@ -113,11 +114,12 @@ def depthwise_conv2d(x, kernel, bias=None, *, impl: str = "auto"):
     if kernel.ndim != 3 or kernel.shape[1] != k or k % 2 != 1 or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"depthwise kernel must be [k, k, C] with odd k and C={x.shape[-1]}, got {kernel.shape}")
     conv = {"shifted": _conv_shifted, "matmul": _conv_matmul, "lax": _conv_lax}[
-        resolve_impl(impl, x.shape[1] * x.shape[2])]
+        resolve_impl(impl, x.shape[1] * x.shape[2])
+    ]
     y = conv(x, kernel)
     return y if bias is None else y + bias
 
 
 def resolve_impl(impl: str, positions: int) -> str:
-    """"auto" -> the implementation for a feature map of `positions` (H*W) on the platform traced for."""
+    """ "auto" -> the implementation for a feature map of `positions` (H*W) on the platform traced for."""
     return backend.depthwise_impl(impl, positions)

@@ -4,6 +4,7 @@ Parameters are created with `eager_sharding=False`: the model is built without a
 training config maps the logical names ("embed", "mlp", "heads", "kv", "vocab", "joint") to mesh axes
 afterwards (`nnx.get_partition_spec` under `flax.core.spmd.logical_axis_rules`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,9 +64,19 @@ project.defvjp(_project_fwd, _project_bwd)
 class Linear(nnx.Module):
     """y = x @ kernel + bias with kernel [in, out]; computes in `dtype`, stores in `param_dtype`."""
 
-    def __init__(self, din: int, dout: int, *, names: tuple, use_bias: bool = True, dtype="float32",
-                 param_dtype="float32", rngs: nnx.Rngs, kernel_init=None):
-        kernel_init = kernel_init or nnx.initializers.normal(stddev=din ** -0.5)
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        *,
+        names: tuple,
+        use_bias: bool = True,
+        dtype="float32",
+        param_dtype="float32",
+        rngs: nnx.Rngs,
+        kernel_init=None,
+    ):
+        kernel_init = kernel_init or nnx.initializers.normal(stddev=din**-0.5)
         self.kernel = param(rngs, kernel_init, (din, dout), names, param_dtype)
         self.bias = param(rngs, nnx.initializers.zeros, (dout,), names[1:], param_dtype) if use_bias else None
         self.dtype = dtype
@@ -91,8 +102,9 @@ def _mean_last(x):
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis, statistics in float32 (as PyTorch autocast does), output in `dtype`."""
 
-    def __init__(self, dim: int, *, eps: float, name: str = "embed", dtype="float32",
-                 param_dtype="float32", rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, *, eps: float, name: str = "embed", dtype="float32", param_dtype="float32", rngs: nnx.Rngs
+    ):
         self.scale = param(rngs, nnx.initializers.ones, (dim,), (name,), param_dtype)
         self.bias = param(rngs, nnx.initializers.zeros, (dim,), (name,), param_dtype)
         self.eps = eps
@@ -113,19 +125,38 @@ class Conv(nnx.Module):
     Only the output channels carry "embed": one mesh axis may appear once in a PartitionSpec.
     """
 
-    def __init__(self, din: int, dout: int, kernel: int, stride: int, *, use_bias: bool = True,
-                 dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        kernel: int,
+        stride: int,
+        *,
+        use_bias: bool = True,
+        dtype="float32",
+        param_dtype="float32",
+        rngs: nnx.Rngs,
+    ):
         fan_in = din * kernel * kernel
-        self.kernel = param(rngs, nnx.initializers.normal(stddev=fan_in ** -0.5),
-                            (kernel, kernel, din, dout), (None, None, None, "embed"), param_dtype)
+        self.kernel = param(
+            rngs,
+            nnx.initializers.normal(stddev=fan_in**-0.5),
+            (kernel, kernel, din, dout),
+            (None, None, None, "embed"),
+            param_dtype,
+        )
         self.bias = param(rngs, nnx.initializers.zeros, (dout,), ("embed",), param_dtype) if use_bias else None
         self.stride = stride
         self.dtype = dtype
 
     def __call__(self, x):
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride, self.stride), "VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            (self.stride, self.stride),
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -134,10 +165,16 @@ class Conv(nnx.Module):
 class DepthwiseConv(nnx.Module):
     """Depthwise 'SAME' convolution (ConvNeXt's 7x7), kernel [k, k, C]; backend-specific implementation."""
 
-    def __init__(self, dim: int, kernel: int = 7, *, impl: str = "auto", dtype="float32",
-                 param_dtype="float32", rngs: nnx.Rngs):
-        self.kernel = param(rngs, nnx.initializers.normal(stddev=(kernel * kernel) ** -0.5),
-                            (kernel, kernel, dim), (None, None, "embed"), param_dtype)
+    def __init__(
+        self, dim: int, kernel: int = 7, *, impl: str = "auto", dtype="float32", param_dtype="float32", rngs: nnx.Rngs
+    ):
+        self.kernel = param(
+            rngs,
+            nnx.initializers.normal(stddev=(kernel * kernel) ** -0.5),
+            (kernel, kernel, dim),
+            (None, None, "embed"),
+            param_dtype,
+        )
         self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
         self.impl = impl
         self.dtype = dtype
@@ -169,4 +206,3 @@ def gelu(x):
     and two rational branches, erf with one polynomial, and the erf form is PyTorch's own formula.
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF).astype(x.dtype))
-

@@ -4,6 +4,7 @@ block(x) = x + attn(ln_1(x)) ; x + mlp(ln_2(x)), LayerNorm eps 1e-5, MLP 4x with
 Attention weights are stored per head ([width, 3, heads, head_dim] for q/k/v, [heads, head_dim,
 width] for the output) so the "heads" axis can be sharded for tensor parallelism.
 """
+
 from __future__ import annotations
 
 import jax
@@ -22,12 +23,14 @@ class Attention(nnx.Module):
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         hd = width // heads
         self.heads, self.dtype = heads, dtype
-        std = width ** -0.5
-        self.qkv_kernel = param(rngs, nnx.initializers.normal(std), (width, 3, heads, hd),
-                                ("embed", None, "heads", "kv"), param_dtype)
+        std = width**-0.5
+        self.qkv_kernel = param(
+            rngs, nnx.initializers.normal(std), (width, 3, heads, hd), ("embed", None, "heads", "kv"), param_dtype
+        )
         self.qkv_bias = param(rngs, nnx.initializers.zeros, (3, heads, hd), (None, "heads", "kv"), param_dtype)
-        self.out_kernel = param(rngs, nnx.initializers.normal(std), (heads, hd, width),
-                                ("heads", "kv", "embed"), param_dtype)
+        self.out_kernel = param(
+            rngs, nnx.initializers.normal(std), (heads, hd, width), ("heads", "kv", "embed"), param_dtype
+        )
         self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ("embed",), param_dtype)
 
     def __call__(self, x, causal: bool):
@@ -50,8 +53,18 @@ class Attention(nnx.Module):
 
 
 class ResidualBlock(nnx.Module):
-    def __init__(self, width: int, heads: int, *, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 drop_path: float = 0.0, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         hidden = int(width * mlp_ratio)
         self.ln_1 = LayerNorm(width, eps=LN_EPS, **kw)
@@ -69,14 +82,28 @@ class ResidualBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, width: int, layers: int, heads: int, *, dropout: float = 0.0,
-                 drop_path_rate: float = 0.0, remat: bool = False, dtype="float32", param_dtype="float32",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        *,
+        dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        remat: bool = False,
+        dtype="float32",
+        param_dtype="float32",
+        rngs: nnx.Rngs,
+    ):
         rates = [drop_path_rate * i / max(layers - 1, 1) for i in range(layers)]
-        self.resblocks = nnx.List([
-            ResidualBlock(width, heads, dropout=dropout, drop_path=rate, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs)
-            for rate in rates])
+        self.resblocks = nnx.List(
+            [
+                ResidualBlock(
+                    width, heads, dropout=dropout, drop_path=rate, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                )
+                for rate in rates
+            ]
+        )
         self.remat = remat
 
     def __call__(self, x, causal: bool = False):

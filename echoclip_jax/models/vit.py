@@ -3,6 +3,7 @@
 patchify conv (no bias) -> [class token; patches] + positional embedding -> ln_pre -> transformer ->
 ln_post -> class token -> projection.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -23,8 +24,18 @@ VIT_VARIANTS = {
 class VisionTransformer(nnx.Module):
     """images float [B, H, W, 3] -> features [B, embed_dim] (not normalised)."""
 
-    def __init__(self, variant: str, embed_dim: int, *, image_size: int = 224, drop_path_rate: float = 0.0,
-                 remat: bool = False, dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        variant: str,
+        embed_dim: int,
+        *,
+        image_size: int = 224,
+        drop_path_rate: float = 0.0,
+        remat: bool = False,
+        dtype="float32",
+        param_dtype="float32",
+        rngs: nnx.Rngs,
+    ):
         if variant not in VIT_VARIANTS:
             raise ValueError(f"unknown ViT variant {variant!r}; choose from {sorted(VIT_VARIANTS)}")
         width, layers, heads, patch = VIT_VARIANTS[variant]
@@ -34,10 +45,11 @@ class VisionTransformer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         n = (image_size // patch) ** 2
         self.conv1 = Conv(3, width, patch, patch, use_bias=False, **kw)
-        scale = width ** -0.5
+        scale = width**-0.5
         self.class_embedding = param(rngs, nnx.initializers.normal(scale), (width,), ("embed",), param_dtype)
-        self.positional_embedding = param(rngs, nnx.initializers.normal(scale), (n + 1, width), (None, "embed"),
-                                          param_dtype)
+        self.positional_embedding = param(
+            rngs, nnx.initializers.normal(scale), (n + 1, width), (None, "embed"), param_dtype
+        )
         self.ln_pre = LayerNorm(width, eps=LN_EPS, **kw)
         self.transformer = Transformer(width, layers, heads, drop_path_rate=drop_path_rate, remat=remat, **kw)
         self.ln_post = LayerNorm(width, eps=LN_EPS, **kw)

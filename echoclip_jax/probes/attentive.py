@@ -12,6 +12,7 @@ Items have different numbers of frames: a batch is padded with a mask to a bucke
 at least 8: `echoclip_jax.inference.embedder.bucket`) and the batch size is fixed (short batches are padded with
 rows of zero weight), so training compiles once per bucket, not once per length.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,12 +38,12 @@ def _module(dim: int, n_out: int, heads: int, key_dim: int, seed: int):
 
         def __init__(self, rngs: nnx.Rngs):
             self.key = nnx.Linear(dim, heads * key_dim, use_bias=False, rngs=rngs)
-            self.query = nnx.Param(nnx.initializers.normal(key_dim ** -0.5)(rngs.params(), (heads, key_dim)))
+            self.query = nnx.Param(nnx.initializers.normal(key_dim**-0.5)(rngs.params(), (heads, key_dim)))
             self.head = nnx.Linear(heads * dim, n_out, rngs=rngs)
 
         def attention(self, frames, mask):
             k = self.key(frames).reshape(*frames.shape[:2], heads, key_dim)
-            scores = jnp.einsum("hk,bthk->bht", self.query[...], k) * key_dim ** -0.5
+            scores = jnp.einsum("hk,bthk->bht", self.query[...], k) * key_dim**-0.5
             scores = jnp.where(mask[:, None, :], scores, -jnp.inf)
             return jax.nn.softmax(scores, axis=-1)  # [B, heads, T]
 
@@ -57,6 +58,7 @@ def _module(dim: int, n_out: int, heads: int, key_dim: int, seed: int):
 class Fitted:
     """A trained attentive probe and what it needs to predict: the training frames' per-dimension mean and
     standard deviation, the regression target's scale, the classes."""
+
     graphdef: object
     state: object
     mean: np.ndarray
@@ -74,15 +76,15 @@ def _batches(items: list[np.ndarray], order: np.ndarray, batch_size: int, mean, 
     T is the bucket of the batch's longest item."""
     dim = len(mean)
     for first in range(0, len(order), batch_size):
-        idx = order[first:first + batch_size]
+        idx = order[first : first + batch_size]
         t = bucket(max(len(items[i]) for i in idx))
         frames = np.zeros((batch_size, t, dim), np.float32)
         mask = np.zeros((batch_size, t), bool)
         mask[:, 0] = True  # padding rows attend to one zero frame, never an empty softmax
         rows = np.full(batch_size, -1)
         for r, i in enumerate(idx):
-            frames[r, :len(items[i])] = (items[i] - mean) / std
-            mask[r, :len(items[i])] = True
+            frames[r, : len(items[i])] = (items[i] - mean) / std
+            mask[r, : len(items[i])] = True
             rows[r] = i
         yield rows, frames, mask
 
@@ -157,7 +159,7 @@ def predict(fitted: Fitted, items: list[np.ndarray], *, attention: bool = False)
         out, att = forward(fitted.state, frames, mask)
         real = rows >= 0
         outs.append(np.asarray(out, np.float64)[real])
-        weights += [np.asarray(att[r, :, :len(items[i])]) for r, i in enumerate(rows) if i >= 0]
+        weights += [np.asarray(att[r, :, : len(items[i])]) for r, i in enumerate(rows) if i >= 0]
     out = np.concatenate(outs) if outs else np.zeros((0, 1))
     if fitted.task == "classification":
         proba = np.asarray(jax.nn.softmax(out, axis=-1), np.float64)

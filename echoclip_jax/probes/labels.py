@@ -6,6 +6,7 @@ regression (other numbers), unless the caller says which. Items without a label 
 empty, are skipped and counted. A study's embedding is the mean of its videos' embeddings, re-normalised;
 its label is the study's row.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,7 +43,7 @@ def _number(value: str) -> float | None:
 
 
 def detect_task(values) -> str:
-    """"classification" for non-numeric values or at most MAX_CLASSES distinct integers, else
+    """ "classification" for non-numeric values or at most MAX_CLASSES distinct integers, else
     "regression" (numbers with fractions, or many distinct integers). Empty values are ignored."""
     values = [v for v in values if v != ""]
     numbers = [_number(v) for v in values]
@@ -70,6 +71,7 @@ def targets_of(raw: list[str], task: str):
 class Items:
     """A split's probe items (videos, or studies): embedding [N, D], frame embeddings (one [T_i, D] per
     item), and the key and patient of each (used for joining and fold grouping; never written)."""
+
     embeddings: np.ndarray
     frames: list
     keys: list
@@ -80,7 +82,7 @@ def items_for(split, key: str) -> Items:
     """The items of a `SplitEmbeddings` for `key`: its videos, or its studies (a study's embedding is the
     re-normalised mean of its videos' embeddings; its frames are all its videos' frames)."""
     starts = np.concatenate([[0], np.cumsum(split.lengths)[:-1]])
-    frames = [split.frames[a:a + n] for a, n in zip(starts, split.lengths)]
+    frames = [split.frames[a : a + n] for a, n in zip(starts, split.lengths)]
     if key == "video_id":
         if split.video_id is None:
             raise ValueError("these embeddings carry no video ids; embed the records again")
@@ -92,8 +94,12 @@ def items_for(split, key: str) -> Items:
         groups.setdefault(study, []).append(i)
     emb = np.stack([split.videos[idx].mean(0) for idx in groups.values()]).astype(np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    return Items(emb, [np.concatenate([frames[i] for i in idx]) for idx in groups.values()], list(groups),
-                 [split.patient_id[idx[0]] for idx in groups.values()])
+    return Items(
+        emb,
+        [np.concatenate([frames[i] for i in idx]) for idx in groups.values()],
+        list(groups),
+        [split.patient_id[idx[0]] for idx in groups.values()],
+    )
 
 
 def join_labels(items: Items, values: dict[str, str]):

@@ -2,6 +2,7 @@
 LogisticRegression (C) or Ridge (alpha), the strength chosen by cross-validation on the training split with
 folds grouped by patient (`cv_folds`), so no patient's videos are on both sides of a fold.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -48,6 +49,12 @@ def fit_linear(x: np.ndarray, y: np.ndarray, groups, task: str):
         warnings.filterwarnings("ignore", category=UserWarning)  # a fold lacking a class
         warnings.filterwarnings("ignore", category=LinAlgWarning)  # the smallest alphas; the chosen one is kept
         search.fit(x, y)
-    hp = {name: float(search.best_params_[param]), "grid": list(grid), "cv_folds": len(folds),
-          "cv_grouped_by": "patient_id", "cv_scoring": scoring, "cv_best_score": float(search.best_score_)}
+    hp = {
+        name: float(search.best_params_[param]),
+        "grid": list(grid),
+        "cv_folds": len(folds),
+        "cv_grouped_by": "patient_id",
+        "cv_scoring": scoring,
+        "cv_best_score": float(search.best_score_),
+    }
     return search.best_estimator_, hp, folds

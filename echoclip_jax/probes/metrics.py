@@ -2,6 +2,7 @@
 plots: classification (accuracy, balanced accuracy, macro one-vs-rest AUC, confusion matrix) and regression
 (MAE, R2). The baseline is scored by the same functions on the same items, so each figure has its
 reference beside it."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,11 @@ def classification_metrics(y_true, y_pred, proba, classes) -> dict:
     labels = sorted(set(classes) | set(y_true))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
-        out = {"n": int(len(y_true)), "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
-               "balanced_accuracy": float(metrics.balanced_accuracy_score(y_true, y_pred))}
+        out = {
+            "n": int(len(y_true)),
+            "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
+            "balanced_accuracy": float(metrics.balanced_accuracy_score(y_true, y_pred)),
+        }
     present = set(y_true)
     auc = None
     if len(present) >= 2 and present <= set(classes):
@@ -40,16 +44,21 @@ def classification_metrics(y_true, y_pred, proba, classes) -> dict:
         elif present == set(classes):
             auc = metrics.roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=list(classes))
     out["auc_macro_ovr"] = None if auc is None else float(auc)
-    out["confusion_matrix"] = {"labels": [str(c) for c in labels],
-                               "matrix": metrics.confusion_matrix(y_true, y_pred, labels=labels).tolist()}
+    out["confusion_matrix"] = {
+        "labels": [str(c) for c in labels],
+        "matrix": metrics.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
     return out
 
 
 def regression_metrics(y_true, y_pred) -> dict:
     """MAE and R2 (null with fewer than 2 items)."""
 
-    return {"n": int(len(y_true)), "mae": float(metrics.mean_absolute_error(y_true, y_pred)),
-            "r2": float(metrics.r2_score(y_true, y_pred)) if len(y_true) >= 2 else None}
+    return {
+        "n": int(len(y_true)),
+        "mae": float(metrics.mean_absolute_error(y_true, y_pred)),
+        "r2": float(metrics.r2_score(y_true, y_pred)) if len(y_true) >= 2 else None,
+    }
 
 
 def score(task: str, y_true, prediction, classes) -> dict:
@@ -84,7 +93,6 @@ def plot(out_dir: str, label: str, probe: str, task: str, y_true, prediction) ->
 
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     if task == "classification":
-
         labels = sorted(set(y_true) | set(prediction[0]))
         fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
         ConfusionMatrixDisplay.from_predictions(y_true, prediction[0], labels=labels, ax=ax, colorbar=False)

@@ -11,6 +11,7 @@ Writes OUT/probe.json (per label and probe: metrics, baseline, n_train, n_eval, 
 hyperparameters) and OUT/plots/ (confusion matrices, predicted vs true). Only aggregate numbers are written
 or logged: no video, patient or study identifier leaves this module.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,17 @@ log = logging.getLogger(__name__)
 PROBES = ("linear", "attentive")
 
 
-def probe_label(train: Items, evaluation: Items, values: dict[str, str], *, label: str, task: str | None,
-                probes=PROBES, out_dir: str | None = None, attentive: dict | None = None) -> dict:
+def probe_label(
+    train: Items,
+    evaluation: Items,
+    values: dict[str, str],
+    *,
+    label: str,
+    task: str | None,
+    probes=PROBES,
+    out_dir: str | None = None,
+    attentive: dict | None = None,
+) -> dict:
     """One label's result: task, counts, and per probe its metrics beside the baseline and the chosen
     hyperparameters (an "error" instead where the training items cannot train a probe)."""
 
@@ -43,15 +53,27 @@ def probe_label(train: Items, evaluation: Items, values: dict[str, str], *, labe
     task = task or detect_task(raw_tr + raw_ev)
     if task not in TASKS:
         raise ValueError(f"{label}: task {task!r}, expected one of {', '.join(TASKS)}")
-    out: dict = {"task": task, "task_source": source, "n_train": int(len(i_tr)), "n_eval": int(len(i_ev)),
-                 "skipped": {"train": skip_tr, "eval": skip_ev}, "probes": {}}
+    out: dict = {
+        "task": task,
+        "task_source": source,
+        "n_train": int(len(i_tr)),
+        "n_eval": int(len(i_ev)),
+        "skipped": {"train": skip_tr, "eval": skip_ev},
+        "probes": {},
+    }
     y_tr, y_ev = targets_of(raw_tr, task), targets_of(raw_ev, task)
     classes = sorted(set(y_tr)) if task == "classification" else []
     if task == "classification":
         out["classes"] = [str(c) for c in sorted(set(y_tr) | set(y_ev))]
-    problem = ("no labelled training items" if not len(i_tr) else "no labelled evaluation items" if not len(i_ev)
-               else "one class only in the training split" if task == "classification" and len(classes) < 2
-               else None)
+    problem = (
+        "no labelled training items"
+        if not len(i_tr)
+        else "no labelled evaluation items"
+        if not len(i_ev)
+        else "one class only in the training split"
+        if task == "classification" and len(classes) < 2
+        else None
+    )
     if problem:
         out["error"] = problem
         return out
@@ -74,23 +96,48 @@ def probe_label(train: Items, evaluation: Items, values: dict[str, str], *, labe
     return out
 
 
-def probe_splits(train, evaluation, table: dict[str, dict[str, str]], *, key: str, out_dir: str | None,
-                 probes=PROBES, tasks: dict | None = None, attentive: dict | None = None,
-                 meta: dict | None = None) -> dict:
+def probe_splits(
+    train,
+    evaluation,
+    table: dict[str, dict[str, str]],
+    *,
+    key: str,
+    out_dir: str | None,
+    probes=PROBES,
+    tasks: dict | None = None,
+    attentive: dict | None = None,
+    meta: dict | None = None,
+) -> dict:
     """Every label of `table` ({label: {key value: raw}}) probed from the `SplitEmbeddings` of the training
     and evaluated splits; writes out_dir/probe.json and out_dir/plots/ when out_dir is given."""
     tr, ev = items_for(train, key), items_for(evaluation, key)
     shared = set(tr.patients) & set(ev.patients)
     if shared:
-        raise ValueError(f"{len(shared)} patient(s) in both the training and the evaluated split: a probe "
-                         f"scored on patients it was trained on would overstate what the embeddings carry")
+        raise ValueError(
+            f"{len(shared)} patient(s) in both the training and the evaluated split: a probe "
+            f"scored on patients it was trained on would overstate what the embeddings carry"
+        )
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    record = {**(meta or {}), "key": key, "probes": list(probes), "embed_dim": int(tr.embeddings.shape[1]),
-              "n_items": {"train": len(tr.keys), "eval": len(ev.keys)}, "labels": {}}
+    record = {
+        **(meta or {}),
+        "key": key,
+        "probes": list(probes),
+        "embed_dim": int(tr.embeddings.shape[1]),
+        "n_items": {"train": len(tr.keys), "eval": len(ev.keys)},
+        "labels": {},
+    }
     for label, values in table.items():
-        res = probe_label(tr, ev, values, label=label, task=(tasks or {}).get(label), probes=probes,
-                          out_dir=out_dir, attentive=attentive)
+        res = probe_label(
+            tr,
+            ev,
+            values,
+            label=label,
+            task=(tasks or {}).get(label),
+            probes=probes,
+            out_dir=out_dir,
+            attentive=attentive,
+        )
         record["labels"][label] = res
         _log_label(label, res)
     if out_dir:
@@ -126,20 +173,35 @@ def _log_label(label: str, res: dict) -> None:
     log.info("%s: %s (baseline %.3f)", head, ", ".join(parts), res["baseline"][name])
 
 
-def embed(config, checkpoint: str, data_dir: str, splits, *, frames: int | None = None,
-          batch_size: int = 128) -> dict:
+def embed(config, checkpoint: str, data_dir: str, splits, *, frames: int | None = None, batch_size: int = 128) -> dict:
     """{split: SplitEmbeddings} of the records through the checkpoint's image tower (no tokenizer needed)."""
 
     validate(config, training=False)
     embedder = Embedder(weights.load_model(checkpoint, config.model), None, batch_size=batch_size)
-    return {s: embed_split(embedder, data_dir, s, frames=frames, image_size=config.model.vision.image_size)
-            for s in dict.fromkeys(splits)}
+    return {
+        s: embed_split(embedder, data_dir, s, frames=frames, image_size=config.model.vision.image_size)
+        for s in dict.fromkeys(splits)
+    }
 
 
-def run(config, checkpoint: str, data_dir: str, labels_csv: str, *, labels: list[str], key: str = "video_id",
-        out_dir: str, train_split: str = "train", eval_split: str = "test", probes=PROBES,
-        tasks: dict | None = None, frames: int | None = None, batch_size: int = 128,
-        attentive: dict | None = None, embeddings: dict | None = None) -> dict:
+def run(
+    config,
+    checkpoint: str,
+    data_dir: str,
+    labels_csv: str,
+    *,
+    labels: list[str],
+    key: str = "video_id",
+    out_dir: str,
+    train_split: str = "train",
+    eval_split: str = "test",
+    probes=PROBES,
+    tasks: dict | None = None,
+    frames: int | None = None,
+    batch_size: int = 128,
+    attentive: dict | None = None,
+    embeddings: dict | None = None,
+) -> dict:
     """The CLI without a subprocess: embeds both splits (or takes `embeddings`, {split: SplitEmbeddings}
     from `embed`, to probe several keys or label files from one embedding pass), probes every label and
     writes out_dir/probe.json and plots; returns probe.json's content."""
@@ -151,8 +213,18 @@ def run(config, checkpoint: str, data_dir: str, labels_csv: str, *, labels: list
     table = read_labels(labels_csv, key, labels)
     if embeddings is None:
         log.info("embed %s [%s, %s] with %s", data_dir, train_split, eval_split, checkpoint)
-        embeddings = embed(config, checkpoint, data_dir, (train_split, eval_split), frames=frames,
-                           batch_size=batch_size)
+        embeddings = embed(
+            config, checkpoint, data_dir, (train_split, eval_split), frames=frames, batch_size=batch_size
+        )
     meta = {"checkpoint": str(checkpoint), "train_split": train_split, "eval_split": eval_split, "frames": frames}
-    return probe_splits(embeddings[train_split], embeddings[eval_split], table, key=key, out_dir=out_dir,
-                        probes=probes, tasks=tasks, attentive=attentive, meta=meta)
+    return probe_splits(
+        embeddings[train_split],
+        embeddings[eval_split],
+        table,
+        key=key,
+        out_dir=out_dir,
+        probes=probes,
+        tasks=tasks,
+        attentive=attentive,
+        meta=meta,
+    )

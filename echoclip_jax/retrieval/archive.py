@@ -18,6 +18,7 @@ brings more videos of a study already present, its mean is recomputed from the s
 the study is removed from and re-added to its faiss index. An update writes a complete new directory beside
 INDEX and swaps it in, so an interrupted `add` leaves the old index whole.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,10 @@ from echoclip_jax.retrieval.vectors import APPROXIMATE_ABOVE, RETRAIN_GROWTH, Ve
 
 FORMAT = 1
 META = "index.json"
-COLUMNS = {"video": ("key", "video_id", "study_id", "patient_id", "split"),
-           "study": ("key", "study_id", "patient_id", "split", "videos")}
+COLUMNS = {
+    "video": ("key", "video_id", "study_id", "patient_id", "split"),
+    "study": ("key", "study_id", "patient_id", "split", "videos"),
+}
 FILES = {"video": "videos", "study": "studies"}
 LEVELS = ("video", "study")
 
@@ -46,8 +49,10 @@ def _read_csv(path: str, columns) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != tuple(columns):
-            raise ValueError(f"{path}: columns {reader.fieldnames}, expected {list(columns)}; the index is damaged "
-                             f"or from another version: rebuild it with `python -m echoclip_jax.search build`")
+            raise ValueError(
+                f"{path}: columns {reader.fieldnames}, expected {list(columns)}; the index is damaged "
+                f"or from another version: rebuild it with `python -m echoclip_jax.search build`"
+            )
         return list(reader)
 
 
@@ -62,8 +67,16 @@ class Archive:
     """An INDEX directory in memory: `rows[level]`, `vectors[level]`, `indexes[level]`, `meta`, and the
     optional report bank (`reports`: {study key: text}, `report_vectors`: {study key: row of text embeddings})."""
 
-    def __init__(self, path: str, meta: dict, rows: dict, vectors: dict, indexes: dict,
-                 reports: dict | None = None, report_vectors: np.ndarray | None = None):
+    def __init__(
+        self,
+        path: str,
+        meta: dict,
+        rows: dict,
+        vectors: dict,
+        indexes: dict,
+        reports: dict | None = None,
+        report_vectors: np.ndarray | None = None,
+    ):
         self.path, self.meta, self.rows, self.vectors, self.indexes = path, meta, rows, vectors, indexes
         self.reports = reports  # {study key: report text}, or None without a report bank
         self.report_vectors = report_vectors  # [len(reports), D], in the order of self.reports
@@ -79,43 +92,78 @@ class Archive:
     # ----------------------------------------------------------------------------------- creation
 
     @classmethod
-    def new(cls, path: str, *, model: dict, dim: int, kind: str = "auto",
-            approximate_above: int = APPROXIMATE_ABOVE, nlist: int | None = None, nprobe: int | None = None,
-            report_bank: bool = False) -> "Archive":
+    def new(
+        cls,
+        path: str,
+        *,
+        model: dict,
+        dim: int,
+        kind: str = "auto",
+        approximate_above: int = APPROXIMATE_ABOVE,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        report_bank: bool = False,
+    ) -> "Archive":
         """An empty archive (written by `save`); `model` describes the embedding model (see index.json)."""
-        meta = {"format": FORMAT, "model": model, "dim": int(dim), "report_bank": bool(report_bank),
-                "settings": {"kind": kind, "approximate_above": int(approximate_above), "nlist": nlist,
-                             "nprobe": nprobe},
-                "levels": {}, "exports": []}
+        meta = {
+            "format": FORMAT,
+            "model": model,
+            "dim": int(dim),
+            "report_bank": bool(report_bank),
+            "settings": {"kind": kind, "approximate_above": int(approximate_above), "nlist": nlist, "nprobe": nprobe},
+            "levels": {},
+            "exports": [],
+        }
         empty = np.zeros((0, dim), np.float32)
-        return cls(path, meta, {lv: [] for lv in LEVELS}, {lv: empty for lv in LEVELS}, {lv: None for lv in LEVELS},
-                   {} if report_bank else None, empty if report_bank else None)
+        return cls(
+            path,
+            meta,
+            {lv: [] for lv in LEVELS},
+            {lv: empty for lv in LEVELS},
+            {lv: None for lv in LEVELS},
+            {} if report_bank else None,
+            empty if report_bank else None,
+        )
 
     @classmethod
     def open(cls, path: str) -> "Archive":
         meta_path = os.path.join(path, META)
         if not os.path.isfile(meta_path):
-            hint = (f"; {path}.old exists: an update was interrupted, rename it back to {path}"
-                    if os.path.isdir(path + ".old") else "")
-            raise FileNotFoundError(f"{meta_path}: no search index here (build one with `python -m "
-                                    f"echoclip_jax.search build ... --out {path}`){hint}")
+            hint = (
+                f"; {path}.old exists: an update was interrupted, rename it back to {path}"
+                if os.path.isdir(path + ".old")
+                else ""
+            )
+            raise FileNotFoundError(
+                f"{meta_path}: no search index here (build one with `python -m "
+                f"echoclip_jax.search build ... --out {path}`){hint}"
+            )
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: field 'format' is {meta.get('format')!r}, this version reads {FORMAT}; "
-                             f"rebuild the index with `python -m echoclip_jax.search build`")
+            raise ValueError(
+                f"{meta_path}: field 'format' is {meta.get('format')!r}, this version reads {FORMAT}; "
+                f"rebuild the index with `python -m echoclip_jax.search build`"
+            )
         rows, vectors, indexes = {}, {}, {}
         for level in LEVELS:
             base = os.path.join(path, FILES[level])
-            rows[level] = [{**r, "key": int(r["key"]), **({"videos": int(r["videos"])} if "videos" in r else {})}
-                           for r in _read_csv(base + ".csv", COLUMNS[level])]
+            rows[level] = [
+                {**r, "key": int(r["key"]), **({"videos": int(r["videos"])} if "videos" in r else {})}
+                for r in _read_csv(base + ".csv", COLUMNS[level])
+            ]
             vectors[level] = np.load(base + ".npy", allow_pickle=False)
             if len(vectors[level]) != len(rows[level]):
-                raise ValueError(f"{base}.npy: {len(vectors[level])} embeddings for {len(rows[level])} rows of "
-                                 f"{base}.csv; the index is damaged: rebuild it")
+                raise ValueError(
+                    f"{base}.npy: {len(vectors[level])} embeddings for {len(rows[level])} rows of "
+                    f"{base}.csv; the index is damaged: rebuild it"
+                )
             lv = meta["levels"].get(level)
-            indexes[level] = (VectorIndex.load(base + ".faiss", lv["kind"], lv.get("trained_on", 0))
-                              if lv and os.path.isfile(base + ".faiss") else None)
+            indexes[level] = (
+                VectorIndex.load(base + ".faiss", lv["kind"], lv.get("trained_on", 0))
+                if lv and os.path.isfile(base + ".faiss")
+                else None
+            )
         reports = report_vectors = None
         if meta.get("report_bank"):
             table = _read_csv(os.path.join(path, "reports.csv"), ("key", "report"))
@@ -125,8 +173,9 @@ class Archive:
 
     # ------------------------------------------------------------------------------------- updates
 
-    def add(self, videos: list[dict], vectors: np.ndarray, reports: dict | None = None,
-            report_vectors: dict | None = None) -> dict:
+    def add(
+        self, videos: list[dict], vectors: np.ndarray, reports: dict | None = None, report_vectors: dict | None = None
+    ) -> dict:
         """Adds videos (dicts with video_id, study_id, patient_id, split) with their L2-normalised
         embeddings; ids already present are skipped. `reports` {study_id: text} and `report_vectors`
         {study_id: text embedding} feed the report bank for studies new to it. Returns counts."""
@@ -145,14 +194,21 @@ class Archive:
         for r in new_rows:
             if r["study_id"] not in self.study_key:
                 key = len(self.rows["study"])
-                self.rows["study"].append({"key": key, "study_id": r["study_id"], "patient_id": r["patient_id"],
-                                           "split": r["split"], "videos": 0})
+                self.rows["study"].append(
+                    {
+                        "key": key,
+                        "study_id": r["study_id"],
+                        "patient_id": r["patient_id"],
+                        "split": r["split"],
+                        "videos": 0,
+                    }
+                )
                 self.study_key[r["study_id"]] = key
                 new_studies += 1
             changed.add(self.study_key[r["study_id"]])
         self._refresh_lookups()
         study_vectors = np.zeros((len(self.rows["study"]), self.meta["dim"]), np.float32)
-        study_vectors[:len(self.vectors["study"])] = self.vectors["study"]
+        study_vectors[: len(self.vectors["study"])] = self.vectors["study"]
         for key in changed:
             members = self.videos_of_study[key]
             study_vectors[key] = normalize(self.vectors["video"][members].mean(axis=0))
@@ -160,8 +216,9 @@ class Archive:
         self.vectors["study"] = study_vectors
         self._update_index("video", np.arange(n0, n0 + len(new_rows)), set())
         n_studies_before = len(self.rows["study"]) - new_studies
-        self._update_index("study", np.arange(n_studies_before, len(self.rows["study"])),
-                           {k for k in changed if k < n_studies_before})
+        self._update_index(
+            "study", np.arange(n_studies_before, len(self.rows["study"])), {k for k in changed if k < n_studies_before}
+        )
         added_reports = 0
         if self.reports is not None and reports:
             order = []
@@ -173,8 +230,13 @@ class Archive:
             if order:
                 self.report_vectors = np.concatenate([self.report_vectors, np.asarray(order, np.float32)])
                 added_reports = len(order)
-        return {"added": len(new_rows), "skipped": len(videos) - len(new_rows), "new_studies": new_studies,
-                "updated_studies": len([k for k in changed if k < n_studies_before]), "reports": added_reports}
+        return {
+            "added": len(new_rows),
+            "skipped": len(videos) - len(new_rows),
+            "new_studies": new_studies,
+            "updated_studies": len([k for k in changed if k < n_studies_before]),
+            "reports": added_reports,
+        }
 
     def _update_index(self, level: str, new_keys: np.ndarray, changed_keys: set) -> None:
         """Adds new keys, and replaces changed ones, in the level's faiss index; (re)builds it from the
@@ -183,14 +245,22 @@ class Archive:
         n = len(self.rows[level])
         index = self.indexes[level]
         want = choose_kind(n, s["kind"], s["approximate_above"])
-        stale = index is None or index.kind != want or (
-            s["kind"] == "auto" and index.kind == "ivf" and n > RETRAIN_GROWTH * max(index.trained_on, 1))
+        stale = (
+            index is None
+            or index.kind != want
+            or (s["kind"] == "auto" and index.kind == "ivf" and n > RETRAIN_GROWTH * max(index.trained_on, 1))
+        )
         if n == 0:
             return
         if stale:
-            self.indexes[level] = VectorIndex.build(self.vectors[level], np.arange(n), kind=want,
-                                                    approximate_above=s["approximate_above"], nlist=s["nlist"],
-                                                    nprobe=s["nprobe"])
+            self.indexes[level] = VectorIndex.build(
+                self.vectors[level],
+                np.arange(n),
+                kind=want,
+                approximate_above=s["approximate_above"],
+                nlist=s["nlist"],
+                nprobe=s["nprobe"],
+            )
         else:
             changed = np.asarray(sorted(changed_keys), np.int64)
             index.remove(changed)
@@ -213,11 +283,17 @@ class Archive:
             if self.indexes[level] is not None:
                 self.indexes[level].save(base + ".faiss")
         if self.reports is not None:
-            _write_csv(os.path.join(tmp, "reports.csv"), ("key", "report"),
-                       [{"key": k, "report": v} for k, v in self.reports.items()])
+            _write_csv(
+                os.path.join(tmp, "reports.csv"),
+                ("key", "report"),
+                [{"key": k, "report": v} for k, v in self.reports.items()],
+            )
             np.save(os.path.join(tmp, "reports.npy"), np.asarray(self.report_vectors, np.float32))
-        self.meta["counts"] = {"videos": len(self.rows["video"]), "studies": len(self.rows["study"]),
-                               **({"reports": len(self.reports)} if self.reports is not None else {})}
+        self.meta["counts"] = {
+            "videos": len(self.rows["video"]),
+            "studies": len(self.rows["study"]),
+            **({"reports": len(self.reports)} if self.reports is not None else {}),
+        }
         with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
             json.dump(self.meta, f, indent=1)
         if os.path.exists(self.path):

@@ -6,6 +6,7 @@ splits, embedded now), or a user's own CSV of reports (text only; scrubbed by da
 de-identification patterns and normalised as the records are). Retrieval is exact (faiss brute force): a
 bank is at most one report per study.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,9 @@ class Bank:
     """Reports to retrieve from: ids (salted study ids, or a CSV's ids), texts, the vectors matched against
     (text embeddings, or study embeddings for --match image), patient ids where known."""
 
-    def __init__(self, source: str, ids: list, texts: list[str], vectors: np.ndarray, match: str,
-                 patients: list | None = None):
+    def __init__(
+        self, source: str, ids: list, texts: list[str], vectors: np.ndarray, match: str, patients: list | None = None
+    ):
         if not ids:
             raise ValueError(f"{source}: the report bank is empty (no study with a report)")
         self.source, self.ids, self.texts, self.match = source, list(ids), list(texts), match
@@ -53,8 +55,10 @@ def _record_studies(data_dir: str, split: str) -> list[dict]:
         for i in range(len(reader)):
             ex = records.decode_example(reader[i])
             text = lambda key: ex[key][0].decode("utf-8") if ex.get(key) else ""
-            studies.setdefault(text("study_id"), {"study_id": text("study_id"), "patient_id": text("patient_id"),
-                                                  "report": text("report")})
+            studies.setdefault(
+                text("study_id"),
+                {"study_id": text("study_id"), "patient_id": text("patient_id"), "report": text("report")},
+            )
     return [s for s in studies.values() if s["report"].strip()]
 
 
@@ -62,17 +66,21 @@ def bank_from_records(data_dir: str, splits, embedder, match: str, *, frames=Non
     """The de-identified reports of `splits` of a records directory, one per study."""
     studies = [s for split in splits for s in _record_studies(data_dir, split)]
     if not studies:
-        raise ValueError(f"{data_dir}: no reports in split(s) {','.join(splits)} (--bank_split); a report bank "
-                         f"needs the records of studies with reports")
+        raise ValueError(
+            f"{data_dir}: no reports in split(s) {','.join(splits)} (--bank_split); a report bank "
+            f"needs the records of studies with reports"
+        )
     ids, texts = [s["study_id"] for s in studies], [s["report"] for s in studies]
     if match == "text":
         vectors = embedder.texts(texts)
     else:
-
         wanted = set(ids)
-        items = (it for split in splits for it in emb.record_videos(data_dir, split, frames=frames,
-                                                                    image_size=image_size)
-                 if it[0]["study_id"] in wanted)
+        items = (
+            it
+            for split in splits
+            for it in emb.record_videos(data_dir, split, frames=frames, image_size=image_size)
+            if it[0]["study_id"] in wanted
+        )
         metas, video_vectors = emb.embed_stream(embedder, items)
         order, study_vectors = emb.study_means([m["study_id"] for m in metas], video_vectors)
         row = dict(zip(order, study_vectors))
@@ -86,20 +94,29 @@ def bank_from_index(path: str, splits, match: str, fingerprint=None) -> Bank:
     index = Archive.open(path)
     where = os.path.join(path, "index.json")
     if index.reports is None:
-        raise ValueError(f"{where}: field report_bank is false: this index has no report bank; rebuild it with "
-                         f"`python -m echoclip_jax.search build ... --reports`, or pass a records --bank")
+        raise ValueError(
+            f"{where}: field report_bank is false: this index has no report bank; rebuild it with "
+            f"`python -m echoclip_jax.search build ... --reports`, or pass a records --bank"
+        )
     if fingerprint is not None and not same_model(fingerprint, index.meta["model"].get("fingerprint")):
-        raise ValueError(f"{where}: field model.fingerprint: the index was embedded by other weights than "
-                         f"--checkpoint; use {index.meta['model']['checkpoint']} or rebuild the index")
+        raise ValueError(
+            f"{where}: field model.fingerprint: the index was embedded by other weights than "
+            f"--checkpoint; use {index.meta['model']['checkpoint']} or rebuild the index"
+        )
     keys = [k for k in index.reports if index.rows["study"][k]["split"] in set(splits)]
     if not keys:
         raise ValueError(f"{where}: the report bank has no study in split(s) {','.join(splits)} (--bank_split)")
     position = {k: i for i, k in enumerate(index.reports)}
     rows = [index.rows["study"][k] for k in keys]
-    vectors = (index.report_vectors[[position[k] for k in keys]] if match == "text"
-               else index.vectors["study"][keys])
-    return Bank(f"{path} [{','.join(splits)}]", [r["study_id"] for r in rows], [index.reports[k] for k in keys],
-                vectors, match, [r["patient_id"] for r in rows])
+    vectors = index.report_vectors[[position[k] for k in keys]] if match == "text" else index.vectors["study"][keys]
+    return Bank(
+        f"{path} [{','.join(splits)}]",
+        [r["study_id"] for r in rows],
+        [index.reports[k] for k in keys],
+        vectors,
+        match,
+        [r["patient_id"] for r in rows],
+    )
 
 
 def bank_from_csv(path: str, embedder, match: str) -> Bank:
@@ -111,8 +128,10 @@ def bank_from_csv(path: str, embedder, match: str) -> Bank:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if "report" not in (reader.fieldnames or ()):
-            raise ValueError(f"{path}: no 'report' column (columns: {reader.fieldnames}); a report bank CSV has a "
-                             f"'report' column and optionally an 'id' column")
+            raise ValueError(
+                f"{path}: no 'report' column (columns: {reader.fieldnames}); a report bank CSV has a "
+                f"'report' column and optionally an 'id' column"
+            )
         rows = [r for r in reader if (r.get("report") or "").strip()]
     scrub = Deidentifier()
     texts = [clean_text(scrub(r["report"])[0]) for r in rows]
@@ -128,4 +147,3 @@ def load_bank(spec: str, embedder, *, match: str, splits=("train",), frames=None
     if os.path.isdir(spec):
         return bank_from_records(spec, splits, embedder, match, frames=frames, image_size=image_size)
     raise FileNotFoundError(f"--bank {spec}: not a search index (no index.json), a records directory or a .csv file")
-

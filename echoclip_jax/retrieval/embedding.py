@@ -6,6 +6,7 @@ frame embeddings); a study's is the mean of its videos' L2-normalised embeddings
 are read with the project's record reader and only videos not already indexed are decoded; a DICOM file is
 read with data_prep's own decode and sector masking, as its records were made (`read_video`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,9 +32,13 @@ CHUNK_BATCHES = 16  # frames gathered (in device batches) before an embedding ca
 
 def describe_model(checkpoint: str, config, *, frames: int | None) -> dict:
     """What index.json stores so later queries and additions use the same model and inputs."""
-    return {"checkpoint": checkpoint, "model_config": config.model.to_dict(),
-            "tokenizer": config.tokenizer.to_dict(), "image_size": int(config.model.vision.image_size),
-            "frames": frames}
+    return {
+        "checkpoint": checkpoint,
+        "model_config": config.model.to_dict(),
+        "tokenizer": config.tokenizer.to_dict(),
+        "image_size": int(config.model.vision.image_size),
+        "frames": frames,
+    }
 
 
 def load_embedder(model: dict, *, batch_size: int = 128, with_tokenizer: bool = True):
@@ -72,8 +77,15 @@ def _text(feats: dict, key: str) -> str:
     return feats[key][0].decode("utf-8") if feats.get(key) else ""
 
 
-def record_videos(data_dir: str, split: str, *, skip=frozenset(), skipped: list | None = None,
-                  frames: int | None, image_size: int | None):
+def record_videos(
+    data_dir: str,
+    split: str,
+    *,
+    skip=frozenset(),
+    skipped: list | None = None,
+    frames: int | None,
+    image_size: int | None,
+):
     """(metadata, uint8 frames [K, S, S, 3]) of every video of a split whose video_id is not in `skip`, in
     shard order; only those videos' frames are decoded. Metadata: video_id, study_id, patient_id, split,
     report (the de-identified text the record holds). `frames` K keeps K evenly spaced frames; the ids
@@ -89,8 +101,13 @@ def record_videos(data_dir: str, split: str, *, skip=frozenset(), skipped: list 
             continue
         jpegs = data.decode_frames(feats, f"{data_dir} {split} record {i}")
         keep = data.pick_frames(len(jpegs), min(frames, len(jpegs)), None) if frames else range(len(jpegs))
-        meta = {"video_id": video_id, "study_id": _text(feats, "study_id"), "patient_id": _text(feats, "patient_id"),
-                "split": split, "report": _text(feats, "report")}
+        meta = {
+            "video_id": video_id,
+            "study_id": _text(feats, "study_id"),
+            "patient_id": _text(feats, "patient_id"),
+            "split": split,
+            "report": _text(feats, "report"),
+        }
         size = int(image_size or feats["image_size"][0])  # None: the size the records hold
         yield meta, np.stack([data.decode_jpeg(jpegs[j], size) for j in keep])
 
@@ -143,11 +160,14 @@ VIDEO_EXTENSIONS = (".dcm", ".avi", ".npy")
 def video_files(path: str) -> list[str]:
     """A video file, or the video files (.dcm, .avi, .npy) under a study directory, sorted, for a query."""
     if os.path.isdir(path):
-        found = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
-                       if n.lower().endswith(VIDEO_EXTENSIONS))
+        found = sorted(
+            os.path.join(d, n) for d, _, names in os.walk(path) for n in names if n.lower().endswith(VIDEO_EXTENSIONS)
+        )
         if not found:
-            raise FileNotFoundError(f"{path}: no .dcm, .avi or .npy files under this directory (a study directory "
-                                    f"of videos, or one video file, is expected)")
+            raise FileNotFoundError(
+                f"{path}: no .dcm, .avi or .npy files under this directory (a study directory "
+                f"of videos, or one video file, is expected)"
+            )
         return found
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such video file or study directory")

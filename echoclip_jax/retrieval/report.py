@@ -12,6 +12,7 @@ OUT/report.txt; `report_records` every study (and/or video) of a split of record
 OUT/study_reports.jsonl, OUT/video_reports.jsonl, OUT/reports.txt and OUT/summary.json (salted ids), leaving
 out the reports of the query's own patient.
 """
+
 from __future__ import annotations
 
 import collections
@@ -26,16 +27,28 @@ from echoclip_jax.evaluation import zero_shot as zs
 from echoclip_jax.retrieval import embedding as emb
 from echoclip_jax.retrieval.bank import Bank
 
-DISCLAIMER = ("PRELIMINARY REPORT BY RETRIEVAL, NOT A DIAGNOSIS: the findings are votes over the reports of the "
-              "most similar studies in a report bank; a cardiologist must read this study.")
-EF_BANDS = ((70, "hyperdynamic"), (55, "normal"), (45, "mildly reduced"), (30, "moderately reduced"),
-            (0, "severely reduced"))  # the systolic-function grades of EchoCLIP-style reports
+DISCLAIMER = (
+    "PRELIMINARY REPORT BY RETRIEVAL, NOT A DIAGNOSIS: the findings are votes over the reports of the "
+    "most similar studies in a report bank; a cardiologist must read this study."
+)
+EF_BANDS = (
+    (70, "hyperdynamic"),
+    (55, "normal"),
+    (45, "mildly reduced"),
+    (30, "moderately reduced"),
+    (0, "severely reduced"),
+)  # the systolic-function grades of EchoCLIP-style reports
 DEVICES = ("pacemaker", "tavr", "mitraclip")
 FINDINGS = ("ef", "ef_band", *DEVICES, "lv_size")
 EF_TOLERANCE = 5.0
 _LV_SIZES = ("normal", "mild", "moderate", "severe")
-_LV_NORMAL_PHRASES = ("NORMAL LEFT VENTRICULAR SIZE.", "THE LEFT VENTRICLE IS NORMAL IN SIZE", "NORMAL LV CAVITY SIZE",
-                      "LV SIZE IS NORMAL", "LEFT VENTRICULAR CAVITY SIZE IS WITHIN NORMAL LIMITS")
+_LV_NORMAL_PHRASES = (
+    "NORMAL LEFT VENTRICULAR SIZE.",
+    "THE LEFT VENTRICLE IS NORMAL IN SIZE",
+    "NORMAL LV CAVITY SIZE",
+    "LV SIZE IS NORMAL",
+    "LEFT VENTRICULAR CAVITY SIZE IS WITHIN NORMAL LIMITS",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,14 +57,23 @@ def lv_size_task() -> zs.Task:
     "... DILATED LEFT VENTRICLE", its report phrases (other readers' wordings of a dilated LV), and the
     normal-size wordings; classes 1 normal .. 4 severe; a report that states none is unknown (no 0 class)."""
     table = zs.load_tasks(None, ["left_ventricle_size"])[0]
-    return zs.Task(name="lv_size", mode="categorical",
-                   label_sources=(_LV_NORMAL_PHRASES[0], "MILD DILATED LEFT VENTRICLE",
-                                  "MODERATE DILATED LEFT VENTRICLE", "SEVERE DILATED LEFT VENTRICLE"),
-                   testers=(_LV_NORMAL_PHRASES[0],), source_values=(1.0, 2.0, 3.0, 4.0), tester_values=(1.0,),
-                   report_phrases=_LV_NORMAL_PHRASES[1:] + table.report_phrases,
-                   report_phrase_values=(1.0,) * (len(_LV_NORMAL_PHRASES) - 1)
-                   + tuple(v + 1.0 for v in table.report_phrase_values),
-                   value_mapping={1.0: "normal", 2.0: "mild", 3.0: "moderate", 4.0: "severe"})
+    return zs.Task(
+        name="lv_size",
+        mode="categorical",
+        label_sources=(
+            _LV_NORMAL_PHRASES[0],
+            "MILD DILATED LEFT VENTRICLE",
+            "MODERATE DILATED LEFT VENTRICLE",
+            "SEVERE DILATED LEFT VENTRICLE",
+        ),
+        testers=(_LV_NORMAL_PHRASES[0],),
+        source_values=(1.0, 2.0, 3.0, 4.0),
+        tester_values=(1.0,),
+        report_phrases=_LV_NORMAL_PHRASES[1:] + table.report_phrases,
+        report_phrase_values=(1.0,) * (len(_LV_NORMAL_PHRASES) - 1)
+        + tuple(v + 1.0 for v in table.report_phrase_values),
+        value_mapping={1.0: "normal", 2.0: "mild", 3.0: "moderate", 4.0: "severe"},
+    )
 
 
 def ef_band(ef) -> str | None:
@@ -88,8 +110,13 @@ def vote(findings: list[dict], sims: np.ndarray) -> dict:
     if stated.any():
         median = float(np.median(efs[stated]))
         agree = stated & (np.abs(efs - median) <= EF_TOLERANCE)
-        out["ef"] = {"value": median, "support": int(agree.sum()), "stated": int(stated.sum()), "of": k,
-                     "mean_similarity": float(sims[agree].mean())}
+        out["ef"] = {
+            "value": median,
+            "support": int(agree.sum()),
+            "stated": int(stated.sum()),
+            "of": k,
+            "mean_similarity": float(sims[agree].mean()),
+        }
     else:
         out["ef"] = {"value": None, "support": 0, "stated": 0, "of": k, "mean_similarity": None}
     for name in FINDINGS[1:]:
@@ -104,8 +131,13 @@ def vote(findings: list[dict], sims: np.ndarray) -> dict:
             continue
         best = max(counts, key=lambda v: (counts[v], tally[v]))
         agree = np.asarray([v == best for v in values])
-        out[name] = {"value": best, "support": int(counts[best]), "stated": int(sum(counts.values())), "of": k,
-                     "mean_similarity": float(sims[agree].mean())}
+        out[name] = {
+            "value": best,
+            "support": int(counts[best]),
+            "stated": int(sum(counts.values())),
+            "of": k,
+            "mean_similarity": float(sims[agree].mean()),
+        }
     return out
 
 
@@ -119,10 +151,14 @@ def findings_of(bank: Bank) -> list[dict]:
 def compose(bank: Bank, rows: np.ndarray, sims: np.ndarray) -> dict:
     """A report from the retrieved rows: the nearest report, the vote, the neighbours (ids, similarity)."""
     findings = findings_of(bank)
-    return {"disclaimer": DISCLAIMER, "k": int(len(rows)), "match": bank.match,
-            "nearest_report": {"id": bank.ids[rows[0]], "similarity": float(sims[0]), "text": bank.texts[rows[0]]},
-            "findings": vote([findings[r] for r in rows], sims),
-            "neighbours": [{"id": bank.ids[r], "similarity": float(s)} for r, s in zip(rows, sims)]}
+    return {
+        "disclaimer": DISCLAIMER,
+        "k": int(len(rows)),
+        "match": bank.match,
+        "nearest_report": {"id": bank.ids[rows[0]], "similarity": float(sims[0]), "text": bank.texts[rows[0]]},
+        "findings": vote([findings[r] for r in rows], sims),
+        "neighbours": [{"id": bank.ids[r], "similarity": float(s)} for r, s in zip(rows, sims)],
+    }
 
 
 def random_findings(bank: Bank, k: int, rng: np.random.Generator) -> dict:
@@ -139,16 +175,25 @@ def render(report: dict, title: str) -> str:
         x = f[name]
         if x["value"] is None:
             return f"  {label}: not stated in any of the {k} reports"
-        return (f"  {label}: {fmt(x['value'])}  (support {x['support']}/{k}, stated in {x['stated']}, mean "
-                f"similarity {x['mean_similarity']:.3f})")
+        return (
+            f"  {label}: {fmt(x['value'])}  (support {x['support']}/{k}, stated in {x['stated']}, mean "
+            f"similarity {x['mean_similarity']:.3f})"
+        )
 
-    lines = [DISCLAIMER, "", title, f"Findings voted over the {k} nearest reports ({report['match']} match):",
-             line("ef", "LV ejection fraction", lambda v: f"about {v:.0f}% (median; support: within +-5)"),
-             line("ef_band", "LV systolic function"),
-             *[line(d, {"tavr": "aortic valve prosthesis (TAVR)", "mitraclip": "MitraClip"}.get(d, d)) for d in DEVICES],
-             line("lv_size", "LV size"), "",
-             f"Nearest report (similarity {report['nearest_report']['similarity']:.3f}):",
-             "  " + report["nearest_report"]["text"], ""]
+    lines = [
+        DISCLAIMER,
+        "",
+        title,
+        f"Findings voted over the {k} nearest reports ({report['match']} match):",
+        line("ef", "LV ejection fraction", lambda v: f"about {v:.0f}% (median; support: within +-5)"),
+        line("ef_band", "LV systolic function"),
+        *[line(d, {"tavr": "aortic valve prosthesis (TAVR)", "mitraclip": "MitraClip"}.get(d, d)) for d in DEVICES],
+        line("lv_size", "LV size"),
+        "",
+        f"Nearest report (similarity {report['nearest_report']['similarity']:.3f}):",
+        "  " + report["nearest_report"]["text"],
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -162,8 +207,11 @@ def agreement(predicted: list[dict], truth: list[dict]) -> dict:
 
     pred_ef = np.asarray([np.nan if v is None else v for v in values("ef")], np.float64)
     true_ef = np.asarray([t["ef"] for t in truth], np.float64)
-    out = {"n": len(truth), "ef_within_5": float(np.mean(np.abs(pred_ef - true_ef) <= EF_TOLERANCE)),
-           "ef_band_accuracy": float(np.mean([b == ef_band(e) for b, e in zip(values("ef_band"), true_ef)]))}
+    out = {
+        "n": len(truth),
+        "ef_within_5": float(np.mean(np.abs(pred_ef - true_ef) <= EF_TOLERANCE)),
+        "ef_band_accuracy": float(np.mean([b == ef_band(e) for b, e in zip(values("ef_band"), true_ef)])),
+    }
     balanced = []
     for d in DEVICES:
         y = np.asarray([bool(int(t[d])) for t in truth])
@@ -183,26 +231,49 @@ def _write_jsonl(path: str, rows) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def report_records(embedder, bank: Bank, data_dir: str, split: str, *, out: str, k: int, levels,
-                   frames=None, image_size=None, baseline: bool = False, seed: int = 0) -> dict:
+def report_records(
+    embedder,
+    bank: Bank,
+    data_dir: str,
+    split: str,
+    *,
+    out: str,
+    k: int,
+    levels,
+    frames=None,
+    image_size=None,
+    baseline: bool = False,
+    seed: int = 0,
+) -> dict:
     """Reports for every study (and/or video) of a split of records, written under `out` (see the doc)."""
 
-    metas, videos = emb.embed_stream(embedder, emb.record_videos(data_dir, split, frames=frames,
-                                                                 image_size=image_size), label=split)
+    metas, videos = emb.embed_stream(
+        embedder, emb.record_videos(data_dir, split, frames=frames, image_size=image_size), label=split
+    )
     if not metas:
         raise ValueError(f"{data_dir}: split {split!r} has no videos")
     order, studies = emb.study_means([m["study_id"] for m in metas], videos)
     patient = {m["study_id"]: m["patient_id"] for m in metas}
-    queries = {"study": [({"study_id": s, "videos": sum(m["study_id"] == s for m in metas)}, v)
-                         for s, v in zip(order, studies)],
-               "video": [({"video_id": m["video_id"], "study_id": m["study_id"]}, v) for m, v in zip(metas, videos)]}
+    queries = {
+        "study": [
+            ({"study_id": s, "videos": sum(m["study_id"] == s for m in metas)}, v) for s, v in zip(order, studies)
+        ],
+        "video": [({"video_id": m["video_id"], "study_id": m["study_id"]}, v) for m, v in zip(metas, videos)],
+    }
     by_patient = collections.defaultdict(set)
     for bid, p in zip(bank.ids, bank.patients or ()):
         by_patient[p].add(bid)
     rng = np.random.default_rng(seed)
     os.makedirs(out, exist_ok=True)
-    summary = {"disclaimer": DISCLAIMER, "bank": bank.source, "bank_reports": len(bank.ids), "match": bank.match,
-               "k": k, "split": split, "levels": {}}
+    summary = {
+        "disclaimer": DISCLAIMER,
+        "bank": bank.source,
+        "bank_reports": len(bank.ids),
+        "match": bank.match,
+        "k": k,
+        "split": split,
+        "levels": {},
+    }
     for level in levels:
         rows = []
         for query, vector in queries[level]:
@@ -226,8 +297,9 @@ def report_files(embedder, bank: Bank, path: str, *, out: str, k: int, image_siz
     """The report of one study: a DICOM/AVI/.npy video, or a study directory of .dcm files."""
 
     files = emb.video_files(path)
-    _, study = emb.study_means(["query"] * len(files), emb.embed_files(embedder, files, image_size=image_size,
-                                                                       frames=frames))
+    _, study = emb.study_means(
+        ["query"] * len(files), emb.embed_files(embedder, files, image_size=image_size, frames=frames)
+    )
     picked, sims = bank.retrieve(study[0], k)
     report = {"query": emb.dicom_name(path), "files": len(files), "bank": bank.source, **compose(bank, picked, sims)}
     os.makedirs(out, exist_ok=True)

@@ -10,6 +10,7 @@ Vectors are L2-normalised, so inner product is cosine similarity. Two kinds:
   added to the trained cells, and a study whose mean changes is removed and re-added.
 "auto" picks exact up to `approximate_above` vectors (a million) and IVF above it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,8 +78,17 @@ class VectorIndex:
         self.index, self.kind, self.trained_on = index, kind, int(trained_on)
 
     @classmethod
-    def build(cls, vectors, keys, *, kind: str = "auto", approximate_above: int = APPROXIMATE_ABOVE,
-              nlist: int | None = None, nprobe: int | None = None, seed: int = 0) -> "VectorIndex":
+    def build(
+        cls,
+        vectors,
+        keys,
+        *,
+        kind: str = "auto",
+        approximate_above: int = APPROXIMATE_ABOVE,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        seed: int = 0,
+    ) -> "VectorIndex":
         """An index of `vectors[N, D]` under `keys[N]`; IVF cells are trained on these vectors."""
         faiss = _faiss()
         x = _as_matrix(vectors)
@@ -91,8 +101,10 @@ class VectorIndex:
         else:
             nlist = int(nlist or default_nlist(len(x)))
             if len(x) < nlist:
-                raise ValueError(f"an IVF index of {nlist} cells needs at least {nlist} vectors to train, got "
-                                 f"{len(x)}; use the exact kind (or fewer cells) for so few")
+                raise ValueError(
+                    f"an IVF index of {nlist} cells needs at least {nlist} vectors to train, got "
+                    f"{len(x)}; use the exact kind (or fewer cells) for so few"
+                )
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = int(seed)
             index.cp.max_points_per_centroid = TRAIN_POINTS_PER_CELL
@@ -163,8 +175,10 @@ class VectorIndex:
         try:
             index = faiss.read_index(path)
         except RuntimeError as e:
-            raise ValueError(f"{path}: not a readable faiss index ({str(e).splitlines()[0]}); rebuild it with "
-                             f"`python -m echoclip_jax.search build`") from None
+            raise ValueError(
+                f"{path}: not a readable faiss index ({str(e).splitlines()[0]}); rebuild it with "
+                f"`python -m echoclip_jax.search build`"
+            ) from None
         return cls(index, kind, trained_on)  # read_index returns the concrete class (IndexIVFFlat, IndexIDMap2)
 
 

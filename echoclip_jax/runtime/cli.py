@@ -13,6 +13,7 @@ its body to `run`, which parses the flags and returns the exit status:
 Every command has `--verbosity` (absl's levels: 0 the libraries' INFO lines too, 1 DEBUG); without it the
 project's own lines are at INFO and the libraries' at WARNING (`echoclip_jax.runtime.logs`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,8 +36,13 @@ class UsageError(Exception):
 def flag_values() -> flags.FlagValues:
     """A command's own flags, with the `--verbosity` every command has."""
     fv = flags.FlagValues()
-    flags.DEFINE_integer("verbosity", None, "libraries' log level (absl's: 0 = their INFO lines too, 1 = DEBUG); "
-                         "default: the project's lines only, libraries' warnings", flag_values=fv)
+    flags.DEFINE_integer(
+        "verbosity",
+        None,
+        "libraries' log level (absl's: 0 = their INFO lines too, 1 = DEBUG); "
+        "default: the project's lines only, libraries' warnings",
+        flag_values=fv,
+    )
     return fv
 
 
@@ -63,8 +69,16 @@ def say(name: str, message: str) -> None:
     print(f"echoclip_jax.{name}: error: {message}", file=sys.stderr, flush=True)
 
 
-def run(body: Callable[[flags.FlagValues], int | None], fv: flags.FlagValues, argv: list[str] | None = None, *,
-        name: str, doc: str, failures: tuple = FAILURES, positional: bool = False) -> int:
+def run(
+    body: Callable[[flags.FlagValues], int | None],
+    fv: flags.FlagValues,
+    argv: list[str] | None = None,
+    *,
+    name: str,
+    doc: str,
+    failures: tuple = FAILURES,
+    positional: bool = False,
+) -> int:
     """Parses `argv` (default sys.argv) into `fv`, sets up the logs, runs `body(fv)` (`body(fv, args)` with
     the positional arguments when the command takes them) and returns the exit status (see the module
     docstring): body's own, or 0 when it returns None."""

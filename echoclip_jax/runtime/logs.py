@@ -4,6 +4,7 @@ Libraries log a great deal at INFO (Orbax alone hundreds of lines per training r
 project's loggers (`echoclip_jax.*`) at INFO on stderr and puts absl, Orbax, grain and JAX at WARNING, unless
 the command was given `--verbosity` (absl's levels: 0 the libraries' INFO too, 1 DEBUG).
 """
+
 from __future__ import annotations
 
 import logging

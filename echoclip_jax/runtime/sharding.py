@@ -4,6 +4,7 @@ Parameters carry logical axis names ("embed", "mlp", "heads", "kv", "vocab", "jo
 A preset maps those names to the mesh axes ("data", "fsdp", "tensor"); a dimension whose size the mesh
 axis does not divide is replicated instead, so one rule set works for every model size and device count.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,10 @@ def build_mesh(mesh_config, devices=None) -> Mesh:
         raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} does not fit {len(devices)} devices")
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} of "
-                         f"{len(devices)} devices; set one axis to -1 or make the product match")
+        raise ValueError(
+            f"config.mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} of "
+            f"{len(devices)} devices; set one axis to -1 or make the product match"
+        )
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
@@ -83,6 +86,7 @@ def _names(variable) -> tuple | None:
 
 def param_shardings(params_state, mesh: Mesh, rules: dict):
     """NamedShardings for an nnx.State of Params, as a pure dict matching `nnx.to_pure_dict`."""
+
     def one(v):
         return NamedSharding(mesh, logical_to_spec(_names(v), np.shape(v.get_value()), mesh, rules))
 

@@ -11,6 +11,7 @@ at 224 px, too coarse to point at a thin lead), and an earlier stage k (0-based,
 features. Either way the channel weights are the spatially averaged gradients of the score w.r.t. that
 stage's feature map, the map is the ReLU of the weighted channel sum, bilinearly upsampled to the input.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,16 +49,23 @@ class SaliencyMapper:
     `cam_stage` ('last' = EchoCLIP's PromptCAM, or 0..3) and `smoothgrad_samples` are the defaults of
     `maps`; each call may choose others (one compilation per variant, kept)."""
 
-    def __init__(self, model, tokenizer, *, image_size: int, batch_size: int = 16,
-                 smoothgrad_samples: int = 0, smoothgrad_sigma: float = 0.15, seed: int = 0,
-                 cam_stage="last"):
-
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        image_size: int,
+        batch_size: int = 16,
+        smoothgrad_samples: int = 0,
+        smoothgrad_sigma: float = 0.15,
+        seed: int = 0,
+        cam_stage="last",
+    ):
 
         if smoothgrad_samples < 0 or smoothgrad_sigma < 0:
             raise ValueError("smoothgrad_samples and smoothgrad_sigma must be >= 0")
         if not hasattr(model.visual, "forward_stages"):
-            raise ValueError(f"PromptCAM needs a ConvNeXt image tower; this model's is "
-                             f"{type(model.visual).__name__}")
+            raise ValueError(f"PromptCAM needs a ConvNeXt image tower; this model's is {type(model.visual).__name__}")
         self.num_stages = len(model.visual.stages)
         self.cam_stage = parse_stage(cam_stage, self.num_stages)
         self.sharded = ShardedModel(model, batch_size=batch_size)
@@ -73,14 +81,16 @@ class SaliencyMapper:
     def cam_grid_size(self, stage=None) -> int:
         """Side of the CAM grid at `stage` before upsampling: image_size / (4 * 2**stage)."""
         stage = self.cam_stage if stage is None else parse_stage(stage, self.num_stages)
-        return self.image_size // (4 * 2 ** stage)
+        return self.image_size // (4 * 2**stage)
 
     def _fn(self, method: str, stage: int, samples: int, grid: bool):
         key = (method, stage, samples, grid)
         if key not in self._fns:
-
-            fn = (functools.partial(_promptcam, self.sharded, stage, grid) if method == "promptcam"
-                  else functools.partial(_gradient, self.sharded, samples, self.smoothgrad_sigma))
+            fn = (
+                functools.partial(_promptcam, self.sharded, stage, grid)
+                if method == "promptcam"
+                else functools.partial(_gradient, self.sharded, samples, self.smoothgrad_sigma)
+            )
             self._fns[key] = jax.jit(fn)
         return self._fns[key]
 
@@ -89,8 +99,9 @@ class SaliencyMapper:
         tokens = np.asarray(self.tokenizer.encode(list(prompts)), dtype=np.int32)
         return self.sharded.replicate(self._texts(self.sharded.state, tokens))
 
-    def maps(self, method: str, frames: np.ndarray, text, *, cam_stage=None, smoothgrad_samples=None,
-             grid: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def maps(
+        self, method: str, frames: np.ndarray, text, *, cam_stage=None, smoothgrad_samples=None, grid: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """uint8 frames [K, S, S, 3], text embeddings [P, D] -> (maps [P, K, S, S], similarity [P, K]).
 
         cam_stage / smoothgrad_samples: this call's variant (None: the mapper's). grid (PromptCAM only):
@@ -111,12 +122,12 @@ class SaliencyMapper:
             self._key, k = jax.random.split(self._key)
             return (k,)
 
-        fn = self._fn(method, stage if method == "promptcam" else -1, samples if method == "gradient" else 0,
-                      grid)
-        return self.sharded.map_batches(fn, frames, text, out_axis=1,
-                                        per_batch=key if method == "gradient" else None)
+        fn = self._fn(method, stage if method == "promptcam" else -1, samples if method == "gradient" else 0, grid)
+        return self.sharded.map_batches(fn, frames, text, out_axis=1, per_batch=key if method == "gradient" else None)
 
-    def maps_of_videos(self, method: str, videos: list[np.ndarray], text, **variant) -> list[tuple[np.ndarray, np.ndarray]]:
+    def maps_of_videos(
+        self, method: str, videos: list[np.ndarray], text, **variant
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """`maps` of several videos of any lengths at once: their frames are laid end to end, so batches are
         full across video boundaries (only the last one is padded), then split back per video."""
         if not videos:
@@ -134,15 +145,13 @@ def _per_prompt_vjp(fn, x, text):
 
     scores, vjp = jax.vjp(fn, x)
     num_prompts = text.shape[0]
-    onehots = jnp.broadcast_to(jnp.eye(num_prompts, dtype=scores.dtype)[:, None, :],
-                               (num_prompts, *scores.shape))
+    onehots = jnp.broadcast_to(jnp.eye(num_prompts, dtype=scores.dtype)[:, None, :], (num_prompts, *scores.shape))
     (grads,) = jax.vmap(vjp)(onehots)
     return scores, grads
 
 
 def _promptcam(sm, stage: int, grid: bool, state, frames, text):
     """Grad-CAM of every prompt's score at `stage`'s feature map -> (cam [P, B, S, S] or the grid, scores)."""
-
 
     visual = sm.module(state).visual
     feats = visual.forward_stages(models.preprocess_images(frames), stage)  # [B, h, w, C]
@@ -164,7 +173,6 @@ def _promptcam(sm, stage: int, grid: bool, state, frames, text):
 def _gradient(sm, samples: int, sigma: float, state, frames, text, key):
     """|d score / d pixel| (0..255 pixels, max over colour), averaged over `samples` noisy copies if > 0."""
 
-
     model = sm.module(state)
 
     def score(x):
@@ -173,6 +181,7 @@ def _gradient(sm, samples: int, sigma: float, state, frames, text, key):
     x = frames.astype(jnp.float32)
     scores, grads = _per_prompt_vjp(score, x, text)
     if samples:
+
         def noisy(total, k):
             noise = jax.random.normal(k, x.shape, x.dtype) * (sigma * 255.0)
             return total + _per_prompt_vjp(score, x + noise, text)[1], None

@@ -7,6 +7,7 @@ similarities, map statistics, files, cam_stage); `OUT/index.json` lists the vide
 outside the scan sector. Videos of any lengths are mapped together in groups of fixed-size batches, so
 nothing recompiles or idles.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,11 +49,11 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def interpret_video(mapper: SaliencyMapper, video: Video, prompts: list[str], text, methods,
-                    out_dir: str, computed: dict | None = None) -> dict:
+def interpret_video(
+    mapper: SaliencyMapper, video: Video, prompts: list[str], text, methods, out_dir: str, computed: dict | None = None
+) -> dict:
     """Maps of every method for every prompt of one video, written under out_dir/<video.name>/
     (`computed`: {method: (maps, scores)} already computed for this video, e.g. with others at once)."""
-
 
     video_dir = os.path.join(out_dir, video.name)
     sector = video.sector if video.sector is not None else sector_from_frames(video.frames)
@@ -71,13 +72,24 @@ def interpret_video(mapper: SaliencyMapper, video: Video, prompts: list[str], te
             peak = np.unravel_index(int(prompt_maps.argmax()), prompt_maps.shape)
             entry["similarity"] = [round(float(s), 6) for s in prompt_scores]
             entry["mean_similarity"] = float(np.mean(prompt_scores))
-            entry["maps"][method] = {"file": f"{method}.npy", "png": f"{method}_NNN.png",
-                                     "max": top, "mean": float(prompt_maps.mean()),
-                                     "peak_frame_y_x": [int(v) for v in peak]}
-    summary = {"video": video.name, "source": video.source, "num_frames": int(len(video.frames)),
-               "image_size": int(video.frames.shape[1]), "frame_indices": video.frame_indices,
-               "methods": list(methods), "prompts": entries, "sector_pixels": int(sector.sum()),
-               "map_shape": [int(len(video.frames)), int(video.frames.shape[1]), int(video.frames.shape[2])]}
+            entry["maps"][method] = {
+                "file": f"{method}.npy",
+                "png": f"{method}_NNN.png",
+                "max": top,
+                "mean": float(prompt_maps.mean()),
+                "peak_frame_y_x": [int(v) for v in peak],
+            }
+    summary = {
+        "video": video.name,
+        "source": video.source,
+        "num_frames": int(len(video.frames)),
+        "image_size": int(video.frames.shape[1]),
+        "frame_indices": video.frame_indices,
+        "methods": list(methods),
+        "prompts": entries,
+        "sector_pixels": int(sector.sum()),
+        "map_shape": [int(len(video.frames)), int(video.frames.shape[1]), int(video.frames.shape[2])],
+    }
     if "promptcam" in methods:
         summary["cam_stage"] = {"stage": mapper.cam_stage, "grid": mapper.cam_grid_size()}
     if "gradient" in methods and mapper.smoothgrad_samples:
@@ -117,12 +129,19 @@ def run(mapper: SaliencyMapper, *, prompts: list[str], out_dir: str, videos, met
                 n += 1
                 video = dataclasses.replace(video, name=f"{base}-{n}")
             used.add(video.name)
-            summary = interpret_video(mapper, video, prompts, text, methods, out_dir,
-                                      computed={m: computed[m][j] for m in methods})
-            index.append({"video": video.name, "source": video.source, "num_frames": summary["num_frames"],
-                          "mean_similarity": {e["prompt"]: e["mean_similarity"] for e in summary["prompts"]}})
-            log.info("%s: %d frames, %d prompt(s), %s", video.name, summary["num_frames"], len(prompts),
-                     "+".join(methods))
-    _write_json(os.path.join(out_dir, "index.json"), {"prompts": prompts, "methods": list(methods),
-                                                       "videos": index})
+            summary = interpret_video(
+                mapper, video, prompts, text, methods, out_dir, computed={m: computed[m][j] for m in methods}
+            )
+            index.append(
+                {
+                    "video": video.name,
+                    "source": video.source,
+                    "num_frames": summary["num_frames"],
+                    "mean_similarity": {e["prompt"]: e["mean_similarity"] for e in summary["prompts"]},
+                }
+            )
+            log.info(
+                "%s: %d frames, %d prompt(s), %s", video.name, summary["num_frames"], len(prompts), "+".join(methods)
+            )
+    _write_json(os.path.join(out_dir, "index.json"), {"prompts": prompts, "methods": list(methods), "videos": index})
     return index

@@ -18,6 +18,7 @@ videos, frames, and both baselines on the same frames; no video or patient id) a
 (a few frames: each method's map over the frame, the mask's outline, the map's maximum). The synthetic
 cohort's device masks are one source of cases (`echoclip_jax.demo.device_masks`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,8 @@ PLOT_EXAMPLES = 2  # frames per device in score_frames.png
 
 def disk(radius: int) -> np.ndarray:
     """Boolean (2r+1)^2 disk: the pixels within `radius` of the centre."""
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-    return yy ** 2 + xx ** 2 <= radius ** 2
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return yy**2 + xx**2 <= radius**2
 
 
 def dilate(mask: np.ndarray, radius: int = TOLERANCE_PX) -> np.ndarray:
@@ -77,12 +78,13 @@ def centre_map(sector: np.ndarray) -> np.ndarray:
     """A Gaussian at the sector's centre of mass, sigma = CENTRE_SIGMA * sqrt(sector area), zero outside."""
     cy, cx = ndimage.center_of_mass(sector)
     sigma = CENTRE_SIGMA * np.sqrt(sector.sum())
-    yy, xx = np.mgrid[:sector.shape[0], :sector.shape[1]]
-    return (np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2)) * sector).astype(np.float32)
+    yy, xx = np.mgrid[: sector.shape[0], : sector.shape[1]]
+    return (np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)) * sector).astype(np.float32)
 
 
-def score_frames(maps: np.ndarray, masks: np.ndarray, sector: np.ndarray,
-                 tolerance: int = TOLERANCE_PX) -> tuple[list[float], list[float]]:
+def score_frames(
+    maps: np.ndarray, masks: np.ndarray, sector: np.ndarray, tolerance: int = TOLERANCE_PX
+) -> tuple[list[float], list[float]]:
     """Per-frame (pointing game, mass share) of maps [K, S, S] against masks [K, S, S] in one sector
     [S, S]; frames with an empty mask are left out."""
     targets = dilate(masks, tolerance)
@@ -114,13 +116,18 @@ def parse_methods(spec) -> list[tuple[str, str, dict]]:
 
 
 def _summary(hits, shares, videos) -> dict:
-    return {"pointing_game": float(np.mean(hits)) if hits else None,
-            "mass_share": float(np.mean(shares)) if shares else None, "videos": videos, "frames": len(hits)}
+    return {
+        "pointing_game": float(np.mean(hits)) if hits else None,
+        "mass_share": float(np.mean(shares)) if shares else None,
+        "videos": videos,
+        "frames": len(hits),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One video's frames to score, with the truth of what a prompt names in them."""
+
     target: str  # what the prompt names (e.g. a device); scores are reported per target and over all
     prompt: str
     video: str  # which video (two cases of one video count it once in the totals)
@@ -129,8 +136,9 @@ class Case:
     sector: np.ndarray  # boolean [S, S]: the scan sector
 
 
-def score_cases(mapper, cases: list[Case], *, targets, out_dir: str, methods=DEFAULT_SCORE_METHODS,
-                meta: dict | None = None) -> dict:
+def score_cases(
+    mapper, cases: list[Case], *, targets, out_dir: str, methods=DEFAULT_SCORE_METHODS, meta: dict | None = None
+) -> dict:
     """Every method's maps of every case scored per frame (see the module docstring), with both baselines
     on the same frames; writes OUT/scores.json (`meta` first) and OUT/score_frames.png, returns the scores."""
     specs = parse_methods(methods)
@@ -159,12 +167,17 @@ def score_cases(mapper, cases: list[Case], *, targets, out_dir: str, methods=DEF
             acc[label, case.target][1].extend(shares)
         if sum(e[0] == case.target for e in examples) < PLOT_EXAMPLES:
             k = int(np.argmax(case.masks.reshape(len(case.masks), -1).sum(1)))
-            examples.append((case.target, case.frames[k], case.masks[k], case.sector,
-                             {lab: maps[lab][k] for lab in labels}))
-    result = {**(meta or {}), "tolerance_px": TOLERANCE_PX, "image_size": mapper.image_size,
-              "centre_sigma": CENTRE_SIGMA,
-              "cam_grid": {label: mapper.cam_grid_size(kw["cam_stage"]) for label, m, kw in specs if m == "promptcam"},
-              "methods": {}}
+            examples.append(
+                (case.target, case.frames[k], case.masks[k], case.sector, {lab: maps[lab][k] for lab in labels})
+            )
+    result = {
+        **(meta or {}),
+        "tolerance_px": TOLERANCE_PX,
+        "image_size": mapper.image_size,
+        "centre_sigma": CENTRE_SIGMA,
+        "cam_grid": {label: mapper.cam_grid_size(kw["cam_stage"]) for label, m, kw in specs if m == "promptcam"},
+        "methods": {},
+    }
     for label in labels:
         per = {t: _summary(*acc[label, t], videos[t]) for t in targets if videos[t]}
         pooled = [sum((acc[label, t][j] for t in targets), []) for j in (0, 1)]
@@ -185,10 +198,13 @@ def format_scores(result: dict) -> str:
     lines = [f"{'method':<16} {'pointing':>8} {'mass':>6} {'frames':>6}   per device (pointing)"]
     for label, per in result["methods"].items():
         pooled = per["all"]
-        devices = " ".join(f"{d}={v['pointing_game']:.2f}" for d, v in per.items()
-                           if d != "all" and v["pointing_game"] is not None)
-        lines.append(f"{label:<16} {num(pooled['pointing_game'], 8)} {num(pooled['mass_share'], 6)} "
-                     f"{pooled['frames']:>6}   {devices}")
+        devices = " ".join(
+            f"{d}={v['pointing_game']:.2f}" for d, v in per.items() if d != "all" and v["pointing_game"] is not None
+        )
+        lines.append(
+            f"{label:<16} {num(pooled['pointing_game'], 8)} {num(pooled['mass_share'], 6)} "
+            f"{pooled['frames']:>6}   {devices}"
+        )
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 Each has `.encode(list[str]) -> np.ndarray int32 [batch, context_length]`, `.decode(ids) -> str`,
 `.context_length`, `.vocab_size`, and `.bos_id`, `.eos_id`, `.pad_id` (the text tower pools at EOS).
 """
+
 from echoclip_jax.tokenizers.clip_bpe import ClipBpeTokenizer
 from echoclip_jax.tokenizers.spm import SentencePieceTokenizer
 from echoclip_jax.tokenizers.template import TemplateTokenizer

@@ -1,4 +1,5 @@
 """What every tokenizer shares: the batch layout (start, ids, end, pad; truncation keeps the end id)."""
+
 from typing import Iterable, Sequence
 
 import numpy as np

@@ -5,6 +5,7 @@ single digits and punctuation runs; each word's UTF-8 bytes are mapped to printa
 by the ranks of the shipped merges file (OpenAI's, MIT). Ids: 256 byte symbols, the same 256 ending a word
 (`</w>`), one id per merge, then <start_of_text> 49406 and <end_of_text> 49407.
 """
+
 import gzip
 import html
 import os

@@ -1,6 +1,7 @@
 """A SentencePiece model trained on the reports (see train_sentencepiece), wrapped to the shared layout:
 BOS, pieces, EOS, padding, truncation that keeps EOS. Text is `clean_text`-normalised first, as the
 training corpus was, so prompts and reports are tokenised the same way."""
+
 import os
 
 import numpy as np

@@ -10,6 +10,7 @@ least two words) becomes a user-defined piece, so a whole echo concept is one to
 BOS 2, EOS V-1: the highest id, as in CLIP BPE and the template tokenizer, so the text tower's argmax
 pooling finds the end of the text.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,7 +35,6 @@ def read_reports(path: str, column: str = "report") -> list[str]:
     """Report texts from a data_prep output directory, or de-identified ones from a CSV or text file; errors
     name the path."""
     if os.path.isdir(path):
-
         shards = records.list_shards(path, "train")
         if not shards:
             raise ValueError(f"{path}: no train-*.tfrecord shards (expected a data_prep.convert output)")
@@ -61,8 +61,11 @@ def read_reports(path: str, column: str = "report") -> list[str]:
 
     deid = Deidentifier()
     texts = [deid(t)[0] for t in texts]
-    log.warning("%s: raw reports, de-identified by pattern only (no DICOM headers); a data_prep output directory "
-                "is scrubbed with each study's own identifiers too", path)
+    log.warning(
+        "%s: raw reports, de-identified by pattern only (no DICOM headers); a data_prep output directory "
+        "is scrubbed with each study's own identifiers too",
+        path,
+    )
     return texts
 
 
@@ -89,8 +92,15 @@ def template_pieces(vocab_path: str) -> list[str]:
     return list(pieces)
 
 
-def train(texts, vocab_size: int, *, user_pieces=(), model_type: str = "unigram", byte_fallback: bool = False,
-          source: str = "reports") -> bytes:
+def train(
+    texts,
+    vocab_size: int,
+    *,
+    user_pieces=(),
+    model_type: str = "unigram",
+    byte_fallback: bool = False,
+    source: str = "reports",
+) -> bytes:
     """Train on cleaned report texts -> serialized model. clean_text is the only normaliser (identity rule)."""
     sentences = corpus(texts)
     if not sentences:
@@ -121,4 +131,3 @@ def train(texts, vocab_size: int, *, user_pieces=(), model_type: str = "unigram"
             f"user pieces, and not exceed what the corpus supports): {e}"
         ) from None
     return model.getvalue()
-

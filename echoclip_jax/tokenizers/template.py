@@ -6,6 +6,7 @@ phrase i of the user's vocabulary file is 5 + i; then the variable vocabulary of
 `clean_text`-normalised, its variables are replaced by `<#>`, and phrases are matched leftmost-longest;
 text between phrases (and the variables in it) is dropped.
 """
+
 import functools
 import os
 import re
@@ -29,9 +30,7 @@ VARIABLE_VOCAB = (
 )
 
 # A number, or a severity word not glued to a preceding letter; the first alternative wins at a position.
-_VARIABLE = re.compile(
-    r"(\d+\.?\d*)|((?<![A-Za-z])(?:MODERATE/SEVERE|MILD/MODERATE|MILD|MODERATE|SEVERE|VERY SEVERE))"
-)
+_VARIABLE = re.compile(r"(\d+\.?\d*)|((?<![A-Za-z])(?:MODERATE/SEVERE|MILD/MODERATE|MILD|MODERATE|SEVERE|VERY SEVERE))")
 # Applied after variables are replaced, before phrase matching.
 _REWRITES = (
     (

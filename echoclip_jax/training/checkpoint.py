@@ -12,6 +12,7 @@ it runs in a background thread whose error the run's first save raises, and sinc
 name is fixed, the re-save of that step would meet the same debris again, so debris that cannot be
 deleted would stop the restarted run. Here such debris is moved aside, logged and ignored.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,24 +45,44 @@ class Checkpointer:
     One per workdir in a run: its processes meet once, at a barrier named for the workdir, after process 0
     removed what a killed save left and before any of them lists or saves."""
 
-    def __init__(self, workdir: str, *, keep: int, best_metric: str | None = None, best_mode: str = "max",
-                 async_save: bool = True, barrier_timeout_s: float = 600):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        keep: int,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        async_save: bool = True,
+        barrier_timeout_s: float = 600,
+    ):
         policies = [cm.LatestN(n=max(int(keep), 1))]
         if best_metric:
-            policies.append(cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1,
-                                     keep_checkpoints_without_metrics=False))
+            policies.append(
+                cm.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         directory = checkpoint_dir(workdir)
         if jax.process_index() == 0:
             remove_unfinished_saves(directory)
         # no process lists or saves before process 0 is done (a no-op with one process)
-        wait_for_other_processes(f"echoclip_jax.training.checkpoint: unfinished saves removed from {directory}",
-                                 barrier_timeout_s)
+        wait_for_other_processes(
+            f"echoclip_jax.training.checkpoint: unfinished saves removed from {directory}", barrier_timeout_s
+        )
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=cm.AnyPreservationPolicy(policies), cleanup_tmp_directories=False,
-            enable_async_checkpointing=async_save, create=True)
+            preservation_policy=cm.AnyPreservationPolicy(policies),
+            cleanup_tmp_directories=False,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
         self.manager = ocp.CheckpointManager(
-            directory, options=options,
-            item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()})
+            directory,
+            options=options,
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()},
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -70,22 +91,32 @@ class Checkpointer:
         """Starts an async save (returns once the arrays are copied off the devices). The iterator's
         state is captured now, so advancing it while the save completes cannot change what is saved."""
         snapshot = _IteratorSnapshot(data_iterator.get_state())
-        self.manager.save(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state), DATA: grain.checkpoint.CheckpointSave(snapshot)}),
-            metrics=metrics, force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardSave(state), DATA: grain.checkpoint.CheckpointSave(snapshot)}
+            ),
+            metrics=metrics,
+            force=True,
+        )
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """The state at `step`, placed per the shardings in `abstract_state` (ShapeDtypeStructs); the
         data iterator (if given) is moved to where it was when the step was saved."""
-        state = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
+        state = self.manager.restore(
+            step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)})
+        )[STATE]
         if data_iterator is not None:
             try:
-                self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+                self.manager.restore(
+                    step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iterator)})
+                )
             except (FileNotFoundError, ValueError) as e:
                 raise FileNotFoundError(
                     f"{self.manager.directory}/{step}/{DATA}: no data-iterator state for process "
                     f"{jax.process_index()} of {jax.process_count()} (was the run saved with another process "
-                    f"count?): {e}") from None
+                    f"count?): {e}"
+                ) from None
         return state
 
     def wait(self) -> None:
@@ -121,8 +152,12 @@ def remove_unfinished_saves(directory: str) -> list[str]:
             except FileNotFoundError:
                 continue  # gone meanwhile
             except OSError as e:
-                log.warning("%s: could not move an unfinished save aside (%s); delete it by hand once no process "
-                            "of the run is alive, or the re-save of that step may fail", path, e)
+                log.warning(
+                    "%s: could not move an unfinished save aside (%s); delete it by hand once no process "
+                    "of the run is alive, or the re-save of that step may fail",
+                    path,
+                    e,
+                )
                 continue
         else:
             continue
@@ -133,8 +168,12 @@ def remove_unfinished_saves(directory: str) -> list[str]:
         except FileNotFoundError:
             pass
         except OSError as e:
-            log.warning("%s: could not delete what an unfinished save left (%s); training ignores it and the "
-                        "next start retries; delete it by hand once no process of the run is alive", trash, e)
+            log.warning(
+                "%s: could not delete what an unfinished save left (%s); training ignores it and the "
+                "next start retries; delete it by hand once no process of the run is alive",
+                trash,
+                e,
+            )
     return found
 
 
@@ -195,8 +234,9 @@ def restore_params(workdir_or_checkpoint: str, step: int | None = None):
         raise ValueError(f"{state_dir}: not a training-state checkpoint (no 'params')")
     item = {"params": tree["params"]}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    out = checkpointer.restore(
+        state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    )
     return _int_keys(out["params"])
 
 

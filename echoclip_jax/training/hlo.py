@@ -1,16 +1,21 @@
 """What a compiled step does, read from its optimized HLO text (echoclip_jax.aot's checks): matmul FLOPs by
 operand dtype, host transfers, loops. Counted here, not taken from cost_analysis(), because the TPU
 compiler writes many products as convolutions over padded size-1 axes, and a loop body's cost once."""
+
 from __future__ import annotations
 
 import math
 import re
 
-_DEF = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<dtype>\w+)\[(?P<shape>[\d,]*)\]\S*\s+(?P<op>[\w\-]+)\("
-                  r"(?P<args>[^)]*)\)(?P<attrs>.*)$")
+_DEF = re.compile(
+    r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<dtype>\w+)\[(?P<shape>[\d,]*)\]\S*\s+(?P<op>[\w\-]+)\("
+    r"(?P<args>[^)]*)\)(?P<attrs>.*)$"
+)
 _COMP = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")  # a computation's header line (not indented)
-_HOST = re.compile(r"is_host_transfer=true|custom_call_target=\"(MoveToHost|MoveToDevice|\w*callback\w*)\"|"
-                   r"\s(infeed|outfeed)\(")
+_HOST = re.compile(
+    r"is_host_transfer=true|custom_call_target=\"(MoveToHost|MoveToDevice|\w*callback\w*)\"|"
+    r"\s(infeed|outfeed)\("
+)
 
 
 def _dims(s: str) -> list[int]:
@@ -31,8 +36,9 @@ def _mean_taps(attrs: str, labels, lhs: list[int], out: list[int]) -> float:
         lo = int(fields["pad"].split("x")[j].split("_")[0]) if "pad" in fields else 0
         n, m = lhs[labels[1].index(str(j))], out[labels[3].index(str(j))]
         last = (n - 1) * ld
-        hits = sum(1 for o in range(m) for t in range(k)
-                   if 0 <= (p := o * stride + t * rd - lo) <= last and p % ld == 0)
+        hits = sum(
+            1 for o in range(m) for t in range(k) if 0 <= (p := o * stride + t * rd - lo) <= last and p % ld == 0
+        )
         mean *= hits / max(m, 1)
     return mean
 
@@ -59,8 +65,11 @@ def _trip_counts(text: str) -> tuple[dict, int]:
             n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
             cond, body = re.search(r"condition=%([\w.\-]+)", line), re.search(r"body=%([\w.\-]+)", line)
             whiles.append((comp, body[1] if body else None, int(n[1]) if n else None, cond[1] if cond else None))
-        for key, names in re.findall(r"(body|condition|calls|to_apply|branch_computations|called_computations)="
-                                     r"(\{[^}]*\}|%[\w.\-]+)", line):
+        for key, names in re.findall(
+            r"(body|condition|calls|to_apply|branch_computations|called_computations)="
+            r"(\{[^}]*\}|%[\w.\-]+)",
+            line,
+        ):
             for callee in re.findall(r"%([\w.\-]+)", names):
                 calls[comp].append([callee, "body" if key == "body" else 1])
     # a while body runs its known trip count, else the N of its condition's `i < N` (counting from 0 by 1,
@@ -126,5 +135,10 @@ def scan_hlo(text: str) -> dict:
         if dtype == "f32":
             f32_ops.append((flops, f"{m['op']} {lt}[{','.join(map(str, lhs))}] x {rt}[{','.join(map(str, rhs))}]"))
     f32_ops.sort(reverse=True)
-    return {"matmul_flops_by_dtype": by_dtype, "host_transfers": host, "loops": loops, "loop_matmul_flops": repeated,
-            "largest_f32_matmuls": [s for _, s in f32_ops[:3]]}
+    return {
+        "matmul_flops_by_dtype": by_dtype,
+        "host_transfers": host,
+        "loops": loops,
+        "loop_matmul_flops": repeated,
+        "largest_f32_matmuls": [s for _, s in f32_ops[:3]],
+    }

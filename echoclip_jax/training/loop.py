@@ -7,6 +7,7 @@ chip's peak is known, and the validation figures when evaluated) and TensorBoard
 or gradient stops the run before it is applied or saved (or skips the step with `optim.nan_policy=skip`);
 a lost peer of a multi-process run stops every process with `PeerLostError`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,9 +34,18 @@ from echoclip_jax.training.step import TrainStep, build_train_step, compiled_flo
 
 log = logging.getLogger(__name__)
 # Peak dense bf16 FLOP/s per device, for MFU; unknown kinds (e.g. CPU) report MFU as null.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-              "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
-              "NVIDIA RTX A6000": 155e12}
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA RTX A6000": 155e12,
+}
 
 
 class MetricsLog:
@@ -44,15 +54,16 @@ class MetricsLog:
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
         if self.active:
-
             self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
-        row = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                for k, v in metrics.items()}}
+        row = {
+            "step": step,
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
+        }
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
@@ -87,8 +98,9 @@ def validation_metrics(params, batches, embed, loss_fn, num_records: int) -> dic
         txts.append(np.asarray(t))
     img, txt = np.concatenate(imgs)[:num_records], np.concatenate(txts)[:num_records]
     bias = float(np.asarray(params["logit_bias"])) if "logit_bias" in params else None
-    out = {"val/loss": float(loss_fn(jnp.asarray(img), jnp.asarray(txt), float(np.asarray(params["logit_scale"])),
-                                     bias))}
+    out = {
+        "val/loss": float(loss_fn(jnp.asarray(img), jnp.asarray(txt), float(np.asarray(params["logit_scale"])), bias))
+    }
     retrieval = metrics_lib.retrieval_metrics(img, txt)
     for name, key in (("i2t", "image_to_text"), ("t2i", "text_to_image")):
         for k in (1, 5):
@@ -100,6 +112,7 @@ def validation_metrics(params, batches, embed, loss_fn, num_records: int) -> dic
 @dataclasses.dataclass(frozen=True)
 class Due:
     """What a finished step calls for: a metrics row (`log`), a checkpoint (`save`), an evaluation."""
+
     log: bool
     save: bool
     eval: bool
@@ -107,19 +120,24 @@ class Due:
 
 def due(config, step: int, total: int) -> Due:
     last = step == total
-    return Due(log=step % config.log_every_steps == 0 or last,
-               save=step % config.checkpoint_every_steps == 0 or last,
-               eval=config.eval_batches > 0 and (bool(config.eval_every_steps and step % config.eval_every_steps == 0)
-                                                 or last))
+    return Due(
+        log=step % config.log_every_steps == 0 or last,
+        save=step % config.checkpoint_every_steps == 0 or last,
+        eval=config.eval_batches > 0
+        and (bool(config.eval_every_steps and step % config.eval_every_steps == 0) or last),
+    )
 
 
 def metrics_row(step_metrics, *, seconds_per_step: float, batch_size: int, flops, peak, corrupt_skipped: int) -> dict:
     """One metrics.jsonl row: the step's metrics, its speed, MFU where the chip's peak is known."""
     m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    m.update(step_time=seconds_per_step, samples_per_s=batch_size / seconds_per_step,
-             corrupt_records_skipped=corrupt_skipped,
-             mfu=(flops / seconds_per_step / peak) if flops and peak else None,
-             tflops_per_device=(flops / seconds_per_step / 1e12) if flops else None)
+    m.update(
+        step_time=seconds_per_step,
+        samples_per_s=batch_size / seconds_per_step,
+        corrupt_records_skipped=corrupt_skipped,
+        mfu=(flops / seconds_per_step / peak) if flops and peak else None,
+        tflops_per_device=(flops / seconds_per_step / 1e12) if flops else None,
+    )
     return m
 
 
@@ -129,7 +147,8 @@ def _check_finite(state, checkpointer) -> None:
         raise FloatingPointError(
             f"non-finite loss or gradient at step {bad}; stopping without applying it or saving a checkpoint "
             f"(latest good checkpoint: step {checkpointer.latest_step()}). Set --config.optim.nan_policy=skip "
-            f"to skip such steps instead.")
+            f"to skip such steps instead."
+        )
 
 
 def train(config, workdir: str, *, devices=None) -> dict:
@@ -153,8 +172,9 @@ def train(config, workdir: str, *, devices=None) -> dict:
     eval_loss = losses.make_loss_fn(eval_loss_config)
 
     # ---- checkpoint: resume, or initialise
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                         best_metric="val/recall_at_1" if evaluating else None)
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, keep=config.keep_checkpoints, best_metric="val/recall_at_1" if evaluating else None
+    )
     t_init = time.perf_counter()
     state, start = restore_or_init(config, ts, checkpointer, train_data.iterator)
     log.info("state ready in %.1f s", time.perf_counter() - t_init)
@@ -169,8 +189,9 @@ def train(config, workdir: str, *, devices=None) -> dict:
     multi = jax.process_count() > 1
     on_cpu = backend.mesh_platform(mesh) == "cpu"  # the platform the step runs on (models.backend's rule)
     if multi:
-        wait_for_other_processes(f"echoclip_jax.train: step compiled ({os.path.abspath(workdir)})",
-                                 config.distributed.initialization_timeout)
+        wait_for_other_processes(
+            f"echoclip_jax.train: step compiled ({os.path.abspath(workdir)})", config.distributed.initialization_timeout
+        )
     peak = PEAK_FLOPS.get(next((k for k in PEAK_FLOPS if jax.devices()[0].device_kind.startswith(k)), ""))
     last, t0, t_steps = {}, time.perf_counter(), 0
     step = start
@@ -185,15 +206,31 @@ def train(config, workdir: str, *, devices=None) -> dict:
                 _check_finite(state, checkpointer)
             eval_metrics = None
             if now.log or now.eval:  # one metrics.jsonl row per logged step, eval metrics in it
-                m = metrics_row(step_metrics, seconds_per_step=(time.perf_counter() - t0) / t_steps,
-                                batch_size=config.batch_size, flops=flops, peak=peak,
-                                corrupt_skipped=train_data.corrupt_skipped)
-                log.info("step %d/%d loss %.4f lr %.3g logit_scale %.2f %.1f samples/s", step, total, m["loss"],
-                         m["lr"], m["logit_scale"], m["samples_per_s"])
+                m = metrics_row(
+                    step_metrics,
+                    seconds_per_step=(time.perf_counter() - t0) / t_steps,
+                    batch_size=config.batch_size,
+                    flops=flops,
+                    peak=peak,
+                    corrupt_skipped=train_data.corrupt_skipped,
+                )
+                log.info(
+                    "step %d/%d loss %.4f lr %.3g logit_scale %.2f %.1f samples/s",
+                    step,
+                    total,
+                    m["loss"],
+                    m["lr"],
+                    m["logit_scale"],
+                    m["samples_per_s"],
+                )
                 if now.eval:
-                    eval_metrics = validation_metrics(state["params"], data.eval_loader(config, mesh), ts.embed,
-                                                      eval_loss, min(config.eval_batches * config.batch_size,
-                                                                     eval_records))
+                    eval_metrics = validation_metrics(
+                        state["params"],
+                        data.eval_loader(config, mesh),
+                        ts.embed,
+                        eval_loss,
+                        min(config.eval_batches * config.batch_size, eval_records),
+                    )
                     m.update(eval_metrics)
                     log.info("step %d eval: %s", step, eval_metrics)
                 metrics_log.write(step, m)
@@ -215,10 +252,12 @@ def train(config, workdir: str, *, devices=None) -> dict:
         if not multi:
             raise
         # said at once: the distributed service may abort this process before the exception unwinds
-        msg = (f"process {jax.process_index()} of {jax.process_count()}: a collective with the other processes "
-               f"failed after step {step} ({str(e).splitlines()[0]}); another process most likely died. Stopping "
-               f"without saving; restart every process to resume from the latest checkpoint (step "
-               f"{checkpointer.latest_step()}).")
+        msg = (
+            f"process {jax.process_index()} of {jax.process_count()}: a collective with the other processes "
+            f"failed after step {step} ({str(e).splitlines()[0]}); another process most likely died. Stopping "
+            f"without saving; restart every process to resume from the latest checkpoint (step "
+            f"{checkpointer.latest_step()})."
+        )
         log.error(msg)
         raise PeerLostError(msg) from None
     finally:

@@ -6,6 +6,7 @@
 chunks with an online log-sum-exp; `ring` passes embedding blocks round the devices with `ppermute`
 and accumulates block by block. All three are the same function of the inputs, gradients included.
 """
+
 from __future__ import annotations
 
 import functools
@@ -76,6 +77,7 @@ def _lse_chunks(a, b, scale, chunk):
 
 def _siglip_block(a, b, scale, bias, positive: bool, chunk):
     """Sum of -log sigmoid(label * logit) over the block a @ b.T; labels +1 on the diagonal if positive."""
+
     def part(bb, offset):
         x = scale * a @ bb.T + bias
         labels = -jnp.ones_like(x)
@@ -92,8 +94,9 @@ def _siglip_block(a, b, scale, bias, positive: bool, chunk):
         raise ValueError(f"loss.chunk_size {chunk} must divide the block {n}")
     blocks = b.reshape(n // chunk, chunk, b.shape[1])
     zero = jax.lax.stop_gradient(a[0, 0]) * 0.0  # varying under shard_map, as the scan carry must be
-    total, _ = jax.lax.scan(lambda acc, xs: (acc + part(xs[0], xs[1] * chunk), None), zero,
-                            (blocks, jnp.arange(n // chunk)))
+    total, _ = jax.lax.scan(
+        lambda acc, xs: (acc + part(xs[0], xs[1] * chunk), None), zero, (blocks, jnp.arange(n // chunk))
+    )
     return total
 
 
@@ -102,7 +105,9 @@ def _clip_allgather(img, txt, logit_scale, *, max_logit_scale, chunk, axes, n_gl
     img_all = jax.lax.all_gather(img, axes, tiled=True)
     txt_all = jax.lax.all_gather(txt, axes, tiled=True)
     pos = scale * jnp.sum(img * txt, axis=1)
-    local = (_lse_chunks(img, txt_all, scale, chunk) - pos).sum() + (_lse_chunks(txt, img_all, scale, chunk) - pos).sum()
+    local = (_lse_chunks(img, txt_all, scale, chunk) - pos).sum() + (
+        _lse_chunks(txt, img_all, scale, chunk) - pos
+    ).sum()
     return jax.lax.psum(local, axes) / (2 * n_global)
 
 
@@ -187,12 +192,14 @@ def make_loss_fn(loss_config, mesh=None):
             kw["n_dev"] = n_dev
         if name == "clip":
             body = _clip_ring if impl == "ring" else _clip_allgather
-            f = jax.shard_map(lambda i, t, s: body(i, t, s, **kw), mesh=mesh,
-                              in_specs=(batch, batch, P()), out_specs=P())
+            f = jax.shard_map(
+                lambda i, t, s: body(i, t, s, **kw), mesh=mesh, in_specs=(batch, batch, P()), out_specs=P()
+            )
             return f(img.astype(jnp.float32), txt.astype(jnp.float32), logit_scale)
         body = _siglip_ring if impl == "ring" else _siglip_allgather
-        f = jax.shard_map(lambda i, t, s, b: body(i, t, s, b, **kw), mesh=mesh,
-                          in_specs=(batch, batch, P(), P()), out_specs=P())
+        f = jax.shard_map(
+            lambda i, t, s, b: body(i, t, s, b, **kw), mesh=mesh, in_specs=(batch, batch, P(), P()), out_specs=P()
+        )
         return f(img.astype(jnp.float32), txt.astype(jnp.float32), logit_scale, _bias(logit_bias))
 
     return loss

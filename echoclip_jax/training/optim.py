@@ -4,6 +4,7 @@ skips a step (the non-finite-loss guard).
 
 Parameters are plain pytrees (nested dicts from `nnx.to_pure_dict`); masks are decided by path.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -47,8 +48,12 @@ def make_schedule(optim_config, total_steps: int):
     lr, warmup = float(optim_config.lr), int(optim_config.warmup_steps)
     warmup = min(warmup, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-        end_value=lr * float(optim_config.end_lr_factor))
+        init_value=0.0,
+        peak_value=lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=lr * float(optim_config.end_lr_factor),
+    )
 
 
 class AdamWState(NamedTuple):
@@ -67,9 +72,11 @@ def adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float) ->
     parameters and moments: that select makes XLA copy every donated state buffer each step
     (BENCHMARKS.md).
     """
+
     def init(params):  # mu and nu are separate buffers: both are donated to the step
-        return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
-                          jax.tree.map(jnp.zeros_like, params))
+        return AdamWState(
+            jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params)
+        )
 
     def update(grads, state, params=None, *, apply=True, **_):
         if params is None:
@@ -77,7 +84,7 @@ def adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float) ->
         apply = jnp.asarray(apply, jnp.bool_)
         on = apply.astype(jnp.float32)
         t = (state.count + 1).astype(jnp.float32)  # a skipped step's bias correction is multiplied by 0
-        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        c1, c2 = 1 - b1**t, 1 - b2**t
         lr = on * schedule(state.count)
 
         def leaf(path, g, m, v, p):
@@ -105,8 +112,15 @@ def make_optimizer(optim_config, total_steps: int, params) -> tuple[optax.Gradie
     parts = []
     if optim_config.grad_clip_norm and optim_config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(float(optim_config.grad_clip_norm)))
-    parts.append(adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                       weight_decay=optim_config.weight_decay))
+    parts.append(
+        adamw(
+            schedule,
+            b1=optim_config.b1,
+            b2=optim_config.b2,
+            eps=optim_config.eps,
+            weight_decay=optim_config.weight_decay,
+        )
+    )
     tx = optax.chain(*parts)
     freeze = optim_config.freeze
     if freeze:
@@ -114,8 +128,7 @@ def make_optimizer(optim_config, total_steps: int, params) -> tuple[optax.Gradie
             raise ValueError(f"optim.freeze {freeze!r}: expected '', 'vision' or 'text'")
         labels = jax.tree.map_with_path(lambda p, _: "frozen" if tower(p) == freeze else "train", params)
         if "frozen" not in jax.tree.leaves(labels):
-            raise ValueError(f"optim.freeze={freeze!r}: no parameter of that tower found (vision roots "
-                             f"{VISION_ROOTS})")
+            raise ValueError(f"optim.freeze={freeze!r}: no parameter of that tower found (vision roots {VISION_ROOTS})")
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
 

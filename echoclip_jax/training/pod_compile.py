@@ -13,6 +13,7 @@ reports a positive one; otherwise (the usual case for this step) a roofline of o
 chip's peak, bytes accessed / its HBM bandwidth), per device. It leaves out collectives, so it is a lower
 bound on the step time and the MFU derived from it an upper bound.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,8 @@ class Chip:
     peak_flops: float  # dense bf16 FLOP/s per chip (one JAX device: v4/v5p megacore = both TensorCores)
     hbm_bytes: int
     hbm_bandwidth: float  # bytes/s
+
+
 # Google Cloud TPU documentation, "System architecture" of each version (docs.cloud.google.com/tpu/docs/
 # v4, v5e, v5p, v6e), per chip:
 # | chip | bf16 peak   | HBM             | HBM bandwidth |
@@ -88,6 +91,8 @@ def _topologies() -> dict:
         for n, grid in grids_3d.items():
             out[f"{chip}-{2 * n}"] = Topology(f"{chip}-{2 * n}", chip, f"{lib}:{grid}", n)
     return out
+
+
 TOPOLOGIES = _topologies()
 
 
@@ -110,12 +115,20 @@ def topology_devices(topo: Topology) -> list:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
 
     bounds = (1, 1, 1) if topo.chips == 1 else (2, 2, 1)
-    devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topo.topology_name,
-                                                chip_config_name=topo.chip_config, chips_per_host_bounds=bounds).devices)
+    devices = list(
+        topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=topo.topology_name,
+            chip_config_name=topo.chip_config,
+            chips_per_host_bounds=bounds,
+        ).devices
+    )
     kind = CHIPS[topo.chip].kind
     if len(devices) != topo.chips or devices[0].device_kind != kind:
-        raise RuntimeError(f"libtpu gave {len(devices)} x {devices[0].device_kind!r} for {topo.name}, expected "
-                           f"{topo.chips} x {kind!r}: reinstall {TPU_EXTRA}")
+        raise RuntimeError(
+            f"libtpu gave {len(devices)} x {devices[0].device_kind!r} for {topo.name}, expected "
+            f"{topo.chips} x {kind!r}: reinstall {TPU_EXTRA}"
+        )
     return devices
 
 
@@ -124,9 +137,12 @@ def abstract_batch(config, batch_sh) -> dict:
 
     b, s, k = int(config.batch_size), int(config.model.vision.image_size), int(config.data.frames_per_sample)
     shape = (b, s, s, 3) if k == 1 else (b, k, s, s, 3)
-    return {"images": jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=batch_sh["images"]),
-            "tokens": jax.ShapeDtypeStruct((b, int(config.model.text.context_length)), jnp.int32,
-                                           sharding=batch_sh["tokens"])}
+    return {
+        "images": jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=batch_sh["images"]),
+        "tokens": jax.ShapeDtypeStruct(
+            (b, int(config.model.text.context_length)), jnp.int32, sharding=batch_sh["tokens"]
+        ),
+    }
 
 
 def state_bytes(abs_state) -> tuple[int, int]:
@@ -174,11 +190,20 @@ def compile_for_topology(config, topology: str, hlo_path: str = "") -> dict:
     batch = abstract_batch(config, ts.batch_sh)
     total_state, state_per_device = state_bytes(ts.abs_state)
     report = {
-        "topology": topo.name, "topology_name": topo.topology_name, "chip": topo.chip, "devices": len(devices),
-        "mesh": dict(mesh.shape), "sharding_preset": config.sharding_preset, "batch_size": int(config.batch_size),
-        "per_device_batch": int(config.batch_size) // data_shards, "dtype": config.model.dtype,
-        "image_size": int(config.model.vision.image_size), "context_length": int(config.model.text.context_length),
-        "hbm_bytes": chip.hbm_bytes, "state_bytes": total_state, "state_bytes_per_device": state_per_device,
+        "topology": topo.name,
+        "topology_name": topo.topology_name,
+        "chip": topo.chip,
+        "devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "sharding_preset": config.sharding_preset,
+        "batch_size": int(config.batch_size),
+        "per_device_batch": int(config.batch_size) // data_shards,
+        "dtype": config.model.dtype,
+        "image_size": int(config.model.vision.image_size),
+        "context_length": int(config.model.text.context_length),
+        "hbm_bytes": chip.hbm_bytes,
+        "state_bytes": total_state,
+        "state_bytes_per_device": state_per_device,
         "replicated_state": replicated_state(ts.abs_state) if config.sharding_preset != "dp" else [],
     }
     t0 = time.perf_counter()
@@ -195,13 +220,23 @@ def compile_for_topology(config, topology: str, hlo_path: str = "") -> dict:
         return report
     report["compile_s"] = time.perf_counter() - t1
     mem = compiled.memory_analysis()
-    used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-    report.update(arguments=mem.argument_size_in_bytes, temporaries=mem.temp_size_in_bytes,
-                  outputs=mem.output_size_in_bytes, aliased=mem.alias_size_in_bytes,
-                  code=mem.generated_code_size_in_bytes, used=used, fits=used <= chip.hbm_bytes,
-                  host_bytes=mem.host_argument_size_in_bytes + mem.host_temp_size_in_bytes
-                  + mem.host_output_size_in_bytes)
+    used = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.generated_code_size_in_bytes
+    )
+    report.update(
+        arguments=mem.argument_size_in_bytes,
+        temporaries=mem.temp_size_in_bytes,
+        outputs=mem.output_size_in_bytes,
+        aliased=mem.alias_size_in_bytes,
+        code=mem.generated_code_size_in_bytes,
+        used=used,
+        fits=used <= chip.hbm_bytes,
+        host_bytes=mem.host_argument_size_in_bytes + mem.host_temp_size_in_bytes + mem.host_output_size_in_bytes,
+    )
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
     text = compiled.as_text()
@@ -212,12 +247,20 @@ def compile_for_topology(config, topology: str, hlo_path: str = "") -> dict:
     xla_s = float(cost.get("optimal_seconds", -1.0))
     compute_s, memory_s = flops / chip.peak_flops, accessed / chip.hbm_bandwidth
     step_s = xla_s if xla_s > 0 else max(compute_s, memory_s)
-    report.update(flops_per_device=flops, flops_per_step=flops * len(devices), bytes_accessed_per_device=accessed,
-                  xla_optimal_seconds=xla_s, roofline_compute_s=compute_s, roofline_memory_s=memory_s,
-                  step_s=step_s, step_time_source="xla" if xla_s > 0 else "roofline",
-                  samples_per_s=int(config.batch_size) / step_s if step_s > 0 else None,
-                  mfu=flops / step_s / chip.peak_flops if step_s > 0 else None,
-                  recipe_steps=recipe_steps, recipe_hours=recipe_steps * step_s / 3600)
+    report.update(
+        flops_per_device=flops,
+        flops_per_step=flops * len(devices),
+        bytes_accessed_per_device=accessed,
+        xla_optimal_seconds=xla_s,
+        roofline_compute_s=compute_s,
+        roofline_memory_s=memory_s,
+        step_s=step_s,
+        step_time_source="xla" if xla_s > 0 else "roofline",
+        samples_per_s=int(config.batch_size) / step_s if step_s > 0 else None,
+        mfu=flops / step_s / chip.peak_flops if step_s > 0 else None,
+        recipe_steps=recipe_steps,
+        recipe_hours=recipe_steps * step_s / 3600,
+    )
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(text)
@@ -231,34 +274,45 @@ def _mib(x) -> str:
 def format_report(r: dict) -> list[str]:
     """The report as the lines the command prints."""
     mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
-    out = [f"{r['topology']} ({r['topology_name']}, {r['devices']} devices), mesh {mesh}, preset "
-           f"{r['sharding_preset']}, global batch {r['batch_size']} ({r['per_device_batch']} per device), {r['dtype']}",
-           f"compiled in {r['compile_s']:.0f} s (lowered in {r['lower_s']:.0f} s)",
-           f"train state: {_mib(r['state_bytes'])} in all, {_mib(r['state_bytes_per_device'])} per device"]
+    out = [
+        f"{r['topology']} ({r['topology_name']}, {r['devices']} devices), mesh {mesh}, preset "
+        f"{r['sharding_preset']}, global batch {r['batch_size']} ({r['per_device_batch']} per device), {r['dtype']}",
+        f"compiled in {r['compile_s']:.0f} s (lowered in {r['lower_s']:.0f} s)",
+        f"train state: {_mib(r['state_bytes'])} in all, {_mib(r['state_bytes_per_device'])} per device",
+    ]
     if "compiler_oom" in r:
-        return out + [f"DOES NOT FIT: the TPU compiler ran out of HBM ({_mib(r['hbm_bytes'])} per chip): "
-                      f"{r['compiler_oom']}"]
+        return out + [
+            f"DOES NOT FIT: the TPU compiler ran out of HBM ({_mib(r['hbm_bytes'])} per chip): {r['compiler_oom']}"
+        ]
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
-    out += [f"per device: arguments {_mib(r['arguments'])}, temporaries {_mib(r['temporaries'])}, outputs "
-            f"{_mib(r['outputs'])} ({_mib(r['aliased'])} of them donated in place), code {_mib(r['code'])}",
-            f"memory: {_mib(r['used'])} of {_mib(r['hbm_bytes'])} HBM per chip ({100 * r['used'] / r['hbm_bytes']:.0f}%): "
-            f"{verdict}",
-            f"FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_device']:.3e} per device); bytes accessed per "
-            f"device {r['bytes_accessed_per_device']:.3e}"]
+    out += [
+        f"per device: arguments {_mib(r['arguments'])}, temporaries {_mib(r['temporaries'])}, outputs "
+        f"{_mib(r['outputs'])} ({_mib(r['aliased'])} of them donated in place), code {_mib(r['code'])}",
+        f"memory: {_mib(r['used'])} of {_mib(r['hbm_bytes'])} HBM per chip ({100 * r['used'] / r['hbm_bytes']:.0f}%): "
+        f"{verdict}",
+        f"FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_device']:.3e} per device); bytes accessed per "
+        f"device {r['bytes_accessed_per_device']:.3e}",
+    ]
     if r["step_time_source"] == "xla":
         out.append(f"step time: {1e3 * r['step_s']:.1f} ms (XLA's estimate)")
     else:
-        out.append(f"step time: {1e3 * r['step_s']:.1f} ms, a roofline lower bound (XLA gave no estimate: "
-                   f"optimal_seconds={r['xla_optimal_seconds']:g}): compute {1e3 * r['roofline_compute_s']:.1f} ms, "
-                   f"HBM traffic {1e3 * r['roofline_memory_s']:.1f} ms, collectives not counted")
-    out.append(f"=> {r['samples_per_s']:,.0f} samples/s, MFU {100 * r['mfu']:.0f}%, paper's recipe ({RECIPE_EPOCHS} epochs "
-               f"of {RECIPE_VIDEOS:,} videos = {r['recipe_steps']:,} steps) {r['recipe_hours']:.1f} h")
+        out.append(
+            f"step time: {1e3 * r['step_s']:.1f} ms, a roofline lower bound (XLA gave no estimate: "
+            f"optimal_seconds={r['xla_optimal_seconds']:g}): compute {1e3 * r['roofline_compute_s']:.1f} ms, "
+            f"HBM traffic {1e3 * r['roofline_memory_s']:.1f} ms, collectives not counted"
+        )
+    out.append(
+        f"=> {r['samples_per_s']:,.0f} samples/s, MFU {100 * r['mfu']:.0f}%, paper's recipe ({RECIPE_EPOCHS} epochs "
+        f"of {RECIPE_VIDEOS:,} videos = {r['recipe_steps']:,} steps) {r['recipe_hours']:.1f} h"
+    )
     issues = []
     if r["host_transfers"] or r["host_bytes"]:
         issues.append(f"{r['host_transfers']} host transfers in the step ({_mib(r['host_bytes'])} in host memory)")
     if r["loops"]:
-        issues.append(f"{r['loops']} loops in the step: their matmuls are counted for every trip "
-                      f"(+{r['loop_matmul_flops']:.3e} FLOPs per device), their HBM traffic once (XLA's count)")
+        issues.append(
+            f"{r['loops']} loops in the step: their matmuls are counted for every trip "
+            f"(+{r['loop_matmul_flops']:.3e} FLOPs per device), their HBM traffic once (XLA's count)"
+        )
     if r["replicated_state"]:
         big = ", ".join(f"{p} {_mib(b)}" for p, b in r["replicated_state"][:3])
         issues.append(f"{len(r['replicated_state'])} state arrays of >= 1 MiB replicated on every device: {big}")
@@ -266,6 +320,15 @@ def format_report(r: dict) -> list[str]:
     share = f32 / max(sum(r["matmul_flops_by_dtype"].values()), 1)
     if r["dtype"] == "bfloat16" and share > F32_MATMUL_SHARE:
         issues.append(f"{100 * share:.2f}% of matmul FLOPs in float32 (largest: {'; '.join(r['largest_f32_matmuls'])})")
-    return out + [f"check: {s}" for s in issues] + ([] if issues else [
-        f"check: no host transfers, no replicated state of >= 1 MiB, {100 * share:.2f}% of matmul FLOPs in "
-        "float32"])
+    return (
+        out
+        + [f"check: {s}" for s in issues]
+        + (
+            []
+            if issues
+            else [
+                f"check: no host transfers, no replicated state of >= 1 MiB, {100 * share:.2f}% of matmul FLOPs in "
+                "float32"
+            ]
+        )
+    )

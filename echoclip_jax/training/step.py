@@ -1,6 +1,7 @@
 """The train step: the model (abstract), its shardings, the optimiser and the jitted update step for a mesh,
 shared by training, the benchmarks and the compile-for-a-pod check.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,12 +32,17 @@ def initial_params(config, abstract_params, param_sh):
     workdir, `W@STEP`, or a params-only export), read by `weights.load` under its config rule."""
     kind = config.init.kind
     if kind == "random":
+
         def init():
             return nnx.to_pure_dict(nnx.state(models.build_model(config.model, rngs=nnx.Rngs(config.seed)), nnx.Param))
+
         return jax.jit(init, out_shardings=param_sh)()
     if kind in ("checkpoint", "open_clip"):
-        spec = (weights.parse(f"orbax:{config.init.path}") if kind == "checkpoint"  # a workdir may name W@STEP
-                else weights.Spec("open_clip", config.init.path))
+        spec = (
+            weights.parse(f"orbax:{config.init.path}")
+            if kind == "checkpoint"  # a workdir may name W@STEP
+            else weights.Spec("open_clip", config.init.path)
+        )
         _, flat = weights.load(spec, config.model)
         loaded = weights.nested(flat)
     else:
@@ -46,8 +52,10 @@ def initial_params(config, abstract_params, param_sh):
         raise ValueError(f"init.path {config.init.path}: parameter tree does not match config.model")
     for (path, a), b in zip(jax.tree.leaves_with_path(abstract_params), jax.tree.leaves(loaded)):
         if tuple(a.shape) != tuple(np.shape(b)):
-            raise ValueError(f"init.path {config.init.path}: {jax.tree_util.keystr(path)} has shape "
-                             f"{np.shape(b)}, config.model wants {a.shape}")
+            raise ValueError(
+                f"init.path {config.init.path}: {jax.tree_util.keystr(path)} has shape "
+                f"{np.shape(b)}, config.model wants {a.shape}"
+            )
     return jax.device_put(jax.tree.map(lambda a, b: np.asarray(b, a.dtype), abstract_params, loaded), param_sh)
 
 
@@ -59,6 +67,7 @@ class TrainStep:
     state; `embed(params, batch) -> (img, txt)` runs the eval-mode towers. `abs_state` carries the
     shardings (for Orbax restore and for `step.lower(...)` without allocating).
     """
+
     step: Callable
     init_state: Callable
     embed: Callable
@@ -85,8 +94,13 @@ def build_train_step(config, mesh, total_steps: int) -> TrainStep:
     tx, schedule = optim.make_optimizer(config.optim, total_steps, abs_params)
     abs_opt = jax.eval_shape(tx.init, abs_params)
     repl = sharding.replicated(mesh)
-    state_sh = {"step": repl, "params": param_sh, "opt_state": sharding.like_params(abs_opt, abs_params, param_sh, mesh),
-                "rng": repl, "bad_step": repl}
+    state_sh = {
+        "step": repl,
+        "params": param_sh,
+        "opt_state": sharding.like_params(abs_opt, abs_params, param_sh, mesh),
+        "rng": repl,
+        "bad_step": repl,
+    }
     loss_fn = losses.make_loss_fn(config.loss, mesh)
     max_ls = float(config.loss.max_logit_scale)
     accum = int(config.optim.grad_accum_steps)
@@ -95,8 +109,10 @@ def build_train_step(config, mesh, total_steps: int) -> TrainStep:
     def fresh_rest(rng):
         """The model's non-parameter state (dropout / drop-path RNG streams), derived from the step RNG."""
         leaves, tree = jax.tree.flatten(abs_rest)
-        out = [jax.random.fold_in(rng, i) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-               else jnp.zeros(x.shape, x.dtype) for i, x in enumerate(leaves)]
+        out = [
+            jax.random.fold_in(rng, i) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else jnp.zeros(x.shape, x.dtype)
+            for i, x in enumerate(leaves)
+        ]
         return jax.tree.unflatten(tree, out)
 
     def forward(graph, params, rest, batch):
@@ -115,6 +131,7 @@ def build_train_step(config, mesh, total_steps: int) -> TrainStep:
             def f(p):
                 img, txt, ls, bias = forward(train_graph, p, rest, mb)
                 return loss_fn(img, txt, ls, bias), {}
+
             return jax.value_and_grad(f, has_aux=True)(params)
 
         (loss, _), grads = optim.accumulate_gradients(loss_and_grad, state["params"], batch, accum)
@@ -132,27 +149,59 @@ def build_train_step(config, mesh, total_steps: int) -> TrainStep:
             "rng": state["rng"],
             "bad_step": jnp.where(~finite & (state["bad_step"] < 0), state["step"], state["bad_step"]),
         }
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                   "logit_scale": jnp.exp(new_state["params"]["logit_scale"]), "skipped": 1 - apply.astype(jnp.int32)}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state["step"]),
+            "logit_scale": jnp.exp(new_state["params"]["logit_scale"]),
+            "skipped": 1 - apply.astype(jnp.int32),
+        }
         return new_state, metrics
 
-    batch_sh = {"images": sharding.batch_sharding(mesh, 5 if config.data.frames_per_sample > 1 else 4),
-                "tokens": sharding.batch_sharding(mesh, 2)}
+    batch_sh = {
+        "images": sharding.batch_sharding(mesh, 5 if config.data.frames_per_sample > 1 else 4),
+        "tokens": sharding.batch_sharding(mesh, 2),
+    }
     # traced for the mesh's platform, not this host's default backend (they differ in echoclip_jax.aot)
-    p_train_step = jax.jit(backend.for_mesh(mesh, train_step), in_shardings=(state_sh, batch_sh),
-                           out_shardings=(state_sh, repl), donate_argnums=0)
+    p_train_step = jax.jit(
+        backend.for_mesh(mesh, train_step),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
 
     def embed(params, batch):
         img, txt, _, _ = forward(eval_graph, params, fresh_rest(jax.random.key(0)), batch)
         return img, txt
 
     p_embed = jax.jit(backend.for_mesh(mesh, embed), in_shardings=(param_sh, batch_sh), out_shardings=repl)
-    init_state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
-                                    "rng": jax.random.key_data(jax.random.key(config.seed)),
-                                    "bad_step": jnp.full((), -1, jnp.int32)},
-                         in_shardings=(param_sh,), out_shardings=state_sh)
-    abs_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_params, "opt_state": abs_opt,
-                 "rng": jax.ShapeDtypeStruct((2,), jnp.uint32), "bad_step": jax.ShapeDtypeStruct((), jnp.int32)}
+    init_state = jax.jit(
+        lambda p: {
+            "step": jnp.zeros((), jnp.int32),
+            "params": p,
+            "opt_state": tx.init(p),
+            "rng": jax.random.key_data(jax.random.key(config.seed)),
+            "bad_step": jnp.full((), -1, jnp.int32),
+        },
+        in_shardings=(param_sh,),
+        out_shardings=state_sh,
+    )
+    abs_state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": abs_params,
+        "opt_state": abs_opt,
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+        "bad_step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
     abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, state_sh)
-    return TrainStep(step=p_train_step, init_state=init_state, embed=p_embed, abs_params=abs_params,
-                     abs_state=abs_state, param_sh=param_sh, state_sh=state_sh, batch_sh=batch_sh, schedule=schedule)
+    return TrainStep(
+        step=p_train_step,
+        init_state=init_state,
+        embed=p_embed,
+        abs_params=abs_params,
+        abs_state=abs_state,
+        param_sh=param_sh,
+        state_sh=state_sh,
+        batch_sh=batch_sh,
+        schedule=schedule,
+    )

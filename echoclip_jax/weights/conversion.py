@@ -7,6 +7,7 @@ reads. After writing, the destination is read back and the image and text embedd
 compared with the source's, both computed in float32 whatever the config's compute dtype (the check
 compares weights; tolerance 1e-5 for float32 weights, 2e-2 for bfloat16).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,8 @@ def _write_params_only(path: str, model_config, params: dict) -> None:
     ocp.PyTreeCheckpointer().save(os.path.join(path, "params"), weights.nested(params, string_keys=True))
     with open(os.path.join(path, weights.PARAMS_CONFIG), "w") as f:
         json.dump({"model": model_config.to_dict()}, f, indent=2)
+
+
 WRITERS = {"open_clip": _write_open_clip, "safetensors": _write_safetensors, "params": _write_params_only}
 
 
@@ -53,8 +56,10 @@ def save(spec: str, model_config, params: dict, dtype: str = "float32") -> None:
     dst = weights.parse(spec, DEST_KINDS)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    cast = {k: np.asarray(v).astype(DTYPES[dtype]) if np.issubdtype(np.asarray(v).dtype, np.floating) else v
-            for k, v in params.items()}
+    cast = {
+        k: np.asarray(v).astype(DTYPES[dtype]) if np.issubdtype(np.asarray(v).dtype, np.floating) else v
+        for k, v in params.items()
+    }
     WRITERS[dst.kind](dst.path, model_config, cast)
 
 
@@ -75,8 +80,10 @@ def compare_embeddings(a: CLIP, b: CLIP, model_config) -> dict:
     """Max relative difference of b's un-normalised image and text embeddings from a's on fixed inputs."""
     images, tokens = fixed_inputs(model_config)
     out = {}
-    for name, fa, fb, x in (("image", a.encode_image, b.encode_image, images),
-                            ("text", a.encode_text, b.encode_text, tokens)):
+    for name, fa, fb, x in (
+        ("image", a.encode_image, b.encode_image, images),
+        ("text", a.encode_text, b.encode_text, tokens),
+    ):
         ea, eb = np.asarray(fa(x, normalize=False)), np.asarray(fb(x, normalize=False))
         out[name] = float(np.max(np.abs(ea - eb)) / max(float(np.max(np.abs(ea))), 1e-12))
     return out
@@ -95,6 +102,8 @@ def convert(src: str, dst: str, model_config=None, dtype: str = "float32") -> di
     tolerance = TOLERANCE[dtype]
     for name, err in errors.items():
         if not err <= tolerance:
-            raise RuntimeError(f"{dst_path}: {name} embeddings differ from the source's by {err:.3g} (relative, "
-                               f"float32 compute; tolerance {tolerance:g} for {dtype} weights)")
+            raise RuntimeError(
+                f"{dst_path}: {name} embeddings differ from the source's by {err:.3g} (relative, "
+                f"float32 compute; tolerance {tolerance:g} for {dtype} weights)"
+            )
     return errors

@@ -15,6 +15,7 @@ Which config describes the weights when both a stored config and --config exist 
 `echoclip_jax.config.model.resolve`: architecture from the stored config (they must agree), run settings
 (compute dtype, drop path, ...) from --config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,13 +38,18 @@ from echoclip_jax.weights import open_clip as ocw
 
 SOURCE_KINDS = ("open_clip", "safetensors", "orbax", "params")
 PARAMS_CONFIG = "echoclip_model.json"  # beside the parameter tree of a params-only checkpoint
-_OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
-                           "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+_OPEN_CLIP_WEIGHT_FILES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """A parsed `KIND:PATH[@STEP]`."""
+
     kind: str
     path: str
     step: int | None = None
@@ -53,17 +59,20 @@ class Spec:
 
 
 def parse(spec: str, kinds=SOURCE_KINDS) -> Spec:
-    """"orbax:W@200" -> Spec("orbax", "W", 200). `@STEP` is read only for orbax sources, and only when
+    """ "orbax:W@200" -> Spec("orbax", "W", 200). `@STEP` is read only for orbax sources, and only when
     PATH@STEP is not itself an existing path."""
     kind, sep, path = spec.partition(":")
     if not sep or not path or kind not in kinds:
-        raise ValueError(f"{spec!r}: expected KIND:PATH with KIND one of {', '.join(kinds)}"
-                         + (" (orbax:PATH@STEP for one step of a training workdir)" if "orbax" in kinds else ""))
+        raise ValueError(
+            f"{spec!r}: expected KIND:PATH with KIND one of {', '.join(kinds)}"
+            + (" (orbax:PATH@STEP for one step of a training workdir)" if "orbax" in kinds else "")
+        )
     m = re.fullmatch(r"(.+)@(\d+)", path)
     if m and not os.path.exists(path):
         if kind != "orbax":
-            raise ValueError(f"{spec!r}: @STEP selects a step of a training workdir (orbax:PATH@STEP); "
-                             f"{kind} weights have no steps")
+            raise ValueError(
+                f"{spec!r}: @STEP selects a step of a training workdir (orbax:PATH@STEP); {kind} weights have no steps"
+            )
         return Spec(kind, m.group(1), int(m.group(2)))
     return Spec(kind, path)
 
@@ -101,6 +110,7 @@ def nested(flat: dict, *, string_keys: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------- stored configs
+
 
 def open_clip_files(path: str) -> tuple[str, str]:
     """(weights file, the open_clip_config.json that would describe it) of an open_clip source."""
@@ -149,21 +159,26 @@ def stored_config(spec: Spec, given=None):
 
 # ---------------------------------------------------------------- readers: -> flat params
 
+
 def _check_names(source: str, got: dict, expected: dict) -> None:
     """Raises naming `source` when the {name: shape} `got` lacks, adds or reshapes a parameter of `expected`."""
     names = {flat_name(k): k for k in expected}
     problems = [f"missing {n}" for n in names if n not in got]
     problems += [f"unexpected {n}" for n in got if n not in names]
-    problems += [f"{n}: shape {tuple(got[n])}, the config needs {tuple(expected[k].shape)}"
-                 for n, k in names.items() if n in got and tuple(got[n]) != tuple(expected[k].shape)]
+    problems += [
+        f"{n}: shape {tuple(got[n])}, the config needs {tuple(expected[k].shape)}"
+        for n, k in names.items()
+        if n in got and tuple(got[n]) != tuple(expected[k].shape)
+    ]
     if problems:
         raise ValueError(f"{source}: does not match the model config: {'; '.join(problems[:12])}")
 
 
 def _read_open_clip(spec: Spec, model_config) -> dict:
     weights, _ = open_clip_files(spec.path)
-    return ocw.import_state_dict(ocw.read_state_dict(weights), expected_params(model_config), model_config,
-                                 source=weights)
+    return ocw.import_state_dict(
+        ocw.read_state_dict(weights), expected_params(model_config), model_config, source=weights
+    )
 
 
 def _read_safetensors(spec: Spec, model_config) -> dict:
@@ -183,8 +198,9 @@ def _read_params_only(spec: Spec, model_config) -> dict:
     item = nested({k: 0 for k in expected}, string_keys=True)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     try:
-        tree = ocp.PyTreeCheckpointer().restore(os.path.join(spec.path, "params"), args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args))
+        tree = ocp.PyTreeCheckpointer().restore(
+            os.path.join(spec.path, "params"), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
+        )
     except Exception as e:  # Orbax raises many types for a tree that does not fit
         raise ValueError(f"{spec.path}: params-only checkpoint does not match the model config ({e})") from e
     flat = {}
@@ -202,15 +218,21 @@ def _read_checkpoint(spec: Spec, model_config) -> dict:
             raise ValueError(f"{spec}: a params-only checkpoint has no steps; drop @{spec.step}")
         return _read_params_only(spec, model_config)
 
-    leaves = {flat_name(tuple(getattr(p, "key", p) for p in kp)): v
-              for kp, v in jax.tree_util.tree_flatten_with_path(restore_params(spec.path, step=spec.step))[0]}
+    leaves = {
+        flat_name(tuple(getattr(p, "key", p) for p in kp)): v
+        for kp, v in jax.tree_util.tree_flatten_with_path(restore_params(spec.path, step=spec.step))[0]
+    }
     expected = expected_params(model_config)
     _check_names(spec.path, {n: np.shape(v) for n, v in leaves.items()}, expected)
     return {k: np.asarray(leaves[flat_name(k)]).astype(s.dtype) for k, s in expected.items()}
 
 
-READERS = {"open_clip": _read_open_clip, "safetensors": _read_safetensors,
-           "orbax": _read_checkpoint, "params": _read_checkpoint}
+READERS = {
+    "open_clip": _read_open_clip,
+    "safetensors": _read_safetensors,
+    "orbax": _read_checkpoint,
+    "params": _read_checkpoint,
+}
 
 
 def load(spec: str | Spec, model_config=None) -> tuple[ml_collections.ConfigDict, dict]:

@@ -5,6 +5,7 @@ path, and shapes are checked both ways so a mismatched architecture fails with t
 Safetensors files are read with numpy (no PyTorch at run time); `.bin`/`.pt`/`.pth` need torch, which is
 imported only for them.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,18 @@ _VIT_NAMES = {v: f"ViT-{v.replace('/', '-')}" for v in VIT_VARIANTS}
 def _block_rule(rest: str):
     """Key suffix and transform for one transformer-block parameter (open_clip ResidualAttentionBlock)."""
     table = {
-        "ln_1.scale": ("ln_1.weight", "copy"), "ln_1.bias": ("ln_1.bias", "copy"),
-        "ln_2.scale": ("ln_2.weight", "copy"), "ln_2.bias": ("ln_2.bias", "copy"),
-        "attn.qkv_kernel": ("attn.in_proj_weight", "qkv_w"), "attn.qkv_bias": ("attn.in_proj_bias", "flat"),
-        "attn.out_kernel": ("attn.out_proj.weight", "out_w"), "attn.out_bias": ("attn.out_proj.bias", "copy"),
-        "c_fc.kernel": ("mlp.c_fc.weight", "linear"), "c_fc.bias": ("mlp.c_fc.bias", "copy"),
-        "c_proj.kernel": ("mlp.c_proj.weight", "linear"), "c_proj.bias": ("mlp.c_proj.bias", "copy"),
+        "ln_1.scale": ("ln_1.weight", "copy"),
+        "ln_1.bias": ("ln_1.bias", "copy"),
+        "ln_2.scale": ("ln_2.weight", "copy"),
+        "ln_2.bias": ("ln_2.bias", "copy"),
+        "attn.qkv_kernel": ("attn.in_proj_weight", "qkv_w"),
+        "attn.qkv_bias": ("attn.in_proj_bias", "flat"),
+        "attn.out_kernel": ("attn.out_proj.weight", "out_w"),
+        "attn.out_bias": ("attn.out_proj.bias", "copy"),
+        "c_fc.kernel": ("mlp.c_fc.weight", "linear"),
+        "c_fc.bias": ("mlp.c_fc.bias", "copy"),
+        "c_proj.kernel": ("mlp.c_proj.weight", "linear"),
+        "c_proj.bias": ("mlp.c_proj.bias", "copy"),
     }
     return table[rest]
 
@@ -71,12 +78,19 @@ def torch_key(path: tuple, conv_mlp: bool = False) -> tuple[str, str]:
     }
     if p in simple:
         return simple[p]
-    m = re.fullmatch(r"(text\.ln_final|visual\.ln_pre|visual\.ln_post|visual\.stem_norm|visual\.head_norm)"
-                     r"\.(scale|bias)", p)
+    m = re.fullmatch(
+        r"(text\.ln_final|visual\.ln_pre|visual\.ln_post|visual\.stem_norm|visual\.head_norm)"
+        r"\.(scale|bias)",
+        p,
+    )
     if m:
-        torch_name = {"text.ln_final": "ln_final", "visual.ln_pre": "visual.ln_pre",
-                      "visual.ln_post": "visual.ln_post", "visual.stem_norm": "visual.trunk.stem.1",
-                      "visual.head_norm": "visual.trunk.head.norm"}[m.group(1)]
+        torch_name = {
+            "text.ln_final": "ln_final",
+            "visual.ln_pre": "visual.ln_pre",
+            "visual.ln_post": "visual.ln_post",
+            "visual.stem_norm": "visual.trunk.stem.1",
+            "visual.head_norm": "visual.trunk.head.norm",
+        }[m.group(1)]
         return _norm(torch_name, m.group(2)), "copy"
     m = re.fullmatch(r"visual\.stages\.(\d+)\.downsample_(norm|conv)\.(scale|bias|kernel)", p)
     if m:
@@ -84,17 +98,22 @@ def torch_key(path: tuple, conv_mlp: bool = False) -> tuple[str, str]:
         if part == "norm":
             return _norm(f"visual.trunk.stages.{i}.downsample.0", leaf), "copy"
         return f"visual.trunk.stages.{i}.downsample.1.{'weight' if leaf == 'kernel' else 'bias'}", (
-            "conv" if leaf == "kernel" else "copy")
+            "conv" if leaf == "kernel" else "copy"
+        )
     m = re.fullmatch(r"visual\.stages\.(\d+)\.blocks\.(\d+)\.(.+)", p)
     if m:
         i, j, rest = m.groups()
         prefix = f"visual.trunk.stages.{i}.blocks.{j}."
         linear = "linear_conv1x1" if conv_mlp else "linear"
         table = {
-            "conv_dw.kernel": ("conv_dw.weight", "dwconv"), "conv_dw.bias": ("conv_dw.bias", "copy"),
-            "norm.scale": ("norm.weight", "copy"), "norm.bias": ("norm.bias", "copy"),
-            "fc1.kernel": ("mlp.fc1.weight", linear), "fc1.bias": ("mlp.fc1.bias", "copy"),
-            "fc2.kernel": ("mlp.fc2.weight", linear), "fc2.bias": ("mlp.fc2.bias", "copy"),
+            "conv_dw.kernel": ("conv_dw.weight", "dwconv"),
+            "conv_dw.bias": ("conv_dw.bias", "copy"),
+            "norm.scale": ("norm.weight", "copy"),
+            "norm.bias": ("norm.bias", "copy"),
+            "fc1.kernel": ("mlp.fc1.weight", linear),
+            "fc1.bias": ("mlp.fc1.bias", "copy"),
+            "fc2.kernel": ("mlp.fc2.weight", linear),
+            "fc2.bias": ("mlp.fc2.bias", "copy"),
             "gamma": ("gamma", "copy"),
         }
         key, kind = table[rest]
@@ -187,7 +206,7 @@ def _strip_prefixes(sd: dict) -> dict:
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -203,15 +222,17 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
         import torch  # noqa: PLC0415 (optional: the interop extra)
     except ImportError as e:
-        raise ImportError(f"{path}: reading PyTorch checkpoints needs torch (the `interop` extra); "
-                          "or convert it to .safetensors") from e
+        raise ImportError(
+            f"{path}: reading PyTorch checkpoints needs torch (the `interop` extra); or convert it to .safetensors"
+        ) from e
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
     sd = _strip_prefixes(sd)
-    return {k: (v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()) for k, v in sd.items()
-            if hasattr(v, "numpy")}
+    return {
+        k: (v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()) for k, v in sd.items() if hasattr(v, "numpy")
+    }
 
 
 def write_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
@@ -219,6 +240,7 @@ def write_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
         save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, path)
         return
     import torch  # noqa: PLC0415 (optional: the interop extra)
+
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, path)
 
 
@@ -226,15 +248,31 @@ def open_clip_model_cfg(model_config) -> dict:
     """Our `config.model` -> open_clip `model_cfg` (the dict open_clip's factory builds CLIP from)."""
     mc, vc, tc = model_config, model_config.vision, model_config.text
     if vc.kind == "convnext":
-        vision = {"timm_model_name": f"convnext_{vc.variant}", "timm_model_pretrained": False, "timm_pool": "",
-                  "timm_proj": vc.head, "timm_drop": 0.0, "timm_drop_path": vc.drop_path_rate,
-                  "image_size": vc.image_size}
+        vision = {
+            "timm_model_name": f"convnext_{vc.variant}",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": vc.head,
+            "timm_drop": 0.0,
+            "timm_drop_path": vc.drop_path_rate,
+            "image_size": vc.image_size,
+        }
     else:
         width, layers, heads, patch = VIT_VARIANTS[vc.variant]
-        vision = {"image_size": vc.image_size, "layers": layers, "width": width, "head_width": width // heads,
-                  "patch_size": patch}
-    text = {"context_length": tc.context_length, "vocab_size": tc.vocab_size, "width": tc.width,
-            "heads": tc.heads, "layers": tc.layers}
+        vision = {
+            "image_size": vc.image_size,
+            "layers": layers,
+            "width": width,
+            "head_width": width // heads,
+            "patch_size": patch,
+        }
+    text = {
+        "context_length": tc.context_length,
+        "vocab_size": tc.vocab_size,
+        "width": tc.width,
+        "heads": tc.heads,
+        "layers": tc.layers,
+    }
     if tc.pool == "eos":
         text.update(pool_type="eos", eos_id=tc.eos_id)
     cfg = {"embed_dim": mc.embed_dim, "vision_cfg": vision, "text_cfg": text}
@@ -256,7 +294,9 @@ def model_config_from_open_clip(cfg: dict, base=None, source: str = "open_clip c
             if not name.startswith("convnext_") or variant not in CONVNEXT_VARIANTS:
                 raise ValueError(f"timm model {name!r} is not a supported ConvNeXt")
             if vision.get("timm_pool", "") not in ("", "avg") or vision.get("timm_proj", "linear") not in (
-                    "linear", "mlp"):
+                "linear",
+                "mlp",
+            ):
                 raise ValueError("only timm_pool ''/'avg' with a linear or mlp projection are supported")
             mc.vision.kind, mc.vision.variant = "convnext", variant
             mc.vision.head = vision.get("timm_proj", "linear")
@@ -289,9 +329,10 @@ def write_open_clip_dir(flat_params: dict, model_config, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     sd = export_state_dict(flat_params, model_config)
     write_state_dict(sd, os.path.join(out_dir, "open_clip_model.safetensors"))
-    config = {"model_cfg": open_clip_model_cfg(model_config),
-              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                                 "std": [0.26862954, 0.26130258, 0.27577711]}}
+    config = {
+        "model_cfg": open_clip_model_cfg(model_config),
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    }
     with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return out_dir

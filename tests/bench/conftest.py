@@ -1,4 +1,5 @@
 """bench/ holds scripts, not a package: the tests load them by path."""
+
 import importlib.util
 import os
 

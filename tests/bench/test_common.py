@@ -1,4 +1,5 @@
 """bench/common.py: the A/B alternation the ratios rely on, the table, and the dated BENCHMARKS.md appender."""
+
 import datetime
 import os
 

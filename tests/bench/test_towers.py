@@ -1,4 +1,5 @@
 """bench/towers.py times the same network in both frameworks: equal weights give equal tower losses."""
+
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
 """The Beam pipeline (DirectRunner) writes byte-identical shards to the local runner's, and resumes."""
+
 import glob
 import json
 import os
@@ -14,8 +15,22 @@ SALT = "beam-test-salt-91c2"
 
 
 def _args(cohort, out):
-    return ["--dicom_dir", str(cohort / "dicom"), "--reports", str(cohort / "reports.csv"), "--out", str(out),
-            "--salt", SALT, "--shard_size", "3", "--frames", "4", "--image_size", "32"]
+    return [
+        "--dicom_dir",
+        str(cohort / "dicom"),
+        "--reports",
+        str(cohort / "reports.csv"),
+        "--out",
+        str(out),
+        "--salt",
+        SALT,
+        "--shard_size",
+        "3",
+        "--frames",
+        "4",
+        "--image_size",
+        "32",
+    ]
 
 
 def _files(out):

@@ -1,4 +1,5 @@
 """End-to-end conversion of a synthetic cohort: pairing, de-identification, splits, resume, bad input."""
+
 import csv
 import glob
 import hashlib
@@ -34,9 +35,25 @@ def cohort(tmp_path_factory):
 
 
 def _convert(cohort, out, *extra):
-    return convert.main(["--dicom_dir", str(cohort / "dicom"), "--reports", str(cohort / "reports.csv"),
-                         "--out", str(out), "--salt", SALT, "--shard_size", "4", "--frames", "8",
-                         "--image_size", "64", *extra])
+    return convert.main(
+        [
+            "--dicom_dir",
+            str(cohort / "dicom"),
+            "--reports",
+            str(cohort / "reports.csv"),
+            "--out",
+            str(out),
+            "--salt",
+            SALT,
+            "--shard_size",
+            "4",
+            "--frames",
+            "8",
+            "--image_size",
+            "64",
+            *extra,
+        ]
+    )
 
 
 def _records(out):
@@ -104,9 +121,27 @@ def _text_band_rows(row, image_size):
 
 def test_no_phi_in_any_output_byte_or_log_and_the_text_band_is_blank(cohort, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_prep.convert", "--dicom_dir", str(cohort / "dicom"), "--reports",
-           str(cohort / "reports.csv"), "--out", str(out), "--salt_file", str(tmp_path / "salt"), "--frames", "8",
-           "--image_size", "64", "--shard_size", "4", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.convert",
+        "--dicom_dir",
+        str(cohort / "dicom"),
+        "--reports",
+        str(cohort / "reports.csv"),
+        "--out",
+        str(out),
+        "--salt_file",
+        str(tmp_path / "salt"),
+        "--frames",
+        "8",
+        "--image_size",
+        "64",
+        "--shard_size",
+        "4",
+        "--workers",
+        "2",
+    ]
     (tmp_path / "salt").write_text(SALT)
     proc = subprocess.run(cmd, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
@@ -139,16 +174,52 @@ def test_rerun_is_a_no_op_and_another_salt_is_refused(cohort, converted, capsys)
     assert _convert(cohort, converted) == 0
     assert {p: os.path.getmtime(p) for p in before} == before
     assert "already done" in capsys.readouterr().err
-    assert convert.main(["--dicom_dir", str(cohort / "dicom"), "--reports", str(cohort / "reports.csv"),
-                         "--out", str(converted), "--salt", "another-salt-123", "--shard_size", "4",
-                         "--frames", "8", "--image_size", "64"]) == 1  # the run is refused: exit 1, nothing rewritten
+    assert (
+        convert.main(
+            [
+                "--dicom_dir",
+                str(cohort / "dicom"),
+                "--reports",
+                str(cohort / "reports.csv"),
+                "--out",
+                str(converted),
+                "--salt",
+                "another-salt-123",
+                "--shard_size",
+                "4",
+                "--frames",
+                "8",
+                "--image_size",
+                "64",
+            ]
+        )
+        == 1
+    )  # the run is refused: exit 1, nothing rewritten
 
 
 def test_killed_conversion_resumes_with_every_record_once(cohort, converted, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "data_prep.convert", "--dicom_dir", str(cohort / "dicom"),
-           "--reports", str(cohort / "reports.csv"), "--out", str(out), "--salt", SALT, "--shard_size", "1",
-           "--frames", "8", "--image_size", "64", "--jpeg_quality", "100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.convert",
+        "--dicom_dir",
+        str(cohort / "dicom"),
+        "--reports",
+        str(cohort / "reports.csv"),
+        "--out",
+        str(out),
+        "--salt",
+        SALT,
+        "--shard_size",
+        "1",
+        "--frames",
+        "8",
+        "--image_size",
+        "64",
+        "--jpeg_quality",
+        "100",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while len(glob.glob(str(out / "*.tfrecord"))) < 2 and time.time() < deadline and proc.poll() is None:
@@ -238,8 +309,20 @@ def test_the_path_map_resolves_every_manifest_line_and_stays_out_of_the_output(c
     secret = tmp_path / "secret"
     secret.mkdir()
     (secret / "salt").write_text(SALT)
-    args = ["--dicom_dir", str(src), "--reports", str(cohort / "reports.csv"), "--salt_file", str(secret / "salt"),
-            "--frames", "4", "--image_size", "32", "--max_skipped_fraction", "1.0"]
+    args = [
+        "--dicom_dir",
+        str(src),
+        "--reports",
+        str(cohort / "reports.csv"),
+        "--salt_file",
+        str(secret / "salt"),
+        "--frames",
+        "4",
+        "--image_size",
+        "32",
+        "--max_skipped_fraction",
+        "1.0",
+    ]
     out = tmp_path / "out"
     assert convert.main([*args, "--out", str(out)]) == 0
     map_file = secret / ("salt" + options.PATH_MAP_SUFFIX)  # beside the salt file by default

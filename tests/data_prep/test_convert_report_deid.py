@@ -3,6 +3,7 @@
 The synthetic cohort's reports wrap their clinical text in a header line and sign-off with the study's own
 header identifiers, staff names no header holds, dates, times, phone and fax numbers, e-mail, addresses
 and URLs; `reports_clinical.csv` holds the clinical text alone."""
+
 import csv
 import glob
 import json
@@ -31,9 +32,26 @@ def cohort(tmp_path_factory):
 
 
 def _run(cohort, out, *extra):
-    cmd = [sys.executable, "-m", "data_prep.convert", "--dicom_dir", str(cohort / "dicom"), "--reports",
-           str(cohort / "reports.csv"), "--out", str(out), "--salt", SALT, "--frames", "2", "--image_size", "32",
-           "--shard_size", "6", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.convert",
+        "--dicom_dir",
+        str(cohort / "dicom"),
+        "--reports",
+        str(cohort / "reports.csv"),
+        "--out",
+        str(out),
+        "--salt",
+        SALT,
+        "--frames",
+        "2",
+        "--image_size",
+        "32",
+        "--shard_size",
+        "6",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=600)
 
 
@@ -101,8 +119,9 @@ def test_counts_per_category_are_audited_without_values(cohort, converted):
 def test_tokenizers_and_zero_shot_labels_read_the_scrubbed_reports_as_the_clinical_ones(cohort, converted):
     out, _ = converted
     reports = _reports_by_study(out, cohort)
-    clinical = {r["StudyInstanceUID"]: clean_text(r["report"])
-                for r in csv.DictReader(open(cohort / "reports_clinical.csv"))}
+    clinical = {
+        r["StudyInstanceUID"]: clean_text(r["report"]) for r in csv.DictReader(open(cohort / "reports_clinical.csv"))
+    }
     uids = sorted(reports)
     scrubbed, truth = [reports[u] for u in uids], [clinical[u] for u in uids]
     template = get_tokenizer("template", path=TEMPLATE_VOCAB, context_length=77)

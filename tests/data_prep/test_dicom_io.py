@@ -2,6 +2,7 @@
 
 Lossless encodings of the same image must decode to the same pixels: that is the reference, not our code.
 """
+
 import numpy as np
 import pydicom
 import pytest
@@ -23,14 +24,17 @@ def _all(name):
     return dicom_io.read_frames(path, list(range(dicom_io.read_header(path).num_frames)))
 
 
-@pytest.mark.parametrize("a,b", [
-    ("US1_UNCR.dcm", "US1_J2KR.dcm"),  # RGB native vs JPEG 2000 lossless (YBR_RCT)
-    ("OBXXXX1A.dcm", "OBXXXX1A_expb.dcm"),  # palette colour, little vs big endian
-    ("OBXXXX1A.dcm", "OBXXXX1A_rle.dcm"),  # palette colour, native vs RLE
-    ("OBXXXX1A_2frame.dcm", "OBXXXX1A_expb_2frame.dcm"),
-    ("OBXXXX1A_2frame.dcm", "OBXXXX1A_rle_2frame.dcm"),
-    ("SC_rgb.dcm", "SC_rgb_rle.dcm"),
-])
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("US1_UNCR.dcm", "US1_J2KR.dcm"),  # RGB native vs JPEG 2000 lossless (YBR_RCT)
+        ("OBXXXX1A.dcm", "OBXXXX1A_expb.dcm"),  # palette colour, little vs big endian
+        ("OBXXXX1A.dcm", "OBXXXX1A_rle.dcm"),  # palette colour, native vs RLE
+        ("OBXXXX1A_2frame.dcm", "OBXXXX1A_expb_2frame.dcm"),
+        ("OBXXXX1A_2frame.dcm", "OBXXXX1A_rle_2frame.dcm"),
+        ("SC_rgb.dcm", "SC_rgb_rle.dcm"),
+    ],
+)
 def test_lossless_encodings_decode_identically(a, b):
     x, y = _all(a), _all(b)
     assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[-1] == 3
@@ -63,7 +67,9 @@ def test_multiframe_jpeg_baseline_decodes_only_kept_frames(monkeypatch):
     calls = []
     original_open, original_decode = dicom_io.Image.open, base.DecodeRunner.decode
     monkeypatch.setattr(dicom_io.Image, "open", lambda *a, **k: calls.append(1) or original_open(*a, **k))
-    monkeypatch.setattr(base.DecodeRunner, "decode", lambda self, *a, **k: calls.append(1) or original_decode(self, *a, **k))
+    monkeypatch.setattr(
+        base.DecodeRunner, "decode", lambda self, *a, **k: calls.append(1) or original_decode(self, *a, **k)
+    )
     frames = dicom_io.read_frames(path, keep)
     assert len(calls) == 4  # one decode per kept frame, not 120
     monkeypatch.undo()

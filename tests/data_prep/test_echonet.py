@@ -1,4 +1,5 @@
 """EchoNet-Dynamic layout on EchoCLIP's real example AVI (through a path, never copied into the project)."""
+
 import io
 import json
 import os
@@ -28,11 +29,27 @@ def test_echonet_layout_converts_with_ef_and_split(reference_dir, tmp_path):
     (root / "FileList.csv").write_text(
         "FileName,EF,ESV,EDV,FrameHeight,FrameWidth,FPS,NumberOfFrames,Split\n"
         "0X1A,55.5,1,2,224,224,30,113,TRAIN\n0X2B,31.25,1,2,224,224,30,113,TEST\n"
-        "0X3C,40,1,2,224,224,30,113,VAL\n0X4D,40,1,2,224,224,30,113,VAL\n0X5E,40,1,2,224,224,30,113,OTHER\n")
+        "0X3C,40,1,2,224,224,30,113,VAL\n0X4D,40,1,2,224,224,30,113,VAL\n0X5E,40,1,2,224,224,30,113,OTHER\n"
+    )
     out = tmp_path / "out"
-    rc = convert.main(["--echonet_dir", str(root), "--out", str(out), "--salt", "echonet-salt-1",
-                       "--frames", "16", "--image_size", "112", "--max_skipped_fraction", "0.7",
-                       "--path_map", str(tmp_path / "paths.jsonl")])
+    rc = convert.main(
+        [
+            "--echonet_dir",
+            str(root),
+            "--out",
+            str(out),
+            "--salt",
+            "echonet-salt-1",
+            "--frames",
+            "16",
+            "--image_size",
+            "112",
+            "--max_skipped_fraction",
+            "0.7",
+            "--path_map",
+            str(tmp_path / "paths.jsonl"),
+        ]
+    )
     assert rc == 0
     [train] = [records.decode_example(r) for r in records.ShardReader(records.list_shards(str(out), "train")[0])]
     [test] = [records.decode_example(r) for r in records.ShardReader(records.list_shards(str(out), "test")[0])]
@@ -50,4 +67,9 @@ def test_echonet_layout_converts_with_ef_and_split(reference_dir, tmp_path):
     skipped = {paths[m["input"]]: m["reason"] for m in manifest if m["status"] == "skipped"}
     assert skipped["Videos/0X4D.avi"] == "video file missing" and skipped["0X5E"] == "unknown Split value 'OTHER'"
     assert "Videos/0X3C.avi" in skipped and {paths[m["input"]] for m in manifest} == {
-        "Videos/0X1A.avi", "Videos/0X2B.avi", "Videos/0X3C.avi", "Videos/0X4D.avi", "0X5E"}
+        "Videos/0X1A.avi",
+        "Videos/0X2B.avi",
+        "Videos/0X3C.avi",
+        "Videos/0X4D.avi",
+        "0X5E",
+    }

@@ -3,6 +3,7 @@
 Every input ends in the manifest as converted or skipped with a reason; nothing crashes or hangs; every
 record written is whole. Plus a fuzz test of the DICOM reader and the per-video time and size limits.
 """
+
 import csv
 import glob
 import io
@@ -114,8 +115,12 @@ def _build_corpus(cohort, root):
     add("zero_rows.dcm", "too small", native, setter(Rows=0))
     add("absurd_size.dcm", "too large", native, setter(Rows=65535, Columns=65535))
     add("absurd_size_jpeg.dcm", "too large", jpeg, setter(Rows=65535, Columns=65535))
-    add("mpeg2_syntax.dcm", "unsupported transfer syntax", jpeg,
-        lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2.4.100"))
+    add(
+        "mpeg2_syntax.dcm",
+        "unsupported transfer syntax",
+        jpeg,
+        lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2.4.100"),
+    )
     add("encapsulated_missing_frames.dcm", "", jpeg, half_frames)
     add("bits_16_on_8_bit_data.dcm", "", native, setter(BitsAllocated=16, BitsStored=16, HighBit=15))
     add("unknown_photometric.dcm", "", native, setter(PhotometricInterpretation="XYZ"))
@@ -153,8 +158,11 @@ def _build_corpus(cohort, root):
             w.writerow(list(r.values()))
         f.write(out.getvalue().encode())
         latin1 = next(r for r in rows if r["StudyInstanceUID"] == latin1_study)
-        f.write(f'{latin1_study},{latin1["AccessionNumber"]},"'.encode() + "SÉVÈRE REGURGITATION".encode("latin-1")
-                + b'"\r\n')
+        f.write(
+            f'{latin1_study},{latin1["AccessionNumber"]},"'.encode()
+            + "SÉVÈRE REGURGITATION".encode("latin-1")
+            + b'"\r\n'
+        )
         f.write(f'{broken_study},X,"UNCLOSED QUOTE SWALLOWS WHAT FOLLOWS\r\n'.encode())
         f.write(b'1.2.3.4.5,Y,"A LATER ROW"\r\n')
     return export, reports, expect
@@ -162,12 +170,35 @@ def _build_corpus(cohort, root):
 
 def test_every_hostile_input_is_listed_and_every_record_is_whole(cohort, tmp_path):
     export, reports, expect = _build_corpus(cohort, tmp_path)
-    assert len({k for k in expect if k.startswith("hostile/")}) == 36  # 26 kinds of file; plus a directory named .dcm and 3 kinds of bad report row
+    assert (
+        len({k for k in expect if k.startswith("hostile/")}) == 36
+    )  # 26 kinds of file; plus a directory named .dcm and 3 kinds of bad report row
     out = tmp_path / "out"
     start = time.monotonic()
-    status = convert.main(["--dicom_dir", str(export), "--reports", str(reports), "--out", str(out),
-                           "--salt", SALT, "--frames", "4", "--image_size", "32", "--shard_size", "8",
-                           "--manifest_paths", "relative", "--max_skipped_fraction", "1.0", "--time_limit", "20"])
+    status = convert.main(
+        [
+            "--dicom_dir",
+            str(export),
+            "--reports",
+            str(reports),
+            "--out",
+            str(out),
+            "--salt",
+            SALT,
+            "--frames",
+            "4",
+            "--image_size",
+            "32",
+            "--shard_size",
+            "8",
+            "--manifest_paths",
+            "relative",
+            "--max_skipped_fraction",
+            "1.0",
+            "--time_limit",
+            "20",
+        ]
+    )
     assert status == 0 and time.monotonic() - start < 120
     manifest = [json.loads(line) for line in open(out / "manifest.jsonl")]
     by_input = {m["input"]: m for m in manifest}
@@ -210,8 +241,19 @@ def test_every_hostile_input_is_listed_and_every_record_is_whole(cohort, tmp_pat
 def test_time_limit_interrupts_a_slow_step(cohort, monkeypatch):
     path = _source(cohort, JPEG)
     h = dicom_io.read_header(path)
-    job = plan.Job(path=path, ref="x", source="dicom", video_id="v", patient_id="p", study_id="s",
-                      study_day=0, report="R", ef=float("nan"), fps=h.fps, num_frames=h.num_frames)
+    job = plan.Job(
+        path=path,
+        ref="x",
+        source="dicom",
+        video_id="v",
+        patient_id="p",
+        study_id="s",
+        study_day=0,
+        report="R",
+        ef=float("nan"),
+        fps=h.fps,
+        num_frames=h.num_frames,
+    )
     monkeypatch.setattr(shards.sector, "prepare", lambda *a, **k: time.sleep(30))  # a hang after decoding
     start = time.monotonic()
     with pytest.raises(dicom_io.SkipVideo, match="time limit"):
@@ -298,13 +340,17 @@ def _apply(sources, mutation):
     return bytes(data)
 
 
-@pytest.mark.parametrize("examples", [pytest.param(60, id="60"),
-                                      pytest.param(1500, id="1500", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("examples", [pytest.param(60, id="60"), pytest.param(1500, id="1500", marks=pytest.mark.slow)])
 def test_fuzzed_dicom_gives_a_result_or_a_named_skip(cohort, examples):
     sources = _fuzz_sources(cohort)
 
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     @given(_mutation)
     def check(mutation):
         _read_mutant(_apply(sources, mutation))

@@ -4,6 +4,7 @@ Independent references: bytes written by the hand-written wire-format codec that
 moved to protobuf (every shard converted until then), and tensorboardX's TFRecord writer (its own masked
 CRC32C).
 """
+
 import math
 import os
 import pickle
@@ -62,17 +63,29 @@ def test_encoding_is_a_real_tf_example():
 
 
 # An Example written by the previous, hand-written encoder (a varint/wire-type serialiser) from _OLD_INPUT.
-_OLD_INPUT = {"video_id": "ab12", "patient_id": b"p", "study_id": b"s", "study_day": 412,
-              "frames": [b"\xff\xd8a", b"\xff\xd8bc"], "num_frames": 2, "image_size": 224, "fps": 29.97,
-              "report": "LV EJECTION FRACTION IS 55%. ", "ef": float("nan"), "source": b"dicom",
-              "neg": [-5, 2**40], "weights": [0.5, -1.25]}
+_OLD_INPUT = {
+    "video_id": "ab12",
+    "patient_id": b"p",
+    "study_id": b"s",
+    "study_day": 412,
+    "frames": [b"\xff\xd8a", b"\xff\xd8bc"],
+    "num_frames": 2,
+    "image_size": 224,
+    "fps": 29.97,
+    "report": "LV EJECTION FRACTION IS 55%. ",
+    "ef": float("nan"),
+    "source": b"dicom",
+    "neg": [-5, 2**40],
+    "weights": [0.5, -1.25],
+}
 _OLD_BYTES = bytes.fromhex(
     "0ab0020a0e0a026566120812060a040000c07f0a0f0a03667073120812060a048fc2ef410a170a066672616d6573120d0a0b0a03ffd8"
     "610a04ffd862630a140a0a696d6167655f73697a6512061a040a02e0010a1b0a036e656712141a120a10fbffffffffffffffff018080"
     "808080200a130a0a6e756d5f6672616d657312051a030a01020a130a0a70617469656e745f696412050a030a01700a2b0a067265706f"
     "727412210a1f0a1d4c5620454a454354494f4e204652414354494f4e204953203535252e200a130a06736f7572636512090a070a0564"
     "69636f6d0a130a0973747564795f64617912061a040a029c030a110a0873747564795f696412050a030a01730a140a08766964656f5f"
-    "696412080a060a04616231320a170a0777656967687473120c120a0a080000003f0000a0bf")
+    "696412080a060a04616231320a170a0777656967687473120c120a0a080000003f0000a0bf"
+)
 
 
 def test_records_of_the_previous_codec_decode_field_for_field_and_encode_to_the_same_bytes():

@@ -1,4 +1,5 @@
 """clean_text: identical to the released EchoCLIP normalisation (reference examples + each rule by hand)."""
+
 import json
 import subprocess
 import sys

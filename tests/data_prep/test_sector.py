@@ -1,4 +1,5 @@
 """Sector masking on synthetic videos whose true fan geometry is known (data_prep.synthetic's truth)."""
+
 import math
 
 import numpy as np
@@ -15,7 +16,8 @@ def _video(has_regions, small=True):
     yy, xx = np.mgrid[: frames.shape[1], : frames.shape[2]]
     u, v = xx - truth["sector_apex_x"], yy - truth["sector_apex_y"]
     fan = (np.hypot(u, v) <= truth["sector_radius"] + 0.5) & (
-        np.abs(np.arctan2(u, v)) <= math.radians(truth["sector_half_angle_deg"]) + 0.01)
+        np.abs(np.arctan2(u, v)) <= math.radians(truth["sector_half_angle_deg"]) + 0.01
+    )
     box = (truth["sector_x0"], truth["sector_y0"], truth["sector_x1"], truth["sector_y1"])
     return frames, fan, box
 

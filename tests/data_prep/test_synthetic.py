@@ -3,6 +3,7 @@
 EF is measured from the decoded pixels (dark cavity inside the LV's known region, max/min area over the
 frames), never taken from the generator's variables.
 """
+
 import csv
 import json
 import math
@@ -50,22 +51,25 @@ def decoded(cohort, truth):
 
 def _fan(row, shape, pad=1):
     """The scan sector from the truth's geometry (apex, radius, half-angle), `pad` pixels wider."""
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     dx, dy = xx - float(row["sector_apex_x"]), yy - float(row["sector_apex_y"])
     r = np.hypot(dx, dy)
     return (r <= float(row["sector_radius"]) + pad) & (
-        np.abs(np.arctan2(dx, dy)) <= math.radians(float(row["sector_half_angle_deg"])) + pad / np.maximum(r, 1))
+        np.abs(np.arctan2(dx, dy)) <= math.radians(float(row["sector_half_angle_deg"])) + pad / np.maximum(r, 1)
+    )
 
 
 def _lv_region(row, shape, margin=1.1):
     """The LV's end-diastolic cavity ellipse, enlarged by `margin`: the region the cavity beats in."""
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     du, dv = xx - float(row["lv_center_x"]), yy - float(row["lv_center_y"])
     ang = math.radians(float(row["lv_axis_deg"]))
     along = du * math.sin(ang) + dv * math.cos(ang)
     across = du * math.cos(ang) - dv * math.sin(ang)
-    return ((across / (margin * float(row["lv_ed_semi_across_px"]))) ** 2
-            + (along / (margin * float(row["lv_ed_semi_along_px"]))) ** 2) <= 1
+    return (
+        (across / (margin * float(row["lv_ed_semi_across_px"]))) ** 2
+        + (along / (margin * float(row["lv_ed_semi_along_px"]))) ** 2
+    ) <= 1
 
 
 def test_cohort_layout_and_counts(cohort, truth):
@@ -86,8 +90,11 @@ def test_cohort_layout_and_counts(cohort, truth):
 
 
 def test_dicoms_open_and_decode_for_every_encoding(decoded):
-    syntax = {"jpeg_ybr_full_422": pydicom.uid.JPEGBaseline8Bit, "rgb": pydicom.uid.ExplicitVRLittleEndian,
-              "monochrome2": pydicom.uid.ExplicitVRLittleEndian}
+    syntax = {
+        "jpeg_ybr_full_422": pydicom.uid.JPEGBaseline8Bit,
+        "rgb": pydicom.uid.ExplicitVRLittleEndian,
+        "monochrome2": pydicom.uid.ExplicitVRLittleEndian,
+    }
     photometric = {"jpeg_ybr_full_422": "YBR_FULL_422", "rgb": "RGB", "monochrome2": "MONOCHROME2"}
     for row, ds, pixels, _ in decoded:
         assert ds.SOPClassUID == pydicom.uid.UltrasoundMultiFrameImageStorage
@@ -127,8 +134,15 @@ def test_jpeg_decodes_to_the_rendered_frames(cohort, decoded):
 def test_headers_carry_fake_phi_and_regions(cohort, decoded):
     phi = set(synthetic.read_phi(cohort[0]))
     for row, ds, pixels, _ in decoded:
-        for keyword in ("PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName", "StudyDate",
-                        "StudyInstanceUID", "SOPInstanceUID"):
+        for keyword in (
+            "PatientID",
+            "PatientBirthDate",
+            "AccessionNumber",
+            "InstitutionName",
+            "StudyDate",
+            "StudyInstanceUID",
+            "SOPInstanceUID",
+        ):
             value = str(ds.data_element(keyword).value)
             assert value and value in phi, keyword
         assert str(ds.PatientName) in phi
@@ -142,7 +156,11 @@ def test_headers_carry_fake_phi_and_regions(cohort, decoded):
             assert len(tissue) == 1
             t = tissue[0]
             assert (t.RegionLocationMinX0, t.RegionLocationMinY0, t.RegionLocationMaxX1, t.RegionLocationMaxY1) == (
-                int(row["sector_x0"]), int(row["sector_y0"]), int(row["sector_x1"]), int(row["sector_y1"]))
+                int(row["sector_x0"]),
+                int(row["sector_y0"]),
+                int(row["sector_x1"]),
+                int(row["sector_y1"]),
+            )
             assert t.PhysicalUnitsXDirection == 3 and 0.05 < float(t.PhysicalDeltaX) < 0.3
             assert float(t.PhysicalDeltaX) == pytest.approx(float(t.PhysicalDeltaY))
     assert any(not int(r["has_us_regions"]) for r, *_ in decoded)
@@ -152,12 +170,12 @@ def test_burned_in_text_is_outside_the_sector_and_patient_specific(decoded):
     headers = {}
     for row, ds, _, gray in decoded:
         fan = _fan(row, gray.shape[1:])
-        text = gray[:, :int(row["sector_y0"])] > 128
+        text = gray[:, : int(row["sector_y0"])] > 128
         assert text[0].sum() > 150, "no burned-in header text"
         assert (text == text[0]).mean() > 0.99, "burned-in text should be static"
         # Beside the fan inside the sector's box (labels, depth ticks): static too; the fan itself moves.
         box = np.zeros_like(fan)
-        box[int(row["sector_y0"]):int(row["sector_y1"]) + 1, int(row["sector_x0"]):int(row["sector_x1"]) + 1] = True
+        box[int(row["sector_y0"]) : int(row["sector_y1"]) + 1, int(row["sector_x0"]) : int(row["sector_x1"]) + 1] = True
         beside = box & ~_fan(row, gray.shape[1:], pad=2)
         assert gray[:, beside].max() > 128 and np.abs(gray[:, beside] - gray[0, beside]).max() < 40
         assert np.abs(gray[:, fan] - gray[0, fan]).mean() > 5
@@ -240,7 +258,9 @@ def test_reports_are_consistent_with_truth(cohort, truth, decoded):
         # The size and systolic grade, when stated, agree with the truth; no other grade is ever stated.
         size = v["lv_size"].upper()
         size_phrase = "NORMAL LEFT VENTRICULAR SIZE." if size == "NORMAL" else f"{size} DILATED LEFT VENTRICLE."
-        others = {"NORMAL LEFT VENTRICULAR SIZE."} | {f"{s.upper()} DILATED LEFT VENTRICLE." for s in synthetic.LV_SIZES}
+        others = {"NORMAL LEFT VENTRICULAR SIZE."} | {
+            f"{s.upper()} DILATED LEFT VENTRICLE." for s in synthetic.LV_SIZES
+        }
         assert not [p for p in others - {size_phrase} if p in report]
         grades = {synthetic.systolic_function(ef) for ef in (80, 60, 50, 40, 20)}
         assert [g for g in grades if g in report] in ([], [synthetic.systolic_function(int(v["ef"]))])
@@ -316,8 +336,12 @@ def test_phi_json_lists_what_was_written(cohort, decoded):
     for kind in ("report_header_values", "report_staff", "report_dates", "report_contact", "report_numbers"):
         assert fields[kind] and all(s.upper() in text for s in fields[kind]), kind
     assert set(fields["report_numbers"]).isdisjoint(phi["strings"])  # bare numbers: looked for in text only
-    header_names = {w for s in fields["PatientName"] + fields["ReferringPhysicianName"] + fields["OperatorsName"]
-                    for w in s.split("^") if w}
+    header_names = {
+        w
+        for s in fields["PatientName"] + fields["ReferringPhysicianName"] + fields["OperatorsName"]
+        for w in s.split("^")
+        if w
+    }
     assert set(fields["report_staff"]).isdisjoint(header_names)  # names that no header reveals
 
 

@@ -5,6 +5,7 @@ and version 1 left byte for byte as it was.
 EF is measured from the decoded pixels of every view (dark cavity inside the LV's known region, max/min
 area over the frames), never taken from the generator's variables.
 """
+
 import csv
 import dataclasses
 import glob
@@ -28,8 +29,7 @@ from echoclip_jax.evaluation import zero_shot as zs
 from tests.data_prep.test_synthetic import _fan, _lv_region, decode_cohort
 
 PATIENTS, SEED = 8, 21
-VIEW_WORDS = ("A4C", "A2C", "PLAX", "PSAX", "APICAL", "PARASTERNAL", "SUBCOSTAL", "CHAMBER", "LONG AXIS",
-              "SHORT AXIS")
+VIEW_WORDS = ("A4C", "A2C", "PLAX", "PSAX", "APICAL", "PARASTERNAL", "SUBCOSTAL", "CHAMBER", "LONG AXIS", "SHORT AXIS")
 LV_SIZE_VALUE = {"normal": 0.0, "mild": 1.0, "moderate": 2.0, "severe": 3.0}
 
 
@@ -155,9 +155,14 @@ def _reports(cohort, name):
 
 def _expected(task, rows):
     """truth.csv's label for the task, per video; NaN where the cohort states nothing about it."""
-    col = {"ejection_fraction": "ef", "pacemaker": "pacemaker", "tavr": "tavr", "mitraclip": "mitraclip",
-           "no_valvular_heart_disease": "no_valvular_heart_disease",
-           "normal_wall_thickness": "normal_wall_thickness"}.get(task.name)
+    col = {
+        "ejection_fraction": "ef",
+        "pacemaker": "pacemaker",
+        "tavr": "tavr",
+        "mitraclip": "mitraclip",
+        "no_valvular_heart_disease": "no_valvular_heart_disease",
+        "normal_wall_thickness": "normal_wall_thickness",
+    }.get(task.name)
     if task.name == "left_ventricle_size":
         return np.array([LV_SIZE_VALUE[r["lv_size"]] for r in rows])
     if col:
@@ -180,7 +185,8 @@ def test_report_labels_equal_the_truth_for_every_task(cohort, truth, tasks):
     for r in truth:  # the clip count is worded too
         text = clinical[r["StudyInstanceUID"]].upper()
         assert (r["n_mitraclips"] == "2") == ("TWO MITRA" in text) and (r["n_mitraclips"] == "1") == (
-            "ONE MITRA" in text or "SINGLE MITRA" in text)
+            "ONE MITRA" in text or "SINGLE MITRA" in text
+        )
 
 
 def test_reports_hold_none_of_the_prompt_sentences(tasks):
@@ -200,14 +206,21 @@ def test_readers_word_the_findings_differently():
     _, studies, _ = synthetic.plan_cohort(120, 9, small=True, version=2)
     texts = [synthetic.clinical_report(s) for s in studies]
     ef_task = zs.load_tasks(names=["ejection_fraction"])[0]
-    ef_frames = {next(p.pattern for p in map(zs.source_pattern, ef_task.report_phrases) if p.search(clean_text(t)))
-                 for t in texts}
+    ef_frames = {
+        next(p.pattern for p in map(zs.source_pattern, ef_task.report_phrases) if p.search(clean_text(t)))
+        for t in texts
+    }
     assert len(ef_frames) >= 5
     assert 0.2 < np.mean([t == t.upper() for t in texts]) < 0.8  # house styles: upper case and mixed case
     assert len({t.split(". ")[0] for t in texts}) > len(texts) / 4  # openings vary
     assert any(t.upper().startswith("IMPRESSION") for t in texts) and any("LEFT VENTRICLE:" in t.upper() for t in texts)
-    for term, device in (("PACE", "pacemaker"), ("TAVR", "tavr"), ("TRANSCATHETER AORTIC", "tavr"),
-                         ("MITRACLIP", "mitraclip"), ("MITRAL CLIP", "mitraclip")):
+    for term, device in (
+        ("PACE", "pacemaker"),
+        ("TAVR", "tavr"),
+        ("TRANSCATHETER AORTIC", "tavr"),
+        ("MITRACLIP", "mitraclip"),
+        ("MITRAL CLIP", "mitraclip"),
+    ):
         assert any(term in t.upper() for t, s in zip(texts, studies) if device in s["devices"]), term
 
 
@@ -236,9 +249,23 @@ def test_deidentified_reports_keep_the_clinical_text_and_labels(cohort, truth, t
 
 
 def test_convert_reads_a_version_2_cohort(cohort, tmp_path):
-    cmd = [sys.executable, "-m", "data_prep.convert", "--dicom_dir", str(cohort[0] / "dicom"), "--reports",
-           str(cohort[0] / "reports.csv"), "--out", str(tmp_path / "records"), "--salt", "v2-test-salt-0415",
-           "--frames", "2", "--image_size", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.convert",
+        "--dicom_dir",
+        str(cohort[0] / "dicom"),
+        "--reports",
+        str(cohort[0] / "reports.csv"),
+        "--out",
+        str(tmp_path / "records"),
+        "--salt",
+        "v2-test-salt-0415",
+        "--frames",
+        "2",
+        "--image_size",
+        "32",
+    ]
     proc = subprocess.run(cmd, capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     manifest = [json.loads(line) for line in open(tmp_path / "records" / "manifest.jsonl")]
@@ -272,15 +299,18 @@ def test_same_seed_same_bytes(tmp_path):
     v1 = tmp_path / "v1"
     synthetic.generate(v1, 2, seed=5, small=True)  # same seed, other version: other study UIDs
     assert not {r["StudyInstanceUID"] for r in synthetic.read_truth(v1)} & {
-        r["StudyInstanceUID"] for r in synthetic.read_truth(a)}
+        r["StudyInstanceUID"] for r in synthetic.read_truth(a)
+    }
 
 
 # sha256 of version 1's output for (6 patients, seed 3, --small), as written before version 2 existed.
-V1_SHA256 = {"truth.csv": "0c4ad7a5508fee7c1e6c802e7b0f887b7eaa1ff5ab7539d5309cd39c7b59236f",
-             "reports.csv": "96c327f7503e4374b0c8e713b9e70d7c0cc9dd9c8583a3bba104ff0cc3e10936",
-             "reports_clinical.csv": "e0745454a169400f1cc9a87e54de8632508005e9466c618a9bf782dd9e436f50",
-             "phi.json": "ab194db92a1b367c7d95c1c772dd4fe29daad2816665208c1c4c56c4e4336640",
-             "cohort.json": "328c2443c19cca0223810c9a9a14fd5697bb11c1e62d0d1ea5ce5ed8a5235ea4"}
+V1_SHA256 = {
+    "truth.csv": "0c4ad7a5508fee7c1e6c802e7b0f887b7eaa1ff5ab7539d5309cd39c7b59236f",
+    "reports.csv": "96c327f7503e4374b0c8e713b9e70d7c0cc9dd9c8583a3bba104ff0cc3e10936",
+    "reports_clinical.csv": "e0745454a169400f1cc9a87e54de8632508005e9466c618a9bf782dd9e436f50",
+    "phi.json": "ab194db92a1b367c7d95c1c772dd4fe29daad2816665208c1c4c56c4e4336640",
+    "cohort.json": "328c2443c19cca0223810c9a9a14fd5697bb11c1e62d0d1ea5ce5ed8a5235ea4",
+}
 V1_UNCOMPRESSED_PIXELS_SHA256 = "6560e8f750c7c5110d4c103fa1bcc83748a348fec9dc749a8f93e402112d337d"
 
 
@@ -312,12 +342,20 @@ def test_cli_cohort_version(tmp_path, capsys):
         synthetic.read_device_geometry(tmp_path)
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ({"mode": "binary", "label_sources": ["X."], "report_phrases": ["", "Y"]}, "report_phrases"),
-    ({"mode": "categorical", "label_sources": ["A."], "values": [1], "report_phrases": ["B"]}, "report_phrase_values"),
-    ({"mode": "regression", "label_sources": ["EF IS <#>%."], "range": [0, 100], "report_phrases": ["EF HIGH"]},
-     "report phrase needs a <#>"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"mode": "binary", "label_sources": ["X."], "report_phrases": ["", "Y"]}, "report_phrases"),
+        (
+            {"mode": "categorical", "label_sources": ["A."], "values": [1], "report_phrases": ["B"]},
+            "report_phrase_values",
+        ),
+        (
+            {"mode": "regression", "label_sources": ["EF IS <#>%."], "range": [0, 100], "report_phrases": ["EF HIGH"]},
+            "report phrase needs a <#>",
+        ),
+    ],
+)
 def test_report_phrases_in_a_task_table_are_checked(tmp_path, spec, problem):
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps({"mytask": spec}))

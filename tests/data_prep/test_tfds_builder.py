@@ -1,4 +1,5 @@
 """TFDS metadata for a conversion: loadable with tfds.builder_from_directory, no clash with ours."""
+
 import hashlib
 import io
 import json
@@ -18,9 +19,27 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
     synthetic.generate(root / "cohort", patients=2, seed=5, small=True)
     out = root / "out"
-    assert convert.main(["--dicom_dir", str(root / "cohort" / "dicom"), "--reports", str(root / "cohort" / "reports.csv"),
-                         "--out", str(out), "--salt", "tfds-test-salt", "--shard_size", "3", "--frames", "4",
-                         "--image_size", "32"]) == 0
+    assert (
+        convert.main(
+            [
+                "--dicom_dir",
+                str(root / "cohort" / "dicom"),
+                "--reports",
+                str(root / "cohort" / "reports.csv"),
+                "--out",
+                str(out),
+                "--salt",
+                "tfds-test-salt",
+                "--shard_size",
+                "3",
+                "--frames",
+                "4",
+                "--image_size",
+                "32",
+            ]
+        )
+        == 0
+    )
     return out
 
 

@@ -1,5 +1,6 @@
 """Session fixtures for the training tests: a tiny synthetic cohort converted to TFRecords once, a
 tiny-config override that trains on it in seconds, and `run_train`, which trains in a fresh process."""
+
 import json
 import os
 import pathlib
@@ -35,23 +36,51 @@ def records_dir(tmp_path_factory):
     """data_prep.synthetic (12 patients, small) -> data_prep.convert (4 frames of 32x32, 8 per shard)."""
     root = tmp_path_factory.mktemp("cohort")
     env = {**os.environ, "PYTHONPATH": REPO}
-    run = lambda *a: subprocess.run([sys.executable, "-m", *a], check=True, cwd=REPO, env=env,
-                                    capture_output=True, text=True)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", *a], check=True, cwd=REPO, env=env, capture_output=True, text=True
+    )
     run("data_prep.synthetic", "--out", str(root / "syn"), "--patients", "12", "--seed", "0", "--small")
-    run("data_prep.convert", "--dicom_dir", str(root / "syn" / "dicom"), "--reports", str(root / "syn" / "reports.csv"),
-        "--out", str(root / "rec"), "--frames", "4", "--image_size", "32", "--shard_size", "8",
-        "--salt", "test-salt", "--split_fractions", "0.7,0.3,0.0")
+    run(
+        "data_prep.convert",
+        "--dicom_dir",
+        str(root / "syn" / "dicom"),
+        "--reports",
+        str(root / "syn" / "reports.csv"),
+        "--out",
+        str(root / "rec"),
+        "--frames",
+        "4",
+        "--image_size",
+        "32",
+        "--shard_size",
+        "8",
+        "--salt",
+        "test-salt",
+        "--split_fractions",
+        "0.7,0.3,0.0",
+    )
     return str(root / "rec")
 
 
 def tiny_overrides(records_dir: str) -> dict:
     """configs/tiny.py made smaller still: 32x32 images, batch 16, a 2-layer width-64 text tower."""
     return {
-        "data_dir": records_dir, "batch_size": 16, "total_steps": 8, "checkpoint_every_steps": 4,
-        "log_every_steps": 2, "eval_every_steps": 0, "eval_batches": 1,
-        "model.embed_dim": 32, "model.vision.image_size": 32, "model.text.width": 64, "model.text.heads": 2,
-        "model.text.layers": 2, "model.text.context_length": 32, "tokenizer.context_length": 32,
-        "optim.warmup_steps": 2, "optim.lr": 2e-3,
+        "data_dir": records_dir,
+        "batch_size": 16,
+        "total_steps": 8,
+        "checkpoint_every_steps": 4,
+        "log_every_steps": 2,
+        "eval_every_steps": 0,
+        "eval_batches": 1,
+        "model.embed_dim": 32,
+        "model.vision.image_size": 32,
+        "model.text.width": 64,
+        "model.text.heads": 2,
+        "model.text.layers": 2,
+        "model.text.context_length": 32,
+        "tokenizer.context_length": 32,
+        "optim.warmup_steps": 2,
+        "optim.lr": 2e-3,
         # lax.conv compiles ~3x faster on CPU than the models' default shifted-sum depthwise conv
         "model.vision.depthwise_impl": "lax",
     }
@@ -92,8 +121,9 @@ def train_command(records_dir, workdir, *extra: str, devices: int = 2, prelude: 
     return head + cli, {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags(devices)}
 
 
-def run_train(records_dir, workdir, *extra: str, devices: int = 2, prelude: str = "", timeout: float = 600,
-              check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    records_dir, workdir, *extra: str, devices: int = 2, prelude: str = "", timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """Runs train_command to the end (text stdout/stderr captured); with `check`, a non-zero exit fails
     the test with the run's stderr."""
     args, env = train_command(records_dir, workdir, *extra, devices=devices, prelude=prelude)

@@ -1,5 +1,6 @@
 """echoclip_jax.aot: the train step compiled for TPU topologies on this CPU machine (libtpu compile-only),
 and the backend choice that must follow the mesh the program is compiled for, not the host's backend."""
+
 import importlib.util
 import json
 import math
@@ -17,22 +18,45 @@ from echoclip_jax.models import backend
 from echoclip_jax.training import pod_compile
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason=f"libtpu is not installed: install {pod_compile.TPU_EXTRA}")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason=f"libtpu is not installed: install {pod_compile.TPU_EXTRA}"
+)
 
 # configs/tiny.py made smaller still, so that the TPU compile takes well under a minute on 2 cores
-SMALL = {"batch_size": 32, "model.dtype": "bfloat16", "sharding_preset": "fsdp", "mesh.data": 1, "mesh.fsdp": -1,
-         "model.embed_dim": 32, "model.vision.image_size": 32, "model.text.width": 64, "model.text.heads": 2,
-         "model.text.layers": 2, "model.text.context_length": 32, "tokenizer.context_length": 32,
-         "model.text.vocab_size": 1024, "model.text.eos_id": 1023}
+SMALL = {
+    "batch_size": 32,
+    "model.dtype": "bfloat16",
+    "sharding_preset": "fsdp",
+    "mesh.data": 1,
+    "mesh.fsdp": -1,
+    "model.embed_dim": 32,
+    "model.vision.image_size": 32,
+    "model.text.width": 64,
+    "model.text.heads": 2,
+    "model.text.layers": 2,
+    "model.text.context_length": 32,
+    "tokenizer.context_length": 32,
+    "model.text.vocab_size": 1024,
+    "model.text.eos_id": 1023,
+}
 
 
 def run_aot(tmp_path, config: str, topology: str, overrides: dict, timeout: float):
     out = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "echoclip_jax.aot", "--config", os.path.join(REPO, "configs", config),
-           "--topology", topology, "--json", str(out)] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
-                       timeout=timeout)
+    cmd = [
+        sys.executable,
+        "-m",
+        "echoclip_jax.aot",
+        "--config",
+        os.path.join(REPO, "configs", config),
+        "--topology",
+        topology,
+        "--json",
+        str(out),
+    ] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    r = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode in (0, 3), r.stderr[-4000:]
     return json.loads(out.read_text()), r
 
@@ -56,8 +80,9 @@ def test_backend_choice_follows_the_mesh_not_the_host():
 def test_constrain_batch_keeps_the_batch_split_against_an_fsdp_table():
     """The text tower's failure: a token table split over "fsdp" on its width made GSPMD run every device
     on the whole batch; the constraint keeps rows split."""
-    mesh = jax.make_mesh((1, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
-                         devices=jax.devices()[:4])
+    mesh = jax.make_mesh(
+        (1, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:4]
+    )
     table = jax.ShapeDtypeStruct((64, 16), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
     tokens = jax.ShapeDtypeStruct((8, 5), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
 
@@ -73,7 +98,9 @@ def test_constrain_batch_keeps_the_batch_split_against_an_fsdp_table():
 def test_topology_names_and_usage_errors(monkeypatch):
     assert pod_compile.get_topology("v5litepod-16") is pod_compile.TOPOLOGIES["v5e-16"]
     assert pod_compile.TOPOLOGIES["v4-32"].chips == 16 and pod_compile.TOPOLOGIES["v4-32"].topology_name == "v4:2x2x4"
-    assert pod_compile.TOPOLOGIES["v5p-8"].topology_name == "v5:2x2x1" and pod_compile.TOPOLOGIES["v6e-256"].chips == 256
+    assert (
+        pod_compile.TOPOLOGIES["v5p-8"].topology_name == "v5:2x2x1" and pod_compile.TOPOLOGIES["v6e-256"].chips == 256
+    )
     with pytest.raises(ValueError, match="--topology 'v9-8'.*v5e-16"):
         pod_compile.get_topology("v9-8")
     real = importlib.util.find_spec
@@ -85,11 +112,19 @@ def test_topology_names_and_usage_errors(monkeypatch):
 @needs_libtpu
 def test_scan_hlo_counts_matmul_flops_by_dtype():
     """On the TPU program (XLA:CPU would compute the bf16 product in float32)."""
+
     def f(a, b, c, d):
         return a @ b, (c @ d).astype(jnp.float32)
 
-    one = NamedSharding(jax.make_mesh((1,), ("x",), axis_types=(AxisType.Auto,),
-                                      devices=pod_compile.topology_devices(pod_compile.get_topology("v5e-1"))), P())
+    one = NamedSharding(
+        jax.make_mesh(
+            (1,),
+            ("x",),
+            axis_types=(AxisType.Auto,),
+            devices=pod_compile.topology_devices(pod_compile.get_topology("v5e-1")),
+        ),
+        P(),
+    )
     shapes = (((8, 16), jnp.float32), ((16, 4), jnp.float32), ((32, 8), jnp.bfloat16), ((8, 2), jnp.bfloat16))
     args = [jax.ShapeDtypeStruct(s, t, sharding=one) for s, t in shapes]
     scan = pod_compile.scan_hlo(jax.jit(f).lower(*args).compile().as_text())
@@ -102,8 +137,8 @@ def test_scan_hlo_counts_matmul_flops_by_dtype():
 
     square = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16, sharding=one)
     scan = pod_compile.scan_hlo(jax.jit(loop).lower(square, square).compile().as_text())
-    assert scan["matmul_flops_by_dtype"] == {"bf16": 6 * 2 * 256 ** 3}
-    assert scan["loops"] == 1 and scan["loop_matmul_flops"] == 5 * 2 * 256 ** 3
+    assert scan["matmul_flops_by_dtype"] == {"bf16": 6 * 2 * 256**3}
+    assert scan["loops"] == 1 and scan["loop_matmul_flops"] == 5 * 2 * 256**3
 
 
 def check_memory_against_state(r: dict, shards: int, padding: float):
@@ -148,10 +183,12 @@ def test_echoclip_compiles_for_v5e_and_fits(tmp_path):
 def test_tpu_pod_preflight_compiles_before_the_pod_job():
     script = os.path.join(REPO, "launch", "tpu_pod.sh")
     args = ["tpu1", "us-central2-b", "configs/echoclip.py", "gs://b/r", "--config.batch_size=512"]
-    lines = subprocess.run(["bash", script, "--dry_run", "--preflight=v5e-16", *args], check=True,
-                           capture_output=True, text=True).stdout.splitlines()
+    lines = subprocess.run(
+        ["bash", script, "--dry_run", "--preflight=v5e-16", *args], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
     assert "-m echoclip_jax.aot --config configs/echoclip.py --topology v5e-16 --config.batch_size=512" in lines[0]
     assert lines[1].startswith("gcloud compute tpus tpu-vm ssh tpu1") and "echoclip_jax.train" in lines[1]
-    described = subprocess.run(["bash", script, "--preflight", "--dry_run", *args], check=True,
-                               capture_output=True, text=True).stdout.splitlines()[0]
-    assert "--topology \"$(gcloud compute tpus tpu-vm describe tpu1 --zone us-central2-b" in described
+    described = subprocess.run(
+        ["bash", script, "--preflight", "--dry_run", *args], check=True, capture_output=True, text=True
+    ).stdout.splitlines()[0]
+    assert '--topology "$(gcloud compute tpus tpu-vm describe tpu1 --zone us-central2-b' in described

@@ -1,6 +1,7 @@
 """The command convention (echoclip_jax.runtime.cli): every command imports beside the others, `main(argv)` runs
 after an import, `--help` exits 0, a wrong command line exits 2 and a failed run 1, each with one line that
 names the problem."""
+
 import importlib
 import pathlib
 import subprocess
@@ -11,8 +12,20 @@ import pytest
 from echoclip_jax.runtime import cli
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
-COMMANDS = ("aot", "convert", "demo", "embed", "evaluate", "interpret", "probe", "probe_labels", "report", "search",
-            "train", "train_sentencepiece")
+COMMANDS = (
+    "aot",
+    "convert",
+    "demo",
+    "embed",
+    "evaluate",
+    "interpret",
+    "probe",
+    "probe_labels",
+    "report",
+    "search",
+    "train",
+    "train_sentencepiece",
+)
 TINY = str(CONFIGS / "tiny.py")
 
 
@@ -58,8 +71,20 @@ def test_flags_that_do_not_go_together_exit_2_and_a_failed_run_1(tmp_path, capsy
     out = str(tmp_path / "e")
     assert _main("evaluate", "--config", TINY, "--data_dir", str(tmp_path), "--out", out) == 2
     assert "give --checkpoint KIND:PATH, --workdir W or --glob PATTERN" in capsys.readouterr().err
-    assert _main("embed", "--config", TINY, "--checkpoint", f"safetensors:{tmp_path}/none.safetensors",
-                 "--texts", str(tmp_path / "t.txt"), "--out", str(tmp_path / "e.npy")) == 1
+    assert (
+        _main(
+            "embed",
+            "--config",
+            TINY,
+            "--checkpoint",
+            f"safetensors:{tmp_path}/none.safetensors",
+            "--texts",
+            str(tmp_path / "t.txt"),
+            "--out",
+            str(tmp_path / "e.npy"),
+        )
+        == 1
+    )
     assert "none.safetensors" in capsys.readouterr().err
     assert _main("search", "rebuild") == 2
     assert "the first argument is one of build, add, query" in capsys.readouterr().err
@@ -84,9 +109,11 @@ def test_main_parses_afresh_each_call(tmp_path, capsys):
 
 
 def test_the_module_runs_as_a_program():
-    r = subprocess.run([sys.executable, "-m", "echoclip_jax.train", "--help"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "echoclip_jax.train", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "--workdir" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "echoclip_jax.train", "--workdir", "w"], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "echoclip_jax.train", "--workdir", "w"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == cli.USAGE and "echoclip_jax.train: error: " in r.stderr and "--config" in r.stderr

@@ -1,4 +1,5 @@
 """The convert CLI: open_clip <-> safetensors round trips that open_clip itself reads, and clear errors."""
+
 import pathlib
 import subprocess
 import sys
@@ -18,8 +19,9 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "echoclip_jax.convert", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "echoclip_jax.convert", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.interop
@@ -31,8 +33,14 @@ def test_cli_round_trip_open_clip_file_to_safetensors_to_open_clip_dir(tmp_path)
     src = open_clip.CLIP(**ocw.open_clip_model_cfg(files.load(CONFIGS / "tiny.py").model)).eval()
     torch.save(src.state_dict(), tmp_path / "laion.bin")
 
-    r = run("--src", f"open_clip:{tmp_path / 'laion.bin'}", "--dst", f"safetensors:{tmp_path / 'ours.safetensors'}",
-            "--config", "configs/tiny.py")
+    r = run(
+        "--src",
+        f"open_clip:{tmp_path / 'laion.bin'}",
+        "--dst",
+        f"safetensors:{tmp_path / 'ours.safetensors'}",
+        "--config",
+        "configs/tiny.py",
+    )
     assert r.returncode == 0, r.stderr
     assert "verified" in r.stdout and (tmp_path / "ours.json").is_file()
     r = run("--src", f"safetensors:{tmp_path / 'ours.safetensors'}", "--dst", f"open_clip:{tmp_path / 'oc'}")
@@ -45,8 +53,9 @@ def test_cli_round_trip_open_clip_file_to_safetensors_to_open_clip_dir(tmp_path)
 
 def test_safetensors_round_trip_and_errors(tmp_path):
     mc = files.load(CONFIGS / "tiny.py").model
-    params = {k: np.random.default_rng(0).normal(size=s.shape).astype(s.dtype)
-              for k, s in weights.expected_params(mc).items()}
+    params = {
+        k: np.random.default_rng(0).normal(size=s.shape).astype(s.dtype) for k, s in weights.expected_params(mc).items()
+    }
     conversion.save(f"safetensors:{tmp_path / 'a.safetensors'}", mc, params)
     mc2, back = weights.load(f"safetensors:{tmp_path / 'a.safetensors'}")
     assert mc2.vision.variant == "atto" and set(back) == set(params)
@@ -64,8 +73,14 @@ def test_safetensors_round_trip_and_errors(tmp_path):
     (tmp_path / "a.json").unlink()
     with pytest.raises(ValueError, match=r"a\.safetensors: does not match the model config"):
         weights.load(f"safetensors:{tmp_path / 'a.safetensors'}", other)
-    r = run("--src", f"open_clip:{tmp_path / 'missing.bin'}", "--dst", f"safetensors:{tmp_path / 'x.safetensors'}",
-            "--config", "configs/tiny.py")
+    r = run(
+        "--src",
+        f"open_clip:{tmp_path / 'missing.bin'}",
+        "--dst",
+        f"safetensors:{tmp_path / 'x.safetensors'}",
+        "--config",
+        "configs/tiny.py",
+    )
     assert r.returncode == 1 and "missing.bin" in r.stderr
 
 
@@ -73,8 +88,10 @@ def test_params_only_checkpoint_and_bfloat16_export(tmp_path):
     """A shareable, optimizer-free checkpoint round-trips exactly; bf16 exports halve the bytes and still
     give the same embeddings within bf16 precision (the converter checks and says so)."""
     mc = files.load(CONFIGS / "tiny.py").model
-    params = {k: np.random.default_rng(1).normal(scale=0.05, size=s.shape).astype(s.dtype)
-              for k, s in weights.expected_params(mc).items()}
+    params = {
+        k: np.random.default_rng(1).normal(scale=0.05, size=s.shape).astype(s.dtype)
+        for k, s in weights.expected_params(mc).items()
+    }
     src = f"safetensors:{tmp_path / 'src.safetensors'}"
     conversion.save(src, mc, params)
 
@@ -115,7 +132,9 @@ def test_echoclip_config_as_shipped_converts_to_every_kind_and_back(tmp_path):
     mc = config.model
     assert conversion.convert(f"open_clip:{back}", f"params:{tmp_path / 'p'}", mc) == {"image": 0.0, "text": 0.0}
     assert conversion.convert(f"params:{tmp_path / 'p'}", f"safetensors:{tmp_path / 'm2.safetensors'}", mc) == {
-        "image": 0.0, "text": 0.0}
+        "image": 0.0,
+        "text": 0.0,
+    }
     _, first = weights.load(f"safetensors:{m}", mc)
     _, last = weights.load(f"safetensors:{tmp_path / 'm2.safetensors'}", mc)
     assert len(first) == len(last) and all(np.array_equal(first[k], last[k]) for k in first)

@@ -1,5 +1,6 @@
 """The main job learns: `make demo`'s pipeline, with its default settings (synthetic cohort version 2:
 several views per study, reports in readers' own words), beats every baseline a user reads it against."""
+
 import json
 import os
 import subprocess
@@ -16,8 +17,14 @@ def test_demo_learns_on_held_out_patients(tmp_path):
     out = tmp_path / "demo_out"
     # As `make demo` runs it: its own process, on the machine's real device (not the tests' 8 simulated ones).
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    r = subprocess.run([sys.executable, "-m", "echoclip_jax.demo", "--out", str(out)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=3600)
+    r = subprocess.run(
+        [sys.executable, "-m", "echoclip_jax.demo", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["cohort_version"] == 2
@@ -61,7 +68,12 @@ def test_demo_learns_on_held_out_patients(tmp_path):
     assert (out / "explain_scores" / "score_frames.png").exists()
     with open(out / "secrets" / "labels_video_id.csv") as fh:
         ids = [line.split(",")[0] for line in fh.readlines()[1:]]
-    shared = [out / "results.json", out / "probe" / "video" / "probe.json", out / "probe" / "study" / "probe.json",
-              out / "explain_scores" / "scores.json", out / "eval" / "model.json"]
+    shared = [
+        out / "results.json",
+        out / "probe" / "video" / "probe.json",
+        out / "probe" / "study" / "probe.json",
+        out / "explain_scores" / "scores.json",
+        out / "eval" / "model.json",
+    ]
     text = "".join(p.read_text() for p in shared)
     assert ids and not any(i in text for i in ids[:200])

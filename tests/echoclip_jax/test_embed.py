@@ -1,4 +1,5 @@
 """The embed CLI: images, videos and texts to L2-normalised .npy embeddings equal to the model's own."""
+
 import pathlib
 import subprocess
 import sys
@@ -21,23 +22,36 @@ REPO = Path(__file__).resolve().parents[2]
 def checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
     mc = files.load(CONFIGS / "tiny.py").model
-    params = {k: (np.random.default_rng(1).normal(size=s.shape) * 0.05).astype(s.dtype)
-              for k, s in weights.expected_params(mc).items()}
+    params = {
+        k: (np.random.default_rng(1).normal(size=s.shape) * 0.05).astype(s.dtype)
+        for k, s in weights.expected_params(mc).items()
+    }
     conversion.save(f"safetensors:{d / 'm.safetensors'}", mc, params)
     return d, weights.make_model(mc, params)
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "echoclip_jax.embed", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "echoclip_jax.embed", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_embed_videos_and_texts(checkpoint, tmp_path):
     d, model = checkpoint
     videos = np.random.default_rng(0).integers(0, 256, (3, 2, 64, 64, 3), dtype=np.uint8)
     np.save(tmp_path / "v.npy", videos)
-    r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
-            "--images", str(tmp_path / "v.npy"), "--out", str(tmp_path / "ve.npy"), "--batch_size", "2")
+    r = run(
+        "--checkpoint",
+        f"safetensors:{d / 'm.safetensors'}",
+        "--config",
+        "configs/tiny.py",
+        "--images",
+        str(tmp_path / "v.npy"),
+        "--out",
+        str(tmp_path / "ve.npy"),
+        "--batch_size",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     got = np.load(tmp_path / "ve.npy")
     frames = np.asarray(model.encode_image(preprocess_images(videos.reshape(6, 64, 64, 3)))).reshape(3, 2, -1)
@@ -45,8 +59,16 @@ def test_embed_videos_and_texts(checkpoint, tmp_path):
     np.testing.assert_allclose(got, mean / np.linalg.norm(mean, axis=-1, keepdims=True), rtol=1e-4, atol=1e-5)
 
     (tmp_path / "t.txt").write_text("severe aortic stenosis\nnormal left ventricular function\n")
-    r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
-            "--texts", str(tmp_path / "t.txt"), "--out", str(tmp_path / "te.npy"))
+    r = run(
+        "--checkpoint",
+        f"safetensors:{d / 'm.safetensors'}",
+        "--config",
+        "configs/tiny.py",
+        "--texts",
+        str(tmp_path / "t.txt"),
+        "--out",
+        str(tmp_path / "te.npy"),
+    )
     assert r.returncode == 0, r.stderr
     te = np.load(tmp_path / "te.npy")
     assert te.shape == (2, 128) and not np.allclose(te[0], te[1])
@@ -56,8 +78,16 @@ def test_embed_videos_and_texts(checkpoint, tmp_path):
 def test_embed_rejects_float_images(checkpoint, tmp_path):
     d, _ = checkpoint
     np.save(tmp_path / "f.npy", np.zeros((1, 64, 64, 3), np.float32))
-    r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
-            "--images", str(tmp_path / "f.npy"), "--out", str(tmp_path / "o.npy"))
+    r = run(
+        "--checkpoint",
+        f"safetensors:{d / 'm.safetensors'}",
+        "--config",
+        "configs/tiny.py",
+        "--images",
+        str(tmp_path / "f.npy"),
+        "--out",
+        str(tmp_path / "o.npy"),
+    )
     assert r.returncode == 1 and "f.npy: expected uint8" in r.stderr
 
 
@@ -67,8 +97,18 @@ def test_embed_videos_of_different_lengths_from_npz(checkpoint, tmp_path):
     rng = np.random.default_rng(4)
     clips = [rng.integers(0, 256, (t, 64, 64, 3), dtype=np.uint8) for t in (1, 3, 2)]
     np.savez(tmp_path / "v.npz", *clips)
-    r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
-            "--images", str(tmp_path / "v.npz"), "--out", str(tmp_path / "ve.npy"), "--batch_size", "8")
+    r = run(
+        "--checkpoint",
+        f"safetensors:{d / 'm.safetensors'}",
+        "--config",
+        "configs/tiny.py",
+        "--images",
+        str(tmp_path / "v.npz"),
+        "--out",
+        str(tmp_path / "ve.npy"),
+        "--batch_size",
+        "8",
+    )
     assert r.returncode == 0, r.stderr
     got = np.load(tmp_path / "ve.npy")
     frames = np.asarray(model.encode_image(preprocess_images(np.concatenate(clips))))
@@ -76,6 +116,14 @@ def test_embed_videos_of_different_lengths_from_npz(checkpoint, tmp_path):
     want = np.stack(want) / np.linalg.norm(want, axis=-1, keepdims=True)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     np.savez(tmp_path / "bad.npz", clips[0], np.zeros((2, 64, 64, 3), np.float32))
-    r = run("--checkpoint", f"safetensors:{d / 'm.safetensors'}", "--config", "configs/tiny.py",
-            "--images", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o.npy"))
+    r = run(
+        "--checkpoint",
+        f"safetensors:{d / 'm.safetensors'}",
+        "--config",
+        "configs/tiny.py",
+        "--images",
+        str(tmp_path / "bad.npz"),
+        "--out",
+        str(tmp_path / "o.npy"),
+    )
     assert r.returncode == 1 and "bad.npz: array 'arr_1': expected uint8" in r.stderr

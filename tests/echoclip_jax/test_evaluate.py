@@ -70,10 +70,14 @@ def _oracle_split(rng, n=24, frames=3):
     videos = emb.mean(1)
     videos /= np.linalg.norm(videos, axis=1, keepdims=True)
     split = embedder_lib.SplitEmbeddings(
-        frames=emb, videos=videos, patient_id=[f"p{i // 4}" for i in range(n)],
-        study_id=[f"s{i // 2}" for i in range(n)], study_day=np.asarray([(i // 2) % 2 * 100 for i in range(n)],
-                                                                      float),
-        report=reports, ef=np.full(n, np.nan))
+        frames=emb,
+        videos=videos,
+        patient_id=[f"p{i // 4}" for i in range(n)],
+        study_id=[f"s{i // 2}" for i in range(n)],
+        study_day=np.asarray([(i // 2) % 2 * 100 for i in range(n)], float),
+        report=reports,
+        ef=np.full(n, np.nan),
+    )
     return split, ef, pacer
 
 
@@ -105,10 +109,17 @@ def test_calibration_split_sets_the_threshold():
 
 
 def _result(name, step, auc):
-    return {"name": name, "step": step, "checkpoint": f"orbax:w@{step}", "split": "test",
-            "tasks": {"pacemaker": {"mode": "binary", "auc": auc, "n": 10},
-                      "ejection_fraction": {"mode": "regression", "mae": 9.5, "r2": None}},
-            "retrieval": {"image_to_text": {"mean_rank_fraction": 0.3}}}
+    return {
+        "name": name,
+        "step": step,
+        "checkpoint": f"orbax:w@{step}",
+        "split": "test",
+        "tasks": {
+            "pacemaker": {"mode": "binary", "auc": auc, "n": 10},
+            "ejection_fraction": {"mode": "regression", "mae": 9.5, "r2": None},
+        },
+        "retrieval": {"image_to_text": {"mean_rank_fraction": 0.3}},
+    }
 
 
 def test_results_summary_and_plots(tmp_path):
@@ -124,9 +135,11 @@ def test_results_summary_and_plots(tmp_path):
     assert rows[0]["tasks/pacemaker/auc"] == "" and rows[1]["tasks/pacemaker/auc"] == "0.8"
     assert rows[2]["step"] == "" and rows[2]["retrieval/image_to_text/mean_rank_fraction"] == "0.3"
     path = sweep.plot_metrics_vs_step(out)
-    curves = {"binary": {"pacemaker": {"labels": np.array([0, 1, 1, 0]), "scores": np.array([.1, .9, .6, .4])}},
-              "regression": {"ejection_fraction": {"true": np.array([30., 60.]), "pred": np.array([35., 50.])}},
-              "patient_identification": {"labels": np.array([1, 0]), "scores": np.array([.9, .1])}}
+    curves = {
+        "binary": {"pacemaker": {"labels": np.array([0, 1, 1, 0]), "scores": np.array([0.1, 0.9, 0.6, 0.4])}},
+        "regression": {"ejection_fraction": {"true": np.array([30.0, 60.0]), "pred": np.array([35.0, 50.0])}},
+        "patient_identification": {"labels": np.array([1, 0]), "scores": np.array([0.9, 0.1])},
+    }
     written = sweep.plot_checkpoint(out, "200", curves)
     assert sorted(os.path.basename(p) for p in written) == ["200_ejection_fraction.png", "200_roc.png"]
     for p in [path, *written]:
@@ -155,8 +168,6 @@ def _write_records(out, rng, image_size=64, frames=RAGGED):
     second study of some patients, EF in every report; video i of a split has frames[i % len(frames)]
     frames (an int: all the same)."""
 
-
-
     ids, cycle = [], (frames,) if isinstance(frames, int) else tuple(frames)
     for split, patients in (("train", 6), ("val", 3), ("test", 4)):
         count = 0
@@ -177,22 +188,41 @@ def _write_records(out, rng, image_size=64, frames=RAGGED):
                         pid, sid = f"{split}patient{p:04d}", f"{split}patient{p:04d}study{study}"
                         ids += [pid, sid]
                         report = (PACER + " " if pacer else "") + f"LV EJECTION FRACTION IS {int(ef)}%. "
-                        w.write(records.encode_example({
-                            "video_id": f"{sid}video{v}".encode(), "patient_id": pid.encode(),
-                            "study_id": sid.encode(), "study_day": study * 200, "frames": jpegs,
-                            "num_frames": n_frames, "image_size": image_size, "fps": 30.0,
-                            "report": report.encode(), "ef": ef, "source": b"dicom"}))
+                        w.write(
+                            records.encode_example(
+                                {
+                                    "video_id": f"{sid}video{v}".encode(),
+                                    "patient_id": pid.encode(),
+                                    "study_id": sid.encode(),
+                                    "study_day": study * 200,
+                                    "frames": jpegs,
+                                    "num_frames": n_frames,
+                                    "image_size": image_size,
+                                    "fps": 30.0,
+                                    "report": report.encode(),
+                                    "ef": ef,
+                                    "source": b"dicom",
+                                }
+                            )
+                        )
     with open(os.path.join(out, "dataset_info.json"), "w") as f:
-        json.dump({"source": "dicom", "max_frames": max(cycle), "image_size": image_size,
-                   "features": records.SCHEMA}, f)
+        json.dump(
+            {"source": "dicom", "max_frames": max(cycle), "image_size": image_size, "features": records.SCHEMA}, f
+        )
     return ids
 
 
 def _cli(*args, timeout=600):
 
     env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
 
 
 @pytest.mark.slow
@@ -200,24 +230,47 @@ def test_sweep_over_three_checkpoints_is_resumable(tmp_path):
     data_dir, workdir, out = tmp_path / "records", tmp_path / "work", tmp_path / "eval"
     data_dir.mkdir()
     ids = _write_records(str(data_dir), np.random.default_rng(0))
-    tiny = ["--config", "configs/tiny.py", "--config.batch_size=8", "--config.total_steps=3",
-            "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=5",
-            "--config.model.vision.image_size=64"]
+    tiny = [
+        "--config",
+        "configs/tiny.py",
+        "--config.batch_size=8",
+        "--config.total_steps=3",
+        "--config.checkpoint_every_steps=1",
+        "--config.keep_checkpoints=5",
+        "--config.model.vision.image_size=64",
+    ]
     r = _cli("echoclip_jax.train", *tiny, f"--config.data_dir={data_dir}", "--workdir", str(workdir))
     assert r.returncode == 0, r.stderr[-3000:]
 
     steps = checkpoint.all_steps(str(workdir))
     assert len(steps) == 3, steps
-    evaluate_args = ["echoclip_jax.evaluate", *tiny, "--workdir", str(workdir), "--data_dir", str(data_dir),
-                     "--split", "test", "--out", str(out), "--tasks", "ef,pacemaker", "--batch_size", "16"]
+    evaluate_args = [
+        "echoclip_jax.evaluate",
+        *tiny,
+        "--workdir",
+        str(workdir),
+        "--data_dir",
+        str(data_dir),
+        "--split",
+        "test",
+        "--out",
+        str(out),
+        "--tasks",
+        "ef,pacemaker",
+        "--batch_size",
+        "16",
+    ]
     r = _cli(*evaluate_args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "evaluated 3 checkpoint(s), skipped 0" in r.stdout
     results = {s: json.load(open(out / f"{s}.json")) for s in steps}
     for s, res in results.items():
         # ragged videos (1 to 6 frames), no --frames: every frame of every video is evaluated
-        assert res["step"] == s and res["num_videos"] == 16 and res["num_frames"] == sum(
-            RAGGED[i % len(RAGGED)] for i in range(16))
+        assert (
+            res["step"] == s
+            and res["num_videos"] == 16
+            and res["num_frames"] == sum(RAGGED[i % len(RAGGED)] for i in range(16))
+        )
         assert res["frames_per_video"]["min"] == 1 and res["frames_per_video"]["max"] == 6
         assert res["tasks"]["ejection_fraction"]["n"] == 16
         assert res["tasks"]["pacemaker"]["n_pos"] == 4  # patients 0 and 2, second study, 2 videos each
@@ -255,8 +308,19 @@ def test_sweep_over_three_checkpoints_is_resumable(tmp_path):
 def test_cli_reports_missing_arguments_and_unknown_tasks(tmp_path):
     r = _cli("echoclip_jax.evaluate", "--config", "configs/tiny.py", "--data_dir", str(tmp_path))
     assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("echoclip_jax.evaluate", "--config", "configs/tiny.py", "--data_dir", str(tmp_path),
-             "--out", str(tmp_path / "e"), "--workdir", str(tmp_path), "--tasks", "ef,nope")
+    r = _cli(
+        "echoclip_jax.evaluate",
+        "--config",
+        "configs/tiny.py",
+        "--data_dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "e"),
+        "--workdir",
+        str(tmp_path),
+        "--tasks",
+        "ef,nope",
+    )
     assert r.returncode != 0 and "unknown task(s) ['nope']" in r.stderr
 
 
@@ -264,7 +328,6 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
     """Records whose videos have 1 to 6 frames, evaluated without --frames (then with --frames 2): the
     split's embeddings keep each video's own frames, the zero-shot figures are the per-video rules applied
     to them, and video embeddings are the mean of each video's frames."""
-
 
     data_dir = tmp_path / "records"
     data_dir.mkdir()
@@ -274,23 +337,30 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
     config.model.text.layers, config.model.text.width, config.model.text.heads = 1, 32, 2
     model = models.build_model(config.model, rngs=nnx.Rngs(0))
     weights_file = tmp_path / "m.safetensors"
-    conversion.save(f"safetensors:{weights_file}", config.model,
-                 {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
+    conversion.save(
+        f"safetensors:{weights_file}",
+        config.model,
+        {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))},
+    )
     tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
     sources = sweep.list_sources(checkpoint=f"safetensors:{weights_file}")
-    sweep.run(config, sources, data_dir=str(data_dir), split="test", out_dir=str(tmp_path / "e"),
-                 tasks=tasks, batch_size=8)
+    sweep.run(
+        config, sources, data_dir=str(data_dir), split="test", out_dir=str(tmp_path / "e"), tasks=tasks, batch_size=8
+    )
     res = json.load(open(tmp_path / "e" / "m.json"))
     lengths = [RAGGED[i % len(RAGGED)] for i in range(16)]
     assert res["num_videos"] == 16 and res["num_frames"] == sum(lengths)
     assert res["frames_per_video"] == {"min": 1, "max": 6, "mean": pytest.approx(np.mean(lengths))}
 
-    embedder = embedder_lib.Embedder(weights.load_model(f"safetensors:{weights_file}", config.model),
-                                 tokenizers.from_config(config.tokenizer), batch_size=8)
+    embedder = embedder_lib.Embedder(
+        weights.load_model(f"safetensors:{weights_file}", config.model),
+        tokenizers.from_config(config.tokenizer),
+        batch_size=8,
+    )
     split = embedder_lib.embed_split(embedder, str(data_dir), "test", frames=None, image_size=32)
     assert list(split.lengths) == lengths
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    per_video = [split.frames[a:a + n] for a, n in zip(starts, lengths)]
+    per_video = [split.frames[a : a + n] for a, n in zip(starts, lengths)]
     for frames, video in zip(per_video, split.videos):
         mean = frames.mean(0)
         np.testing.assert_allclose(video, mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
@@ -299,8 +369,9 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
     prompts = embedder.texts(texts)
     pred = [zs.predict_regression(zs.similarities(f[None], prompts), values)[0] for f in per_video]
     labels = zs.task_labels(tasks[0], split.report, {"ef": split.ef})
-    assert res["tasks"]["ejection_fraction"]["mae"] == pytest.approx(np.mean(np.abs(np.asarray(pred) - labels)),
-                                                                      rel=1e-5)
+    assert res["tasks"]["ejection_fraction"]["mae"] == pytest.approx(
+        np.mean(np.abs(np.asarray(pred) - labels)), rel=1e-5
+    )
     # --frames K for speed: at most K frames of each video
     short = embedder_lib.embed_split(embedder, str(data_dir), "test", frames=2, image_size=32, progress="on")
     assert list(short.lengths) == [min(2, n) for n in lengths]
@@ -309,7 +380,6 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------- study level
-
 
 
 def _unit(v):
@@ -323,9 +393,15 @@ def _ragged_split(frames_per_video, study_ids, reports, *, ef=None, patients=Non
     videos = np.stack([_unit(_unit(f).mean(0)) for f in frames_per_video]).astype(np.float32)
     n = len(frames_per_video)
     return embedder_lib.SplitEmbeddings(
-        frames=frames, videos=videos, lengths=[len(f) for f in frames_per_video],
-        patient_id=patients or [f"patient-{s}" for s in study_ids], study_id=list(study_ids),
-        study_day=np.zeros(n), report=list(reports), ef=np.full(n, np.nan) if ef is None else np.asarray(ef))
+        frames=frames,
+        videos=videos,
+        lengths=[len(f) for f in frames_per_video],
+        patient_id=patients or [f"patient-{s}" for s in study_ids],
+        study_id=list(study_ids),
+        study_day=np.zeros(n),
+        report=list(reports),
+        ef=np.full(n, np.nan) if ef is None else np.asarray(ef),
+    )
 
 
 def test_study_layout_on_a_hand_computed_case():
@@ -353,13 +429,22 @@ def test_study_layout_on_a_hand_computed_case():
     sims = rng.uniform(-1, 1, size=(9, 2))
     task = zs.load_tasks(names=["pacemaker"])[0]
     frame_score = sims.mean(1)
-    np.testing.assert_allclose(st.binary_scores(task, sims),
-                               [frame_score[[0, 1, 3, 4, 5]].mean(), frame_score[[2, 7, 8]].mean(),
-                                frame_score[6]], rtol=1e-12)
+    np.testing.assert_allclose(
+        st.binary_scores(task, sims),
+        [frame_score[[0, 1, 3, 4, 5]].mean(), frame_score[[2, 7, 8]].mean(), frame_score[6]],
+        rtol=1e-12,
+    )
     # weighted pool: video weights = softmax(video score / T) within the study, spread over its frames
     weighted = study_level.Studies(split, pool="weighted", temperature=0.1)
-    v = np.asarray([frame_score[[0, 1]].mean(), frame_score[2], frame_score[[3, 4, 5]].mean(), frame_score[6],
-                    frame_score[[7, 8]].mean()])
+    v = np.asarray(
+        [
+            frame_score[[0, 1]].mean(),
+            frame_score[2],
+            frame_score[[3, 4, 5]].mean(),
+            frame_score[6],
+            frame_score[[7, 8]].mean(),
+        ]
+    )
     w_b = np.exp(v[[0, 2]] / 0.1) / np.exp(v[[0, 2]] / 0.1).sum()
     w_a = np.exp(v[[1, 4]] / 0.1) / np.exp(v[[1, 4]] / 0.1).sum()
     np.testing.assert_allclose(weighted.video_weights(task, sims), [w_b[0], w_a[0], w_b[1], 1.0, w_a[1]])
@@ -377,8 +462,9 @@ def _one_view_cohort(rng, studies=12, views=3):
             t = 1 + (s + v) % 3
             a = _angle(ef + rng.normal(scale=1.0, size=t))
             shows = pacer and v == s % views
-            per_video.append(np.stack([0.8 * shows + 0.05 * rng.random(t), np.cos(a), np.sin(a),
-                                       np.full(t, 0.3)], axis=1))
+            per_video.append(
+                np.stack([0.8 * shows + 0.05 * rng.random(t), np.cos(a), np.sin(a), np.full(t, 0.3)], axis=1)
+            )
             ids.append(f"study{s}")
             patients.append(f"patient{s // 2}")
             reports.append((PACER + " " if pacer else "") + f"LV EJECTION FRACTION IS {int(ef)}%.")
@@ -462,6 +548,7 @@ def test_levels_json_layout_and_no_identifiers(tmp_path, monkeypatch):
         class model:
             class vision:
                 image_size = 64
+
         tokenizer = None
 
     tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker", "tavr"])  # no TAVR in any report
@@ -487,8 +574,13 @@ def test_levels_json_layout_and_no_identifiers(tmp_path, monkeypatch):
         row = next(csv.DictReader(f))
     assert row["study/tasks/pacemaker/auc"] == "1" and "tasks/pacemaker/auc" in row
     plots = set(os.listdir(both_dir / "plots"))
-    assert {"final_roc.png", "final_study_roc.png", "final_ejection_fraction.png",
-            "final_study_ejection_fraction.png", "final_levels.png"} <= plots
+    assert {
+        "final_roc.png",
+        "final_study_roc.png",
+        "final_ejection_fraction.png",
+        "final_study_ejection_fraction.png",
+        "final_levels.png",
+    } <= plots
     panels = eval_outputs.level_panels(fresh)
     assert "tavr auc" not in panels and set(panels["pacemaker auc"]) == {"better", "video", "study"}
     assert panels["pacemaker auc"]["study"] > panels["pacemaker auc"]["video"]

@@ -1,4 +1,5 @@
 """Saliency maps (echoclip_jax.interpret): a planted device is found, the CLI writes what it promises."""
+
 import json
 import os
 import pathlib
@@ -42,7 +43,7 @@ def speckle(rng, n, blob_at=None):
     x = rng.uniform(30, 110, size=(n, 1, 1, 1)) * rng.gamma(4.0, 0.25, size=(n, S, S, 1))
     if blob_at is not None:
         y0, x0 = blob_at
-        x[:, y0:y0 + BLOB, x0:x0 + BLOB] = 250
+        x[:, y0 : y0 + BLOB, x0 : x0 + BLOB] = 250
     return np.repeat(np.clip(x, 0, 255), 3, axis=-1).astype(np.uint8)
 
 
@@ -57,8 +58,11 @@ def plant_device_detector(model, tokenizer, *, big=100.0, threshold=1.0, gain=4.
     mean(d) onto the DEVICE text direction and the constant onto an orthogonal one (NO_DEVICE's), so
     cos(image, DEVICE) = m / sqrt(m^2 + 1) with m the pooled d."""
     v = model.visual
-    set_ = lambda p, value: p.set_value(jnp.asarray(value, p[...].dtype)) if hasattr(p, "set_value") \
+    set_ = lambda p, value: (
+        p.set_value(jnp.asarray(value, p[...].dtype))
+        if hasattr(p, "set_value")
         else p.__setitem__(..., jnp.asarray(value, p[...].dtype))
+    )
 
     def norm_passthrough(ln, channels, keep_constant):
         n = ln.scale[...].shape[0]
@@ -134,8 +138,12 @@ def test_forward_features_then_head_is_encode_image():
     x = models.preprocess_images(speckle(np.random.default_rng(0), 2, blob_at=(5, 9)))
     feats = model.visual.forward_features(x)
     assert feats.shape == (2, S // 32, S // 32, 320)
-    np.testing.assert_allclose(np.asarray(models.l2_normalize(model.visual.forward_head(feats))),
-                               np.asarray(model.encode_image(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(models.l2_normalize(model.visual.forward_head(feats))),
+        np.asarray(model.encode_image(x)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 POSITIONS = ((8, 34), (44, 6))
@@ -163,7 +171,7 @@ def assert_highlights_device(mapper, method):
     for k in range(len(frames)):
         y0, x0 = POSITIONS[k // 4]
         inside = np.zeros((S, S), bool)
-        inside[y0:y0 + BLOB, x0:x0 + BLOB] = True
+        inside[y0 : y0 + BLOB, x0 : x0 + BLOB] = True
         ratio = maps[0, k][inside].mean() / max(maps[0, k][~inside].mean(), 1e-12)
         assert ratio > 3.0, (method, k, ratio)
 
@@ -176,8 +184,9 @@ def test_saliency_highlights_the_planted_device(mapper, method):
 @pytest.mark.slow
 def test_smoothgrad_highlights_the_planted_device(planted):
     _, model, tok = planted
-    assert_highlights_device(saliency_maps.SaliencyMapper(model, tok, image_size=S, batch_size=8,
-                                                      smoothgrad_samples=4), "gradient")
+    assert_highlights_device(
+        saliency_maps.SaliencyMapper(model, tok, image_size=S, batch_size=8, smoothgrad_samples=4), "gradient"
+    )
 
 
 def test_frames_beyond_one_batch_are_padded_and_kept_in_order(mapper):
@@ -203,15 +212,15 @@ def test_videos_of_different_lengths_share_batches_and_match_one_by_one(mapper, 
             np.testing.assert_allclose(maps, alone, rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(sims, alone_sims, rtol=1e-5, atol=1e-6)
     named = [video_files.Video(f"v{i}", "npy", v, list(range(len(v)))) for i, v in enumerate(videos)]
-    index = saliency_outputs.run(mapper, prompts=[DEVICE], out_dir=str(tmp_path), videos=iter(named),
-                          methods=("promptcam",))
+    index = saliency_outputs.run(
+        mapper, prompts=[DEVICE], out_dir=str(tmp_path), videos=iter(named), methods=("promptcam",)
+    )
     assert [v["num_frames"] for v in index] == [1, 5, 12]
     for i, frames in enumerate(videos):
         maps = np.load(tmp_path / f"v{i}" / saliency_outputs.prompt_slug(0, DEVICE) / "promptcam.npy")
         sector = sector_from_frames(frames)  # run() keeps the maps inside the frames' scan sector only
         assert (maps[:, ~sector] == 0).all()
-        np.testing.assert_allclose(maps, mapper.maps("promptcam", frames, text)[0][0] * sector,
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(maps, mapper.maps("promptcam", frames, text)[0][0] * sector, rtol=1e-5, atol=1e-7)
 
 
 def test_load_video_npy_and_errors(tmp_path):
@@ -254,17 +263,39 @@ def test_prompt_slug_and_overlay():
 def test_cli_end_to_end(tmp_path, planted, reference_dir):
     c, model, _ = planted
     weights = tmp_path / "planted.safetensors"
-    conversion.save(f"safetensors:{weights}", c.model, {k: np.asarray(v) for k, v in
-                                                     nnx.to_flat_state(nnx.state(model, nnx.Param))})
+    conversion.save(
+        f"safetensors:{weights}", c.model, {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    )
     np.save(tmp_path / "device.npy", np.concatenate([device_video(), speckle(np.random.default_rng(5), 2)]))
     out = tmp_path / "maps"
-    cmd = [sys.executable, "-m", "echoclip_jax.interpret", "--config", str(REPO / "configs" / "tiny.py"),
-           "--checkpoint", f"safetensors:{weights}", "--video", str(tmp_path / "device.npy"),
-           "--video", str(reference_dir / "example_video.avi"), "--frames", "3", "--prompt", DEVICE,
-           "--prompt", NO_DEVICE, "--out", str(out), "--batch_size", "8",
-           # --config must agree with the architecture stored beside the weights (weights.load's rule)
-           "--config.model.embed_dim=32", "--config.model.text.layers=1", "--config.model.text.width=32",
-           "--config.model.text.heads=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "echoclip_jax.interpret",
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        "--checkpoint",
+        f"safetensors:{weights}",
+        "--video",
+        str(tmp_path / "device.npy"),
+        "--video",
+        str(reference_dir / "example_video.avi"),
+        "--frames",
+        "3",
+        "--prompt",
+        DEVICE,
+        "--prompt",
+        NO_DEVICE,
+        "--out",
+        str(out),
+        "--batch_size",
+        "8",
+        # --config must agree with the architecture stored beside the weights (weights.load's rule)
+        "--config.model.embed_dim=32",
+        "--config.model.text.layers=1",
+        "--config.model.text.width=32",
+        "--config.model.text.heads=2",
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -290,10 +321,26 @@ def test_cli_end_to_end(tmp_path, planted, reference_dir):
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
-    cmd = [sys.executable, "-m", "echoclip_jax.interpret", "--config", str(REPO / "configs" / "tiny.py"),
-           "--checkpoint", "safetensors:x", "--prompt", "p", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "echoclip_jax.interpret",
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        "--checkpoint",
+        "safetensors:x",
+        "--prompt",
+        "p",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "--video" in result.stderr
-    help_ = subprocess.run([sys.executable, "-m", "echoclip_jax.interpret", "--help"], cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "echoclip_jax.interpret", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "--prompt" in help_.stdout and "promptcam" in help_.stdout  # absl exits 1 after --help

@@ -7,6 +7,7 @@ sweep evaluation of every checkpoint (no --frames) -> export to open_clip, loade
 `open_clip.create_model_and_transforms("local-dir:...")` with embeddings equal to ours in float32 ->
 `embed` (frames, a video, texts) -> `interpret` on the records and on a real vendor's ultrasound DICOM.
 """
+
 import csv
 import json
 import os
@@ -30,8 +31,13 @@ from .conftest import REPO, read_metrics, xla_flags
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 TEMPLATE_VOCAB = os.path.join(REPO, "..", "shared", "echoclip_reference", "template_vocab.txt")
-SCALE = ["--config.batch_size=8", "--config.total_steps=3", "--config.checkpoint_every_steps=1",
-         "--config.log_every_steps=1", "--config.eval_batches=1"]
+SCALE = [
+    "--config.batch_size=8",
+    "--config.total_steps=3",
+    "--config.checkpoint_every_steps=1",
+    "--config.log_every_steps=1",
+    "--config.eval_batches=1",
+]
 
 
 def _env() -> dict:
@@ -41,8 +47,9 @@ def _env() -> dict:
 
 
 def _cli(*args, timeout=1500):
-    r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, f"{' '.join(args[:1])} exited {r.returncode}:\n{r.stderr[-4000:]}"
     return r
 
@@ -52,11 +59,30 @@ def cohort(tmp_path_factory):
     """4 patients converted at 224 with up to 18 frames each: the videos keep 16-18 frames, as in an export."""
     root = tmp_path_factory.mktemp("journey")
     _cli("data_prep.synthetic", "--out", str(root / "syn"), "--patients", "4", "--seed", "1", "--small")
-    _cli("data_prep.convert", "--dicom_dir", str(root / "syn" / "dicom"), "--reports", str(root / "syn" / "reports.csv"),
-         "--out", str(root / "rec"), "--salt", "journey-salt", "--frames", "18", "--image_size", "224",
-         "--split_fractions", "0.5,0.5,0.0", "--shard_size", "8")
-    lengths = [records.decode_example(raw)["num_frames"][0]
-               for shard in records.list_shards(str(root / "rec"), "val") for raw in records.ShardReader(shard)]
+    _cli(
+        "data_prep.convert",
+        "--dicom_dir",
+        str(root / "syn" / "dicom"),
+        "--reports",
+        str(root / "syn" / "reports.csv"),
+        "--out",
+        str(root / "rec"),
+        "--salt",
+        "journey-salt",
+        "--frames",
+        "18",
+        "--image_size",
+        "224",
+        "--split_fractions",
+        "0.5,0.5,0.0",
+        "--shard_size",
+        "8",
+    )
+    lengths = [
+        records.decode_example(raw)["num_frames"][0]
+        for shard in records.list_shards(str(root / "rec"), "val")
+        for raw in records.ShardReader(shard)
+    ]
     assert len(set(lengths)) > 1, f"the val split's videos must differ in length, got {lengths}"
     return root
 
@@ -93,8 +119,16 @@ def test_paper_config_through_every_job(name, cohort, tmp_path):
     rec, work = str(cohort / "rec"), tmp_path / "work"
 
     # train; SIGTERM once step 1 is logged: it saves and exits 0; the same command resumes to step 3
-    train = [sys.executable, "-m", "echoclip_jax.train", *config, *SCALE, f"--config.data_dir={rec}",
-             "--workdir", str(work)]
+    train = [
+        sys.executable,
+        "-m",
+        "echoclip_jax.train",
+        *config,
+        *SCALE,
+        f"--config.data_dir={rec}",
+        "--workdir",
+        str(work),
+    ]
     proc = subprocess.Popen(train, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 1500
@@ -115,8 +149,21 @@ def test_paper_config_through_every_job(name, cohort, tmp_path):
     assert all(np.isfinite(m["loss"]) for m in rows)
 
     # sweep evaluation over every checkpoint of the run, videos of different lengths, no --frames
-    evaluate = ["echoclip_jax.evaluate", *config, *SCALE, "--workdir", str(work), "--data_dir", rec, "--split", "val",
-                "--out", str(tmp_path / "eval"), "--batch_size", "16"]
+    evaluate = [
+        "echoclip_jax.evaluate",
+        *config,
+        *SCALE,
+        "--workdir",
+        str(work),
+        "--data_dir",
+        rec,
+        "--split",
+        "val",
+        "--out",
+        str(tmp_path / "eval"),
+        "--batch_size",
+        "16",
+    ]
     _cli(*evaluate)
     with open(tmp_path / "eval" / "summary.csv") as f:
         summary = list(csv.DictReader(f))
@@ -135,19 +182,30 @@ def test_paper_config_through_every_job(name, cohort, tmp_path):
     frames = video[:3]
     np.save(tmp_path / "frames.npy", frames)
     np.save(tmp_path / "video.npy", video[None])
-    texts = ["LV EJECTION FRACTION IS 35%.", "NORMAL LEFT VENTRICULAR SIZE.",
-             "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD."]
+    texts = [
+        "LV EJECTION FRACTION IS 35%.",
+        "NORMAL LEFT VENTRICULAR SIZE.",
+        "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD.",
+    ]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     ours = {}
     for kind, source in (("frames", "--images"), ("video", "--images"), ("texts", "--texts")):
         path = tmp_path / (f"{kind}.txt" if kind == "texts" else f"{kind}.npy")
-        _cli("echoclip_jax.embed", *config, "--config.model.dtype=float32", "--checkpoint", f"orbax:{work}",
-             source, str(path), "--out", str(tmp_path / f"{kind}_emb.npy"))
+        _cli(
+            "echoclip_jax.embed",
+            *config,
+            "--config.model.dtype=float32",
+            "--checkpoint",
+            f"orbax:{work}",
+            source,
+            str(path),
+            "--out",
+            str(tmp_path / f"{kind}_emb.npy"),
+        )
         ours[kind] = np.load(tmp_path / f"{kind}_emb.npy")
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
     pixels = (torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255 - mean) / std
-
 
     cfg = files.load(CONFIGS / f"{name}.py")
     if name == "echoclip_r":
@@ -164,11 +222,40 @@ def test_paper_config_through_every_job(name, cohort, tmp_path):
     # interpret: the records (ragged, no --frames) and a real vendor's multi-frame ultrasound DICOM
 
     maps = tmp_path / "maps"
-    _cli("echoclip_jax.interpret", *config, "--checkpoint", f"open_clip:{oc_dir}", "--data_dir", rec, "--split", "val",
-         "--limit", "2", "--prompt", "pacemaker", "--out", str(maps), "--batch_size", "8")
-    _cli("echoclip_jax.interpret", *config, "--checkpoint", f"open_clip:{oc_dir}", "--video",
-         get_testdata_file("color3d_jpeg_baseline.dcm"), "--frames", "4", "--prompt", "pacemaker", "--out",
-         str(tmp_path / "maps_dicom"), "--batch_size", "8")
+    _cli(
+        "echoclip_jax.interpret",
+        *config,
+        "--checkpoint",
+        f"open_clip:{oc_dir}",
+        "--data_dir",
+        rec,
+        "--split",
+        "val",
+        "--limit",
+        "2",
+        "--prompt",
+        "pacemaker",
+        "--out",
+        str(maps),
+        "--batch_size",
+        "8",
+    )
+    _cli(
+        "echoclip_jax.interpret",
+        *config,
+        "--checkpoint",
+        f"open_clip:{oc_dir}",
+        "--video",
+        get_testdata_file("color3d_jpeg_baseline.dcm"),
+        "--frames",
+        "4",
+        "--prompt",
+        "pacemaker",
+        "--out",
+        str(tmp_path / "maps_dicom"),
+        "--batch_size",
+        "8",
+    )
     for root in (maps, tmp_path / "maps_dicom"):
         index = json.loads((root / "index.json").read_text())
         assert index and all(os.path.exists(root / v) for v in os.listdir(root) if v != "index.json")

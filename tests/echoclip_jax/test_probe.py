@@ -1,4 +1,5 @@
 """echoclip_jax.probe: linear and attentive probes on frozen embeddings, beside their baselines."""
+
 import csv
 import io
 import json
@@ -38,10 +39,17 @@ def _split(frames: list, patients: list, studies: list | None = None, tag: str =
     videos = np.stack([f.mean(0) for f in frames])
     videos /= np.linalg.norm(videos, axis=1, keepdims=True)
     studies = studies if studies is not None else [f"{tag}study{p}x{i}" for i, p in enumerate(patients)]
-    return SplitEmbeddings(frames=np.concatenate(frames).astype(np.float32), videos=videos.astype(np.float32),
-                           lengths=np.asarray([len(f) for f in frames]), patient_id=list(patients),
-                           study_id=list(studies), study_day=np.zeros(n), report=[""] * n, ef=np.full(n, np.nan),
-                           video_id=[f"{tag}video{i:05d}" for i in range(n)])
+    return SplitEmbeddings(
+        frames=np.concatenate(frames).astype(np.float32),
+        videos=videos.astype(np.float32),
+        lengths=np.asarray([len(f) for f in frames]),
+        patient_id=list(patients),
+        study_id=list(studies),
+        study_day=np.zeros(n),
+        report=[""] * n,
+        ef=np.full(n, np.nan),
+        video_id=[f"{tag}video{i:05d}" for i in range(n)],
+    )
 
 
 def _ids(split: SplitEmbeddings) -> set:
@@ -63,7 +71,7 @@ def _separable(rng, n, tag, patients_per=3):
     centres = rng.normal(size=(3, 8)) * 3
     w = rng.normal(size=8)
     cls = rng.integers(0, 3, n)
-    cls[:n // 2] = 0  # a majority class, so the baseline has something to find
+    cls[: n // 2] = 0  # a majority class, so the baseline has something to find
     frames = [centres[c] + rng.normal(scale=0.3, size=(int(rng.integers(1, 5)), 8)) for c in cls]
     split = _split(frames, [f"{tag}patient{i // patients_per}" for i in range(n)], tag=tag)
     ef = 50 + 10 * split.videos @ w
@@ -81,8 +89,10 @@ def test_linear_probe_on_a_separable_case_beats_its_baseline_and_writes_no_ids(t
     centres_rng = np.random.default_rng(1)  # the same centres and weights for the evaluated split
     test, view_ev, ef_ev = _separable(centres_rng, 60, "ev")
     del rng
-    table = {k: {**_table(train, view=view_tr, ef=ef_tr)[k], **_table(test, view=view_ev, ef=ef_ev)[k]}
-             for k in ("view", "ef")}
+    table = {
+        k: {**_table(train, view=view_tr, ef=ef_tr)[k], **_table(test, view=view_ev, ef=ef_ev)[k]}
+        for k in ("view", "ef")
+    }
     res = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=str(tmp_path), probes=("linear",))
     view = res["labels"]["view"]
     assert view["task"] == "classification" and view["task_source"] == "detected"
@@ -171,14 +181,17 @@ def test_cv_folds_never_split_a_patient():
     assert hp["alpha"] == 1.0 and hp["cv"].startswith("none")
 
 
-@pytest.mark.parametrize("values, task", [
-    (["0", "1", "", "1"], "classification"),
-    (["a4c", "plax", "3"], "classification"),
-    (["1", "2.0", "3"], "classification"),
-    ([str(v) for v in range(20, 76)], "regression"),  # EF: many distinct integers
-    (["0.5", "1.5", "0.5"], "regression"),
-    ([], "classification"),
-])
+@pytest.mark.parametrize(
+    "values, task",
+    [
+        (["0", "1", "", "1"], "classification"),
+        (["a4c", "plax", "3"], "classification"),
+        (["1", "2.0", "3"], "classification"),
+        ([str(v) for v in range(20, 76)], "regression"),  # EF: many distinct integers
+        (["0.5", "1.5", "0.5"], "regression"),
+        ([], "classification"),
+    ],
+)
 def test_label_type_detection(values, task):
     assert labels_lib.detect_task(values) == task
 
@@ -197,12 +210,15 @@ def test_missing_labels_are_skipped_and_counted_and_study_keys_pool_videos(tmp_p
         for v in test.video_id:
             w.writerow([v, 50, "x"])
     table = labels_lib.read_labels(str(path), "video_id", ["ef"])
-    res = probe_pipeline.probe_splits(train, test, table, key="video_id", out_dir=None, probes=("linear",),
-                             tasks={"ef": "regression"})
+    res = probe_pipeline.probe_splits(
+        train, test, table, key="video_id", out_dir=None, probes=("linear",), tasks={"ef": "regression"}
+    )
     ef = res["labels"]["ef"]
     assert ef["task_source"] == "given" and ef["n_train"] == 5 and ef["n_eval"] == 4
-    assert ef["skipped"] == {"train": {"no_label_row": 2, "empty_label": 1},
-                             "eval": {"no_label_row": 0, "empty_label": 0}}
+    assert ef["skipped"] == {
+        "train": {"no_label_row": 2, "empty_label": 1},
+        "eval": {"no_label_row": 0, "empty_label": 0},
+    }
     with pytest.raises(ValueError, match=r"no column\(s\) \['nope'\]"):
         labels_lib.read_labels(str(path), "video_id", ["nope"])
     # study key: a study is the re-normalised mean of its videos, over all their frames
@@ -212,18 +228,22 @@ def test_missing_labels_are_skipped_and_counted_and_study_keys_pool_videos(tmp_p
     np.testing.assert_allclose(items.embeddings[0], mean / np.linalg.norm(mean), rtol=1e-5)
     np.testing.assert_allclose(items.frames[0], np.concatenate(frames[:2]), rtol=1e-6)
     study_table = {"ef": {"trs0": "40", "trs1": "45", "trs2": "", "evs0": "50"}}
-    res = probe_pipeline.probe_splits(train, test, study_table, key="study_id", out_dir=None, probes=("linear",),
-                             tasks={"ef": "regression"})
+    res = probe_pipeline.probe_splits(
+        train, test, study_table, key="study_id", out_dir=None, probes=("linear",), tasks={"ef": "regression"}
+    )
     assert res["n_items"] == {"train": 4, "eval": 2}
-    assert res["labels"]["ef"]["skipped"] == {"train": {"no_label_row": 1, "empty_label": 1},
-                                              "eval": {"no_label_row": 1, "empty_label": 0}}
+    assert res["labels"]["ef"]["skipped"] == {
+        "train": {"no_label_row": 1, "empty_label": 1},
+        "eval": {"no_label_row": 1, "empty_label": 0},
+    }
     # a patient on both sides would flatter the probe: refused
     leaky = _split(frames[8:], ["trp0"] * 4, tag="ev")
     with pytest.raises(ValueError, match="1 patient\\(s\\) in both"):
         probe_pipeline.probe_splits(train, leaky, table, key="video_id", out_dir=None)
     # one class in training: an error for that label, not a crash
-    one = probe_pipeline.probe_splits(train, test, {"c": {v: "a" for v in train.video_id} | {test.video_id[0]: "b"}},
-                             key="video_id", out_dir=None)
+    one = probe_pipeline.probe_splits(
+        train, test, {"c": {v: "a" for v in train.video_id} | {test.video_id[0]: "b"}}, key="video_id", out_dir=None
+    )
     assert one["labels"]["c"]["error"] == "one class only in the training split"
 
 
@@ -231,39 +251,76 @@ def test_synthetic_labels_csv(tmp_path):
     """Labels CSVs from a cohort: keyed by the salted ids data_prep.convert would give."""
 
     env = {**os.environ, "PYTHONPATH": REPO}
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(tmp_path / "c"), "--patients", "1",
-                    "--small", "--cohort_version", "2"], check=True, cwd=REPO, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.synthetic",
+            "--out",
+            str(tmp_path / "c"),
+            "--patients",
+            "1",
+            "--small",
+            "--cohort_version",
+            "2",
+        ],
+        check=True,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+    )
     salt_file = tmp_path / "salt"
     salt_file.write_text("a-secret-salt\n")
-    r = subprocess.run([sys.executable, "-m", "echoclip_jax.probe_labels", "--cohort", str(tmp_path / "c"),
-                        "--salt_file", str(salt_file), "--out", str(tmp_path / "v.csv")], cwd=REPO, env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "echoclip_jax.probe_labels",
+            "--cohort",
+            str(tmp_path / "c"),
+            "--salt_file",
+            str(salt_file),
+            "--out",
+            str(tmp_path / "v.csv"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(tmp_path / "v.csv")))
     truth = truth_by_video_id(str(tmp_path / "c"), b"a-secret-salt")
     assert list(rows[0]) == ["video_id", "view", "ef", "pacemaker", "tavr", "mitraclip", "lv_size"]
     assert {r["video_id"]: r["view"] for r in rows} == {k: t["view"] for k, t in truth.items()}
-    n = demo_labels.write_synthetic_labels(str(tmp_path / "c"), "a-secret-salt", str(tmp_path / "s.csv"),
-                                            key="study_id")
+    n = demo_labels.write_synthetic_labels(
+        str(tmp_path / "c"), "a-secret-salt", str(tmp_path / "s.csv"), key="study_id"
+    )
     studies = {t["StudyInstanceUID"]: t["ef"] for t in read_truth(str(tmp_path / "c"))}
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     assert n == len(rows) == len(studies) and "view" not in rows[0]
-    assert {r["study_id"]: r["ef"] for r in rows} == {salted_hash(b"a-secret-salt", "study", u): ef
-                                                       for u, ef in studies.items()}
+    assert {r["study_id"]: r["ef"] for r in rows} == {
+        salted_hash(b"a-secret-salt", "study", u): ef for u, ef in studies.items()
+    }
     with pytest.raises(ValueError, match="at least 8 bytes"):
         options.load_salt("short")
 
 
 # ------------------------------------------------------------------------- the CLI, end to end
 
-TINY = {"model.vision.image_size": 32, "model.vision.depthwise_impl": "lax", "model.embed_dim": 32,
-        "model.text.layers": 1, "model.text.width": 32, "model.text.heads": 2}
+TINY = {
+    "model.vision.image_size": 32,
+    "model.vision.depthwise_impl": "lax",
+    "model.embed_dim": 32,
+    "model.text.layers": 1,
+    "model.text.width": 32,
+    "model.text.heads": 2,
+}
 
 
 def _write_records(out, rng, image_size=32):
     """Tiny records (data_prep.records): 4 train and 2 test patients, 2 studies each of 2 videos of
     1-4 frames. Returns every id written."""
-
 
     ids = []
     for split, patients in (("train", 4), ("test", 2)):
@@ -276,22 +333,34 @@ def _write_records(out, rng, image_size=32):
                         jpegs = []
                         for _ in range(n_frames):
                             buf = io.BytesIO()
-                            Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
-                                            ).save(buf, format="JPEG")
+                            Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)).save(
+                                buf, format="JPEG"
+                            )
                             jpegs.append(buf.getvalue())
                         ids += [pid, sid, vid]
-                        w.write(records.encode_example({
-                            "video_id": vid.encode(), "patient_id": pid.encode(), "study_id": sid.encode(),
-                            "study_day": s * 100, "frames": jpegs, "num_frames": n_frames,
-                            "image_size": image_size, "fps": 30.0, "report": b"NORMAL.", "ef": 55.0,
-                            "source": b"dicom"}))
+                        w.write(
+                            records.encode_example(
+                                {
+                                    "video_id": vid.encode(),
+                                    "patient_id": pid.encode(),
+                                    "study_id": sid.encode(),
+                                    "study_day": s * 100,
+                                    "frames": jpegs,
+                                    "num_frames": n_frames,
+                                    "image_size": image_size,
+                                    "fps": 30.0,
+                                    "report": b"NORMAL.",
+                                    "ef": 55.0,
+                                    "source": b"dicom",
+                                }
+                            )
+                        )
     with open(os.path.join(out, "dataset_info.json"), "w") as f:
         json.dump({"source": "dicom", "max_frames": 4, "image_size": image_size, "features": records.SCHEMA}, f)
     return sorted(set(ids))
 
 
 def test_cli_end_to_end_on_tiny_records(tmp_path):
-
 
     (tmp_path / "records").mkdir()
     ids = _write_records(str(tmp_path / "records"), np.random.default_rng(0))
@@ -303,8 +372,11 @@ def test_cli_end_to_end_on_tiny_records(tmp_path):
             node = node[part]
         node[leaf] = v
     model = models.build_model(config.model, rngs=nnx.Rngs(0))
-    conversion.save(f"safetensors:{tmp_path / 'm.safetensors'}", config.model,
-                 {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
+    conversion.save(
+        f"safetensors:{tmp_path / 'm.safetensors'}",
+        config.model,
+        {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))},
+    )
     train = [i for i in ids if "video" in i and i.startswith("train")]
     test = [i for i in ids if "video" in i and i.startswith("test")]
     with open(tmp_path / "labels.csv", "w", newline="") as f:
@@ -312,14 +384,40 @@ def test_cli_end_to_end_on_tiny_records(tmp_path):
         w.writerow(["video_id", "side", "score"])
         for i, v in enumerate(train + test[:-1]):  # the last test video has no row
             w.writerow([v, "left" if i % 2 else "right", "" if i == 0 else i])  # train video 0: no score
-    env = {**os.environ, "PYTHONPATH": REPO,
-           "XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-           + " --xla_force_host_platform_device_count=2"}
-    args = [sys.executable, "-m", "echoclip_jax.probe", "--config", os.path.join(REPO, "configs", "tiny.py"),
-            *[f"--config.{k}={v}" for k, v in TINY.items()], "--checkpoint", f"safetensors:{tmp_path / 'm.safetensors'}",
-            "--data_dir", str(tmp_path / "records"), "--labels", str(tmp_path / "labels.csv"), "--label", "side",
-            "--label", "score", "--task", "score=regression", "--key", "video_id", "--out", str(tmp_path / "out"),
-            "--batch_size", "8", "--epochs", "3"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+        + " --xla_force_host_platform_device_count=2",
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "echoclip_jax.probe",
+        "--config",
+        os.path.join(REPO, "configs", "tiny.py"),
+        *[f"--config.{k}={v}" for k, v in TINY.items()],
+        "--checkpoint",
+        f"safetensors:{tmp_path / 'm.safetensors'}",
+        "--data_dir",
+        str(tmp_path / "records"),
+        "--labels",
+        str(tmp_path / "labels.csv"),
+        "--label",
+        "side",
+        "--label",
+        "score",
+        "--task",
+        "score=regression",
+        "--key",
+        "video_id",
+        "--out",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "8",
+        "--epochs",
+        "3",
+    ]
     r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(tmp_path / "out" / "probe.json"))

@@ -7,6 +7,7 @@ Whole runs go through `run_train` (conftest): a fresh `python -m echoclip_jax.tr
 bounded by a timeout. Already covered elsewhere (not repeated here): SIGKILL + resume bit-identical and
 SIGTERM saves and exits 0 (test_train.py), restore onto another device count (test_checkpoint.py,
 test_train.py), a non-finite loss at step 0 (test_train.py)."""
+
 import json
 import math
 import os
@@ -65,7 +66,7 @@ def _corrupt_copy(records_dir, dst, split="train", which=((0, 2), (1, 3))):
 
 
 def test_training_loader_names_the_corrupt_shard_and_offset(tiny_config, records_dir, tmp_path):
-    (shard, offset), = _corrupt_copy(records_dir, tmp_path, which=((1, 3),))
+    ((shard, offset),) = _corrupt_copy(records_dir, tmp_path, which=((1, 3),))
     tiny_config.data_dir = str(tmp_path)
     loader = data.train_loader(tiny_config, _mesh())
     n = len(data.ShardedRecords(str(tmp_path), "train"))
@@ -194,11 +195,13 @@ def _files_under(path) -> int:
 
 def _phase(name: str, step: int):
     """(condition on a workdir, rows of earlier runs to skip) -> bool: step `step`'s save is at phase `name`."""
+
     def tmp(wd, *parts):
         return os.path.join(_ckdir(wd), f"{step}{TMP}", *parts)
 
     def renamed(wd) -> int:  # items of the step finalised (renamed from `<item>.orbax-checkpoint-tmp`)
         return sum(os.path.isdir(tmp(wd, item)) for item in ("state", "data"))
+
     return {
         "row logged": lambda wd, skip: any(r["step"] == step for r in _rows(wd)[skip:]),  # the save starts next
         "arrays being written": lambda wd, skip: _files_under(tmp(wd, f"state{TMP}", "ocdbt.process_0", "d")) > 0,
@@ -211,14 +214,19 @@ def _phase(name: str, step: int):
 class _Run:
     """`python -m echoclip_jax.train` (KILL_RUN) in the background, its output in a log file."""
 
-    def __init__(self, records_dir, workdir, log_path, *extra, prelude="", env=None, processes=1, process_id=0,
-                 port=None):
+    def __init__(
+        self, records_dir, workdir, log_path, *extra, prelude="", env=None, processes=1, process_id=0, port=None
+    ):
         self.workdir, self.log_path = workdir, log_path
         self.skip = len(_rows(workdir))  # rows of earlier runs
         if processes > 1:
-            extra = (*extra, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                     f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={process_id}",
-                     f"--config.distributed.heartbeat_timeout={HEARTBEAT}")
+            extra = (
+                *extra,
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                f"--config.distributed.num_processes={processes}",
+                f"--config.distributed.process_id={process_id}",
+                f"--config.distributed.heartbeat_timeout={HEARTBEAT}",
+            )
         args, base_env = train_command(records_dir, workdir, *KILL_RUN, *extra, prelude=prelude)
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(args, env={**base_env, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
@@ -302,8 +310,10 @@ def test_sigkill_while_a_save_is_written_then_the_restart_resumes(records_dir, t
     assert _resumed_at(log) == 2, log[-3000:]
     left = _debris(wd)
     assert len(left) == 1 and left[0].startswith(checkpoint.DEBRIS_PREFIX + "4."), left  # moved aside, not deleted
-    assert (f"{_ckdir(wd)}/{left[0]}: could not delete what an unfinished save left ([Errno 39] Directory not "
-            "empty: 'd'); training ignores it and the next start retries") in log, log[-3000:]
+    assert (
+        f"{_ckdir(wd)}/{left[0]}: could not delete what an unfinished save left ([Errno 39] Directory not "
+        "empty: 'd'); training ignores it and the next start retries"
+    ) in log, log[-3000:]
     assert checkpoint.all_steps(str(wd)) == [4, 6, 8]
     rows = _rows(wd)
     assert [r["step"] for r in rows][-6:] == [3, 4, 5, 6, 7, 8]
@@ -408,8 +418,13 @@ def test_sigkill_at_random_moments_of_saves_then_every_restore_is_exact(tmp_path
         assert time.time() - t0 < 400, phases
         latest = checkpoint.latest_step(str(wd)) or 0
         with open(tmp_path / "saver.log", "w") as log:
-            proc = subprocess.Popen([sys.executable, "-c", SAVER, str(wd), "1000000"], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", SAVER, str(wd), "1000000"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         _wait_for_line(proc, tmp_path / "saver.log", f"resumed {latest}")
         time.sleep(rng.uniform(0, 2))  # the random moment: nothing to wait for
         assert proc.poll() is None, (tmp_path / "saver.log").read_text()[-3000:]
@@ -420,8 +435,9 @@ def test_sigkill_at_random_moments_of_saves_then_every_restore_is_exact(tmp_path
     print(f"{sum(phases.values())} kills in {time.time() - t0:.0f} s: {phases}")
     assert phases.get("mid-write", 0) >= 3, phases
     latest = checkpoint.latest_step(str(wd))
-    r = subprocess.run([sys.executable, "-c", SAVER, str(wd), str(latest + 2)], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", SAVER, str(wd), str(latest + 2)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0 and f"resumed {latest}" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert _debris(wd) == [] and checkpoint.all_steps(str(wd)) == [latest + 1, latest + 2]
 
@@ -471,8 +487,9 @@ def test_two_processes_one_killed_mid_save_then_both_restart(records_dir, tmp_pa
 
     def start(name):
         port = free_port()
-        return [_Run(records_dir, wd, tmp_path / f"{name}{i}.log", processes=2, process_id=i, port=port)
-                for i in range(2)]
+        return [
+            _Run(records_dir, wd, tmp_path / f"{name}{i}.log", processes=2, process_id=i, port=port) for i in range(2)
+        ]
 
     runs = start("killed")
     try:
@@ -520,11 +537,20 @@ data.Loader.__next__ = next_with_a_saturated_batch
 
 def test_nan_batch_mid_run_stops_before_any_checkpoint_holds_it(records_dir, tmp_path):
     # checkpoints fall between logged steps: the check must run at each
-    r = run_train(records_dir, tmp_path, "--config.checkpoint_every_steps=2", "--config.eval_batches=0",
-                  "--config.log_every_steps=4", prelude=NAN_BATCH, check=False)
+    r = run_train(
+        records_dir,
+        tmp_path,
+        "--config.checkpoint_every_steps=2",
+        "--config.eval_batches=0",
+        "--config.log_every_steps=4",
+        prelude=NAN_BATCH,
+        check=False,
+    )
     assert r.returncode == 1, r.stderr[-3000:]
-    assert (f"echoclip_jax.train: error: non-finite loss or gradient at step {NAN_STEP}; stopping without applying it "
-            "or saving a checkpoint (latest good checkpoint: step 4)") in r.stderr, r.stderr[-3000:]
+    assert (
+        f"echoclip_jax.train: error: non-finite loss or gradient at step {NAN_STEP}; stopping without applying it "
+        "or saving a checkpoint (latest good checkpoint: step 4)"
+    ) in r.stderr, r.stderr[-3000:]
     steps = checkpoint.all_steps(str(tmp_path))
     assert steps == [2, 4]  # nothing saved at or after the bad step (index 5 = the 6th update)
     for s in steps:
@@ -533,15 +559,22 @@ def test_nan_batch_mid_run_stops_before_any_checkpoint_holds_it(records_dir, tmp
 
 @pytest.mark.slow
 def test_nan_batch_mid_run_is_skipped_with_policy_skip(records_dir, tmp_path):
-    run_train(records_dir, tmp_path, "--config.checkpoint_every_steps=2", "--config.eval_batches=0",
-              "--config.log_every_steps=1", "--config.optim.nan_policy=skip", prelude=NAN_BATCH)
+    run_train(
+        records_dir,
+        tmp_path,
+        "--config.checkpoint_every_steps=2",
+        "--config.eval_batches=0",
+        "--config.log_every_steps=1",
+        "--config.optim.nan_policy=skip",
+        prelude=NAN_BATCH,
+    )
     rows = read_metrics(tmp_path)
     assert [r["skipped"] for r in rows] == [float(r["step"] == NAN_STEP + 1) for r in rows]
     assert rows[NAN_STEP]["loss"] is None  # logged as null, not NaN, in metrics.jsonl
     assert checkpoint.all_steps(str(tmp_path))[-3:] == [4, 6, 8]
     for s in checkpoint.all_steps(str(tmp_path)):
         assert _all_finite(checkpoint.restore_params(str(tmp_path), step=s)), s
-    assert all(r["loss"] is not None for r in rows[NAN_STEP + 1:])  # training went on
+    assert all(r["loss"] is not None for r in rows[NAN_STEP + 1 :])  # training went on
 
 
 # -------------------------------------------------------------------------------------- multi-host
@@ -558,9 +591,15 @@ def test_peer_killed_mid_run_makes_the_survivor_exit_with_a_clear_error(records_
     with the dead peer fails (echoclip_jax.train's PeerLostError, at once), or JAX's distributed service
     aborts it (within the heartbeat timeout)."""
     port = free_port()
-    extra = ["--config.total_steps=1000", "--config.checkpoint_every_steps=500", "--config.eval_batches=0",
-             "--config.log_every_steps=1", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-             "--config.distributed.num_processes=2", f"--config.distributed.heartbeat_timeout={HEARTBEAT}"]
+    extra = [
+        "--config.total_steps=1000",
+        "--config.checkpoint_every_steps=500",
+        "--config.eval_batches=0",
+        "--config.log_every_steps=1",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.heartbeat_timeout={HEARTBEAT}",
+    ]
     procs = []
     for i in range(2):
         args, env = train_command(records_dir, tmp_path, *extra, f"--config.distributed.process_id={i}")
@@ -585,8 +624,10 @@ def test_peer_killed_mid_run_makes_the_survivor_exit_with_a_clear_error(records_
     jax_service = "JAX distributed service detected fatal errors. This most likely indicates that another task died"
     assert (ours in out and "another process most likely died" in out) or jax_service in out, out[-3000:]
     assert waited < 2 * HEARTBEAT, waited  # bounded by the heartbeat timeout, not by the 1000 steps left
-    print(f"survivor (process {1 - victim}) exited {procs[1 - victim].returncode} after {waited:.2f} s, "
-          f"{'PeerLostError' if ours in out else 'distributed service abort'}")
+    print(
+        f"survivor (process {1 - victim}) exited {procs[1 - victim].returncode} after {waited:.2f} s, "
+        f"{'PeerLostError' if ours in out else 'distributed service abort'}"
+    )
 
 
 # ------------------------------------------------------------------------------------------- privacy
@@ -635,26 +676,86 @@ def test_no_phi_anywhere_from_dicom_to_saliency_maps(tmp_path):
     logs = {}
 
     def run(name, *args):
-        r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=900)
+        r = subprocess.run(
+            [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+        )
         logs[f"{name} stdout"], logs[f"{name} stderr"] = r.stdout, r.stderr
         assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
 
     syn, rec, work, ckpt = tmp_path / "syn", tmp_path / "rec", tmp_path / "work", tmp_path / "model.safetensors"
     run("synthetic", "data_prep.synthetic", "--out", str(syn), "--patients", "6", "--seed", "3", "--small")
-    run("convert records", "data_prep.convert", "--dicom_dir", str(syn / "dicom"), "--reports",
-        str(syn / "reports.csv"), "--out", str(rec), "--frames", "4", "--image_size", "32", "--shard_size", "8",
-        "--salt", "privacy-salt", "--split_fractions", "0.5,0.5,0", "--workers", "2")
+    run(
+        "convert records",
+        "data_prep.convert",
+        "--dicom_dir",
+        str(syn / "dicom"),
+        "--reports",
+        str(syn / "reports.csv"),
+        "--out",
+        str(rec),
+        "--frames",
+        "4",
+        "--image_size",
+        "32",
+        "--shard_size",
+        "8",
+        "--salt",
+        "privacy-salt",
+        "--split_fractions",
+        "0.5,0.5,0",
+        "--workers",
+        "2",
+    )
     config = [f"--config.{k}={v}" for k, v in tiny_overrides(str(rec)).items()]
     config = ["--config", os.path.join(REPO, "configs", "tiny.py")] + config
-    run("train", "echoclip_jax.train", *config, "--workdir", str(work), "--config.total_steps=2",
-        "--config.checkpoint_every_steps=1", "--config.log_every_steps=1", "--config.batch_size=8")
+    run(
+        "train",
+        "echoclip_jax.train",
+        *config,
+        "--workdir",
+        str(work),
+        "--config.total_steps=2",
+        "--config.checkpoint_every_steps=1",
+        "--config.log_every_steps=1",
+        "--config.batch_size=8",
+    )
     run("convert weights", "echoclip_jax.convert", *config, "--src", f"orbax:{work}", "--dst", f"safetensors:{ckpt}")
-    run("evaluate", "echoclip_jax.evaluate", *config, "--workdir", str(work), "--data_dir", str(rec),
-        "--split", "val", "--out", str(tmp_path / "eval"), "--batch_size", "16")
-    run("interpret", "echoclip_jax.interpret", *config, "--checkpoint", f"safetensors:{ckpt}", "--data_dir",
-        str(rec), "--split", "val", "--limit", "2", "--frames", "2", "--out", str(tmp_path / "maps"),
-        "--prompt", "pacemaker", "--batch_size", "8")
+    run(
+        "evaluate",
+        "echoclip_jax.evaluate",
+        *config,
+        "--workdir",
+        str(work),
+        "--data_dir",
+        str(rec),
+        "--split",
+        "val",
+        "--out",
+        str(tmp_path / "eval"),
+        "--batch_size",
+        "16",
+    )
+    run(
+        "interpret",
+        "echoclip_jax.interpret",
+        *config,
+        "--checkpoint",
+        f"safetensors:{ckpt}",
+        "--data_dir",
+        str(rec),
+        "--split",
+        "val",
+        "--limit",
+        "2",
+        "--frames",
+        "2",
+        "--out",
+        str(tmp_path / "maps"),
+        "--prompt",
+        "pacemaker",
+        "--batch_size",
+        "8",
+    )
     outputs = [rec, work, tmp_path / "model.json", ckpt, tmp_path / "eval", tmp_path / "maps"]
     assert all(os.path.exists(p) for p in outputs), [p for p in outputs if not os.path.exists(p)]
     for kind in (".png", ".npy", ".json"):

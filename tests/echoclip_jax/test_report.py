@@ -1,5 +1,6 @@
 """Retrieval-based preliminary reports: findings from report text by the zero-shot rules, the vote and its
 support, the nearest report of a study identical to a bank study, the evaluation against a truth, no PHI."""
+
 import csv
 import json
 import os
@@ -35,14 +36,25 @@ REPORTS = [
 
 def test_findings_come_from_the_zero_shot_rules():
     got = retrieval_report.report_findings(REPORTS)
-    assert got[0] == {"ef": 35.0, "ef_band": "moderately reduced", "pacemaker": "present", "tavr": "absent",
-                      "mitraclip": "absent", "lv_size": "moderate"}
+    assert got[0] == {
+        "ef": 35.0,
+        "ef_band": "moderately reduced",
+        "pacemaker": "present",
+        "tavr": "absent",
+        "mitraclip": "absent",
+        "lv_size": "moderate",
+    }
     assert (got[1]["ef"], got[1]["ef_band"], got[1]["lv_size"]) == (38.0, "moderately reduced", None)
     assert (got[2]["ef_band"], got[2]["lv_size"], got[2]["pacemaker"]) == ("normal", "normal", "absent")
     assert got[3]["lv_size"] == "moderate" and got[3]["tavr"] == "present"  # the table's "... BY VOLUME" phrase
     assert got[4]["ef"] is None and got[4]["ef_band"] is None and got[4]["lv_size"] is None
     assert [retrieval_report.ef_band(e) for e in (75, 60, 50, 40, 20)] == [
-        "hyperdynamic", "normal", "mildly reduced", "moderately reduced", "severely reduced"]
+        "hyperdynamic",
+        "normal",
+        "mildly reduced",
+        "moderately reduced",
+        "severely reduced",
+    ]
 
 
 def test_nearest_report_and_vote_with_support():
@@ -55,24 +67,50 @@ def test_nearest_report_and_vote_with_support():
     out = retrieval_report.compose(bank, rows, sims)
     assert out["nearest_report"] == {"id": "s1", "similarity": pytest.approx(0.6), "text": REPORTS[1]}
     f = out["findings"]
-    assert f["ef"] == {"value": 35.0, "support": 3, "stated": 3, "of": 3, "mean_similarity": pytest.approx(0.4667, abs=1e-4)}
+    assert f["ef"] == {
+        "value": 35.0,
+        "support": 3,
+        "stated": 3,
+        "of": 3,
+        "mean_similarity": pytest.approx(0.4667, abs=1e-4),
+    }
     assert f["ef_band"]["value"] == "moderately reduced" and f["ef_band"]["support"] == 3
-    assert f["pacemaker"] == {"value": "present", "support": 2, "stated": 3, "of": 3,
-                              "mean_similarity": pytest.approx(0.55)}
-    assert f["lv_size"] == {"value": "moderate", "support": 2, "stated": 2, "of": 3,
-                            "mean_similarity": pytest.approx(0.4)}
+    assert f["pacemaker"] == {
+        "value": "present",
+        "support": 2,
+        "stated": 3,
+        "of": 3,
+        "mean_similarity": pytest.approx(0.55),
+    }
+    assert f["lv_size"] == {
+        "value": "moderate",
+        "support": 2,
+        "stated": 2,
+        "of": 3,
+        "mean_similarity": pytest.approx(0.4),
+    }
     assert list(bank.retrieve(query, 2, exclude_ids={"s1"})[0]) == [0, 3]  # a study's own report is left out
     text = retrieval_report.render(out, "Study q")
     assert text.startswith(retrieval_report.DISCLAIMER) and "NOT A DIAGNOSIS" in text and "about 35%" in text
 
 
 def test_agreement_against_a_truth():
-    preds = [{"ef": {"value": v}, "ef_band": {"value": retrieval_report.ef_band(v)}, "pacemaker": {"value": p},
-              "tavr": {"value": "absent"}, "mitraclip": {"value": "absent"}, "lv_size": {"value": s}}
-             for v, p, s in ((40, "present", "mild"), (60, "absent", "normal"), (30, "absent", "severe"))]
-    truth = [{"ef": 44, "pacemaker": 1, "tavr": 0, "mitraclip": 0, "lv_size": "mild"},
-             {"ef": 52, "pacemaker": 0, "tavr": 1, "mitraclip": 0, "lv_size": "normal"},
-             {"ef": 30, "pacemaker": 1, "tavr": 0, "mitraclip": 0, "lv_size": "moderate"}]
+    preds = [
+        {
+            "ef": {"value": v},
+            "ef_band": {"value": retrieval_report.ef_band(v)},
+            "pacemaker": {"value": p},
+            "tavr": {"value": "absent"},
+            "mitraclip": {"value": "absent"},
+            "lv_size": {"value": s},
+        }
+        for v, p, s in ((40, "present", "mild"), (60, "absent", "normal"), (30, "absent", "severe"))
+    ]
+    truth = [
+        {"ef": 44, "pacemaker": 1, "tavr": 0, "mitraclip": 0, "lv_size": "mild"},
+        {"ef": 52, "pacemaker": 0, "tavr": 1, "mitraclip": 0, "lv_size": "normal"},
+        {"ef": 30, "pacemaker": 1, "tavr": 0, "mitraclip": 0, "lv_size": "moderate"},
+    ]
     got = retrieval_report.agreement(preds, truth)
     assert got["ef_within_5"] == pytest.approx(2 / 3) and got["ef_band_accuracy"] == pytest.approx(2 / 3)
     assert got["pacemaker_accuracy"] == pytest.approx(2 / 3) and got["pacemaker_balanced_accuracy"] == 0.75
@@ -88,8 +126,12 @@ def _study_truth(records_dir) -> dict:
 
 def _phi_hits(records_dir, paths, texts=()):
     phi = [s.lower() for s in read_phi(os.path.join(os.path.dirname(records_dir), "syn"))]
-    blobs = [open(os.path.join(d, n), "rb").read().decode("utf-8", "replace").lower()
-             for p in paths for d, _, ns in os.walk(p) for n in ns] + [t.lower() for t in texts]
+    blobs = [
+        open(os.path.join(d, n), "rb").read().decode("utf-8", "replace").lower()
+        for p in paths
+        for d, _, ns in os.walk(p)
+        for n in ns
+    ] + [t.lower() for t in texts]
     return [s for s in phi for b in blobs if s in b]
 
 
@@ -97,18 +139,50 @@ def test_report_of_a_study_identical_to_a_bank_study(records_dir, tiny, tmp_path
     """The CLI on a study directory holding exactly the frames of one bank study: its nearest report is that
     study's, and with k=1 the voted findings are that study's truth (EF, devices)."""
     config, spec, _ = tiny
-    index = ops.build(str(tmp_path / "index"), checkpoint=spec, config=config, data_dir=records_dir,
-                      splits=["train"], report_bank=True, batch_size=16)
+    index = ops.build(
+        str(tmp_path / "index"),
+        checkpoint=spec,
+        config=config,
+        data_dir=records_dir,
+        splits=["train"],
+        report_bank=True,
+        batch_size=16,
+    )
     videos = list(data.iterate_videos(records_dir, "train"))
     study = videos[0]["study_id"]
     (tmp_path / "study").mkdir()
     for i, v in enumerate(v for v in videos if v["study_id"] == study):
         np.save(tmp_path / "study" / f"video{i}.npy", v["frames"])
     overrides = [f"--config.{k}={v}" for k, v in tiny_overrides(records_dir).items() if k.startswith(("model", "tok"))]
-    r = subprocess.run([sys.executable, "-m", "echoclip_jax.report", "--checkpoint", spec, "--config",
-                        "configs/tiny.py", *overrides, "--video", str(tmp_path / "study"), "--bank", index.path,
-                        "--match", "image", "--k", "1", "--out", str(tmp_path / "R"), "--batch_size", "16"],
-                       cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "echoclip_jax.report",
+            "--checkpoint",
+            spec,
+            "--config",
+            "configs/tiny.py",
+            *overrides,
+            "--video",
+            str(tmp_path / "study"),
+            "--bank",
+            index.path,
+            "--match",
+            "image",
+            "--k",
+            "1",
+            "--out",
+            str(tmp_path / "R"),
+            "--batch_size",
+            "16",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads((tmp_path / "R" / "report.json").read_text())
     assert got["nearest_report"]["id"] == study and got["nearest_report"]["similarity"] > 0.9999
@@ -131,9 +205,17 @@ def test_reports_for_a_split_against_a_records_bank(records_dir, tiny, tmp_path,
     bank = bank_lib.load_bank(records_dir, embedder, match="text", splits=["train"])
     train = list(data.iterate_videos(records_dir, "train"))
     assert sorted(bank.ids) == sorted({v["study_id"] for v in train})
-    summary = retrieval_report.report_records(embedder, bank, records_dir, "val", out=str(tmp_path / "R"), k=3,
-                                    levels=("study", "video"), baseline=True,
-                                    image_size=config.model.vision.image_size)
+    summary = retrieval_report.report_records(
+        embedder,
+        bank,
+        records_dir,
+        "val",
+        out=str(tmp_path / "R"),
+        k=3,
+        levels=("study", "video"),
+        baseline=True,
+        image_size=config.model.vision.image_size,
+    )
     val = list(data.iterate_videos(records_dir, "val"))
     rows = {lv: [json.loads(x) for x in open(tmp_path / "R" / f"{lv}_reports.jsonl")] for lv in ("study", "video")}
     assert summary["levels"] == {"study": len({v["study_id"] for v in val}), "video": len(val)}
@@ -154,8 +236,13 @@ def test_reports_for_a_split_against_a_records_bank(records_dir, tiny, tmp_path,
 
 
 def test_lv_size_in_other_readers_words():
-    reports = ["LV CAVITY SIZE IS MILD INCREASED. EF 40%.", "LEFT VENTRICULAR CAVITY SIZE IS WITHIN NORMAL LIMITS.",
-               "THE LV IS SEVERE ENLARGED.", "NORMAL LV CAVITY SIZE. MODERATE LV DILATATION.", "EF 55%."]
+    reports = [
+        "LV CAVITY SIZE IS MILD INCREASED. EF 40%.",
+        "LEFT VENTRICULAR CAVITY SIZE IS WITHIN NORMAL LIMITS.",
+        "THE LV IS SEVERE ENLARGED.",
+        "NORMAL LV CAVITY SIZE. MODERATE LV DILATATION.",
+        "EF 55%.",
+    ]
     got = [f["lv_size"] for f in retrieval_report.report_findings(reports)]
     assert got[:3] == ["mild", "normal", "severe"] and got[4] is None
     assert got[3] in ("normal", "moderate")  # two statements: one of them, never a third class

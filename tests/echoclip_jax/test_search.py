@@ -1,5 +1,6 @@
 """Semantic search: faiss exact and IVF indexes agree, an archive index is built, added to and queried from
 records and DICOM files, and no PHI string reaches it."""
+
 import json
 import os
 import pathlib
@@ -70,8 +71,10 @@ def test_archive_turns_approximate_and_keeps_study_means(tmp_path):
     give it the mean of all of them, and already indexed ids are skipped."""
     rng = np.random.default_rng(1)
     x = _clustered(rng, 400)
-    videos = [{"video_id": f"v{i}", "study_id": f"s{i // 2}", "patient_id": f"p{i // 4}", "split": "train"}
-              for i in range(400)]
+    videos = [
+        {"video_id": f"v{i}", "study_id": f"s{i // 2}", "patient_id": f"p{i // 4}", "split": "train"}
+        for i in range(400)
+    ]
     index = archive_lib.Archive.new(str(tmp_path / "idx"), model={}, dim=32, approximate_above=300)
     first = index.add(videos[:201], x[:201])  # video 201 (study s100) comes later
     assert first["added"] == 201 and index.meta["levels"]["video"]["kind"] == "exact"
@@ -94,7 +97,6 @@ def test_archive_turns_approximate_and_keeps_study_means(tmp_path):
 
 
 def init_params(model_config, seed: int) -> dict:
-
 
     model = build_model(model_config, rngs=nnx.Rngs(seed))
     return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -122,8 +124,9 @@ def tiny(records_dir, tmp_path_factory):
 def built(records_dir, tiny, tmp_path_factory):
     config, spec, _ = tiny
     out = str(tmp_path_factory.mktemp("search") / "index")
-    index = ops.build(out, checkpoint=spec, config=config, data_dir=records_dir, splits=["train"], report_bank=True,
-                      batch_size=16)
+    index = ops.build(
+        out, checkpoint=spec, config=config, data_dir=records_dir, splits=["train"], report_bank=True, batch_size=16
+    )
     return out, index
 
 
@@ -139,8 +142,9 @@ def test_build_embeds_every_video_and_study(records_dir, tiny, built):
     train = list(data.iterate_videos(records_dir, "train"))
     assert [r["video_id"] for r in index.rows["video"]] == [v["video_id"] for v in train]
     for v in train[:6]:  # each row is the model's own mean of the video's frames
-        np.testing.assert_allclose(index.vectors["video"][index.video_key[v["video_id"]]],
-                                   _model_embedding(model, v["frames"]), atol=2e-5)
+        np.testing.assert_allclose(
+            index.vectors["video"][index.video_key[v["video_id"]]], _model_embedding(model, v["frames"]), atol=2e-5
+        )
     studies = {v["study_id"] for v in train}
     assert len(index.rows["study"]) == len(studies) == len(index.reports)
     for s in list(studies)[:4]:
@@ -175,16 +179,23 @@ def test_query_a_dicom_finds_its_own_record_and_a_text_ranks_by_similarity(recor
     t = embedder.texts([text])[0]
     want = np.argsort(-(index.vectors["study"] @ t), kind="stable")[:4]
     assert [r["key"] for r in got["results"]["study"]] == list(want)
-    np.testing.assert_allclose([r["score"] for r in got["results"]["study"]], (index.vectors["study"] @ t)[want],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        [r["score"] for r in got["results"]["study"]], (index.vectors["study"] @ t)[want], atol=1e-5
+    )
 
 
 def test_cli_add_skips_indexed_videos_and_query_writes_json(records_dir, tiny, built, tmp_path):
     config, spec, _ = tiny
     path, index = built
     env = {**os.environ, "PYTHONPATH": REPO}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "echoclip_jax.search", *a], cwd=REPO, env=env,
-                                    capture_output=True, text=True, timeout=600)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "echoclip_jax.search", *a],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     r = run("add", path, "--data_dir", records_dir, "--batch_size", "16")  # train (indexed) and val (new)
     assert r.returncode == 0, r.stderr[-3000:]
     n_train, n_val = (sum(1 for _ in data.iterate_videos(records_dir, s)) for s in ("train", "val"))
@@ -206,8 +217,17 @@ def test_cli_add_skips_indexed_videos_and_query_writes_json(records_dir, tiny, b
     other = tmp_path / "other.safetensors"  # the same architecture with other weights: refused
     conversion.save(f"safetensors:{other}", config.model, init_params(config.model, 1))
     overrides = [f"--config.{k}={v}" for k, v in tiny_overrides(records_dir).items() if k.startswith(("model", "tok"))]
-    r = run("add", path, "--data_dir", records_dir, "--checkpoint", f"safetensors:{other}", "--config",
-            "configs/tiny.py", *overrides)
+    r = run(
+        "add",
+        path,
+        "--data_dir",
+        records_dir,
+        "--checkpoint",
+        f"safetensors:{other}",
+        "--config",
+        "configs/tiny.py",
+        *overrides,
+    )
     assert r.returncode == 1 and "index.json: field model.fingerprint" in r.stderr, r.stderr[-2000:]
     r = run("query", path, "--study_of", "no-such-id")
     assert r.returncode == 1 and "videos.csv: --study_of 'no-such-id'" in r.stderr

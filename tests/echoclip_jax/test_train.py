@@ -1,6 +1,7 @@
 """End-to-end training on synthetic-cohort TFRecords. Whole runs are fresh `python -m echoclip_jax.train`
 processes (conftest's run_train, 2 CPU devices unless a test needs more): loss falls, SIGKILL + resume
 is bit-identical, SIGTERM saves; under @slow: 8 -> 2 devices, two processes, mesh-preset equivalence."""
+
 import json
 import os
 import random
@@ -65,8 +66,16 @@ def test_checkpoint_from_eight_devices_continues_on_two(records_dir, tmp_path):
     assert read_metrics(tmp_path)[-1]["step"] == 10
 
     # a new run initialised from that checkpoint's weights (lr 0: they come through unchanged)
-    run_train(records_dir, tmp_path / "from_ckpt", "--config.eval_batches=0", "--config.init.kind=checkpoint",
-              f"--config.init.path={tmp_path}", "--config.optim.lr=0.0", "--config.total_steps=1", devices=2)
+    run_train(
+        records_dir,
+        tmp_path / "from_ckpt",
+        "--config.eval_batches=0",
+        "--config.init.kind=checkpoint",
+        f"--config.init.path={tmp_path}",
+        "--config.optim.lr=0.0",
+        "--config.total_steps=1",
+        devices=2,
+    )
     for a, b in zip(jax.tree.leaves(checkpoint.restore_params(str(tmp_path / "from_ckpt"))), jax.tree.leaves(after)):
         np.testing.assert_array_equal(a, b)
 
@@ -84,8 +93,11 @@ def _same_trajectory(a, b, rtol):
 
 @pytest.mark.slow
 def test_dp_fsdp_fsdp_tp_give_the_same_loss_trajectory(records_dir, tmp_path):
-    runs = {"dp": dict(data=8, fsdp=1, tensor=1), "fsdp": dict(data=2, fsdp=4, tensor=1),
-            "fsdp_tp": dict(data=2, fsdp=2, tensor=2)}
+    runs = {
+        "dp": dict(data=8, fsdp=1, tensor=1),
+        "fsdp": dict(data=2, fsdp=4, tensor=1),
+        "fsdp_tp": dict(data=2, fsdp=2, tensor=2),
+    }
     for preset, mesh in runs.items():
         extra = [f"--config.sharding_preset={preset}", "--config.total_steps=4", "--config.eval_batches=0"]
         extra += [f"--config.mesh.{k}={v}" for k, v in mesh.items()]
@@ -98,8 +110,14 @@ def test_dp_fsdp_fsdp_tp_give_the_same_loss_trajectory(records_dir, tmp_path):
 
 @pytest.mark.slow
 def test_nan_skip_policy_skips_the_step(records_dir, tmp_path):
-    run_train(records_dir, tmp_path, "--config.model.init_logit_scale=nan", "--config.optim.nan_policy=skip",
-              "--config.total_steps=2", "--config.eval_batches=0")
+    run_train(
+        records_dir,
+        tmp_path,
+        "--config.model.init_logit_scale=nan",
+        "--config.optim.nan_policy=skip",
+        "--config.total_steps=2",
+        "--config.eval_batches=0",
+    )
     assert [m["skipped"] for m in read_metrics(tmp_path)] == [1.0]  # step 2, the one logged
     assert np.isnan(checkpoint.restore_params(str(tmp_path))["logit_scale"])
 
@@ -111,8 +129,11 @@ def test_two_processes_match_one(records_dir, tmp_path):
     port = free_port()
     procs = []
     for pid in range(2):
-        distributed = [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                       "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
+        distributed = [
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={pid}",
+        ]
         args, env = train_command(records_dir, tmp_path / "multi", *extra, *distributed, devices=2)
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
@@ -125,7 +146,8 @@ def test_two_processes_match_one(records_dir, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     _same_trajectory(tmp_path / "single", tmp_path / "multi", 1e-5)
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
-        os.listdir(tmp_path / "multi" / "checkpoints" / "4" / "data"))
+        os.listdir(tmp_path / "multi" / "checkpoints" / "4" / "data")
+    )
     single = checkpoint.restore_params(str(tmp_path / "single"))
     multi = checkpoint.restore_params(str(tmp_path / "multi"))
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
@@ -134,10 +156,25 @@ def test_two_processes_match_one(records_dir, tmp_path):
 
     overrides = [f"--config.{k}={v}" for k, v in tiny_overrides(records_dir).items()]
     dst = tmp_path / "shared.safetensors"
-    r = subprocess.run([sys.executable, "-m", "echoclip_jax.convert", "--src", f"orbax:{tmp_path / 'multi'}",
-                        "--dst", f"safetensors:{dst}", "--config", os.path.join(REPO, "configs", "tiny.py"),
-                        *overrides], cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "echoclip_jax.convert",
+            "--src",
+            f"orbax:{tmp_path / 'multi'}",
+            "--dst",
+            f"safetensors:{dst}",
+            "--config",
+            os.path.join(REPO, "configs", "tiny.py"),
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+    )
     assert r.returncode == 0 and "verified" in r.stdout, r.stderr[-3000:]
     _, exported = weights.load(f"safetensors:{dst}")
     flat = lambda arrays: np.sort(np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in arrays]))
@@ -199,24 +236,36 @@ def test_sigterm_saves_and_exits_zero(records_dir, tmp_path):
     assert read_metrics(tmp_path)[-1]["step"] == step  # it stopped at the step it saved
 
 
-@pytest.mark.parametrize("script,args,expect", [
-    ("local.sh", ["configs/tiny.py", "/tmp/w", "--config.total_steps=3"],
-     "-m echoclip_jax.train --config configs/tiny.py --workdir /tmp/w --config.total_steps=3"),
-    ("tpu_pod.sh", ["tpu1", "us-central2-b", "configs/echoclip.py", "gs://b/r"],
-     "gcloud compute tpus tpu-vm ssh tpu1 --zone us-central2-b --worker=all --command"),
-    ("slurm_gpu.sbatch", ["configs/echoclip.py", "/shared/r"],
-     "srun --kill-on-bad-exit=1 .venv/bin/python -m echoclip_jax.train --config configs/echoclip.py"),
-])
+@pytest.mark.parametrize(
+    "script,args,expect",
+    [
+        (
+            "local.sh",
+            ["configs/tiny.py", "/tmp/w", "--config.total_steps=3"],
+            "-m echoclip_jax.train --config configs/tiny.py --workdir /tmp/w --config.total_steps=3",
+        ),
+        (
+            "tpu_pod.sh",
+            ["tpu1", "us-central2-b", "configs/echoclip.py", "gs://b/r"],
+            "gcloud compute tpus tpu-vm ssh tpu1 --zone us-central2-b --worker=all --command",
+        ),
+        (
+            "slurm_gpu.sbatch",
+            ["configs/echoclip.py", "/shared/r"],
+            "srun --kill-on-bad-exit=1 .venv/bin/python -m echoclip_jax.train --config configs/echoclip.py",
+        ),
+    ],
+)
 def test_launch_scripts_dry_run_print_the_command(script, args, expect):
-    out = subprocess.run(["bash", os.path.join(REPO, "launch", script), "--dry_run", *args], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", script), "--dry_run", *args], check=True, capture_output=True, text=True
+    ).stdout
     assert expect in out
     if script == "tpu_pod.sh":
         assert "echoclip_jax.train" in out and "gs://b/r" in out
 
 
 def test_init_from_an_open_clip_state_dict(tiny_config, tmp_path):
-
 
     source = models.build_model(tiny_config.model, rngs=nnx.Rngs(3))
     flat = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(source, nnx.Param))}
@@ -238,8 +287,10 @@ def test_train_step_has_no_conditional(tiny_config):
     deadlocked (seen under load with 8 devices: 7 waiting in one all-gather, the 8th in the conditional's)."""
     ts = step_lib.build_train_step(tiny_config, loop.sharding.build_mesh(tiny_config.mesh), 8)
     b, size, length = tiny_config.batch_size, tiny_config.model.vision.image_size, tiny_config.tokenizer.context_length
-    batch = {"images": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=ts.batch_sh["images"]),
-             "tokens": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=ts.batch_sh["tokens"])}
+    batch = {
+        "images": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=ts.batch_sh["images"]),
+        "tokens": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=ts.batch_sh["tokens"]),
+    }
     # a deadlock under load cannot be provoked reliably in a test, so the step's program is checked for what
     # causes it: a conditional (cond/switch) anywhere in the traced step, nested scans and custom VJPs included
     closed = jax.make_jaxpr(ts.step)(ts.abs_state, batch)
@@ -248,7 +299,7 @@ def test_train_step_has_no_conditional(tiny_config):
         for eqn in jaxpr.eqns:
             yield eqn.primitive.name
             for v in eqn.params.values():
-                for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                for sub in v if isinstance(v, (list, tuple)) else [v]:
                     inner = getattr(sub, "jaxpr", sub)
                     if hasattr(inner, "eqns"):
                         yield from primitives(inner)

@@ -1,5 +1,6 @@
 """Which model config describes a checkpoint (echoclip_jax.config.model): one rule for convert, evaluate,
 embed, interpret and train's init, and conversions verified in float32 whatever the compute dtype."""
+
 import os
 import pathlib
 import subprocess
@@ -71,8 +72,14 @@ def test_bfloat16_compute_config_converts_to_every_kind_and_back(tmp_path):
     params = random_params(mc)
     src = f"open_clip:{tmp_path / 'oc.safetensors'}"
     ocw.write_state_dict(ocw.export_state_dict(params, mc), str(tmp_path / "oc.safetensors"))
-    chain = [src, f"safetensors:{tmp_path / 'a.safetensors'}", f"open_clip:{tmp_path / 'back'}",
-             f"params:{tmp_path / 'p'}", f"safetensors:{tmp_path / 'b.safetensors'}", f"open_clip:{tmp_path / 'c'}"]
+    chain = [
+        src,
+        f"safetensors:{tmp_path / 'a.safetensors'}",
+        f"open_clip:{tmp_path / 'back'}",
+        f"params:{tmp_path / 'p'}",
+        f"safetensors:{tmp_path / 'b.safetensors'}",
+        f"open_clip:{tmp_path / 'c'}",
+    ]
     for a, b in zip(chain, chain[1:]):
         assert conversion.convert(a, b, mc) == {"image": 0.0, "text": 0.0}, (a, b)
     for spec in chain[1:]:
@@ -84,7 +91,6 @@ def test_bfloat16_compute_config_converts_to_every_kind_and_back(tmp_path):
 def test_train_init_follows_the_same_rule(tmp_path):
     """train's init reads a params-only export (init.kind=checkpoint) and an open_clip directory through
     weights.load: same weights when the architecture agrees, the same clear error when it does not."""
-
 
     config = files.load(CONFIGS / "tiny.py")
     config.model = small("bfloat16")
@@ -121,8 +127,11 @@ def test_evaluate_embed_and_interpret_clis_name_a_mismatch(tmp_path):
         "evaluate": [*common, "--data_dir", str(tmp_path), "--out", str(tmp_path / "e")],
     }
     for name, args in commands.items():
-        r = subprocess.run([sys.executable, "-m", f"echoclip_jax.{name}", *args], cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", f"echoclip_jax.{name}", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
         assert r.returncode != 0, name
         assert "m.json: the stored model config has model.text.layers = 2, --config has 4" in r.stderr, (
-            name, r.stderr[-2000:])
+            name,
+            r.stderr[-2000:],
+        )

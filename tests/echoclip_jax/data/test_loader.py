@@ -1,5 +1,6 @@
 """The grain input pipeline over real data_prep shards: shapes, determinism, per-process slicing,
 exact resume from the iterator state, new frames each epoch, corrupt records, iterate_videos."""
+
 import shutil
 
 import ml_collections
@@ -60,13 +61,15 @@ def test_resume_from_iterator_state_is_exact(tiny_config):
 
 
 def test_process_slices_reassemble_the_global_batch(tiny_config):
-    whole = data.Loader(tiny_config, _mesh(), split="train", train=True, num_batches=2,
-                        process_index=0, process_count=1)
+    whole = data.Loader(
+        tiny_config, _mesh(), split="train", train=True, num_batches=2, process_index=0, process_count=1
+    )
     want = next(whole._it)
     parts = []
     for p in range(2):
-        loader = data.Loader(tiny_config, _mesh(), split="train", train=True, num_batches=2,
-                             process_index=p, process_count=2)
+        loader = data.Loader(
+            tiny_config, _mesh(), split="train", train=True, num_batches=2, process_index=p, process_count=2
+        )
         parts.append(next(loader._it))
     np.testing.assert_array_equal(np.concatenate([p["images"] for p in parts]), want["images"])
 

@@ -29,13 +29,16 @@ def test_select_tasks_by_name_and_alias(tmp_path):
         zs.load_tasks(names=["nope"])
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ({"mode": "ordinal", "label_sources": ["X."]}, "mode must be one of"),
-    ({"mode": "binary", "label_sources": []}, "label_sources"),
-    ({"mode": "categorical", "label_sources": ["A.", "B."], "values": [1]}, "one per label source"),
-    ({"mode": "regression", "label_sources": ["EF IS <#>%."]}, "range"),
-    ({"mode": "regression", "label_sources": ["EF IS HIGH."], "range": [0, 100]}, "needs a <#>"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"mode": "ordinal", "label_sources": ["X."]}, "mode must be one of"),
+        ({"mode": "binary", "label_sources": []}, "label_sources"),
+        ({"mode": "categorical", "label_sources": ["A.", "B."], "values": [1]}, "one per label source"),
+        ({"mode": "regression", "label_sources": ["EF IS <#>%."]}, "range"),
+        ({"mode": "regression", "label_sources": ["EF IS HIGH."], "range": [0, 100]}, "needs a <#>"),
+    ],
+)
 def test_bad_table_names_file_task_and_problem(tmp_path, spec, problem):
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps({"mytask": spec}))
@@ -63,29 +66,40 @@ def test_regression_prompts_fill_every_value(tasks):
     assert zs.build_prompts(tasks["pacemaker"])[1] is None
 
 
-@pytest.mark.parametrize("task, report, label", [
-    ("ejection_fraction", "NORMAL LV SIZE. LV EJECTION FRACTION IS 55%. NO EFFUSION.", 55.0),
-    ("ejection_fraction", "THE LEFT VENTRICULAR EJECTION FRACTION IS ESTIMATED TO BE 37.5% ", 37.5),
-    ("ejection_fraction", "THE LEFT VENTRICULAR  EJECTION FRACTION IS\nESTIMATED TO BE 40%.", 40.0),
-    ("ejection_fraction", "NORMAL LEFT VENTRICULAR SIZE.", None),
-    ("ejection_fraction", "LV EJECTION FRACTION IS 150%.", None),  # outside the range
-    ("pulmonary_artery_pressure_continuous", "ESTIMATED PA PRESSURE IS 42MMHG.", 42.0),
-    ("pacemaker", "ECHO DENSITY IN RIGHT ATRIUM SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD. ", 1.0),
-    ("pacemaker", "NORMAL RIGHT VENTRICLE.", 0.0),
-    ("normal_wall_thickness", "NORMAL LEFT VENTRICULAR WALL THICKNESS.", 1.0),
-    ("normal_wall_thickness", "ABNORMAL LEFT VENTRICULAR WALL THICKNESS.", 0.0),
-    ("impella", "AN IMPELLA CATHETER IS SEEN AND THE INLET AREA IS 3.5CM FROM THE AORTIC VALVE AND DOES NOT "
-                "INTERFERE WITH NEIGHBORING STRUCTURES, CONSISTENT WITH CORRECT IMPELLA POSITIONING. THERE IS "
-                "DENSE TURBULENT COLOR FLOW ABOVE THE AORTIC VALVE, CONSISTENT WITH CORRECT OUTFLOW AREA "
-                "POSITION.", 1.0),
-    ("left_ventricle_size", "SEVERE DILATED LEFT VENTRICLE BY VOLUME. LV EJECTION FRACTION IS 20%.", 3.0),
-    ("left_ventricle_size", "MILD DILATED LEFT VENTRICLE.", 1.0),
-    ("left_ventricle_size", "NORMAL LEFT VENTRICULAR SIZE.", 0.0),  # the table names a 0 class
-    ("pericardial_effusion", "NO PERICARDIAL EFFUSION.", None),  # no 0 class: unknown
-    ("pericardial_effusion", "MODERATE PERICARDIAL EFFUSION. CARDIAC TAMPONADE IS PRESENT.", 4.0),
-    ("right_atrial_pressure", "THE INFERIOR VENA CAVA SHOWS A NORMAL RESPIRATORY COLLAPSE CONSISTENT WITH "
-                              "NORMAL RIGHT ATRIAL PRESSURE (3MMHG).", 0.0),
-])
+@pytest.mark.parametrize(
+    "task, report, label",
+    [
+        ("ejection_fraction", "NORMAL LV SIZE. LV EJECTION FRACTION IS 55%. NO EFFUSION.", 55.0),
+        ("ejection_fraction", "THE LEFT VENTRICULAR EJECTION FRACTION IS ESTIMATED TO BE 37.5% ", 37.5),
+        ("ejection_fraction", "THE LEFT VENTRICULAR  EJECTION FRACTION IS\nESTIMATED TO BE 40%.", 40.0),
+        ("ejection_fraction", "NORMAL LEFT VENTRICULAR SIZE.", None),
+        ("ejection_fraction", "LV EJECTION FRACTION IS 150%.", None),  # outside the range
+        ("pulmonary_artery_pressure_continuous", "ESTIMATED PA PRESSURE IS 42MMHG.", 42.0),
+        ("pacemaker", "ECHO DENSITY IN RIGHT ATRIUM SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD. ", 1.0),
+        ("pacemaker", "NORMAL RIGHT VENTRICLE.", 0.0),
+        ("normal_wall_thickness", "NORMAL LEFT VENTRICULAR WALL THICKNESS.", 1.0),
+        ("normal_wall_thickness", "ABNORMAL LEFT VENTRICULAR WALL THICKNESS.", 0.0),
+        (
+            "impella",
+            "AN IMPELLA CATHETER IS SEEN AND THE INLET AREA IS 3.5CM FROM THE AORTIC VALVE AND DOES NOT "
+            "INTERFERE WITH NEIGHBORING STRUCTURES, CONSISTENT WITH CORRECT IMPELLA POSITIONING. THERE IS "
+            "DENSE TURBULENT COLOR FLOW ABOVE THE AORTIC VALVE, CONSISTENT WITH CORRECT OUTFLOW AREA "
+            "POSITION.",
+            1.0,
+        ),
+        ("left_ventricle_size", "SEVERE DILATED LEFT VENTRICLE BY VOLUME. LV EJECTION FRACTION IS 20%.", 3.0),
+        ("left_ventricle_size", "MILD DILATED LEFT VENTRICLE.", 1.0),
+        ("left_ventricle_size", "NORMAL LEFT VENTRICULAR SIZE.", 0.0),  # the table names a 0 class
+        ("pericardial_effusion", "NO PERICARDIAL EFFUSION.", None),  # no 0 class: unknown
+        ("pericardial_effusion", "MODERATE PERICARDIAL EFFUSION. CARDIAC TAMPONADE IS PRESENT.", 4.0),
+        (
+            "right_atrial_pressure",
+            "THE INFERIOR VENA CAVA SHOWS A NORMAL RESPIRATORY COLLAPSE CONSISTENT WITH "
+            "NORMAL RIGHT ATRIAL PRESSURE (3MMHG).",
+            0.0,
+        ),
+    ],
+)
 def test_label_extraction(tasks, task, report, label):
     assert zs.extract_label(tasks[task], report) == label
 
@@ -132,8 +146,12 @@ def test_binary_and_categorical_scores():
     sims = np.array([[[0.1, 0.3], [0.5, 0.7]]])  # one video, 2 frames, 2 prompts
     assert zs.score_binary(sims)[0] == pytest.approx(0.4)
     values = np.array([1.0, 2.0, 2.0])
-    sims = np.array([[[0.9, 0.1, 0.2], [0.7, 0.3, 0.0]],   # frame-mean [0.8, 0.2, 0.1] -> class 1
-                     [[0.1, 0.2, 0.8], [0.3, 0.2, 0.6]]])  # frame-mean [0.2, 0.2, 0.7] -> class 2
+    sims = np.array(
+        [
+            [[0.9, 0.1, 0.2], [0.7, 0.3, 0.0]],  # frame-mean [0.8, 0.2, 0.1] -> class 1
+            [[0.1, 0.2, 0.8], [0.3, 0.2, 0.6]],
+        ]
+    )  # frame-mean [0.2, 0.2, 0.7] -> class 2
     np.testing.assert_array_equal(zs.predict_categorical(sims, values), [1.0, 2.0])
 
 
@@ -143,8 +161,9 @@ def test_evaluate_task_on_constructed_embeddings(tasks):
     prompts = rng.normal(size=(2, dim))
     prompts /= np.linalg.norm(prompts, axis=1, keepdims=True)
     labels = np.array([1, 0, 1, 0, 0, np.nan])
-    frames = rng.normal(scale=0.3, size=(6, 3, dim)) + 2.0 * np.where(labels == 1, 1, 0)[:, None, None] * \
-        prompts.mean(0)
+    frames = rng.normal(scale=0.3, size=(6, 3, dim)) + 2.0 * np.where(labels == 1, 1, 0)[:, None, None] * prompts.mean(
+        0
+    )
     frames /= np.linalg.norm(frames, axis=-1, keepdims=True)
     out = zs.evaluate_task(tasks["pacemaker"], zs.similarities(frames, prompts), labels)
     assert out["n"] == 5 and out["n_pos"] == 2
@@ -170,11 +189,11 @@ def test_ragged_scores_equal_each_video_scored_alone(tasks):
         want = [zs.predict_regression(v, values, variant=variant)[0] for v in per_video]
         np.testing.assert_allclose(got, want, rtol=1e-12)
     per_video, flat = _ragged_sims(rng, lengths, 3)
-    np.testing.assert_allclose(zs.score_binary(flat, lengths), [zs.score_binary(v)[0] for v in per_video],
-                               rtol=1e-6)
+    np.testing.assert_allclose(zs.score_binary(flat, lengths), [zs.score_binary(v)[0] for v in per_video], rtol=1e-6)
     cat_values = np.array([1.0, 2.0, 2.0])
-    np.testing.assert_array_equal(zs.predict_categorical(flat, cat_values, lengths),
-                                  [zs.predict_categorical(v, cat_values)[0] for v in per_video])
+    np.testing.assert_array_equal(
+        zs.predict_categorical(flat, cat_values, lengths), [zs.predict_categorical(v, cat_values)[0] for v in per_video]
+    )
     # evaluate_task leaves out unlabelled videos frame for frame: the one-frame video unlabelled here
     labels = np.array([np.nan, 1.0, 0.0, 1.0])
     got = zs.evaluate_task(tasks["pacemaker"], flat, labels, lengths=lengths)

@@ -1,5 +1,6 @@
 """echoclip_jax.inference.embedder: videos of different lengths embedded in fixed-shape batches sharded over the 8
 simulated devices give each video exactly what the model gives that video alone."""
+
 import pathlib
 
 import jax
@@ -60,7 +61,7 @@ def test_ragged_videos_equal_each_video_alone(models_by_pool, pool):
     starts = np.concatenate([[0], np.cumsum(LENGTHS)[:-1]])
     for clip, start, video in zip(clips, starts, out.videos):
         frames, pooled = alone(model, clip)
-        np.testing.assert_allclose(out.frames[start:start + len(clip)], frames, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(out.frames[start : start + len(clip)], frames, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(video, pooled, rtol=1e-4, atol=1e-5)
     # one compiled image-tower program for every length (fixed batch shape, frames laid end to end)
     if hasattr(e._images, "_cache_size"):

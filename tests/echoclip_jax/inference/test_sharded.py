@@ -1,4 +1,5 @@
 """The one inference helper: weights replicated on every local device, fixed-size batches split over them."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,5 @@
 """Batch-local layers on a mesh: the same values and gradients as without one, whatever the implementation."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,7 @@ def test_depthwise_conv_gradients_on_a_data_fsdp_mesh_equal_the_unsharded_ones(i
 
     def loss(x, k):
         y = backend.batch_local(lambda h, w: depthwise_conv2d(h, w, impl=impl), x, k)
-        return jnp.sum(y ** 2)
+        return jnp.sum(y**2)
 
     ref = jax.grad(loss, argnums=(0, 1))(x, k)
     got = jax.jit(backend.for_mesh(mesh, jax.grad(loss, argnums=(0, 1))))(x, k)

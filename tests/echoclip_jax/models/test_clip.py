@@ -1,4 +1,5 @@
 """The dual encoder: shapes, normalisation, pooling, video embedding, dtypes, remat, sharding metadata."""
+
 import pathlib
 
 import flax.core.spmd
@@ -78,8 +79,9 @@ def test_attention_temporal_pool_starts_as_mean_and_learns():
     images, _ = inputs(b=4)
     videos = images.reshape(2, 2, 32, 32, 3)
     frames = np.asarray(m.encode_image(images)).reshape(2, 2, -1).mean(1)
-    np.testing.assert_allclose(m.encode_video(videos), frames / np.linalg.norm(frames, axis=-1, keepdims=True),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        m.encode_video(videos), frames / np.linalg.norm(frames, axis=-1, keepdims=True), rtol=1e-5, atol=1e-6
+    )
     grads = nnx.jit(nnx.grad(lambda mm: jnp.sum(mm.encode_video(videos)[:, 0])))(m)
     assert float(jnp.abs(grads.temporal_pool.out[...]).max()) > 0
 
@@ -93,8 +95,7 @@ def test_text_pooling_argmax_and_eos():
     np.testing.assert_allclose(m.encode_text(tokens.at[:, 10].set(123)), base, rtol=1e-5, atol=1e-6)
     assert not np.allclose(m.encode_text(tokens.at[:, 3].set(123)), base, atol=1e-4)
 
-    r = build_model(tiny_config(**{"text.vocab_size": 909, "text.pool": "eos", "text.eos_id": 908}),
-                    rngs=nnx.Rngs(1))
+    r = build_model(tiny_config(**{"text.vocab_size": 909, "text.pool": "eos", "text.eos_id": 908}), rngs=nnx.Rngs(1))
     r.eval()
     t = np.zeros((1, 77), np.int32)
     t[0, :4] = [907, 5, 6, 908]

@@ -1,4 +1,5 @@
 """Weight parity with open_clip (PyTorch) in both directions, and parameter counts."""
+
 import json
 
 import numpy as np

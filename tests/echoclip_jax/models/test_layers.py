@@ -1,5 +1,6 @@
 """Depthwise convolution (the CPU shifted-sum and matmul implementations vs lax.conv), projections' custom
 gradient, drop path, preprocessing."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +24,9 @@ def test_cpu_depthwise_matches_lax_values_and_gradients(impl, k, shape):
     def loss(impl):
         return lambda x, w, b: jnp.sum(depthwise_conv2d(x, w, b, impl=impl) * ct)
 
-    np.testing.assert_allclose(depthwise_conv2d(x, w, b, impl=impl), depthwise_conv2d(x, w, b, impl="lax"),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        depthwise_conv2d(x, w, b, impl=impl), depthwise_conv2d(x, w, b, impl="lax"), rtol=1e-5, atol=1e-5
+    )
     g_ours = jax.grad(loss(impl), argnums=(0, 1, 2))(x, w, b)
     g_lax = jax.grad(loss("lax"), argnums=(0, 1, 2))(x, w, b)
     for a, r in zip(g_ours, g_lax):
@@ -62,14 +64,15 @@ def test_auto_impl_on_cpu_is_matmul_up_to_8x8_and_shifted_above():
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("x_shape,k_shape,n_in", [((2, 5, 6), (6, 3, 2, 4), 1), ((2, 5, 3, 4), (3, 4, 6), 2),
-                                                  ((7, 6), (6, 5), 1)])
+@pytest.mark.parametrize(
+    "x_shape,k_shape,n_in", [((2, 5, 6), (6, 3, 2, 4), 1), ((2, 5, 3, 4), (3, 4, 6), 2), ((7, 6), (6, 5), 1)]
+)
 def test_project_matches_einsum_values_and_gradients(x_shape, k_shape, n_in):
     # the custom VJP only reorders the kernel gradient's product: every value must equal plain autodiff's
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
     k = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
-    out_shape = x_shape[:len(x_shape) - n_in] + k_shape[n_in:]
+    out_shape = x_shape[: len(x_shape) - n_in] + k_shape[n_in:]
     ct = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
 
     def plain(x, k):

@@ -1,4 +1,5 @@
 """A command prints the project's own lines; libraries' INFO only when --verbosity asks for it."""
+
 import subprocess
 import sys
 

@@ -1,4 +1,5 @@
 """Mesh construction and the logical-axis rule presets of echoclip_jax.runtime.sharding."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,7 +35,9 @@ def test_presets_map_logical_names():
     assert sharding.logical_to_spec(("embed", "mlp"), shape, mesh, sharding.get_rules("dp")) == P(None, None)
     assert sharding.logical_to_spec(("embed", "mlp"), shape, mesh, sharding.get_rules("fsdp")) == P("fsdp", None)
     assert sharding.logical_to_spec(("embed", "mlp"), shape, mesh, sharding.get_rules("fsdp_tp")) == P("fsdp", "tensor")
-    assert sharding.logical_to_spec(("vocab", "embed"), shape, mesh, sharding.get_rules("fsdp_tp")) == P("tensor", "fsdp")
+    assert sharding.logical_to_spec(("vocab", "embed"), shape, mesh, sharding.get_rules("fsdp_tp")) == P(
+        "tensor", "fsdp"
+    )
     assert sharding.logical_to_spec((), (), mesh, sharding.get_rules("fsdp_tp")) == P()
     with pytest.raises(ValueError, match="sharding_preset"):
         sharding.get_rules("zero4")

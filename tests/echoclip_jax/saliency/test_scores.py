@@ -1,5 +1,6 @@
 """Saliency maps scored against the truth: the scores on maps with known answers, the device masks mapped
 into the records' pixels, earlier-stage PromptCAM, and --score_truth end to end on a tiny cohort."""
+
 import json
 import os
 import pathlib
@@ -75,10 +76,12 @@ def test_uniform_baseline_is_the_hit_rate_of_a_random_sector_pixel():
 
 def test_parse_methods():
     got = ss.parse_methods("promptcam, promptcam:1,gradient,smoothgrad:4")
-    assert got == [("promptcam:last", "promptcam", {"cam_stage": "last"}),
-                   ("promptcam:1", "promptcam", {"cam_stage": "1"}),
-                   ("gradient", "gradient", {"smoothgrad_samples": 0}),
-                   ("smoothgrad:4", "gradient", {"smoothgrad_samples": 4})]
+    assert got == [
+        ("promptcam:last", "promptcam", {"cam_stage": "last"}),
+        ("promptcam:1", "promptcam", {"cam_stage": "1"}),
+        ("gradient", "gradient", {"smoothgrad_samples": 0}),
+        ("smoothgrad:4", "gradient", {"smoothgrad_samples": 4}),
+    ]
     for bad in ("smoothgrad", "gradcam", "gradient:2", ""):
         with pytest.raises(ValueError):
             ss.parse_methods(bad)
@@ -97,10 +100,29 @@ def cohort(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("v2")
     synthetic.generate(root / "cohort", patients=8, seed=3, small=True, version=2)
-    subprocess.run([sys.executable, "-m", "data_prep.convert", "--dicom_dir", str(root / "cohort" / "dicom"),
-                    "--reports", str(root / "cohort" / "reports.csv"), "--out", str(root / "records"),
-                    "--salt", SALT, "--image_size", str(S), "--frames", "8"],
-                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.convert",
+            "--dicom_dir",
+            str(root / "cohort" / "dicom"),
+            "--reports",
+            str(root / "cohort" / "reports.csv"),
+            "--out",
+            str(root / "records"),
+            "--salt",
+            SALT,
+            "--image_size",
+            str(S),
+            "--frames",
+            "8",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (root / "salt").write_text(SALT)
     return root
 
@@ -108,9 +130,19 @@ def cohort(tmp_path_factory):
 def all_cases(cohort, frames=0):
 
     truth = truth_by_video_id(cohort / "cohort", SALT)
-    return [c for split in ("train", "val", "test") for c in device_masks.device_cases(
-        str(cohort / "records"), split, truth, cohort_dir=str(cohort / "cohort"), image_size=S, frames=frames,
-        limit=0)]
+    return [
+        c
+        for split in ("train", "val", "test")
+        for c in device_masks.device_cases(
+            str(cohort / "records"),
+            split,
+            truth,
+            cohort_dir=str(cohort / "cohort"),
+            image_size=S,
+            frames=frames,
+            limit=0,
+        )
+    ]
 
 
 def test_device_mask_lines_up_with_the_bright_device_pixels(cohort):
@@ -147,7 +179,7 @@ def test_earlier_stage_cam_has_the_stage_resolution(tiny_mapper):
         full, full_sims = mapper.maps("promptcam", frames, text, cam_stage=stage)
         assert full.shape == (1, 3, S, S)
         np.testing.assert_allclose(sims, full_sims, rtol=1e-5, atol=1e-6)
-        block = full[0, :, S // side // 2 - 1::S // side, S // side // 2 - 1::S // side] if side < S else full[0]
+        block = full[0, :, S // side // 2 - 1 :: S // side, S // side // 2 - 1 :: S // side] if side < S else full[0]
         assert block.shape == grid[0].shape  # the upsampled map follows the grid's values
         assert np.corrcoef(block.ravel(), grid[0].ravel())[0, 1] > 0.9 or grid.std() == 0
     with pytest.raises(ValueError, match="stage 4"):
@@ -157,19 +189,56 @@ def test_earlier_stage_cam_has_the_stage_resolution(tiny_mapper):
 def test_cli_scores_a_tiny_cohort_end_to_end(cohort, tiny_mapper, tmp_path):
     c, model, _ = tiny_mapper
     weights = tmp_path / "tiny.safetensors"
-    conversion.save(f"safetensors:{weights}", c.model, {k: np.asarray(v) for k, v in
-                                                     nnx.to_flat_state(nnx.state(model, nnx.Param))})
-    arch = ["--config.model.embed_dim=32", "--config.model.text.layers=1", "--config.model.text.width=32",
-            "--config.model.text.heads=2", f"--config.model.vision.image_size={S}"]
-    base = [sys.executable, "-m", "echoclip_jax.interpret", "--config", str(REPO / "configs" / "tiny.py"),
-            "--checkpoint", f"safetensors:{weights}", "--data_dir", str(cohort / "records"), "--split", "train",
-            "--frames", "3", "--batch_size", "8", *arch]
+    conversion.save(
+        f"safetensors:{weights}", c.model, {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    )
+    arch = [
+        "--config.model.embed_dim=32",
+        "--config.model.text.layers=1",
+        "--config.model.text.width=32",
+        "--config.model.text.heads=2",
+        f"--config.model.vision.image_size={S}",
+    ]
+    base = [
+        sys.executable,
+        "-m",
+        "echoclip_jax.interpret",
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        "--checkpoint",
+        f"safetensors:{weights}",
+        "--data_dir",
+        str(cohort / "records"),
+        "--split",
+        "train",
+        "--frames",
+        "3",
+        "--batch_size",
+        "8",
+        *arch,
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = tmp_path / "scores"
-    result = subprocess.run(base + ["--score_truth", str(cohort / "cohort"), "--salt_file", str(cohort / "salt"),
-                                    "--limit", "3", "--score_methods", "promptcam:1,gradient,smoothgrad:2",
-                                    "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        base
+        + [
+            "--score_truth",
+            str(cohort / "cohort"),
+            "--salt_file",
+            str(cohort / "salt"),
+            "--limit",
+            "3",
+            "--score_methods",
+            "promptcam:1,gradient,smoothgrad:2",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores["methods"]) == {"promptcam:1", "gradient", "smoothgrad:2", "uniform", "centre"}
@@ -186,16 +255,25 @@ def test_cli_scores_a_tiny_cohort_end_to_end(cohort, tiny_mapper, tmp_path):
         assert vid not in text and row["patient"] not in text and row["path"] not in text
 
     maps_out = tmp_path / "maps"  # plain maps of records: every map zero outside the sector
-    result = subprocess.run(base + ["--limit", "2", "--cam_stage", "1", "--prompt", "PACER LEAD.",
-                                    "--out", str(maps_out)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        base + ["--limit", "2", "--cam_stage", "1", "--prompt", "PACER LEAD.", "--out", str(maps_out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     index = json.loads((maps_out / "index.json").read_text())
     for entry in index["videos"]:
         summary = json.loads((maps_out / entry["video"] / "summary.json").read_text())
         assert summary["cam_stage"] == {"stage": 1, "grid": 8} and len(summary["frame_indices"]) == 3
-        frames = np.stack([np.asarray(__import__("PIL.Image").Image.open(p)) for p in sorted(
-            (maps_out / entry["video"] / summary["prompts"][0]["dir"]).glob("promptcam_*.png"))])
+        frames = np.stack(
+            [
+                np.asarray(__import__("PIL.Image").Image.open(p))
+                for p in sorted((maps_out / entry["video"] / summary["prompts"][0]["dir"]).glob("promptcam_*.png"))
+            ]
+        )
         sector = videos.sector_from_frames(frames)
         for method in ("promptcam", "gradient"):
             maps = np.load(maps_out / entry["video"] / summary["prompts"][0]["dir"] / f"{method}.npy")

@@ -1,4 +1,5 @@
 """Tokenizers: id parity with what the published weights were trained with, layout properties, bad files."""
+
 import csv
 import functools
 import gzip
@@ -247,9 +248,10 @@ def test_clip_decode_round_trip(clip, text):
 
 def _varied_strings(reference_dir, n=3000, seed=0):
     rng = random.Random(seed)
-    words = ("the left ventricle EJECTION fraction is 55% mmHg 2.29 don't it'S we'll naïve café 日本語 😀 Ⅻ ﬁ ١٢٣ "
-             "— İ ß Ã© &amp; &lt;b&gt; <start_of_text> <END_OF_TEXT> \x1b[31m").split(" ") + ["\u00a0", "\t", "\n",
-                                                                                         "\x0b", "\u200b", "\x00"]
+    words = (
+        "the left ventricle EJECTION fraction is 55% mmHg 2.29 don't it'S we'll naïve café 日本語 😀 Ⅻ ﬁ ١٢٣ "
+        "— İ ß Ã© &amp; &lt;b&gt; <start_of_text> <END_OF_TEXT> \x1b[31m"
+    ).split(" ") + ["\u00a0", "\t", "\n", "\x0b", "\u200b", "\x00"]
     prompts = json.loads((reference_dir / "prompts_used.json").read_text())
     texts = [s for s in json.dumps(prompts).split('"') if len(s) > 3][:300]
     texts += [(reference_dir / "example_report.txt").read_text(), "", " ", "a" * 5000]
@@ -304,8 +306,9 @@ def test_clip_bad_merges_file(tmp_path):
 @pytest.fixture(scope="module")
 def report_corpus(phrases):
     rng = random.Random(0)
-    return [" ".join(rng.choice(phrases).replace("<#>", str(rng.randint(0, 100))) for _ in range(8))
-            for _ in range(400)]
+    return [
+        " ".join(rng.choice(phrases).replace("<#>", str(rng.randint(0, 100))) for _ in range(8)) for _ in range(400)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +319,17 @@ def spm_model(tmp_path_factory, report_corpus, vocab_path):
         w.writerow(["StudyInstanceUID", "report"])
         w.writerows([f"1.2.{i}", r] for i, r in enumerate(report_corpus))
     out = d / "reports.model"
-    argv = ["train_sentencepiece", "--reports", str(d / "reports.csv"), "--vocab_size", "1000", "--out", str(out),
-            "--template_vocab", vocab_path]
+    argv = [
+        "train_sentencepiece",
+        "--reports",
+        str(d / "reports.csv"),
+        "--vocab_size",
+        "1000",
+        "--out",
+        str(out),
+        "--template_vocab",
+        vocab_path,
+    ]
     assert train_sentencepiece.main(argv) == 0
     return str(out)
 

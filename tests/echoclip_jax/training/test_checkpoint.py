@@ -1,6 +1,7 @@
 """Checkpointer: state + data iterator saved together, restore onto another mesh, keep-N + best,
 half-written steps ignored, debris that cannot be deleted does not stop a save, restore_params without an
 optimizer, SIGTERM flag."""
+
 import errno
 import os
 import shutil
@@ -25,9 +26,11 @@ def _mesh(data, fsdp, devices=None):
 
 def _state(mesh):
     w = jnp.arange(64.0).reshape(8, 8)
-    return {"step": jnp.int32(3), "params": {"w": jax.device_put(w, NamedSharding(mesh, P("fsdp", None))),
-                                             "logit_scale": jnp.float32(2.5)},
-            "rng": jax.random.key_data(jax.random.key(0))}
+    return {
+        "step": jnp.int32(3),
+        "params": {"w": jax.device_put(w, NamedSharding(mesh, P("fsdp", None))), "logit_scale": jnp.float32(2.5)},
+        "rng": jax.random.key_data(jax.random.key(0)),
+    }
 
 
 def _iterator():
@@ -46,8 +49,9 @@ def test_state_and_iterator_restore_onto_another_mesh(tmp_path):
     ck.close()
 
     mesh2 = _mesh(1, 2, jax.devices()[:2])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh2, P())),
-                          _state(mesh8))
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh2, P())), _state(mesh8)
+    )
     target["params"]["w"] = jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=NamedSharding(mesh2, P("fsdp", None)))
     fresh = _iterator()
     ck = checkpoint.Checkpointer(str(tmp_path), keep=2)
@@ -105,7 +109,7 @@ def test_debris_of_a_killed_save_that_cannot_be_deleted_does_not_stop_the_resave
     assert float(checkpoint.restore_params(str(tmp_path), step=2)["logit_scale"]) == 2.5
     left = [n for n in os.listdir(ckdir) if n.startswith(checkpoint.DEBRIS_PREFIX)]
     assert len(left) == 1 and not any(".orbax-checkpoint-tmp" in n for n in os.listdir(ckdir)), os.listdir(ckdir)
-    warning, = [m for m in project_logs if "delete it by hand" in m]
+    (warning,) = [m for m in project_logs if "delete it by hand" in m]
     assert str(ckdir / left[0]) in warning and "delete it by hand" in warning and "Directory not empty" in warning
 
     monkeypatch.setattr(shutil, "rmtree", real_rmtree)  # deletable again: the next start removes it

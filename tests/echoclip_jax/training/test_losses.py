@@ -1,4 +1,5 @@
 """The shard_map losses equal the plain global-batch losses, values and gradients, on the 8-device mesh."""
+
 import math
 
 import jax
@@ -54,9 +55,15 @@ def test_logit_scale_is_clamped_at_ln100():
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
-@pytest.mark.parametrize("impl,chunk,mesh_shape", [
-    ("allgather", 0, (8, 1, 1)), ("allgather", 8, (2, 2, 2)), ("ring", 0, (8, 1, 1)), ("ring", 2, (2, 4, 1)),
-])
+@pytest.mark.parametrize(
+    "impl,chunk,mesh_shape",
+    [
+        ("allgather", 0, (8, 1, 1)),
+        ("allgather", 8, (2, 2, 2)),
+        ("ring", 0, (8, 1, 1)),
+        ("ring", 2, (2, 4, 1)),
+    ],
+)
 def test_sharded_equals_plain_with_gradients(name, impl, chunk, mesh_shape):
     mesh = _mesh(*mesh_shape)
     img, txt = _inputs(32, 16, seed=1)

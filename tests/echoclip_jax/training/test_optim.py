@@ -1,4 +1,5 @@
 """Schedule, weight-decay mask, freezing and gradient accumulation of echoclip_jax.training.optim."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +18,11 @@ def _cfg(**kw):
 
 
 PARAMS = {
-    "visual": {"stem": {"kernel": jnp.ones((3, 3, 3, 4))}, "norm": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
-               "head": {"kernel": jnp.ones((4, 8))}},
+    "visual": {
+        "stem": {"kernel": jnp.ones((3, 3, 3, 4))},
+        "norm": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+        "head": {"kernel": jnp.ones((4, 8))},
+    },
     "token_embedding": {"embedding": jnp.ones((10, 8))},
     "positional_embedding": jnp.ones((5, 8)),
     "transformer": {"ln_1": {"scale": jnp.ones(8)}, "mlp": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones(16)}},
@@ -72,8 +76,9 @@ def test_clipping_bounds_the_global_gradient_norm():
     # a huge eps turns Adam into SGD scaled by 1/eps, so the update shows the clipped gradient
     def first_update(clip, g):
         p = {"w": jnp.ones((2, 2))}
-        tx, _ = optim.make_optimizer(_cfg(lr=1.0, warmup_steps=0, grad_clip_norm=clip, weight_decay=0.0,
-                                          b1=0.0, b2=0.0, eps=1e6), 10, p)
+        tx, _ = optim.make_optimizer(
+            _cfg(lr=1.0, warmup_steps=0, grad_clip_norm=clip, weight_decay=0.0, b1=0.0, b2=0.0, eps=1e6), 10, p
+        )
         u, _ = tx.update({"w": jnp.full((2, 2), g)}, tx.init(p), p)
         return float(jnp.linalg.norm(u["w"]))
 
@@ -91,7 +96,7 @@ def test_accumulation_averages_micro_batch_gradients():
         return (loss, aux), g
 
     (l3, aux), g3 = optim.accumulate_gradients(loss_and_grad, params, batch, 3)
-    parts = [loss_and_grad(params, {"x": batch["x"][i * 2:(i + 1) * 2]}) for i in range(3)]
+    parts = [loss_and_grad(params, {"x": batch["x"][i * 2 : (i + 1) * 2]}) for i in range(3)]
     np.testing.assert_allclose(l3, np.mean([p[0][0] for p in parts]), rtol=1e-6)
     np.testing.assert_allclose(g3["w"], np.mean([p[1]["w"] for p in parts], axis=0), rtol=1e-6)
     assert float(aux["n"]) == 2.0
@@ -100,8 +105,11 @@ def test_accumulation_averages_micro_batch_gradients():
 
 
 def _decay_params():
-    return {"w": jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32),
-            "norm": {"scale": jnp.linspace(0.5, 1.5, 3)}, "b": jnp.zeros(3)}
+    return {
+        "w": jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32),
+        "norm": {"scale": jnp.linspace(0.5, 1.5, 3)},
+        "b": jnp.zeros(3),
+    }
 
 
 def test_adamw_matches_optax_adamw_with_decay_mask():
@@ -109,8 +117,9 @@ def test_adamw_matches_optax_adamw_with_decay_mask():
     cfg = _cfg(lr=1e-2, warmup_steps=2, weight_decay=0.1, grad_clip_norm=0.0, b1=0.9, b2=0.98, eps=1e-6)
     p = _decay_params()
     tx, schedule = optim.make_optimizer(cfg, 10, p)
-    ref = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
-                      mask=jax.tree.map_with_path(optim.decays, p))
+    ref = optax.adamw(
+        schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, mask=jax.tree.map_with_path(optim.decays, p)
+    )
     ours, theirs = (p, tx.init(p)), (p, ref.init(p))
     rng = np.random.default_rng(2)
     for _ in range(5):

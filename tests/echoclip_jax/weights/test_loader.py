@@ -1,4 +1,5 @@
 """The one weights loader: the KIND:PATH[@STEP] grammar every command takes, and what it reads."""
+
 import pathlib
 
 import numpy as np
@@ -29,8 +30,11 @@ def test_spec_grammar(tmp_path):
 
 
 def test_nested_is_the_inverse_of_flat_names():
-    flat = {("vision", "stem", 0, "kernel"): np.zeros(2), ("vision", "stem", 0, "bias"): np.ones(1),
-            ("logit_scale",): np.float32(1)}
+    flat = {
+        ("vision", "stem", 0, "kernel"): np.zeros(2),
+        ("vision", "stem", 0, "bias"): np.ones(1),
+        ("logit_scale",): np.float32(1),
+    }
     tree = weights.nested(flat)
     assert tree["vision"]["stem"][0]["bias"] is flat[("vision", "stem", 0, "bias")]
     assert set(weights.nested(flat, string_keys=True)["vision"]["stem"]) == {"0"}
