@@ -36,7 +36,6 @@ from data_prep.plan import (
     plan_dicom,
     plan_echonet,
     progress_bar,
-    salted_hash,  # noqa: F401  (the id scheme, for callers that join records to DICOM)
 )
 from data_prep.shards import PARTS, ShardTask, shard_done, write_shard
 

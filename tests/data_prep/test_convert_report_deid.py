@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 from data_prep import convert, records, synthetic
+from data_prep.plan import salted_hash
 from data_prep.reports import clean_text
 from echoclip_jax.evaluation import zero_shot
 from echoclip_jax.tokenizers import get_tokenizer
@@ -68,7 +69,7 @@ def _reports_by_study(out, cohort):
     study_of = {}
     for path in glob.glob(str(cohort / "dicom" / "**" / "*.dcm"), recursive=True):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        study_of[convert.salted_hash(SALT.encode(), "study", ds.StudyInstanceUID)] = ds.StudyInstanceUID
+        study_of[salted_hash(SALT.encode(), "study", ds.StudyInstanceUID)] = ds.StudyInstanceUID
     got = {}
     for split in records.SPLITS:
         for shard in records.list_shards(str(out), split):
