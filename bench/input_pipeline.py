@@ -82,7 +82,6 @@ def make_records(work: str, patients: int, size: int) -> str:
 
 
 def loader_config(data_dir: str, size: int, batch: int, workers: int, batches: int):
-
     c = files.load(CONFIGS / "tiny.py")
     c.data_dir = data_dir
     c.batch_size = batch
@@ -97,7 +96,6 @@ class LoaderBatches:
     """Callable: pulls the next global batch (blocking until it is a jax.Array)."""
 
     def __init__(self, config, mesh, pulls: int):
-
         self.loader = data.train_loader(config, mesh)
         self.pulls = pulls  # consecutive batches per call: grain's read-ahead threads cannot hide the cost
 

@@ -73,7 +73,6 @@ def latency(index, queries, k, calls: int = 20) -> float:
 
 
 def hnsw(x: np.ndarray):
-
     index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = 40
     index.add(x)

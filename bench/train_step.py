@@ -38,7 +38,6 @@ CONFIGS = {"tiny": 32, "echoclip": 2}  # config name -> default batch on this CP
 
 
 def load_config(name: str, batch: int, dtype: str, impl: str):
-
     c = files.load(CONFIG_DIR / f"{name}.py")
     c.batch_size = batch
     c.model.dtype = dtype
@@ -78,7 +77,6 @@ class JaxStep:
     """Our train step (echoclip_jax.training.step.build_train_step) on one device, compiled once."""
 
     def __init__(self, config, device):
-
         mesh = sharding.build_mesh(config.mesh, [device])
         ts = step_lib.build_train_step(config, mesh, 1000)
         self.params0 = step_lib.initial_params(config, ts.abs_params, ts.param_sh)

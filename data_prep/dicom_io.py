@@ -37,7 +37,7 @@ from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, iter_pixels
 
-from data_prep import report_deid
+from data_prep import report_identifiers
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 MAX_PIXELS = 2048 * 2048  # default cap on Rows x Columns: a 65535 x 65535 header must not allocate 12 GB
@@ -219,7 +219,7 @@ def _header_from(ds, max_pixels: int) -> Header:
         accession=str(ds.get("AccessionNumber", "") or ""),
         sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
         study_date=_parse_date(ds.get("StudyDate", "") or ds.get("AcquisitionDate", "") or ""),
-        identifiers=report_deid.identifiers_from_dataset(ds),
+        identifiers=report_identifiers.identifiers_from_dataset(ds),
     )
     return Header(keys, num_frames, rows, cols, frame_rate(ds), spacing, regions)
 

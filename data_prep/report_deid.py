@@ -1,7 +1,7 @@
 """Report de-identification: identifiers are removed from report text before it is written anywhere.
 
 Three layers, applied to the raw report of one study (before `clean_text`):
-1. The study's own header identifiers (`identifiers_from_dataset`): patient name and its parts, patient
+1. The study's own header identifiers (`data_prep.report_identifiers`): patient name and its parts, patient
    ids, accession, institution name and address, every physician and operator name field. Matched case-
    and punctuation-insensitively; a name part that is also an echo or common English word ("WALL",
    "YOUNG") is removed only where it stands as a name (beside another part of that name, or after a title).
@@ -30,191 +30,13 @@ from typing import Sequence
 
 import phonenumbers
 
-from data_prep.report_detectors import Span, build_detectors, loose, word
+from data_prep.report_detectors import Span, build_detectors
+from data_prep.report_identifiers import COMMON_WORDS, CREDENTIALS, MONTH_WORDS, MONTHS, TITLES, header_patterns
 
-__all__ = ["Deidentifier", "identifiers_from_dataset", "report_patterns", "CATEGORIES"]
+__all__ = ["Deidentifier", "report_patterns", "CATEGORIES"]
 
 
 CATEGORIES = ("name", "signature", "id", "institution", "address", "date", "time", "phone", "email", "url", "age")
-
-# --------------------------------------------------------------------------------- header identifiers
-
-_NAME_FIELDS = (
-    "PatientName",
-    "OtherPatientNames",
-    "PatientBirthName",
-    "PatientMotherBirthName",
-    "ReferringPhysicianName",
-    "PerformingPhysicianName",
-    "NameOfPhysiciansReadingStudy",
-    "PhysiciansOfRecord",
-    "RequestingPhysician",
-    "OperatorsName",
-    "ConsultingPhysicianName",
-    "ResponsiblePerson",
-)
-_ID_FIELDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "MedicalRecordLocator")
-_TEXT_FIELDS = (
-    ("InstitutionName", "institution"),
-    ("InstitutionalDepartmentName", "institution"),
-    ("InstitutionAddress", "address"),
-    ("PatientAddress", "address"),
-    ("PatientTelephoneNumbers", "phone"),
-)
-
-
-def _values(ds, keyword: str) -> list[str]:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return []
-    items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
-    return [str(v).strip() for v in items if str(v).strip()]
-
-
-def identifiers_from_dataset(ds) -> tuple[tuple[str, str], ...]:
-    """(category, value) pairs of a DICOM header's identifying fields, for de-identifying its study's report.
-
-    Person names keep DICOM's `^`-separated components so their parts can be matched one by one."""
-    found = []
-    for keyword in _NAME_FIELDS:
-        found += [("name", v) for v in _values(ds, keyword)]
-    for keyword in _ID_FIELDS:
-        found += [("id", v) for v in _values(ds, keyword)]
-    for item in ds.get("OtherPatientIDsSequence") or []:
-        found += [("id", v) for v in _values(item, "PatientID")]
-    for keyword, category in _TEXT_FIELDS:
-        found += [(category, v) for v in _values(ds, keyword)]
-    return tuple(dict.fromkeys(found))
-
-
-# Words that are never removed on their own as a header name part (they are echo or everyday words), and at
-# which a name taken after a cue stops. Upper case.
-_COMMON = frozenset(
-    """
-A ABNORMAL ABOVE ABSENT ACROSS ADEQUATE AFTER AKINESIS AKINETIC ALL ALSO AN ANALYSIS AND ANEURYSM ANTERIOR
-AORTA AORTIC APEX APICAL APPEARANCE APPEARS ARE AREA ARREST ARTERY AS ASD AT ATRIAL ATRIUM BASAL BE BEAT
-BELOW BICUSPID BIOPROSTHETIC BLOOD BODY BORDERLINE BUT BY CALCIFICATION CALCIFIED CAP CARDIAC CARDIOMYOPATHY
-CATHETER CAVA CAVITY CHAMBER CHEST CLIP CLOSE COLLAPSE COLOR COMPARED CONCENTRIC CONSISTENT CONTRAST CORONARY
-DATE DENSE DENSITY DEPRESSED DIAMETER DIASTOLIC DILATED DIMENSION DISEASE DOPPLER DUE DURING DYSFUNCTION
-EARLY ECHO EFFUSION EJECTION ELEVATED END ENLARGED ENTIRE ESTIMATED EVIDENCE EXAM FAIR FALSE FILLING FINAL
-FINDINGS FLOW FOR FRACTION FREE FROM FUNCTION GLOBAL GOOD GRADE GRADIENT GREAT HEART HIGH HOLLOW
-HYPERDYNAMIC HYPERTENSION HYPERTROPHY HYPOKINESIS IMAGE IMAGES IMPELLA IMPRESSION IN INFERIOR INFEROLATERAL
-INLET INTERATRIAL IS IT ITS IVC JUNIOR KING LAB LARGE LATE LATERAL LEAD LEAFLET LEAFLETS LEFT LESS LIMITED
-LONG LOW MASS MAY MEAN MEDIAL MID MILD MITRAL MITRACLIP MODERATE MORE MORPHOLOGY MOTION MUSCLE NEAR NO
-NORMAL NOT NOTE OF ON OR OTHER OUTFLOW PA PACER PACEMAKER PAPILLARY PATIENT PATTERN PEAK PERICARDIAL
-PERICARDIUM PHYSICIAN PLEURAL POOR POSITION POSTERIOR PRESENT PRESSURE PRIOR PROCEDURE PROSTHESIS
-PROSTHETIC PULMONARY PULMONIC QUALITY RATE RATIO READ REGURGITATION REPAIR REPLACEMENT REPORT REST RESTING
-RIGHT RING ROOT RV RHYTHM SAME SCORE SEEN SEGMENT SEGMENTS SEPTAL SEPTUM SEVERE SHORT SHUNT SIGNIFICANT SINUS
-SIZE SMALL STENOSIS STENT STRAIN STRESS STUDY SUGGESTIVE SYSTOLIC TAVR THAN THE THERE THICKNESS THIS
-THROMBUS TO TOTAL TRACE TRANSMITRAL TRANSAORTIC TRICUSPID TRIVIAL UNCHANGED UPPER VALVE VALVULAR VEIN VENA
-VENTRICLE VENTRICULAR VIEW VIEWS WALL WALLS WAS WELL WHITE WITH WITHIN WITHOUT YOUNG
-ANSWERING AWARE CALLED CARE CLINICAL COMMUNICATED CONTACTED DISCUSSED FOLLOW HISTORY INFORMED LEFT MADE
-NOTIFIED OFFICE PAGED PHONE RESULTS SERVICE STAFF TEAM TEST TESTING TEE TTE MRI CMR CT ECG EKG CATH TELEPHONE
-ULTRASOUND IMAGING ANGIOGRAPHY INDICATION INDICATIONS COMMENTS CONCLUSION CONCLUSIONS SUMMARY RECOMMEND
-RECOMMENDED CONSIDER REPEAT RECOMMENDATION DOBUTAMINE EXERCISE PROTOCOL SECONDARY RHEUMATIC JET SEVERITY
-EF LV RV LA RA TR MR AR PR AS MS PS TS IVC LVEF LVOT RVOT TAPSE RVSP PASP VTI AV MV TV PV ICD CRT LAA ASD VSD
-PFO TAVI SAVR AVR MVR BPM MMHG CM MM ML
-""".split()
-)
-_MONTHS = (
-    "JAN(?:UARY)?|FEB(?:RUARY)?|MAR(?:CH)?|APR(?:IL)?|MAY|JUNE?|JULY?|AUG(?:UST)?|SEPT?(?:EMBER)?|"
-    "OCT(?:OBER)?|NOV(?:EMBER)?|DEC(?:EMBER)?"
-)
-_MONTH_WORDS = frozenset(re.findall(r"[A-Z]+", _MONTHS.replace("(?:", "")))
-_TITLES = frozenset({"DR", "DOCTOR", "MR", "MRS", "MS", "MISS", "PROF", "PROFESSOR"})
-_CREDENTIALS = frozenset(
-    {
-        "MD",
-        "DO",
-        "PHD",
-        "RDCS",
-        "RCS",
-        "RVT",
-        "RDMS",
-        "FACC",
-        "FASE",
-        "FRCP",
-        "MBBS",
-        "RN",
-        "NP",
-        "PA-C",
-        "MSC",
-        "JR",
-        "SR",
-        "II",
-        "III",
-    }
-)
-_INSTITUTION_WORDS = frozenset(
-    {
-        "SAINT",
-        "ST",
-        "HOSPITAL",
-        "MEDICAL",
-        "CENTER",
-        "CENTRE",
-        "HEART",
-        "CARDIAC",
-        "INSTITUTE",
-        "UNIVERSITY",
-        "MEMORIAL",
-        "GENERAL",
-        "CLINIC",
-        "HEALTH",
-        "REGIONAL",
-        "COMMUNITY",
-        "CHILDREN",
-        "CHILDRENS",
-        "VALLEY",
-        "COUNTY",
-        "OF",
-        "THE",
-        "AND",
-    }
-)
-
-
-def _header_patterns(identifiers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(regex, category) for one study's header identifiers, longest forms first."""
-    out = []
-    for category, value in identifiers:
-        if category == "name":
-            parts = [p for p in (re.findall(r"[A-Za-z][A-Za-z'\-]*", c) for c in value.split("^")[:3]) if p]
-            words = [w for p in parts for w in p]
-            if len(parts) >= 2:  # family^given[^middle]: both orders, with or without the middle name
-                family, given = " ".join(parts[0]), " ".join(parts[1])
-                forms = {f"{given} {family}", f"{family} {given}"}
-                if len(parts) > 2:
-                    forms |= {f"{given} {' '.join(parts[2])} {family}", f"{family} {given} {' '.join(parts[2])}"}
-                out += [(word(loose(f)), "name") for f in sorted(forms, key=len, reverse=True)]
-            titles = "DR|DOCTOR|MRS|MISS|PROF|PROFESSOR"
-            for w in words:
-                if len(w) < 2 or w.upper() in _TITLES or w.upper() in _CREDENTIALS:
-                    continue
-                if w.upper() in _COMMON or w.upper() in _MONTH_WORDS:  # only as a name: after a title
-                    out.append((word(rf"(?:{titles})\.?\s+{loose(w)}"), "name"))
-                else:
-                    out.append((word(loose(w)), "name"))
-        elif category == "id":
-            alnum = re.sub(r"[\W_]", "", value)
-            if len(alnum) >= 5:
-                out.append((word(loose(value)), "id"))
-                out += [(rf"(?<!\d){d}(?!\d)", "id") for d in re.findall(r"\d{5,}", value)]
-        elif category in ("institution", "address"):
-            if len(value) >= 4:
-                out.append((word(loose(value)), category))
-                for part in re.split(r"\s*,\s*", value):  # "1200 HARBOR BLVD, PORT ELSEWHERE": each part too
-                    if part != value and len(part) >= 4 and part.upper() not in _COMMON:
-                        out.append((word(loose(part)), category))
-                if category == "institution":  # its distinctive words ("ELSEWHERE" of "SAINT ELSEWHERE ...")
-                    for w in re.findall(r"[A-Za-z]{4,}", value):
-                        if w.upper() not in _COMMON and w.upper() not in _INSTITUTION_WORDS:
-                            out.append((word(re.escape(w)), category))
-        elif category == "phone":
-            digits = re.sub(r"\D", "", value)
-            if len(digits) >= 7:
-                out.append((r"[\W_]*".join(digits), "phone"))
-    return out
 
 
 # ------------------------------------------------------------------------------------------- patterns
@@ -231,9 +53,9 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     (rf"(?<![\d/.]){_D}[/\-.]{_M}[/\-.]{_Y}(?![\d/]|\.\d)", "date"),
     (rf"(?<![\d/.]){_Y}[/\-.]{_M}[/\-.]{_D}(?![\d/]|\.\d)", "date"),
     (rf"(?<!\d){_Y}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?!\d)", "date"),  # DICOM's YYYYMMDD
-    (rf"\b(?:{_MONTHS})\.?\s+{_D}(?:ST|ND|RD|TH)?,?\s+{_Y}\b", "date"),
-    (rf"\b{_D}(?:ST|ND|RD|TH)?\s+(?:OF\s+)?(?:{_MONTHS})\.?,?\s+{_Y}\b", "date"),
-    (rf"\b(?:{_MONTHS})\.?,?\s+{_Y}\b", "date"),
+    (rf"\b(?:{MONTHS})\.?\s+{_D}(?:ST|ND|RD|TH)?,?\s+{_Y}\b", "date"),
+    (rf"\b{_D}(?:ST|ND|RD|TH)?\s+(?:OF\s+)?(?:{MONTHS})\.?,?\s+{_Y}\b", "date"),
+    (rf"\b(?:{MONTHS})\.?,?\s+{_Y}\b", "date"),
     # month and day without a year: not MAY, MAR(ch), SEPT (septal) or DEC(reased) abbreviated
     (
         r"\b(?:JAN(?:UARY)?|FEB(?:RUARY)?|MARCH|APR(?:IL)?|JUNE|JULY|AUG(?:UST)?|SEPTEMBER|OCT(?:OBER)?|"
@@ -278,7 +100,7 @@ _TOKEN = re.compile(r"[A-Z](?:[A-Z'\-]*[A-Z])?\.?", re.IGNORECASE)
 
 def _is_name_token(token: str) -> bool:
     word = token.rstrip(".").upper()
-    if word in _COMMON or word in _MONTH_WORDS:
+    if word in COMMON_WORDS or word in MONTH_WORDS:
         return False
     return len(word) >= 2 or token.endswith(".")  # an initial needs its period
 
@@ -292,7 +114,7 @@ def _take_name(text: str, pos: int, limit: int = 4) -> int:
         if not m:
             break
         word = m.group().rstrip(".").upper()
-        if word in _TITLES or word in _CREDENTIALS:
+        if word in TITLES or word in CREDENTIALS:
             end = m.end()
             continue
         if not _is_name_token(m.group()):
@@ -317,7 +139,7 @@ def report_patterns(text: str, region: str | None = "US") -> list[Span]:
     """Spans of identifiers found by the built-in patterns (no header values needed)."""
     spans = [(m.start(), m.end(), cat) for pattern, cat in _COMPILED for m in pattern.finditer(text)]
     for m in _STREET.finditer(text):  # "1200 HARBOR BLVD", but not "2 CLIPS IN ... WAY"
-        if not any(w.upper() in _COMMON for w in m.group("words").split()):
+        if not any(w.upper() in COMMON_WORDS for w in m.group("words").split()):
             spans.append((m.start(), m.end(), "address"))
     for m in _NAME_CUE.finditer(text):
         end = _take_name(text, m.end())
@@ -365,7 +187,7 @@ class Deidentifier:
     def find(self, text: str, identifiers: Sequence[tuple[str, str]] = ()) -> list[Span]:
         spans = [
             (m.start(), m.end(), cat)
-            for pattern, cat in _header_patterns(identifiers)
+            for pattern, cat in header_patterns(identifiers)
             for m in re.finditer(pattern, text, re.IGNORECASE)
         ]
         spans += report_patterns(text, self.region)

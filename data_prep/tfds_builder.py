@@ -7,7 +7,6 @@ with ours, so they go to `O/tfds/<name>/<version>/`, beside relative symlinks to
 are not copied). The shard names already follow TFDS's `{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}` template, and
 split sizes come from our `.index` files, so no TensorFlow is needed to write the metadata. With TensorFlow
 installed (extra `tf`):
-
     ds = tfds.builder_from_directory("O/tfds/echoclip_videos/1.0.0").as_dataset(split="train")
 
 gives dicts with `frames` uint8 [K, S, S, 3] (decoded JPEG), ids and report as tf.string, and the scalars.

@@ -37,8 +37,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from echoclip_jax.config.validation import validate
-from echoclip_jax.evaluation import study_level
-from echoclip_jax.evaluation import zero_shot as zs
+from echoclip_jax.evaluation import study_level, task_table
 from echoclip_jax.evaluation.sweep import LEVELS, list_sources, run
 from echoclip_jax.runtime import cli
 
@@ -110,7 +109,7 @@ def _evaluate(f) -> None:
     except ValueError:
         raise cli.UsageError(f"--steps must be integers, got {f.steps}") from None
     validate(f.config, training=False)
-    tasks = zs.load_tasks(f.task_table, f.tasks)
+    tasks = task_table.load_tasks(f.task_table, f.tasks)
     sources = list_sources(checkpoint=f.checkpoint, workdir=f.workdir, steps=steps, globs=f.glob)
     done = run(
         f.config,

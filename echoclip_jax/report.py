@@ -20,7 +20,7 @@ studies it agreed with the truth as often as "image" (the bank studies' own vide
 reports: EF within +-5 0.971 both, devices 0.987 both, EF band 0.883 vs 0.893, LV size 0.981 vs 0.961), in
 half the time (the bank's videos need not be embedded).
 
-Findings, extracted from each bank report with the zero-shot tasks' label rules (`zero_shot.extract_label`
+Findings, extracted from each bank report with the zero-shot tasks' label rules (`task_table.extract_label`
 over echoclip_jax/config/zero_shot_tasks.json: ejection_fraction, pacemaker, tavr, mitraclip; LV size with the table's
 LV-size phrases cut to their common "... DILATED LEFT VENTRICLE", its other readers' wordings, and the
 normal-size wordings: `lv_size_task`): EF (median of the

@@ -11,7 +11,7 @@ What a report says is the truth: the EF (always, as an integer percent), the LV 
 systolic grade (half of the reports, as in version 1), each device present (its count for clips), and two
 statements drawn per report and kept in truth.csv: no significant valve disease (only without TAVR or
 MitraClip) and normal LV wall thickness. The label phrases of echoclip_jax/config/zero_shot_tasks.json
-("report_phrases") cover every phrasing here, so `zero_shot.task_labels` reads these reports' labels.
+("report_phrases") cover every phrasing here, so `task_table.task_labels` reads these reports' labels.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ import ml_collections
 
 def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
     """`get_config()` of the config file at `path`, then `overrides` ({"a.b": value}) applied."""
+    if "://" in str(path):
+        raise ValueError(f"{path}: a config file is Python code, read from local disk: copy it here first")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such config file")
     name = "echoclip_config_" + os.path.splitext(os.path.basename(path))[0]

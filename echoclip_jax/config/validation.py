@@ -191,7 +191,6 @@ def _tokenizer(config, tokenizer, bad) -> None:
 
 
 def _training(config, num_devices, num_processes, bad, check_init) -> None:
-
     n = jax.device_count() if num_devices is None else num_devices
     procs = jax.process_count() if num_processes is None else num_processes
     b, accum = int(config.batch_size), int(config.optim.grad_accum_steps)

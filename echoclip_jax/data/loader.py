@@ -183,7 +183,6 @@ class Loader:
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-
         pi = jax.process_index() if process_index is None else process_index
         pc = jax.process_count() if process_count is None else process_count
         self.global_batch = int(config.batch_size)
@@ -222,7 +221,6 @@ class Loader:
         return self
 
     def __next__(self) -> dict:
-
         local = next(self._it)
         self.corrupt_skipped += int(local.pop("corrupt_skipped").sum())
         return {

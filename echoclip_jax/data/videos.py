@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from data_prep import dicom_io, echonet, sector
-from data_prep.dicom_io import SkipVideo, kept_indices
+from data_prep.dicom_io import SkipVideo
 from echoclip_jax.data import loader as data
 
 HALF = 128  # a resized 0/255 mask pixel at least half covered belongs to the mask
@@ -39,11 +39,6 @@ class Video:
     sector: np.ndarray | None = None  # boolean [S, S] scan sector; None: sector_from_frames(frames)
 
 
-def _even(num_frames: int, frames: int) -> list[int]:
-
-    return kept_indices(num_frames, frames)
-
-
 def load_video(path: str, *, image_size: int, frames: int = 0) -> Video:
     """A .dcm, .avi or .npy video as uint8 [K, image_size, image_size, 3], K = `frames` evenly spaced
     frames (0 = all). DICOM: scan sector masked and cropped as data_prep does; AVI and .npy (already
@@ -55,7 +50,7 @@ def load_video(path: str, *, image_size: int, frames: int = 0) -> Video:
     try:
         if ext == ".dcm":
             header = dicom_io.read_header(path)
-            indices = _even(header.num_frames, frames)
+            indices = dicom_io.kept_indices(header.num_frames, frames)
             raw = dicom_io.read_frames(path, indices)
             found = sector.sector_mask(raw, header.regions)
             out = sector.crop_resize(raw, found, image_size)
@@ -63,12 +58,12 @@ def load_video(path: str, *, image_size: int, frames: int = 0) -> Video:
             return Video(name, "dicom", out, indices, sector=to_output(found, found, image_size))
         if ext == ".avi":
             raw = echonet.read_frames(path, None)
-            indices = _even(len(raw), frames)
+            indices = dicom_io.kept_indices(len(raw), frames)
             out = sector.crop_resize(raw[indices], np.ones(raw.shape[1:3], bool), image_size)
             return Video(_safe_name(path), "avi", out, indices)
         if ext == ".npy":
             raw = _read_npy(path)
-            indices = _even(len(raw), frames)
+            indices = dicom_io.kept_indices(len(raw), frames)
             out = sector.crop_resize(raw[indices], np.ones(raw.shape[1:3], bool), image_size)
             return Video(_safe_name(path), "npy", out, indices)
     except SkipVideo as e:

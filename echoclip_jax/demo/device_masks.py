@@ -22,7 +22,7 @@ from data_prep import dicom_io, sector
 from data_prep.synthetic import device_mask, truth_by_video_id
 from echoclip_jax.data import loader as data
 from echoclip_jax.data.videos import to_output
-from echoclip_jax.evaluation import zero_shot
+from echoclip_jax.evaluation import task_table
 from echoclip_jax.saliency import scores
 from echoclip_jax.saliency.maps import DEFAULT_SCORE_METHODS
 
@@ -68,7 +68,7 @@ def visible_devices(row: dict) -> list[str]:
 
 def device_prompts(tasks_path: str | None = None) -> dict:
     """{device: {clips: prompt}} from the zero-shot table (clips matter for MitraClip only: 0 = any)."""
-    tasks = {t.name: t for t in zero_shot.load_tasks(tasks_path, names=list(DEVICES))}
+    tasks = {t.name: t for t in task_table.load_tasks(tasks_path, names=list(DEVICES))}
     out = {d: {0: tasks[d].label_sources[0].strip()} for d in DEVICES}
     for n, word in ((1, "ONE "), (2, "TWO ")):
         out["mitraclip"][n] = next(

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 from data_prep.options import load_salt
 from echoclip_jax.demo import results_table
@@ -48,8 +49,21 @@ def config_path() -> str:
     return os.path.join(here, CONFIG)
 
 
-def run_stage(stage: str, cmd: list[str], log_dir: str) -> float:
-    """Run one stage, its output teed to OUT/logs/<stage>.log; stop the demo if it fails."""
+def flags(**values) -> list[str]:
+    """Command-line flags: `--name value` each; True gives a bare `--name`, a list or tuple the flag repeated."""
+    out = []
+    for name, value in values.items():
+        if value is True:
+            out.append(f"--{name}")
+        else:
+            for v in value if isinstance(value, (list, tuple)) else (value,):
+                out += [f"--{name}", str(v)]
+    return out
+
+
+def run_stage(stage: str, module: str, argv: list[str], log_dir: str) -> float:
+    """Runs `python -m module argv`, its output teed to OUT/logs/<stage>.log; stops the demo if it fails."""
+    cmd = [sys.executable, "-m", module, *argv]
     print(f"\n=== {stage}: {' '.join(cmd)}", flush=True)
     start = time.time()
     log_path = os.path.join(log_dir, f"{stage}.log")
@@ -63,6 +77,34 @@ def run_stage(stage: str, cmd: list[str], log_dir: str) -> float:
     if rc != 0:
         raise StageFailed(f"stage {stage!r} failed (exit {rc}); see {log_path}")
     return time.time() - start
+
+
+# where each stage writes, under the demo's OUT
+LAYOUT = {
+    "logs": "logs",
+    "cohort": "cohort",
+    "records": "records",
+    "workdir": "train",
+    "export": os.path.join("export", "model.safetensors"),
+    "evaluation": "eval",
+    "evaluation_weighted_views": "eval_weighted_views",
+    "probe": "probe",
+    "saliency": "saliency",
+    "explain_scores": "explain_scores",
+    "report": "report",
+    "salt": os.path.join("secrets", "salt"),
+}
+
+
+def _salt_file(p: SimpleNamespace, seed: int) -> str:
+    """The salt is a hospital's secret (data_prep.convert hashes every id with it, and the split of patients
+    follows the hashes). The demo's cohort is synthetic, so its salt follows the seed: the same command draws
+    the same split and prints the same figures. Never derive a real export's salt this way."""
+    if not os.path.exists(p.salt):
+        os.makedirs(os.path.dirname(p.salt), exist_ok=True)
+        with open(p.salt, "w") as f:
+            f.write(hashlib.sha256(f"echoclip-jax synthetic demo, seed {seed}".encode()).hexdigest()[:32])
+    return p.salt
 
 
 def run(
@@ -80,141 +122,60 @@ def run(
     """Runs every stage not done yet under `out` and returns results.json's content (written there, with
     results.md, the README's table)."""
     out = os.path.abspath(out)
-    logs = os.path.join(out, "logs")
-    os.makedirs(logs, exist_ok=True)
-    py = sys.executable
-    config = config_path()
-    cohort, data_dir = os.path.join(out, "cohort"), os.path.join(out, "records")
-    workdir, export = os.path.join(out, "train"), os.path.join(out, "export", "model.safetensors")
-    eval_dir, saliency_dir = os.path.join(out, "eval"), os.path.join(out, "saliency")
-    weighted_dir = os.path.join(out, "eval_weighted_views")
-    probe_dir, scores_dir = os.path.join(out, "probe"), os.path.join(out, "explain_scores")
-    report_dir = os.path.join(out, "report")
-    # The salt is a hospital's secret (data_prep.convert hashes every id with it, and the split of patients
-    # follows the hashes). The demo's cohort is synthetic, so its salt follows --seed: the same command
-    # draws the same split and prints the same figures. Never derive a real export's salt this way.
-    salt_file = os.path.join(out, "secrets", "salt")
-    if not os.path.exists(salt_file):
-        os.makedirs(os.path.dirname(salt_file), exist_ok=True)
-        with open(salt_file, "w") as f:
-            f.write(hashlib.sha256(f"echoclip-jax synthetic demo, seed {seed}".encode()).hexdigest()[:32])
+    p = SimpleNamespace(**{name: os.path.join(out, rel) for name, rel in LAYOUT.items()})
+    os.makedirs(p.logs, exist_ok=True)
+    salt_file = _salt_file(p, seed)
     timings = {}
 
-    if not os.path.exists(os.path.join(cohort, "truth.csv")):
-        timings["synthetic"] = run_stage(
+    def stage(name: str, module: str, argv: list[str]) -> None:
+        timings[name] = run_stage(name, module, argv, p.logs)
+
+    if not os.path.exists(os.path.join(p.cohort, "truth.csv")):
+        stage(
             "synthetic",
-            [
-                py,
-                "-m",
-                "data_prep.synthetic",
-                "--out",
-                cohort,
-                "--patients",
-                str(patients),
-                "--seed",
-                str(seed),
-                "--small",
-                "--workers",
-                str(workers),
-                "--cohort_version",
-                str(cohort_version),
-            ],
-            logs,
+            "data_prep.synthetic",
+            flags(
+                out=p.cohort, patients=patients, seed=seed, small=True, workers=workers, cohort_version=cohort_version
+            ),
         )
-    with open(os.path.join(cohort, "cohort.json")) as f:
+    with open(os.path.join(p.cohort, "cohort.json")) as f:
         version = int(json.load(f).get("cohort_version", 1))
-    if not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
-        timings["data_prep"] = run_stage(
+    if not os.path.exists(os.path.join(p.records, "dataset_info.json")):
+        stage(
             "data_prep",
-            [
-                py,
-                "-m",
-                "data_prep.convert",
-                "--dicom_dir",
-                os.path.join(cohort, "dicom"),
-                "--reports",
-                os.path.join(cohort, "reports.csv"),
-                "--out",
-                data_dir,
-                "--image_size",
-                str(image_size),
-                "--frames",
-                str(frames),
-                "--workers",
-                str(workers),
-                "--salt_file",
-                salt_file,
-            ],
-            logs,
+            "data_prep.convert",
+            flags(
+                dicom_dir=os.path.join(p.cohort, "dicom"),
+                reports=os.path.join(p.cohort, "reports.csv"),
+                out=p.records,
+                image_size=image_size,
+                frames=frames,
+                workers=workers,
+                salt_file=salt_file,
+            ),
         )
-    overrides = [
-        f"--config.data_dir={data_dir}",
-        f"--config.total_steps={train_steps}",
-        f"--config.batch_size={batch_size}",
-        f"--config.seed={seed}",
-        f"--config.model.vision.image_size={image_size}",
-    ]
-    timings["train"] = run_stage(
-        "train", [py, "-m", "echoclip_jax.train", f"--config={config}", "--workdir", workdir, *overrides], logs
+    # the settings of the model, for every command that loads it; training adds its data and schedule
+    settings = [f"--config={config_path()}", f"--config.seed={seed}", f"--config.model.vision.image_size={image_size}"]
+    schedule = [f"--config.data_dir={p.records}", f"--config.total_steps={train_steps}"]
+    stage(
+        "train",
+        "echoclip_jax.train",
+        [*settings, *schedule, f"--config.batch_size={batch_size}", *flags(workdir=p.workdir)],
     )
-    if not os.path.exists(export):
-        timings["convert"] = run_stage(
+    if not os.path.exists(p.export):
+        stage(
             "convert",
-            [
-                py,
-                "-m",
-                "echoclip_jax.convert",
-                "--src",
-                f"orbax:{workdir}",
-                "--dst",
-                f"safetensors:{export}",
-                f"--config={config}",
-                *overrides[3:],
-            ],
-            logs,
+            "echoclip_jax.convert",
+            [*settings, *flags(src=f"orbax:{p.workdir}", dst=f"safetensors:{p.export}")],
         )
-    model = [f"--config={config}", *overrides[3:], "--checkpoint", f"safetensors:{export}"]
-    timings["evaluate"] = run_stage(
-        "evaluate",
-        [
-            py,
-            "-m",
-            "echoclip_jax.evaluate",
-            *model,
-            "--data_dir",
-            data_dir,
-            "--split",
-            "test",
-            "--out",
-            eval_dir,
-            "--tasks",
-            ",".join(EVAL_TASKS),
-            "--level",
-            "both",
-        ],
-        logs,
-    )
-    timings["evaluate_weighted"] = run_stage(
+    model = [*settings, *flags(checkpoint=f"safetensors:{p.export}")]
+    on_test = [*model, *flags(data_dir=p.records, split="test")]
+    tasks = ",".join(EVAL_TASKS)
+    stage("evaluate", "echoclip_jax.evaluate", [*on_test, *flags(out=p.evaluation, tasks=tasks, level="both")])
+    stage(
         "evaluate_weighted",
-        [  # the views weighted by zero-shot relevance
-            py,
-            "-m",
-            "echoclip_jax.evaluate",
-            *model,
-            "--data_dir",
-            data_dir,
-            "--split",
-            "test",
-            "--out",
-            weighted_dir,
-            "--tasks",
-            ",".join(EVAL_TASKS),
-            "--level",
-            "study",
-            "--study_pool",
-            "weighted",
-        ],
-        logs,
+        "echoclip_jax.evaluate",  # the views weighted by zero-shot relevance
+        [*on_test, *flags(out=p.evaluation_weighted_views, tasks=tasks, level="study", study_pool="weighted")],
     )
     for key, labels in PROBE_LABELS.items():
         labels = [label for label in labels if label != "view" or version >= 2]
@@ -222,134 +183,81 @@ def run(
         if not os.path.exists(labels_csv):
             run_stage(
                 f"probe_labels_{key}",
-                [
-                    py,
-                    "-m",
-                    "echoclip_jax.probe_labels",
-                    "--cohort",
-                    cohort,
-                    "--salt_file",
-                    salt_file,
-                    "--key",
-                    key,
-                    "--out",
-                    labels_csv,
-                ],
-                logs,
+                "echoclip_jax.probe_labels",
+                flags(cohort=p.cohort, salt_file=salt_file, key=key, out=labels_csv),
+                p.logs,
             )
-        level_dir = os.path.join(probe_dir, key.split("_")[0])
+        level_dir = os.path.join(p.probe, key.split("_")[0])
         if not os.path.exists(os.path.join(level_dir, "probe.json")):
-            timings[f"probe_{key}"] = run_stage(
+            stage(
                 f"probe_{key}",
+                "echoclip_jax.probe",
                 [
-                    py,
-                    "-m",
-                    "echoclip_jax.probe",
                     *model,
-                    "--data_dir",
-                    data_dir,
-                    "--labels",
-                    labels_csv,
-                    "--key",
-                    key,
-                    "--frames",
-                    str(PROBE_FRAMES),
-                    *[a for label in labels for a in ("--label", label)],
-                    "--out",
-                    level_dir,
+                    *flags(
+                        data_dir=p.records, labels=labels_csv, key=key, frames=PROBE_FRAMES, label=labels, out=level_dir
+                    ),
                 ],
-                logs,
             )
-    if not os.path.exists(saliency_dir):
-        timings["interpret"] = run_stage(
+    if not os.path.exists(p.saliency):
+        stage(
             "interpret",
-            [
-                py,
-                "-m",
-                "echoclip_jax.interpret",
-                *model,
-                "--data_dir",
-                data_dir,
-                "--split",
-                "test",
-                "--limit",
-                "3",
-                "--frames",
-                "4",
-                "--cam_stage",
-                CAM_STAGE,
-                "--out",
-                saliency_dir,
-                *[a for prompt in SALIENCY_PROMPTS for a in ("--prompt", prompt)],
-            ],
-            logs,
+            "echoclip_jax.interpret",
+            [*on_test, *flags(limit=3, frames=4, cam_stage=CAM_STAGE, out=p.saliency, prompt=SALIENCY_PROMPTS)],
         )
-    if version >= 2 and not os.path.exists(os.path.join(scores_dir, "scores.json")):
-        timings["explain_scores"] = run_stage(
+    if version >= 2 and not os.path.exists(os.path.join(p.explain_scores, "scores.json")):
+        stage(
             "explain_scores",
+            "echoclip_jax.interpret",
             [
-                py,
-                "-m",
-                "echoclip_jax.interpret",
-                *model,
-                "--data_dir",
-                data_dir,
-                "--split",
-                "test",
-                "--limit",
-                str(SCORE_VIDEOS),
-                "--frames",
-                "4",
-                "--score_truth",
-                cohort,
-                "--salt_file",
-                salt_file,
-                "--score_methods",
-                SCORE_METHODS,
-                "--out",
-                scores_dir,
+                *on_test,
+                *flags(
+                    limit=SCORE_VIDEOS,
+                    frames=4,
+                    score_truth=p.cohort,
+                    salt_file=salt_file,
+                    score_methods=SCORE_METHODS,
+                    out=p.explain_scores,
+                ),
             ],
-            logs,
         )
-    if not os.path.exists(os.path.join(report_dir, "summary.json")):
-        timings["report"] = run_stage(
-            "report",
-            [
-                py,
-                "-m",
-                "echoclip_jax.report",
-                *model,
-                "--data_dir",
-                data_dir,
-                "--split",
-                "test",
-                "--level",
-                "both",
-                "--baseline",
-                "--k",
-                str(REPORT_K),
-                "--out",
-                report_dir,
-            ],
-            logs,
+    if not os.path.exists(os.path.join(p.report, "summary.json")):
+        stage(
+            "report", "echoclip_jax.report", [*on_test, *flags(level="both", baseline=True, k=REPORT_K, out=p.report)]
         )
+    return _results(p, version, timings, train_steps, load_salt(salt_file=salt_file), out)
 
-    with open(os.path.join(eval_dir, "model.json")) as f:
-        eval_json = json.load(f)
-    salt = load_salt(salt_file=salt_file)
-    with open(os.path.join(weighted_dir, "model.json")) as f:
-        weighted_json = json.load(f)
-    rows = results_table.evaluation_rows(eval_json, results_table.baselines(data_dir), weighted_json)
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _results(p: SimpleNamespace, version: int, timings: dict, train_steps: int, salt: bytes, out: str) -> dict:
+    """Every figure beside its baseline (`results_table`), written to OUT/results.json and OUT/results.md."""
+    eval_json = _read_json(os.path.join(p.evaluation, "model.json"))
+    weighted_json = _read_json(os.path.join(p.evaluation_weighted_views, "model.json"))
+    rows = results_table.evaluation_rows(eval_json, results_table.baselines(p.records), weighted_json)
     for level in ("video", "study"):
-        with open(os.path.join(probe_dir, level, "probe.json")) as f:
-            rows.update(results_table.probe_rows(json.load(f), level=level))
+        rows.update(results_table.probe_rows(_read_json(os.path.join(p.probe, level, "probe.json")), level=level))
     if version >= 2:
-        with open(os.path.join(scores_dir, "scores.json")) as f:
-            rows.update(results_table.saliency_rows(json.load(f)))
-    rows.update(results_table.report_rows(report_dir, cohort, salt))
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        train_log = [json.loads(line) for line in f if line.strip()]
-    losses = [r["loss"] for r in train_log if "loss" in r]
+        rows.update(results_table.saliency_rows(_read_json(os.path.join(p.explain_scores, "scores.json"))))
+    rows.update(results_table.report_rows(p.report, p.cohort, salt))
+    with open(os.path.join(p.workdir, "metrics.jsonl")) as f:
+        losses = [row["loss"] for row in map(json.loads, filter(str.strip, f)) if "loss" in row]
+    listed = [
+        "cohort",
+        "records",
+        "workdir",
+        "export",
+        "evaluation",
+        "evaluation_weighted_views",
+        "probe",
+        "saliency",
+        *(["explain_scores"] if version >= 2 else []),
+        "report",
+        "logs",
+    ]
     results = {
         "cohort_version": version,
         "figures": rows,
@@ -361,23 +269,10 @@ def run(
         "num_test_videos": eval_json.get("num_videos"),
         "num_test_studies": eval_json.get("study", {}).get("num_studies"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "paths": {
-            "cohort": cohort,
-            "records": data_dir,
-            "workdir": workdir,
-            "export": export,
-            "evaluation": eval_dir,
-            "evaluation_weighted_views": weighted_dir,
-            "probe": probe_dir,
-            "saliency": saliency_dir,
-            **({"explain_scores": scores_dir} if version >= 2 else {}),
-            "report": report_dir,
-            "logs": logs,
-        },
+        "paths": {k: vars(p)[k] for k in listed},
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:  # the headline figures, as the README shows them
         f.write(results_table.markdown_table(rows) + "\n")
-
     return results

@@ -18,7 +18,7 @@ import numpy as np
 from data_prep import records
 from data_prep.plan import salted_hash
 from data_prep.synthetic import read_truth
-from echoclip_jax.evaluation import zero_shot as zs
+from echoclip_jax.evaluation import task_table
 from echoclip_jax.retrieval import report as retrieval_report
 
 DEVICES = ("pacemaker", "tavr", "mitraclip")
@@ -40,11 +40,11 @@ def split_reports(data_dir: str, split: str) -> tuple[list[str], list[str], np.n
 def baselines(data_dir: str) -> dict:
     """What a model that learned nothing scores on the test split: the training mean's EF error per video and
     per study (one row per study), and chance for the ranking figures."""
-    ef_task = zs.load_tasks(None, ["ejection_fraction"])[0]
+    ef_task = task_table.load_tasks(None, ["ejection_fraction"])[0]
     train_reports, _, train_ef = split_reports(data_dir, "train")
     test_reports, test_studies, test_ef = split_reports(data_dir, "test")
-    train_mean = float(np.nanmean(zs.task_labels(ef_task, train_reports, {"ef": train_ef})))
-    y = zs.task_labels(ef_task, test_reports, {"ef": test_ef})
+    train_mean = float(np.nanmean(task_table.task_labels(ef_task, train_reports, {"ef": train_ef})))
+    y = task_table.task_labels(ef_task, test_reports, {"ef": test_ef})
     _, first = np.unique(test_studies, return_index=True)  # each study's first video (its report's labels)
     y_study = y[first]
     return {

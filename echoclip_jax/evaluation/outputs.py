@@ -16,9 +16,8 @@ import math
 import os
 import re
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 
 from echoclip_jax.evaluation import metrics
@@ -91,7 +90,6 @@ def write_summary(out_dir: str) -> str:
 
 
 def write_tensorboard(out_dir: str, name: str, step: int | None, results: dict) -> None:
-
     writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
     for key, value in flatten(results).items():
         if math.isfinite(value):
@@ -99,18 +97,10 @@ def write_tensorboard(out_dir: str, name: str, step: int | None, results: dict) 
     writer.close()
 
 
-def _pyplot():
-
-    matplotlib.use("Agg")
-
-    return plt
-
-
 def plot_checkpoint(out_dir: str, name: str, curves: dict, *, level: str = "video") -> list[str]:
     """ROC curves (binary tasks, patient identification) and predicted vs true (regression tasks) of one
     level: `plots/<name>_roc.png`, `plots/<name>_<task>.png` (video), `plots/<name>_study_...` (study).
     Only curves with both classes are drawn; a ROC figure with none is not written."""
-    plt = _pyplot()
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     written = []
     stem = name if level == "video" else f"{name}_{level}"
@@ -120,7 +110,8 @@ def plot_checkpoint(out_dir: str, name: str, curves: dict, *, level: str = "vide
         rocs["patient identification"] = curves["patient_identification"]
     drawable = {task: c for task, c in rocs.items() if 0 < np.asarray(c["labels"]).astype(int).sum() < len(c["labels"])}
     if drawable:
-        fig, ax = plt.subplots(figsize=(6, 6))
+        fig = Figure(figsize=(6, 6))
+        ax = fig.subplots()
         for task, c in drawable.items():
             y = np.asarray(c["labels"]).astype(int)
             fpr, tpr, _ = metrics.roc_curve(y, c["scores"])
@@ -130,12 +121,12 @@ def plot_checkpoint(out_dir: str, name: str, curves: dict, *, level: str = "vide
         ax.legend(fontsize=7, loc="lower right")
         path = os.path.join(out_dir, "plots", f"{stem}_roc.png")
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         written.append(path)
     for task, c in curves["regression"].items():
         if not len(c["true"]):
             continue
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig = Figure(figsize=(5, 5))
+        ax = fig.subplots()
         ax.scatter(c["true"], c["pred"], s=8, alpha=0.6)
         lo = float(min(np.min(c["true"]), np.min(c["pred"])))
         hi = float(max(np.max(c["true"]), np.max(c["pred"])))
@@ -147,7 +138,6 @@ def plot_checkpoint(out_dir: str, name: str, curves: dict, *, level: str = "vide
         )
         path = os.path.join(out_dir, "plots", f"{stem}_{task}.png")
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         written.append(path)
     return written
 
@@ -168,10 +158,10 @@ def plot_metrics_vs_step(out_dir: str) -> str | None:
     )  # no empty panels
     if not keys:
         return None
-    plt = _pyplot()
     cols = 4
     nrows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.6 * nrows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 2.6 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     steps = [r["step"] for r in rows]
     for ax, key in zip(axes.flat, keys):
         ax.plot(steps, [f.get(key, math.nan) for f in flats], "o-")
@@ -183,7 +173,6 @@ def plot_metrics_vs_step(out_dir: str) -> str | None:
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     path = os.path.join(out_dir, "plots", "metrics_vs_step.png")
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 
@@ -227,10 +216,10 @@ def plot_levels(out_dir: str, name: str, results: dict) -> str | None:
     panels = level_panels(results) if "study" in results else {}
     if not panels:
         return None
-    plt = _pyplot()
     cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.8 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, (title, panel) in zip(axes.flat, panels.items()):
         names = [lv for lv in LEVEL_COLOURS if lv in panel]
         values = [panel[lv] for lv in names]
@@ -245,5 +234,4 @@ def plot_levels(out_dir: str, name: str, results: dict) -> str | None:
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     path = os.path.join(out_dir, "plots", f"{name}_levels.png")
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path

@@ -38,7 +38,7 @@ import math
 
 import numpy as np
 
-from echoclip_jax.evaluation import metrics
+from echoclip_jax.evaluation import metrics, task_table
 from echoclip_jax.evaluation import zero_shot as zs
 
 POOLS = ("mean", "weighted")
@@ -103,28 +103,28 @@ class Studies:
         """Frame-wise values of the split [M, ...] in study order (a study's frames: its videos' frames)."""
         return np.asarray(frame_values)[self.frame_index]
 
-    def relevance(self, task: zs.Task, sims: np.ndarray) -> np.ndarray:
+    def relevance(self, task: task_table.Task, sims: np.ndarray) -> np.ndarray:
         """Each video's zero-shot relevance to the task (see the module doc), from the split's sims [M, P]."""
         if task.mode == "binary":
             return zs.score_binary(sims, self.video_lengths)
         return zs.video_mean(np.asarray(sims).max(axis=1), self.video_lengths)
 
-    def video_weights(self, task: zs.Task, sims: np.ndarray) -> np.ndarray:
+    def video_weights(self, task: task_table.Task, sims: np.ndarray) -> np.ndarray:
         """Weight [N] of each video within its study: softmax of relevance / temperature (sums to 1)."""
         return _softmax_within(self.relevance(task, sims) / self.temperature, self.study_of_video, self.num_studies)
 
-    def frame_weights(self, task: zs.Task, sims: np.ndarray) -> np.ndarray | None:
+    def frame_weights(self, task: task_table.Task, sims: np.ndarray) -> np.ndarray | None:
         """Per-frame weights [M] in study order for the weighted pool (w_v / T_v), None for the mean."""
         if self.pool == "mean":
             return None
         per_frame = np.repeat(self.video_weights(task, sims) / self.video_lengths, self.video_lengths)
         return self.frames(per_frame)
 
-    def labels(self, task: zs.Task) -> np.ndarray:
+    def labels(self, task: task_table.Task) -> np.ndarray:
         """One label per study from its report (EF column first where known), NaN = unknown."""
-        return zs.task_labels(task, self.report, {"ef": self.ef})
+        return task_table.task_labels(task, self.report, {"ef": self.ef})
 
-    def binary_scores(self, task: zs.Task, sims: np.ndarray) -> np.ndarray:
+    def binary_scores(self, task: task_table.Task, sims: np.ndarray) -> np.ndarray:
         """Each study's binary score (the rule of the module doc) from the split's sims [M, P]."""
         return zs.score_binary(self.frames(sims), self.lengths, self.frame_weights(task, sims))
 
@@ -151,7 +151,7 @@ class StudyMetrics:
             self.results["pool_temperature"] = st.temperature
         self.curves: dict = {"binary": {}, "regression": {}}
 
-    def add_task(self, task: zs.Task, sims: np.ndarray, calibration_sims: np.ndarray | None = None) -> None:
+    def add_task(self, task: task_table.Task, sims: np.ndarray, calibration_sims: np.ndarray | None = None) -> None:
         """One zero-shot task at study level; `calibration_sims` [M', P] of the calibration split (binary)."""
         st = self.studies
         labels = st.labels(task)

@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from echoclip_jax import tokenizers
-from echoclip_jax.evaluation import metrics, study_level
+from echoclip_jax.evaluation import metrics, study_level, task_table
 from echoclip_jax.evaluation import zero_shot as zs
 from echoclip_jax.evaluation.outputs import (
     plot_checkpoint,
@@ -51,16 +51,16 @@ VIDEO_KEYS = (
 )  # the video level's keys of a result JSON (top level)
 
 
-def _task_sims(embedder: Embedder, task: zs.Task, split: SplitEmbeddings) -> np.ndarray:
+def _task_sims(embedder: Embedder, task: task_table.Task, split: SplitEmbeddings) -> np.ndarray:
     """Similarities [M, P] of the split's frames (end to end, `split.lengths` per video) to the prompts."""
-    texts, _ = zs.build_prompts(task)
+    texts, _ = task_table.build_prompts(task)
     return zs.similarities(split.frames, embedder.texts(texts))
 
 
 def compute_metrics(
     embedder: Embedder,
     split: SplitEmbeddings,
-    tasks: list[zs.Task],
+    tasks: list[task_table.Task],
     *,
     calibration: SplitEmbeddings | None = None,
     retrieval_chunk: int = 1024,
@@ -100,10 +100,10 @@ def compute_metrics(
             study.add_task(task, sims, c_sims)
         if not video:
             continue
-        labels = zs.task_labels(task, split.report, {"ef": split.ef})
+        labels = task_table.task_labels(task, split.report, {"ef": split.ef})
         calib = None
         if c_sims is not None:
-            c_labels = zs.task_labels(task, calibration.report, {"ef": calibration.ef})
+            c_labels = task_table.task_labels(task, calibration.report, {"ef": calibration.ef})
             known = np.isfinite(c_labels)
             if len(np.unique(c_labels[known])) == 2:
                 calib = (c_labels[known].astype(int), zs.score_binary(c_sims, calibration.lengths)[known])
@@ -200,7 +200,7 @@ def run(
     data_dir: str,
     split: str,
     out_dir: str,
-    tasks: list[zs.Task],
+    tasks: list[task_table.Task],
     frames: int | None = None,
     batch_size: int = 128,
     calibration_split: str | None = None,

@@ -56,7 +56,6 @@ class Embedder:
     """Jitted, batched, device-sharded embedding with one set of weights (`model`, a models.CLIP)."""
 
     def __init__(self, model, tokenizer=None, *, batch_size: int = 128):
-
         self.sharded = sm = ShardedModel(model, batch_size=batch_size)
         self.batch_size = sm.batch_size
         self._pool_group = -(-POOL_GROUP // sm.num_devices) * sm.num_devices

@@ -9,9 +9,8 @@ import os
 import re
 import warnings
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from sklearn import metrics
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.metrics import ConfusionMatrixDisplay
@@ -88,17 +87,16 @@ def _safe(name: str) -> str:
 
 def plot(out_dir: str, label: str, probe: str, task: str, y_true, prediction) -> str:
     """plots/<label>_<probe>_confusion.png or plots/<label>_<probe>_pred_vs_true.png; returns the path."""
-
-    matplotlib.use("Agg")
-
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     if task == "classification":
         labels = sorted(set(y_true) | set(prediction[0]))
-        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
+        fig = Figure(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
+        ax = fig.subplots()
         ConfusionMatrixDisplay.from_predictions(y_true, prediction[0], labels=labels, ax=ax, colorbar=False)
         path = os.path.join(out_dir, "plots", f"{_safe(label)}_{probe}_confusion.png")
     else:
-        fig, ax = plt.subplots(figsize=(4, 4))
+        fig = Figure(figsize=(4, 4))
+        ax = fig.subplots()
         ax.scatter(y_true, prediction, s=10, alpha=0.6)
         lo, hi = float(min(np.min(y_true), np.min(prediction))), float(max(np.max(y_true), np.max(prediction)))
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
@@ -108,5 +106,4 @@ def plot(out_dir: str, label: str, probe: str, task: str, y_true, prediction) ->
     ax.set_title(f"{label}: {probe} probe", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path

@@ -1,7 +1,7 @@
 """A preliminary report by retrieval: the k reports of a report bank nearest to a study, and a vote over
 them. It is a retrieval, not a diagnosis, and every output says so (DISCLAIMER).
 
-Findings, extracted from each bank report with the zero-shot tasks' label rules (`zero_shot.extract_label`
+Findings, extracted from each bank report with the zero-shot tasks' label rules (`task_table.extract_label`
 over the package's zero-shot task table: ejection_fraction, pacemaker, tavr, mitraclip; LV size with the
 table's LV-size phrases cut to their common "... DILATED LEFT VENTRICLE", its other readers' wordings, and
 the normal-size wordings: `lv_size_task`): EF (median of the k reports' numbers; support = reports within
@@ -23,7 +23,7 @@ import os
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
-from echoclip_jax.evaluation import zero_shot as zs
+from echoclip_jax.evaluation import task_table
 from echoclip_jax.retrieval import embedding as emb
 from echoclip_jax.retrieval.bank import Bank
 
@@ -52,12 +52,12 @@ _LV_NORMAL_PHRASES = (
 
 
 @functools.lru_cache(maxsize=1)
-def lv_size_task() -> zs.Task:
+def lv_size_task() -> task_table.Task:
     """LV size as a report states it: the zero-shot table's left_ventricle_size phrases cut to their common
     "... DILATED LEFT VENTRICLE", its report phrases (other readers' wordings of a dilated LV), and the
     normal-size wordings; classes 1 normal .. 4 severe; a report that states none is unknown (no 0 class)."""
-    table = zs.load_tasks(None, ["left_ventricle_size"])[0]
-    return zs.Task(
+    table = task_table.load_tasks(None, ["left_ventricle_size"])[0]
+    return task_table.Task(
         name="lv_size",
         mode="categorical",
         label_sources=(
@@ -84,11 +84,11 @@ def ef_band(ef) -> str | None:
 
 def report_findings(reports: list[str]) -> list[dict]:
     """Per report: {ef: float|None, ef_band, pacemaker/tavr/mitraclip: "present"|"absent", lv_size: str|None}."""
-    tasks = {t.name: t for t in zs.load_tasks(None, ["ejection_fraction", *DEVICES])}
-    ef = zs.task_labels(tasks["ejection_fraction"], reports)
-    devices = {d: zs.task_labels(tasks[d], reports) for d in DEVICES}
+    tasks = {t.name: t for t in task_table.load_tasks(None, ["ejection_fraction", *DEVICES])}
+    ef = task_table.task_labels(tasks["ejection_fraction"], reports)
+    devices = {d: task_table.task_labels(tasks[d], reports) for d in DEVICES}
     lv_task = lv_size_task()
-    lv = zs.task_labels(lv_task, reports)
+    lv = task_table.task_labels(lv_task, reports)
     out = []
     for i in range(len(reports)):
         e = float(ef[i]) if np.isfinite(ef[i]) else None

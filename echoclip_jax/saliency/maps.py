@@ -61,7 +61,6 @@ class SaliencyMapper:
         seed: int = 0,
         cam_stage="last",
     ):
-
         if smoothgrad_samples < 0 or smoothgrad_sigma < 0:
             raise ValueError("smoothgrad_samples and smoothgrad_sigma must be >= 0")
         if not hasattr(model.visual, "forward_stages"):

@@ -17,7 +17,6 @@ scaling = load_bench("scaling")
 
 
 def abstract_state(config_name, preset):
-
     c = files.load(CONFIGS / f"{config_name}.py")
     c.sharding_preset = preset
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = scaling.mesh_for(preset, jax.device_count())

@@ -17,7 +17,7 @@ import pytest
 from data_prep import convert, records, synthetic
 from data_prep.plan import salted_hash
 from data_prep.reports import clean_text
-from echoclip_jax.evaluation import zero_shot
+from echoclip_jax.evaluation import task_table
 from echoclip_jax.tokenizers import get_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,8 +128,8 @@ def test_tokenizers_and_zero_shot_labels_read_the_scrubbed_reports_as_the_clinic
     template = get_tokenizer("template", path=TEMPLATE_VOCAB, context_length=77)
     # the template tokenizer drops what is not a report phrase: the leftover labels ("EXAM DATE.") vanish
     assert (template.encode(scrubbed) == template.encode(truth)).all()
-    for task in zero_shot.load_tasks(names=["ejection_fraction", "pacemaker", "tavr", "mitraclip"]):
-        a, b = zero_shot.task_labels(task, scrubbed), zero_shot.task_labels(task, truth)
+    for task in task_table.load_tasks(names=["ejection_fraction", "pacemaker", "tavr", "mitraclip"]):
+        a, b = task_table.task_labels(task, scrubbed), task_table.task_labels(task, truth)
         assert ((a == b) | (a != a) & (b != b)).all(), task.name
     assert get_tokenizer("clip_bpe", context_length=77).encode(scrubbed).shape == (len(uids), 77)
 

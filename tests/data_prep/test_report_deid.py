@@ -10,7 +10,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from data_prep import report_deid, report_detectors
-from data_prep.report_deid import Deidentifier, identifiers_from_dataset
+from data_prep.report_deid import Deidentifier
+from data_prep.report_identifiers import identifiers_from_dataset
 from data_prep.reports import clean_text
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "echoclip_reference")
@@ -228,7 +229,6 @@ def test_bad_detector_specs_say_what_is_wrong(tmp_path):
 
 
 def test_the_deidentifier_pickles_to_worker_processes(tmp_path):
-
     words = tmp_path / "staff.txt"
     words.write_text("TEMPLETON\n")
     deid = pickle.loads(pickle.dumps(Deidentifier([f"wordlist:{words}"], region="GB")))

@@ -21,11 +21,12 @@ from scipy import ndimage
 
 from data_prep import records, synthetic
 from data_prep.plan import salted_hash
-from data_prep.report_deid import Deidentifier, identifiers_from_dataset
+from data_prep.report_deid import Deidentifier
+from data_prep.report_identifiers import identifiers_from_dataset
 from data_prep.reports import clean_text
 from data_prep.synthetic import truth_by_video_id
 from data_prep.synthetic.render_views import render_view_video
-from echoclip_jax.evaluation import zero_shot as zs
+from echoclip_jax.evaluation import task_table
 from tests.data_prep.test_synthetic import _fan, _lv_region, decode_cohort
 
 PATIENTS, SEED = 8, 21
@@ -52,7 +53,7 @@ def decoded(cohort, truth):
 
 @pytest.fixture(scope="module")
 def tasks():
-    return zs.load_tasks()
+    return task_table.load_tasks()
 
 
 def _group(rows, key):
@@ -176,11 +177,11 @@ def test_report_labels_equal_the_truth_for_every_task(cohort, truth, tasks):
     for source in (clinical, full):
         reports = [clean_text(source[r["StudyInstanceUID"]]) for r in truth]
         for task in tasks:
-            got, want = zs.task_labels(task, reports), _expected(task, truth)
+            got, want = task_table.task_labels(task, reports), _expected(task, truth)
             np.testing.assert_array_equal(got, want, err_msg=task.name)
     ef_task = next(t for t in tasks if t.name == "ejection_fraction")
     ef = np.array([float(r["ef"]) for r in truth])
-    np.testing.assert_array_equal(zs.task_labels(ef_task, reports, {"ef": ef}), ef)
+    np.testing.assert_array_equal(task_table.task_labels(ef_task, reports, {"ef": ef}), ef)
     assert {r["lv_size"] for r in truth} > {"normal"} and any(int(r["mitraclip"]) for r in truth)
     for r in truth:  # the clip count is worded too
         text = clinical[r["StudyInstanceUID"]].upper()
@@ -194,8 +195,10 @@ def test_reports_hold_none_of_the_prompt_sentences(tasks):
     reports = [clean_text(synthetic.clinical_report(s)) for s in studies]
     for task in tasks:
         prompts = list(task.label_sources) + list(task.testers)
-        patterns = [zs.source_pattern(p) for p in prompts]  # "<#>" matches any number: every EF prompt
-        literal = [" ".join(p.split()).rstrip(". ") for p in zs.build_prompts(task)[0] + prompts if "<#>" not in p]
+        patterns = [task_table.source_pattern(p) for p in prompts]  # "<#>" matches any number: every EF prompt
+        literal = [
+            " ".join(p.split()).rstrip(". ") for p in task_table.build_prompts(task)[0] + prompts if "<#>" not in p
+        ]
         for text in reports:
             squashed = " ".join(text.upper().split())
             assert not [p.pattern for p in patterns if p.search(squashed)], (task.name, text)
@@ -205,9 +208,9 @@ def test_reports_hold_none_of_the_prompt_sentences(tasks):
 def test_readers_word_the_findings_differently():
     _, studies, _ = synthetic.plan_cohort(120, 9, small=True, version=2)
     texts = [synthetic.clinical_report(s) for s in studies]
-    ef_task = zs.load_tasks(names=["ejection_fraction"])[0]
+    ef_task = task_table.load_tasks(names=["ejection_fraction"])[0]
     ef_frames = {
-        next(p.pattern for p in map(zs.source_pattern, ef_task.report_phrases) if p.search(clean_text(t)))
+        next(p.pattern for p in map(task_table.source_pattern, ef_task.report_phrases) if p.search(clean_text(t)))
         for t in texts
     }
     assert len(ef_frames) >= 5
@@ -230,7 +233,9 @@ def test_report_phrases_leave_version_1_labels_as_they_were(tasks):
     assert sum(bool(t.report_phrases) for t in tasks) >= 7
     for task in tasks:
         narrow = dataclasses.replace(task, report_phrases=(), report_phrase_values=())
-        np.testing.assert_array_equal(zs.task_labels(task, reports), zs.task_labels(narrow, reports), task.name)
+        np.testing.assert_array_equal(
+            task_table.task_labels(task, reports), task_table.task_labels(narrow, reports), task.name
+        )
 
 
 def test_deidentified_reports_keep_the_clinical_text_and_labels(cohort, truth, tasks):
@@ -245,7 +250,9 @@ def test_deidentified_reports_keep_the_clinical_text_and_labels(cohort, truth, t
         assert removed and clean_text(clinical[uid]).strip() in clean_text(scrubbed)
         assert not [s for s in needles if s in scrubbed.lower()], scrubbed
         for task in tasks:
-            assert zs.extract_label(task, clean_text(scrubbed)) == zs.extract_label(task, clean_text(clinical[uid]))
+            assert task_table.extract_label(task, clean_text(scrubbed)) == task_table.extract_label(
+                task, clean_text(clinical[uid])
+            )
 
 
 def test_convert_reads_a_version_2_cohort(cohort, tmp_path):
@@ -360,16 +367,19 @@ def test_report_phrases_in_a_task_table_are_checked(tmp_path, spec, problem):
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps({"mytask": spec}))
     with pytest.raises(ValueError, match=problem):
-        zs.load_tasks(str(path))
+        task_table.load_tasks(str(path))
 
 
 def test_report_phrases_label_but_are_never_prompts(tasks):
     by_name = {t.name: t for t in tasks}
-    assert zs.extract_label(by_name["left_ventricle_size"], "THE LEFT VENTRICLE IS MODERATE DILATED. LVEF 30%.") == 2.0
-    assert zs.extract_label(by_name["ejection_fraction"], "NORMAL LV CAVITY SIZE. LVEF 62%. EF 40%.") == 62.0
-    assert zs.extract_label(by_name["pacemaker"], "NOTE IS MADE OF A PACER LEAD IN THE RIGHT HEART.") == 1.0
+    assert (
+        task_table.extract_label(by_name["left_ventricle_size"], "THE LEFT VENTRICLE IS MODERATE DILATED. LVEF 30%.")
+        == 2.0
+    )
+    assert task_table.extract_label(by_name["ejection_fraction"], "NORMAL LV CAVITY SIZE. LVEF 62%. EF 40%.") == 62.0
+    assert task_table.extract_label(by_name["pacemaker"], "NOTE IS MADE OF A PACER LEAD IN THE RIGHT HEART.") == 1.0
     for task in tasks:
-        prompts = zs.build_prompts(task)[0]
+        prompts = task_table.build_prompts(task)[0]
         assert not [p for p in task.report_phrases if p in prompts or p in task.label_sources]
 
 

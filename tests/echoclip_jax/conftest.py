@@ -88,7 +88,6 @@ def tiny_overrides(records_dir: str) -> dict:
 
 @pytest.fixture
 def tiny_config(records_dir):
-
     c = files.load(CONFIGS / "tiny.py")
     for key, value in tiny_overrides(records_dir).items():
         node = c

@@ -20,6 +20,7 @@ from echoclip_jax.evaluation import outputs as eval_outputs
 from echoclip_jax.evaluation import (
     study_level,
     sweep,
+    task_table,
 )
 from echoclip_jax.evaluation import zero_shot as zs
 from echoclip_jax.inference import embedder as embedder_lib
@@ -84,7 +85,7 @@ def _oracle_split(rng, n=24, frames=3):
 def test_compute_metrics_with_an_oracle_model():
     rng = np.random.default_rng(0)
     split, ef, pacer = _oracle_split(rng)
-    tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
+    tasks = task_table.load_tasks(names=["ejection_fraction", "pacemaker"])
     results, curves = sweep.compute_metrics(OracleEmbedder(), split, tasks)
     pm = results["tasks"]["pacemaker"]
     assert pm["n"] == 24 and pm["n_pos"] == int(pacer.sum())
@@ -103,7 +104,7 @@ def test_calibration_split_sets_the_threshold():
     rng = np.random.default_rng(1)
     split, _, _ = _oracle_split(rng)
     calib, _, _ = _oracle_split(rng)
-    tasks = zs.load_tasks(names=["pacemaker"])
+    tasks = task_table.load_tasks(names=["pacemaker"])
     results, _ = sweep.compute_metrics(OracleEmbedder(), split, tasks, calibration=calib)
     assert results["tasks"]["pacemaker"]["threshold_source"] == "calibration"
 
@@ -213,7 +214,6 @@ def _write_records(out, rng, image_size=64, frames=RAGGED):
 
 
 def _cli(*args, timeout=600):
-
     env = dict(os.environ)
     return subprocess.run(
         [sys.executable, "-m", *args],
@@ -342,7 +342,7 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
         config.model,
         {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))},
     )
-    tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
+    tasks = task_table.load_tasks(names=["ejection_fraction", "pacemaker"])
     sources = sweep.list_sources(checkpoint=f"safetensors:{weights_file}")
     sweep.run(
         config, sources, data_dir=str(data_dir), split="test", out_dir=str(tmp_path / "e"), tasks=tasks, batch_size=8
@@ -365,10 +365,10 @@ def test_ragged_records_evaluate_every_frame_of_every_video(tmp_path, capsys):
         mean = frames.mean(0)
         np.testing.assert_allclose(video, mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
     # EF: the paper's rule per video on its own frames, then the MAE against the records' EF labels
-    texts, values = zs.build_prompts(tasks[0])
+    texts, values = task_table.build_prompts(tasks[0])
     prompts = embedder.texts(texts)
     pred = [zs.predict_regression(zs.similarities(f[None], prompts), values)[0] for f in per_video]
-    labels = zs.task_labels(tasks[0], split.report, {"ef": split.ef})
+    labels = task_table.task_labels(tasks[0], split.report, {"ef": split.ef})
     assert res["tasks"]["ejection_fraction"]["mae"] == pytest.approx(
         np.mean(np.abs(np.asarray(pred) - labels)), rel=1e-5
     )
@@ -427,7 +427,7 @@ def test_study_layout_on_a_hand_computed_case():
     np.testing.assert_array_equal(st.ef, [55.0, 40.0, np.nan])
     # binary rule over the study's frames: study b's score is the mean over its 5 frames, not of 2 videos
     sims = rng.uniform(-1, 1, size=(9, 2))
-    task = zs.load_tasks(names=["pacemaker"])[0]
+    task = task_table.load_tasks(names=["pacemaker"])[0]
     frame_score = sims.mean(1)
     np.testing.assert_allclose(
         st.binary_scores(task, sims),
@@ -477,7 +477,7 @@ def test_study_level_sees_a_finding_that_shows_in_one_view(pool):
     positive label and look negative (AUC well below 1); per study, every frame of every view counts, so
     every positive study outscores every negative one."""
     split = _one_view_cohort(np.random.default_rng(0))
-    tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker"])
+    tasks = task_table.load_tasks(names=["ejection_fraction", "pacemaker"])
     results, curves = sweep.compute_metrics(OracleEmbedder(), split, tasks, study_pool=pool)
     video, study = results["tasks"]["pacemaker"], results["study"]["tasks"]["pacemaker"]
     assert video["n"] == 36 and video["n_pos"] == 18 and video["auc"] < 0.8
@@ -523,7 +523,7 @@ def test_study_patient_identification_equals_the_video_blocks():
     """metrics.patient_identification already pools videos per study: the study block's figure is the
     same computation on the study embeddings, so the two agree."""
     split = _one_view_cohort(np.random.default_rng(1))
-    results, _ = sweep.compute_metrics(OracleEmbedder(), split, zs.load_tasks(names=["pacemaker"]))
+    results, _ = sweep.compute_metrics(OracleEmbedder(), split, task_table.load_tasks(names=["pacemaker"]))
     video, study = results["patient_identification"], results["study"]["patient_identification"]
     assert video["n_studies"] == study["n_studies"] == 12 and video["n_same"] == study["n_same"] == 6
     assert study["auc"] == pytest.approx(video["auc"], abs=1e-12)
@@ -551,7 +551,7 @@ def test_levels_json_layout_and_no_identifiers(tmp_path, monkeypatch):
 
         tokenizer = None
 
-    tasks = zs.load_tasks(names=["ejection_fraction", "pacemaker", "tavr"])  # no TAVR in any report
+    tasks = task_table.load_tasks(names=["ejection_fraction", "pacemaker", "tavr"])  # no TAVR in any report
     source = [sweep.Source(name="final", step=None, spec="safetensors:x")]
     common = dict(data_dir="unused", split="test", tasks=tasks)
     video_dir, both_dir = tmp_path / "v", tmp_path / "b"

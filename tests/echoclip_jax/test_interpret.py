@@ -240,7 +240,6 @@ def test_load_video_npy_and_errors(tmp_path):
 
 
 def test_dicom_is_masked_and_named_without_identifiers(tmp_path):
-
     synthetic.generate(tmp_path / "cohort", patients=1, seed=0, small=True)
     path = sorted((tmp_path / "cohort" / "dicom").rglob("*.dcm"))[0]
     v = video_files.load_video(str(path), image_size=S, frames=3)

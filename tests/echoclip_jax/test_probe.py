@@ -361,7 +361,6 @@ def _write_records(out, rng, image_size=32):
 
 
 def test_cli_end_to_end_on_tiny_records(tmp_path):
-
     (tmp_path / "records").mkdir()
     ids = _write_records(str(tmp_path / "records"), np.random.default_rng(0))
     config = config_files.load(CONFIGS / "tiny.py")

@@ -33,7 +33,6 @@ from .conftest import REPO, free_port, read_metrics, run_train, tiny_overrides, 
 
 
 def _mesh():
-
     return sharding.build_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
 
 

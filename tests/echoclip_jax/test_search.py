@@ -97,7 +97,6 @@ def test_archive_turns_approximate_and_keeps_study_means(tmp_path):
 
 
 def init_params(model_config, seed: int) -> dict:
-
     model = build_model(model_config, rngs=nnx.Rngs(seed))
     return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
@@ -234,7 +233,6 @@ def test_cli_add_skips_indexed_videos_and_query_writes_json(records_dir, tiny, b
 
 
 def test_no_phi_in_the_index(records_dir, built):
-
     path, _ = built
     phi = [s.lower().encode() for s in read_phi(os.path.join(os.path.dirname(records_dir), "syn"))]
     blobs = {n: open(os.path.join(path, n), "rb").read().lower() for n in os.listdir(path)}

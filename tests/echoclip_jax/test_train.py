@@ -266,7 +266,6 @@ def test_launch_scripts_dry_run_print_the_command(script, args, expect):
 
 
 def test_init_from_an_open_clip_state_dict(tiny_config, tmp_path):
-
     source = models.build_model(tiny_config.model, rngs=nnx.Rngs(3))
     flat = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(source, nnx.Param))}
     conversion.save(f"open_clip:{tmp_path}/oc.safetensors", tiny_config.model, flat)

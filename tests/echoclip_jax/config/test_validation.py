@@ -119,7 +119,6 @@ def test_inference_commands_check_model_and_tokenizer_only():
 
 
 def test_train_cli_names_the_field_and_exits_before_reading_anything(tmp_path):
-
     repo = os.path.join(os.path.dirname(__file__), "..", "..", "..")
     r = subprocess.run(
         [

@@ -3,12 +3,13 @@ import json
 import numpy as np
 import pytest
 
+from echoclip_jax.evaluation import task_table
 from echoclip_jax.evaluation import zero_shot as zs
 
 
 @pytest.fixture(scope="module")
 def tasks():
-    return {t.name: t for t in zs.load_tasks()}
+    return {t.name: t for t in task_table.load_tasks()}
 
 
 def test_default_table_is_the_papers_sixteen_tasks(tasks, reference_dir):
@@ -23,10 +24,10 @@ def test_default_table_is_the_papers_sixteen_tasks(tasks, reference_dir):
 
 
 def test_select_tasks_by_name_and_alias(tmp_path):
-    picked = zs.load_tasks(names=["ef", "pacemaker"])
+    picked = task_table.load_tasks(names=["ef", "pacemaker"])
     assert [t.name for t in picked] == ["ejection_fraction", "pacemaker"]
     with pytest.raises(ValueError, match="unknown task.*'nope'"):
-        zs.load_tasks(names=["nope"])
+        task_table.load_tasks(names=["nope"])
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def test_bad_table_names_file_task_and_problem(tmp_path, spec, problem):
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps({"mytask": spec}))
     with pytest.raises(ValueError, match=problem) as e:
-        zs.load_tasks(str(path))
+        task_table.load_tasks(str(path))
     assert str(path) in str(e.value) and "mytask" in str(e.value)
 
 
@@ -51,19 +52,19 @@ def test_unreadable_table(tmp_path):
     path = tmp_path / "tasks.json"
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        zs.load_tasks(str(path))
+        task_table.load_tasks(str(path))
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        zs.load_tasks(str(tmp_path / "missing.json"))
+        task_table.load_tasks(str(tmp_path / "missing.json"))
 
 
 def test_regression_prompts_fill_every_value(tasks):
-    texts, values = zs.build_prompts(tasks["ejection_fraction"])
+    texts, values = task_table.build_prompts(tasks["ejection_fraction"])
     assert len(texts) == 2 * 101 and len(values) == 202
     assert texts[55] == "THE LEFT VENTRICULAR EJECTION FRACTION IS ESTIMATED TO BE 55% "
     assert texts[101 + 7] == "LV EJECTION FRACTION IS 7%. " and values[101 + 7] == 7
-    texts, values = zs.build_prompts(tasks["left_ventricle_size"])
+    texts, values = task_table.build_prompts(tasks["left_ventricle_size"])
     assert texts[0] == "MILD DILATED LEFT VENTRICLE. " and list(values) == [1, 2, 3]
-    assert zs.build_prompts(tasks["pacemaker"])[1] is None
+    assert task_table.build_prompts(tasks["pacemaker"])[1] is None
 
 
 @pytest.mark.parametrize(
@@ -101,15 +102,15 @@ def test_regression_prompts_fill_every_value(tasks):
     ],
 )
 def test_label_extraction(tasks, task, report, label):
-    assert zs.extract_label(tasks[task], report) == label
+    assert task_table.extract_label(tasks[task], report) == label
 
 
 def test_label_column_wins_where_known(tasks):
     reports = ["LV EJECTION FRACTION IS 55%.", "LV EJECTION FRACTION IS 30%.", ""]
-    labels = zs.task_labels(tasks["ejection_fraction"], reports, {"ef": [61.5, np.nan, 44.0]})
+    labels = task_table.task_labels(tasks["ejection_fraction"], reports, {"ef": [61.5, np.nan, 44.0]})
     np.testing.assert_array_equal(labels, [61.5, 30.0, 44.0])
     with pytest.raises(ValueError, match="label column 'ef' has 2 values for 3 videos"):
-        zs.task_labels(tasks["ejection_fraction"], reports, {"ef": [1.0, 2.0]})
+        task_table.task_labels(tasks["ejection_fraction"], reports, {"ef": [1.0, 2.0]})
 
 
 def _sims_ranking(order_per_frame, num_values):
@@ -183,7 +184,7 @@ def test_ragged_scores_equal_each_video_scored_alone(tasks):
     rng = np.random.default_rng(7)
     lengths = [1, 4, 2, 7]
     per_video, flat = _ragged_sims(rng, lengths, 202)
-    _, values = zs.build_prompts(tasks["ejection_fraction"])
+    _, values = task_table.build_prompts(tasks["ejection_fraction"])
     for variant in ("paper", "repository"):
         got = zs.predict_regression(flat, values, lengths, variant=variant)
         want = [zs.predict_regression(v, values, variant=variant)[0] for v in per_video]

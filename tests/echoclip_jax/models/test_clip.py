@@ -215,7 +215,6 @@ def _attention_per_head_reference(attn, x, causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_matches_per_head_reference_values_and_gradients(causal):
-
     attn = Attention(48, 3, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
     graph, params = nnx.split(attn, nnx.Param)
     rng = np.random.default_rng(1)

@@ -59,7 +59,6 @@ class _Tiny(nnx.Module):
 
 
 def test_param_and_optimizer_state_shardings_follow_the_params():
-
     mesh = _mesh(2, 2, 2)
     state = nnx.state(_Tiny(nnx.Rngs(0)), nnx.Param)
     sh = sharding.param_shardings(state, mesh, sharding.get_rules("fsdp_tp"))

@@ -128,7 +128,6 @@ def cohort(tmp_path_factory):
 
 
 def all_cases(cohort, frames=0):
-
     truth = truth_by_video_id(cohort / "cohort", SALT)
     return [
         c

@@ -406,7 +406,6 @@ def test_sentencepiece_bad_inputs(tmp_path, report_corpus):
 
 
 def test_get_tokenizer_and_from_config(vocab_path):
-
     with pytest.raises(ValueError, match="unknown tokenizer 'bert'"):
         get_tokenizer("bert")
     cfg = get_base_config()
