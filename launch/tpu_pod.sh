@@ -3,9 +3,10 @@
 # jax.distributed.initialize() auto-detects the pod, so no coordinator flags are needed.
 #   launch/tpu_pod.sh [--dry_run] [--preflight[=TOPOLOGY]] TPU_NAME ZONE CONFIG WORKDIR [--config.x=y ...]
 # WORKDIR must be shared by all hosts (a gs:// bucket or a shared filesystem); the repository must be
-# checked out at REPO_DIR (default ~/echoclip-jax) with its venv on every host.
+# checked out at REPO_DIR (default ~/echoclip-jax) with its venv on every host: `make setup` there detects the
+# TPU and installs libtpu (it needs Python 3.11-3.13 and says how to get one; README: Setting up a Cloud TPU VM).
 # --preflight first compiles the train step for the slice on this machine (python -m echoclip_jax.aot, the
-# `tpu` extra; no TPU needed) and starts the pod job only if it fits the chips' HBM. TOPOLOGY (v5e-16,
+# `tpu` extra: make setup-aot; no TPU needed) and starts the pod job only if it fits the chips' HBM. TOPOLOGY (v5e-16,
 # v4-32, ...) defaults to the slice's accelerator type from `gcloud compute tpus tpu-vm describe`.
 set -euo pipefail
 DRY_RUN=0
