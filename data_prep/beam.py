@@ -8,15 +8,16 @@ launcher with `--workers` processes; it reads headers only. Pass 2, the expensiv
 element per unfinished shard running `data_prep.shards.write_shard`, the same unit the local runner
 uses, so records, manifest lines and resume behave identically. The launcher then writes manifest.jsonl
 and dataset_info.json from the per-shard manifest parts. `--out` and the inputs must be paths every
-worker can open (a shared filesystem such as NFS, Filestore or a GCS FUSE mount).
+worker can open: a gs:// URL (Dataflow's workers write each shard, its index and its manifest part to the
+bucket themselves) or a shared filesystem (NFS, Filestore, a GCS FUSE mount).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from data_prep import convert, options, shards
+from echoclip_jax.runtime import storage
 
 
 def _write(task: shards.ShardTask) -> tuple[str, int]:
@@ -60,15 +61,15 @@ def main(argv=None) -> int:
                 | "spread" >> beam.Reshuffle()
                 | "write" >> beam.Map(_write)
             )
+    written = shards.finished_shards(opts.out, [task.name for task in prepared.todo])
     for task in prepared.todo:
-        lines = shards.shard_done(opts.out, task.name)
-        if lines is None:
+        if task.name not in written:
             print(
-                f"error: shard {os.path.join(opts.out, task.name)} was not completed by the pipeline; rerun to resume",
+                f"error: shard {storage.join(opts.out, task.name)} was not completed by the pipeline; rerun to resume",
                 file=sys.stderr,
             )
             return 4
-        done[task.name] = lines
+        done[task.name] = written[task.name]
     return convert.finish(opts, done, prepared.skipped)
 
 

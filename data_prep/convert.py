@@ -5,9 +5,15 @@
 
 Two passes. (1) Plan (data_prep.plan): read every header, pair videos with reports, hash the ids, split by
 patient and assign every video to a shard. (2) Write (data_prep.shards): each shard is converted by one
-worker into a temporary file and renamed when complete, with its manifest part, so a rerun after a crash
-or Ctrl-C skips finished shards and redoes the rest. Then manifest.jsonl and dataset_info.json are written
-from the parts. `prepare` and `finish` are shared with the Apache Beam runner (data_prep.beam).
+worker into a temporary file and published when complete, with its manifest part, so a rerun after a
+crash or Ctrl-C skips finished shards and redoes the rest. Then manifest.jsonl (every input, converted or
+skipped and why) and dataset_info.json are written from the parts. `prepare` and `finish` are shared with
+the Apache Beam runner (data_prep.beam).
+
+Every path option (--out, --dicom_dir, --reports, --echonet_dir, --salt_file, --path_map) is a local path or
+a gs:// URL (echoclip_jax.runtime.storage), checked at start-up. An output in a bucket is written object by
+object, each whole, the shard after its index and manifest part, so a rerun resumes there as on disk; an
+input in a bucket is read through a local temporary copy of each file.
 
 Privacy: only the fields of data_prep.records.SCHEMA leave the conversion. The salt is never written.
 Report text is de-identified (data_prep.report_deid) with its study's own header identifiers, patterns and
@@ -37,7 +43,8 @@ from data_prep.plan import (
     plan_echonet,
     progress_bar,
 )
-from data_prep.shards import PARTS, ShardTask, shard_done, write_shard
+from data_prep.shards import PARTS, ShardTask, finished_shards, write_shard
+from echoclip_jax.runtime import storage
 
 _PLAN = ".plan.json"  # fingerprint of the plan, so a rerun never mixes two different conversions
 TOO_MANY_SKIPPED = 3  # exit status: the records are written, but more inputs were skipped than allowed
@@ -62,29 +69,31 @@ def make_deidentifier(options: Options):
 
 def write_path_map(path: str, inputs: dict[str, str]) -> int:
     """Add the inputs not yet in the map at `path`, one JSON line {"input": manifest hash, "path": relative
-    path} each, to a file only its owner can read; returns how many inputs the map names.
+    path} each, to a file only its owner can read (on a bucket: the object rewritten whole, with the
+    bucket's own access control); returns how many inputs the map names.
 
     The map only grows: a hash always stands for the same relative path (it is computed from it), so one
     map beside the salt serves every conversion made with that salt."""
     known = set()
     try:
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    try:
-                        known.add(json.loads(line)["input"])
-                    except (ValueError, KeyError, TypeError):
-                        raise ValueError(
-                            f'{path}: line {number} is not a path map line ({{"input": ..., '
-                            '"path": ...}); give another --path_map'
-                        ) from None
+        text = storage.read_text(path) if storage.exists(path) else ""
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                known.add(json.loads(line)["input"])
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(
+                    f'{path}: line {number} is not a path map line ({{"input": ..., '
+                    '"path": ...}); give another --path_map'
+                ) from None
         new = [json.dumps({"input": ref, "path": rel}) + "\n" for ref, rel in inputs.items() if ref not in known]
-        if new:
+        if new and storage.is_remote(path):
+            storage.write_text(path, text + ("" if not text or text.endswith("\n") else "\n") + "".join(new))
+        elif new:
             with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "w", encoding="utf-8") as f:
                 f.write("".join(new))
     except OSError as e:
         raise ValueError(
-            f"{path}: cannot write the path map ({e.strerror}); give a writable --path_map, or --path_map none"
+            f"{path}: cannot write the path map ({e.strerror or e}); give a writable --path_map, or --path_map none"
         ) from None
     return len(known | set(inputs))
 
@@ -107,7 +116,7 @@ def prepare(options: Options, ctx=None) -> Prepared:
     """Pass 1, the resume check and the path map, shared by the local runner and data_prep.beam."""
     salt = options_lib.read_salt(options)
     ctx = ctx or multiprocessing.get_context("spawn")
-    os.makedirs(os.path.join(options.out, PARTS), exist_ok=True)
+    storage.makedirs(storage.join(options.out, PARTS))
     if options.echonet_dir:
         plan = plan_echonet(options, salt)
     else:
@@ -115,22 +124,14 @@ def prepare(options: Options, ctx=None) -> Prepared:
     settings = options.settings
     shards = assign_shards(plan.jobs, plan.splits, settings.shard_size)
     digest = fingerprint(shards, settings, plan.skipped)
-    plan_path = os.path.join(options.out, _PLAN)
-    if os.path.exists(plan_path):
-        with open(plan_path) as f:
-            if json.load(f).get("fingerprint") != digest:
-                raise ValueError(
-                    f"{options.out} holds a different conversion (other inputs, salt or settings); use an empty --out"
-                )
-    with open(plan_path, "w") as f:
-        json.dump({"fingerprint": digest, "report_deid": plan.report_deid}, f)
-    done, todo = {}, []
-    for name, members in shards.items():
-        lines = shard_done(options.out, name)
-        if lines is None:
-            todo.append(ShardTask(options.out, name, tuple(members), settings))
-        else:
-            done[name] = lines
+    plan_path = storage.join(options.out, _PLAN)
+    if storage.exists(plan_path) and storage.load_json(plan_path).get("fingerprint") != digest:
+        raise ValueError(
+            f"{options.out} holds a different conversion (other inputs, salt or settings); use an empty --out"
+        )
+    storage.dump_json(plan_path, {"fingerprint": digest, "report_deid": plan.report_deid})
+    done = finished_shards(options.out, list(shards))
+    todo = [ShardTask(options.out, name, tuple(m), settings) for name, m in shards.items() if name not in done]
     print(
         f"{len(plan.jobs)} videos planned in {len(shards)} shards ({len(done)} already done); "
         f"{len(plan.skipped)} inputs skipped at scan",
@@ -176,17 +177,14 @@ def _deid_line(deid: dict) -> str:
 
 
 def _plan_deid(out: str) -> dict:
-    with open(os.path.join(out, _PLAN)) as f:
-        return json.load(f).get("report_deid", {})
+    return storage.load_json(storage.join(out, _PLAN)).get("report_deid", {})
 
 
 def finish(options: Options, done: dict[str, list[dict]], skipped: list[dict]) -> int:
     """Write manifest.jsonl and dataset_info.json from every shard's lines; print the summary; exit status."""
     out, settings = options.out, options.settings
     manifest = list(skipped) + [line for name in sorted(done) for line in done[name]]
-    with open(os.path.join(out, "manifest.jsonl.tmp"), "w") as f:
-        f.writelines(json.dumps(line) + "\n" for line in manifest)
-    os.replace(os.path.join(out, "manifest.jsonl.tmp"), os.path.join(out, "manifest.jsonl"))
+    storage.write_text(storage.join(out, "manifest.jsonl"), "".join(json.dumps(line) + "\n" for line in manifest))
     counts = {s: 0 for s in records.SPLITS}
     num_shards = {s: 0 for s in records.SPLITS}
     for name, lines in done.items():
@@ -212,8 +210,7 @@ def finish(options: Options, done: dict[str, list[dict]], skipped: list[dict]) -
         "num_skipped": len(manifest) - converted,
         "skipped_reasons": dict(reasons),
     }
-    with open(os.path.join(out, "dataset_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    storage.dump_json(storage.join(out, "dataset_info.json"), info, indent=1)
     n_skipped = len(manifest) - converted
     print(
         f"converted {converted} of {len(manifest)} inputs "
@@ -225,7 +222,7 @@ def finish(options: Options, done: dict[str, list[dict]], skipped: list[dict]) -
     if fraction > options.max_skipped_fraction:
         print(
             f"data_prep.convert: {fraction:.1%} of inputs skipped, above --max_skipped_fraction "
-            f"{options.max_skipped_fraction:.1%} (see {os.path.join(out, 'manifest.jsonl')})",
+            f"{options.max_skipped_fraction:.1%} (see {storage.join(out, 'manifest.jsonl')})",
             file=sys.stderr,
         )
         return TOO_MANY_SKIPPED

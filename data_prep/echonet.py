@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
-import os
 
 import av
 import numpy as np
 
 from data_prep.dicom_io import SkipVideo
+from echoclip_jax.runtime import storage
 
 _SPLITS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
+MISSING = "video file missing"  # the manifest's reason for a FileList row without its video
 
 
 @dataclasses.dataclass(frozen=True)
 class EchoNetEntry:
     name: str  # FileName without extension (EchoNet names are hashes, not PHI)
-    path: str  # Videos/<name>.avi, absolute
+    path: str  # Videos/<name>.avi, absolute (or a gs:// URL)
     ef: float  # NaN when missing
     split: str | None  # train/val/test, or None when FileList has no usable Split
     fps: float  # from FileList.csv, 0 when absent (the container's rate is used then)
@@ -31,10 +33,9 @@ class EchoNetEntry:
 
 def read_filelist(echonet_dir: str) -> tuple[list[EchoNetEntry], list[tuple[str, str]]]:
     """Rows of FileList.csv -> (entries, [(name, reason)] of rows that cannot be used)."""
-    path = os.path.join(echonet_dir, "FileList.csv")
+    path = storage.join(echonet_dir, "FileList.csv")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(storage.read_text(path), newline="")))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{path}: cannot read FileList.csv ({type(e).__name__}: {e})") from None
     if not rows or "FileName" not in rows[0]:
@@ -59,7 +60,7 @@ def read_filelist(echonet_dir: str) -> tuple[list[EchoNetEntry], list[tuple[str,
             fps = float(row.get("FPS") or 0)
         except ValueError:
             fps = 0.0
-        entries.append(EchoNetEntry(name, os.path.join(echonet_dir, "Videos", name + ".avi"), ef, split, fps))
+        entries.append(EchoNetEntry(name, storage.join(echonet_dir, "Videos", name + ".avi"), ef, split, fps))
     return entries, bad
 
 
@@ -71,7 +72,7 @@ def probe(path: str) -> tuple[int, float]:
             rate = float(stream.average_rate or 0)
             return int(stream.frames or 0), rate
     except FileNotFoundError:
-        raise SkipVideo("video file missing") from None
+        raise SkipVideo(MISSING) from None
     except (av.FFmpegError, IndexError) as e:
         raise SkipVideo(f"unreadable video ({type(e).__name__})") from None
 
@@ -90,7 +91,7 @@ def read_frames(path: str, indices: list[int] | None) -> np.ndarray:
                 if last is not None and i >= last:
                     break
     except FileNotFoundError:
-        raise SkipVideo("video file missing") from None
+        raise SkipVideo(MISSING) from None
     except (av.FFmpegError, IndexError) as e:
         raise SkipVideo(f"unreadable video ({type(e).__name__})") from None
     order = sorted(frames) if indices is None else indices

@@ -16,6 +16,7 @@ import sys
 import phonenumbers
 
 from data_prep import dicom_io, report_detectors
+from echoclip_jax.runtime import storage
 
 PATH_MAP_SUFFIX = ".paths.jsonl"  # default path map: beside the salt file, named after it
 
@@ -117,6 +118,9 @@ class Options:
 
 
 def _inside(path: str, directory: str) -> bool:
+    if storage.is_remote(path) or storage.is_remote(directory):
+        path, directory = os.fspath(path).rstrip("/"), os.fspath(directory).rstrip("/")
+        return path == directory or path.startswith(directory + "/")
     path, directory = os.path.realpath(path), os.path.realpath(directory)
     return os.path.commonpath([path, directory]) == directory
 
@@ -131,10 +135,9 @@ def load_salt(salt: str | bytes | None = None, salt_file: str | None = None) -> 
     8 bytes. Every command that must reproduce the records' salted ids reads it through here."""
     if salt_file:
         try:
-            with open(salt_file, "rb") as f:
-                value = f.read().strip()
-        except OSError as e:
-            raise ValueError(f"{salt_file}: cannot read the salt ({e.strerror})") from None
+            value = storage.read_bytes(salt_file).strip()
+        except (OSError, storage.StorageError) as e:
+            raise ValueError(f"{salt_file}: cannot read the salt ({getattr(e, 'strerror', None) or e})") from None
     else:
         value = salt.encode("utf-8") if isinstance(salt, str) else (salt or b"")
     if len(value) < 8:
@@ -167,10 +170,16 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     s, o = Settings, Options
     p = argparse.ArgumentParser(prog=prog, description=description)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dicom_dir", help="root of the DICOM export (searched recursively)")
-    src.add_argument("--echonet_dir", help="EchoNet-Dynamic root: Videos/*.avi and FileList.csv")
-    p.add_argument("--reports", help="CSV of reports (required with --dicom_dir)")
-    p.add_argument("--out", required=True, help="output directory (rerun with the same arguments to resume)")
+    src.add_argument("--dicom_dir", help="root of the DICOM export (searched recursively); local path or gs:// URL")
+    src.add_argument(
+        "--echonet_dir", help="EchoNet-Dynamic root: Videos/*.avi and FileList.csv; local path or gs:// URL"
+    )
+    p.add_argument("--reports", help="CSV of reports (required with --dicom_dir); local path or gs:// URL")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory, local path or gs:// URL (rerun with the same arguments to resume)",
+    )
     p.add_argument("--workers", type=int, default=o.workers, help="processes (spawn); the output is the same for any")
     p.add_argument("--frames", type=int, default=s.frames, help="frames kept per video, evenly spaced (0 = all)")
     p.add_argument("--image_size", type=int, default=s.image_size)
@@ -178,7 +187,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--jpeg_quality", type=int, default=s.jpeg_quality)
     salt = p.add_mutually_exclusive_group(required=True)
     salt.add_argument("--salt", help="secret for the id hashes (prefer --salt_file: argv is visible to others)")
-    salt.add_argument("--salt_file", help="file holding the secret for the id hashes")
+    salt.add_argument("--salt_file", help="file holding the secret for the id hashes; local path or gs:// URL")
     p.add_argument("--split_fractions", type=_fractions, default=o.split_fractions, help="train,val,test")
     p.add_argument("--study_column", default=o.study_column, help="reports column pairing a report to videos")
     p.add_argument(
@@ -235,8 +244,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--path_map",
         default=o.path_map,
         metavar="FILE",
-        help="private JSON-lines map from each manifest hash to its input's relative path, added to on "
-        f"every run (default: beside --salt_file, as SALT_FILE{PATH_MAP_SUFFIX}; none: no map); "
+        help="private JSON-lines map from each manifest hash to its input's relative path (local path or gs:// "
+        f"URL), added to on every run (default: beside --salt_file, as SALT_FILE{PATH_MAP_SUFFIX}; none: no map); "
         "never inside --out",
     )
     p.add_argument(
@@ -248,9 +257,27 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+PATH_FLAGS = ("out", "dicom_dir", "reports", "echonet_dir", "salt_file", "path_map")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The start-up check of every path flag (and a `wordlist:PATH` detector), before any work: a local path
+    or a gs:// URL whose bucket exists (storage.check); raises storage.StorageError naming the flag."""
+    for flag in PATH_FLAGS:
+        value = getattr(args, flag, None)
+        if value and not (flag == "path_map" and value == "none"):
+            storage.check(value, f"--{flag}")
+    for spec in getattr(args, "report_detector", None) or ():
+        kind, _, arg = spec.partition(":")
+        if kind == "wordlist" and arg:
+            storage.check(arg, "--report_detector")
+
+
 def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Options:
-    """The Options of parsed arguments; a bad value exits with status 2 and the reason (parser.error)."""
+    """The Options of parsed arguments; a bad value, or a path whose scheme or bucket cannot be used, exits
+    with status 2 and the reason (parser.error)."""
     try:
+        check_paths(args)
         return Options(
             out=args.out,
             dicom_dir=args.dicom_dir,

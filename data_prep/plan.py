@@ -27,6 +27,7 @@ from data_prep import dicom_io, echonet, records
 from data_prep.dicom_io import SkipVideo
 from data_prep.options import Options, Settings
 from data_prep.reports import clean_text, read_reports
+from echoclip_jax.runtime import storage
 
 _DICOM_NAME = {"study_uid": "StudyInstanceUID", "accession": "AccessionNumber"}
 _STUDY_KEYS = {
@@ -178,7 +179,12 @@ def study_key_attr(study_column: str, override: str | None) -> str:
 
 def list_inputs(root: str) -> list[str]:
     """Every non-directory entry under root (PACS exports often lack extensions), sorted, hidden ones
-    excluded; FIFOs and broken or looping symlinks are kept, so the scan lists them as skipped."""
+    excluded; FIFOs and broken or looping symlinks are kept, so the scan lists them as skipped. A gs:// root
+    lists its objects (URLs)."""
+    if storage.is_remote(root):  # one listing of every object below root
+        base = root.rstrip("/")
+        rels = [r for r in storage.files_under(base) if not any(c.startswith(".") for c in r.split("/"))]
+        return sorted(f"{base}/{r}" for r in rels if r.rsplit("/", 1)[-1] != "DICOMDIR")
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -186,11 +192,18 @@ def list_inputs(root: str) -> list[str]:
     return sorted(out)
 
 
+def relative(path: str, root: str) -> str:
+    """`path` relative to the export's root, '/'-separated (a URL under a gs:// root too)."""
+    if storage.is_remote(root):
+        return path[len(root.rstrip("/")) + 1 :]
+    return os.path.relpath(path, root)
+
+
 def _scan_one(task: tuple[str, int, float]):
     path, max_pixels, seconds = task
     try:
-        with dicom_io.time_limit(seconds):
-            return dicom_io.read_header(path, max_pixels)
+        with dicom_io.time_limit(seconds), dicom_io.local_input(path) as local:
+            return dicom_io.read_header(local, max_pixels)
     except SkipVideo as e:
         return str(e)
 
@@ -203,7 +216,7 @@ def _scan(options: Options, salt: bytes, ctx):
     s = options.settings
     with progress_bar(options.progress, len(paths), "scan headers", "file") as bar:
         headers = parallel_map(_scan_one, [(p, s.max_pixels, s.time_limit_s) for p in paths], options.workers, ctx, bar)
-    rels = [os.path.relpath(p, options.dicom_dir) for p in paths]
+    rels = [relative(p, options.dicom_dir) for p in paths]
     refs = [input_ref(salt, rel, options.manifest_paths) for rel in rels]
     skipped, ok = [], []
     for path, ref, h in zip(paths, refs, headers):
@@ -236,7 +249,7 @@ def plan_dicom(options: Options, salt: bytes, deid, ctx) -> Plan:
     for path, ref, h in ok:
         k = h.keys
         key = getattr(k, attr)
-        video_id = salted_hash(salt, "video", k.sop_uid or os.path.relpath(path, options.dicom_dir))
+        video_id = salted_hash(salt, "video", k.sop_uid or relative(path, options.dicom_dir))
         if video_id in seen:
             skipped.append(manifest_line(ref, "skipped", "duplicate SOPInstanceUID", video_id))
             continue
@@ -289,7 +302,8 @@ def plan_echonet(options: Options, salt: bytes) -> Plan:
             inputs[ref] = rel
             bar.update()
             try:
-                n, rate = echonet.probe(e.path)
+                with dicom_io.local_input(e.path, echonet.MISSING) as local:
+                    n, rate = echonet.probe(local)
             except SkipVideo as err:
                 skipped.append(manifest_line(ref, "skipped", str(err)))
                 continue

@@ -1,48 +1,66 @@
-"""The record format, defined once: `tf.train.Example` protos in TFRecord shards, plus an offset index.
+"""The record format, defined once: `tf.train.Example` protos in TFRecord shards, plus an offset index,
+on local disk or in a bucket (gs://, through echoclip_jax.runtime.storage).
 
 TFRecord has no random access, so every shard gets a `.index` file with the byte offset and length of each
 record; the training loader (grain) reads records by number through it. Neither the writer here nor the
 reader in `echoclip_jax` needs TensorFlow: Examples are (de)serialised by protobuf from TensorFlow's
-Example message descriptors, the framing's CRC32C is google_crc32c's, yet the shards are standard TFRecords
-(length, masked CRC32C of the length, payload, masked CRC32C of the payload) that `tf.data.TFRecordDataset`
-reads too.
+Example message descriptors (data_prep.example_codec, re-exported here), the framing's CRC32C is
+google_crc32c's, yet the shards are standard TFRecords (length, masked CRC32C of the length, payload, masked
+CRC32C of the payload) that `tf.data.TFRecordDataset` reads too.
 
 Index file layout (little endian): magic b"ECLIPIDX", uint32 version (1), uint64 record count N, then N
 pairs (uint64 offset, uint64 payload length), then uint32 CRC32C of everything before it. A flipped byte
 anywhere in it fails the CRC, and the index must agree with the shard's size.
+
+What readers rely on, on either storage: a shard is published last, after its index (a rename on local
+disk, an upload on a bucket, which becomes visible only when complete), so every shard that `list_shards`
+finds is whole and has its index. An index without its shard (a crash between the two) is never listed and
+is rewritten by the rerun. On local disk a record is one `pread`; on a bucket one ranged GET, and
+`read_records` keeps a batch's GETs in flight together.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import os
 import re
+import shutil
 import struct
-from typing import Iterator
+import tempfile
+from typing import Iterator, Sequence
 
 import google_crc32c
 import numpy as np
-from google.protobuf.message import DecodeError
 
-from data_prep.example_proto import Example  # TensorFlow's message, without TensorFlow
+from data_prep.example_codec import BYTES, FLOAT, INT64, SCHEMA, decode_example, encode_example
+from echoclip_jax.runtime import storage
 
-# Feature kind of every field of the video record (the format every reader and writer shares);
-# encode_example checks these keys.
-BYTES, FLOAT, INT64 = "bytes", "float", "int64"
-SCHEMA = {
-    "video_id": BYTES,  # salted hash hex
-    "patient_id": BYTES,  # salted hash hex
-    "study_id": BYTES,  # salted hash hex
-    "study_day": INT64,  # days since the patient's first study
-    "frames": BYTES,  # K JPEG-encoded RGB frames, image_size x image_size
-    "num_frames": INT64,
-    "image_size": INT64,
-    "fps": FLOAT,  # 0 if unknown
-    "report": BYTES,  # UTF-8, clean_text-normalised; empty for EchoNet
-    "ef": FLOAT,  # NaN when unknown
-    "source": BYTES,  # b"dicom" or b"echonet"
-}
+__all__ = [
+    "BYTES",
+    "FLOAT",
+    "INT64",
+    "SCHEMA",
+    "SPLITS",
+    "CorruptRecordError",
+    "ShardReader",
+    "TFRecordWriter",
+    "decode_example",
+    "decode_index",
+    "encode_example",
+    "encode_index",
+    "index_path",
+    "iter_tfrecord",
+    "list_shards",
+    "masked_crc32c",
+    "open_shards",
+    "read_records",
+    "rebuild_index",
+    "shard_name",
+]
+
 SPLITS = ("train", "val", "test")
+INDEX_READERS = 32  # indexes fetched at once when a bucket's split is opened (thousands of shards)
 
 _INDEX_MAGIC = b"ECLIPIDX"
 _INDEX_VERSION = 1
@@ -65,82 +83,6 @@ def masked_crc32c(data: bytes) -> int:
     """TFRecord's masked CRC32C: rotate right by 15 and add a constant (so CRCs of CRCs stay useful)."""
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# ------------------------------------------------------------------------------------- the Example
-
-
-_LIST_FIELD = {BYTES: "bytes_list", FLOAT: "float_list", INT64: "int64_list"}  # Feature's `kind` oneof
-
-
-def _as_list(name: str, value) -> list:
-    if isinstance(value, (bytes, str, int, float, np.generic)):
-        return [value]
-    if isinstance(value, np.ndarray):
-        return value.reshape(-1).tolist()
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise TypeError(f"feature {name!r}: unsupported value type {type(value).__name__}")
-
-
-def _infer_kind(name: str, values: list) -> str:
-    if not values:
-        raise TypeError(f"feature {name!r}: cannot infer the kind of an empty list; add it to SCHEMA")
-    v = values[0]
-    if isinstance(v, (bytes, str)):
-        return BYTES
-    if isinstance(v, (bool, int, np.integer)):
-        return INT64
-    if isinstance(v, (float, np.floating)):
-        return FLOAT
-    raise TypeError(f"feature {name!r}: unsupported element type {type(v).__name__}")
-
-
-def _as_bytes(name: str, value) -> bytes:
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"feature {name!r}: expected bytes or str, got {type(value).__name__}")
-
-
-def encode_example(features: dict) -> bytes:
-    """Serialise a dict to a `tf.train.Example`. Known fields (SCHEMA) get their declared kind; others are
-    inferred from the Python type (bytes/str -> bytes_list, int -> int64_list, float -> float_list).
-
-    Deterministic (protobuf orders the map entries): identical input gives identical bytes, so a resumed
-    conversion writes the shards a clean one would."""
-    example = Example()
-    example.features.SetInParent()  # an Example without features still carries the (empty) Features message
-    feature_map = example.features.feature
-    for name, value in features.items():
-        values = _as_list(name, value)
-        kind = SCHEMA.get(name) or _infer_kind(name, values)
-        if kind == BYTES:
-            values = [_as_bytes(name, v) for v in values]
-        target = getattr(feature_map[name], _LIST_FIELD[kind])
-        target.SetInParent()  # an empty list still says which kind it is
-        try:
-            target.value.extend(values)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"feature {name!r}: expected {kind} values ({e})") from None
-    return example.SerializeToString(deterministic=True)
-
-
-def decode_example(data: bytes) -> dict[str, list]:
-    """Parse a serialised `tf.train.Example` into {name: list of bytes | float | int}, names sorted."""
-
-    try:
-        example = Example.FromString(bytes(data))
-    except DecodeError as e:
-        raise ValueError(f"not a valid tf.train.Example ({len(data)} bytes): {e}") from None
-    result: dict[str, list] = {}
-    feature_map = example.features.feature
-    for name in sorted(feature_map):
-        feature = feature_map[name]
-        kind = feature.WhichOneof("kind")
-        result[name] = list(getattr(feature, kind).value) if kind else []
-    return result
 
 
 # ---------------------------------------------------------------------------------------- the index
@@ -180,16 +122,22 @@ def index_path(shard_path: str) -> str:
 
 
 class TFRecordWriter:
-    """Writes a shard to `path + ".tmp"`; on a clean close writes the index and renames both into place.
+    """Writes one shard and, on a clean close, its index; the shard is published last (module docstring).
 
-    The final name therefore only ever holds a complete shard (the index is renamed first, so a shard that
-    exists always has its index). Leaving the `with` block by an exception discards the partial file.
+    Local disk: the shard is written to `path + ".tmp"`, fsync'd, the index renamed into place, then the
+    shard. A bucket: the shard is written to a local temporary file; the index object is uploaded, then the
+    shard (storage.local_output). Leaving the `with` block by an exception discards the partial shard.
     """
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
-        self._tmp = self.path + ".tmp"
-        self._file = open(self._tmp, "wb")
+        self.remote = storage.is_remote(self.path)
+        if self.remote:
+            fd, self._tmp = tempfile.mkstemp(prefix="echoclip-shard-", suffix=".tfrecord")
+            self._file = os.fdopen(fd, "wb")
+        else:
+            self._tmp = self.path + ".tmp"
+            self._file = open(self._tmp, "wb")
         self._entries: list[tuple[int, int]] = []
         self._offset = 0
 
@@ -205,10 +153,16 @@ class TFRecordWriter:
         return len(self._entries)
 
     def close(self) -> None:
-        """Finish the shard: flush, fsync, write the index, rename both to their final names."""
+        """Finish the shard: its index first, then the shard under its final name."""
         if self._file.closed:
             return
         self._file.flush()
+        if self.remote:
+            self._file.close()
+            storage.write_bytes(index_path(self.path), encode_index(self._entries))
+            with storage.local_output(self.path) as local:
+                shutil.move(self._tmp, local)
+            return
         os.fsync(self._file.fileno())
         self._file.close()
         idx_tmp = index_path(self.path) + ".tmp"
@@ -260,8 +214,7 @@ def _check_record(path: str, buf: bytes, offset: int, length: int | None, start:
 
 def iter_tfrecord(path: str) -> Iterator[tuple[int, bytes]]:
     """Sequentially read any TFRecord file (no index needed), CRC-checked: yields (offset, payload)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(path)
     pos = 0
     while pos < len(data):
         payload = _check_record(path, data, pos, None, start=pos)
@@ -272,45 +225,51 @@ def iter_tfrecord(path: str) -> Iterator[tuple[int, bytes]]:
 def rebuild_index(path: str) -> int:
     """Write `path.index` for a TFRecord file written by another tool; returns the record count."""
     entries = [(off, len(p)) for off, p in iter_tfrecord(path)]
-    tmp = index_path(path) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(encode_index(entries))
-    os.replace(tmp, index_path(path))
+    storage.write_bytes(index_path(path), encode_index(entries))
     return len(entries)
 
 
-class ShardReader:
-    """Random access to the records of one shard through its index.
+def _read_index(path: str) -> np.ndarray:
+    """The index of shard `path`, checked against the shard's size."""
+    ipath = index_path(path)
+    try:
+        data = storage.read_bytes(ipath) if storage.is_remote(path) else _read_local(ipath)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{ipath}: index missing for shard {path} (data_prep.records.rebuild_index writes one)"
+        ) from None
+    index = decode_index(data, ipath)
+    size = storage.size(path) if storage.is_remote(path) else os.path.getsize(path)
+    end = int(index[-1, 0] + index[-1, 1] + 16) if len(index) else 0
+    if end != size:
+        raise CorruptRecordError(path, min(end, size), f"shard holds {size} bytes but its index describes {end}")
+    return index
 
-    The file is opened lazily (and reopened after a fork), so the reader pickles into grain worker
-    processes. With verify=True every record's length and data CRCs are checked on read.
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class ShardReader:
+    """Random access to the records of one shard (local or gs://) through its index.
+
+    A local file is opened lazily (and reopened after a fork), so the reader pickles into grain worker
+    processes with its index; a bucket's records are ranged GETs. With verify=True every record's length
+    and data CRCs are checked on read.
     """
 
     def __init__(self, path: str, verify: bool = True):
         self.path = os.fspath(path)
         self.verify = verify
+        self.remote = storage.is_remote(self.path)
         self._index: np.ndarray | None = None
         self._fd: int | None = None
         self._pid: int | None = None
 
     def _load_index(self) -> np.ndarray:
         if self._index is None:
-            ipath = index_path(self.path)
-            try:
-                with open(ipath, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"{ipath}: index missing for shard {self.path} (data_prep.records.rebuild_index writes one)"
-                ) from None
-            index = decode_index(data, ipath)
-            size = os.path.getsize(self.path)
-            end = int(index[-1, 0] + index[-1, 1] + 16) if len(index) else 0
-            if end != size:
-                raise CorruptRecordError(
-                    self.path, min(end, size), f"shard holds {size} bytes but its index describes {end}"
-                )
-            self._index = index
+            self._index = _read_index(self.path)
         return self._index
 
     def _descriptor(self) -> int:
@@ -322,18 +281,32 @@ class ShardReader:
     def __len__(self) -> int:
         return len(self._load_index())
 
-    def __getitem__(self, i: int) -> bytes:
+    def span(self, i: int) -> tuple[int, int]:
+        """(byte offset, payload length) of record i."""
         index = self._load_index()
         n = len(index)
         if not -n <= i < n:
             raise IndexError(f"{self.path}: record {i} out of range ({n} records)")
-        offset, length = (int(x) for x in index[i])
-        buf = os.pread(self._descriptor(), length + 16, offset)
+        offset, length = index[i]
+        return int(offset), int(length)
+
+    def payload(self, buf: bytes, offset: int, length: int) -> bytes:
+        """The payload of the framed record `buf` read at `offset` (checked when verify)."""
         if not self.verify:
             if len(buf) < length + 16:
                 raise CorruptRecordError(self.path, offset, "truncated record")
             return buf[12 : 12 + length]
         return _check_record(self.path, buf, offset, length)
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """`n` bytes of the shard from `offset`: one pread, or one ranged GET on a bucket."""
+        if self.remote:
+            return storage.read_range(self.path, offset, n)
+        return os.pread(self._descriptor(), n, offset)
+
+    def __getitem__(self, i: int) -> bytes:
+        offset, length = self.span(i)
+        return self.payload(self.read_at(offset, length + 16), offset, length)
 
     def __iter__(self) -> Iterator[bytes]:
         for i in range(len(self)):
@@ -356,6 +329,40 @@ class ShardReader:
             pass
 
 
+def open_shards(paths: Sequence[str], verify: bool = True) -> list[ShardReader]:
+    """Readers of `paths` with their indexes loaded, a bucket's (two GETs a shard) INDEX_READERS at a time."""
+    readers = [ShardReader(p, verify=verify) for p in paths]
+    remote = [r for r in readers if r.remote]
+    if len(remote) > 1:
+        with concurrent.futures.ThreadPoolExecutor(min(INDEX_READERS, len(remote))) as pool:
+            for r, index in zip(remote, pool.map(_read_index, [r.path for r in remote])):
+                r._index = index
+    for r in readers:
+        len(r)
+    return readers
+
+
+def read_records(wanted: Sequence[tuple[ShardReader, int]]) -> list:
+    """Record i of each (reader, i), in order: its payload, or the CorruptRecordError it failed with (so
+    a caller can skip it). A bucket's records are read by ranged GETs all in flight together; local ones
+    by pread."""
+    spans = [reader.span(i) for reader, i in wanted]
+    remote = [k for k, (reader, _) in enumerate(wanted) if reader.remote]
+    paths = [wanted[k][0].path for k in remote]
+    got = (
+        storage.read_ranges(paths, [spans[k][0] for k in remote], [spans[k][1] + 16 for k in remote]) if remote else []
+    )
+    fetched = dict(zip(remote, got))
+    out = []
+    for k, ((reader, _), (offset, length)) in enumerate(zip(wanted, spans)):
+        try:
+            buf = fetched[k] if reader.remote else reader.read_at(offset, length + 16)
+            out.append(reader.payload(buf, offset, length))
+        except CorruptRecordError as e:
+            out.append(e)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- naming
 
 
@@ -364,8 +371,13 @@ def shard_name(split: str, i: int, n: int) -> str:
 
 
 def list_shards(data_dir: str, split: str) -> list[str]:
-    """Sorted paths of `{split}-NNNNN-of-MMMMM.tfrecord` in data_dir; raises if the set is incomplete."""
-    paths = sorted(glob.glob(os.path.join(glob.escape(os.fspath(data_dir)), f"{split}-*-of-*.tfrecord")))
+    """Sorted paths of `{split}-NNNNN-of-MMMMM.tfrecord` in data_dir (local or gs://); raises if the set is
+    incomplete."""
+    pattern = f"{split}-*-of-*.tfrecord"
+    if storage.is_remote(data_dir):
+        paths = storage.glob(data_dir, pattern)
+    else:
+        paths = sorted(glob.glob(os.path.join(glob.escape(os.fspath(data_dir)), pattern)))
     found = []
     for p in paths:
         m = _SHARD_RE.match(os.path.basename(p))

@@ -9,9 +9,10 @@ nothing is downloaded at run time) or `python:MODULE:NAME` (any callable `text -
 from __future__ import annotations
 
 import importlib
-import os
 import re
 from typing import Callable, Iterable, Sequence
+
+from echoclip_jax.runtime import storage
 
 Span = tuple[int, int, str]
 Detector = Callable[[str], Iterable[Span]]
@@ -30,10 +31,12 @@ def word(pattern: str) -> str:
 
 def _wordlist(path: str) -> Detector:
     try:
-        with open(path, encoding="utf-8") as f:
-            words = sorted({w.strip() for w in f if w.strip() and not w.startswith("#")}, key=len, reverse=True)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the word list for --report_detector ({e.strerror})") from None
+        lines = storage.read_text(path).splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path}: cannot read the word list for --report_detector ({getattr(e, 'strerror', None) or e})"
+        ) from None
+    words = sorted({w.strip() for w in lines if w.strip() and not w.startswith("#")}, key=len, reverse=True)
     if not words:
         raise ValueError(f"{path}: the word list for --report_detector is empty")
     pattern = re.compile("|".join(word(loose(w)) for w in words if re.search(r"\w", w)), re.IGNORECASE)
@@ -79,7 +82,7 @@ def build_detectors(specs: Sequence[str]) -> list[Detector]:
     for spec in specs:
         kind, _, arg = spec.partition(":")
         if kind == "wordlist" and arg:
-            out.append(_wordlist(os.path.expanduser(arg)))
+            out.append(_wordlist(arg))  # local (~ expanded) or gs://
         elif kind == "presidio" and not arg:
             out.append(_presidio())
         elif kind == "python" and ":" in arg:

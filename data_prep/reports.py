@@ -14,6 +14,8 @@ import io
 import logging
 import re
 
+from echoclip_jax.runtime import storage
+
 log = logging.getLogger(__name__)
 
 __all__ = ["clean_text", "PERIOD_PHRASES", "read_reports"]
@@ -148,10 +150,9 @@ def read_reports(path: str, study_column: str, report_column: str) -> tuple[dict
     without the named columns is an error.
     """
     try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8-sig", errors="surrogateescape")
+        text = storage.read_bytes(path).decode("utf-8-sig", errors="surrogateescape")
     except OSError as e:
-        raise ValueError(f"{path}: cannot read reports ({type(e).__name__}: {e.strerror})") from None
+        raise ValueError(f"{path}: cannot read reports ({type(e).__name__}: {e.strerror or e})") from None
     rows, bad_rows = _parse_reports_csv(path, text)
     columns = list(rows[0]) if rows else []
     for col in (study_column, report_column):

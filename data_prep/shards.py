@@ -3,16 +3,18 @@ half shard under its final name.
 
 Each video's kept frames are decoded, blanked outside the scan sector, cropped, resized and JPEG-encoded
 into one `tf.train.Example` (data_prep.records). A shard is written to a temporary file by one worker and
-renamed when complete, after its manifest part, so a rerun skips finished shards (`shard_done`) and redoes
-the rest. `ShardTask` is the unit of work of both runners, local processes and Apache Beam.
+published when complete (renamed on local disk, uploaded to a bucket), after its manifest part and its
+index, so a rerun skips finished shards (`finished_shards`) and redoes the rest. `ShardTask` is the unit of
+work of both runners, local processes and Apache Beam. `--out` and the inputs may be local or gs:// (an
+input in a bucket is copied to a local temporary file while it is read).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import json
-import os
 
 import numpy as np
 from PIL import Image
@@ -21,8 +23,10 @@ from data_prep import dicom_io, echonet, records, sector
 from data_prep.dicom_io import SkipVideo
 from data_prep.options import Settings
 from data_prep.plan import Job, manifest_line
+from echoclip_jax.runtime import storage
 
 PARTS = ".parts"  # per-shard manifest parts: a shard is done when it and its part exist
+CHECKERS = 16  # finished shards checked at once on resume (each is a few reads: GETs on a bucket)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +60,16 @@ def _convert_video(job: Job, settings: Settings) -> bytes:
         # Frames come at the smallest scale that keeps 1.25x the output size (600x800 -> 300x400 for 224; JPEG
         # in the DCT domain, others box-reduced), grey ones as one channel: the sector and crop are found on
         # those pixels, the header's regions scaled to match.
-        raw, scale = dicom_io.read_frames_scaled(
-            job.path, indices, settings.max_pixels, min_side=settings.image_size * 5 // 4, keep_grey=True
-        )
+        with dicom_io.local_input(job.path) as path:
+            raw, scale = dicom_io.read_frames_scaled(
+                path, indices, settings.max_pixels, min_side=settings.image_size * 5 // 4, keep_grey=True
+            )
         regions = tuple(tuple(v // scale for v in box) for box in job.regions)
         frames = sector.prepare(raw, regions, settings.image_size)
     else:  # EchoNet videos are already masked and cropped: resize only
         indices = dicom_io.kept_indices(job.num_frames, settings.frames) if job.num_frames else None
-        raw = echonet.read_frames(job.path, indices)
+        with dicom_io.local_input(job.path, echonet.MISSING) as path:
+            raw = echonet.read_frames(path, indices)
         if indices is None and settings.frames and len(raw) > settings.frames:
             raw = raw[dicom_io.kept_indices(len(raw), settings.frames)]
         frames = sector.crop_resize(raw, np.ones(raw.shape[1:3], bool), settings.image_size)
@@ -85,37 +91,43 @@ def _convert_video(job: Job, settings: Settings) -> bytes:
 
 
 def _part_path(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, PARTS, name + ".jsonl")
+    return storage.join(out_dir, PARTS, name + ".jsonl")
 
 
 def write_shard(task: ShardTask) -> tuple[str, list[dict]]:
-    """Convert one shard's videos; the part file is renamed before the shard, so a shard that exists
-    always has its manifest part. Returns (shard name, manifest lines)."""
+    """Convert one shard's videos; the part file is written whole before the shard is published, so a
+    shard that exists always has its manifest part. Returns (shard name, manifest lines)."""
     lines = []
-    with records.TFRecordWriter(os.path.join(task.out_dir, task.name)) as writer:
+    with records.TFRecordWriter(storage.join(task.out_dir, task.name)) as writer:
         for job in task.jobs:
             try:
                 writer.write(convert_video(job, task.settings))
                 lines.append(manifest_line(job.ref, "converted", "", job.video_id, task.name, job.report_removed))
             except SkipVideo as e:
                 lines.append(manifest_line(job.ref, "skipped", str(e), job.video_id))
-        part = _part_path(task.out_dir, task.name)
-        with open(part + ".tmp", "w") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
-        os.replace(part + ".tmp", part)
+        storage.write_text(_part_path(task.out_dir, task.name), "".join(json.dumps(line) + "\n" for line in lines))
     return task.name, lines
 
 
 def shard_done(out_dir: str, name: str) -> list[dict] | None:
     """The manifest lines of a finished shard, or None if it must be (re)done."""
-    path, part = os.path.join(out_dir, name), _part_path(out_dir, name)
-    if not (os.path.exists(path) and os.path.exists(part)):
-        return None
-    with open(part) as f:
-        lines = [json.loads(line) for line in f]
+    path, part = storage.join(out_dir, name), _part_path(out_dir, name)
     try:
+        lines = storage.read_json_lines(part)
         if len(records.ShardReader(path, verify=False)) != sum(line["status"] == "converted" for line in lines):
             return None
-    except (OSError, records.CorruptRecordError):
+    except (OSError, ValueError, KeyError):  # missing, partial or damaged: redo it
         return None
     return lines
+
+
+def finished_shards(out_dir: str, names: list[str]) -> dict[str, list[dict]]:
+    """{name: manifest lines} of the shards among `names` that are finished. One listing of --out and of
+    its parts says which may be; those are checked CHECKERS at a time (a bucket's thousands of shards)."""
+    present, parts = set(storage.listdir(out_dir)), set(storage.listdir(storage.join(out_dir, PARTS)))
+    candidates = [n for n in names if n in present and n + ".jsonl" in parts]
+    if not candidates:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(min(CHECKERS, len(candidates))) as pool:
+        found = dict(zip(candidates, pool.map(lambda n: shard_done(out_dir, n), candidates)))
+    return {n: lines for n, lines in found.items() if lines is not None}

@@ -10,6 +10,8 @@ installed (extra `tf`):
     ds = tfds.builder_from_directory("O/tfds/echoclip_videos/1.0.0").as_dataset(split="train")
 
 gives dicts with `frames` uint8 [K, S, S, 3] (decoded JPEG), ids and report as tf.string, and the scalars.
+A conversion in a bucket: a bucket holds no symlinks and copying every shard would double it, so run this on
+a gcsfuse mount of the bucket (gcsfuse keeps symlinks; --data_dir is then a local path).
 TFDS decodes JPEG with libjpeg's fast integer DCT (up to ~4 grey levels from Pillow's); pass
 `decoders=tfds_builder.decoders()` to get the pixels echoclip_jax's loader (Pillow) sees, exactly.
 """
@@ -26,6 +28,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_prep import options, records
+from echoclip_jax.runtime import storage
 
 TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
 
@@ -109,10 +112,21 @@ def write_metadata(data_dir: str, name: str = "echoclip_videos", version: str = 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.tfds_builder", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_dir", required=True, help="output directory of data_prep.convert")
+    p.add_argument(
+        "--data_dir", required=True, help="output directory of data_prep.convert (local; a bucket through gcsfuse)"
+    )
     p.add_argument("--name", default="echoclip_videos")
     p.add_argument("--version", default="1.0.0")
     args = p.parse_args(argv)
+    try:
+        storage.check(args.data_dir, "--data_dir")
+    except storage.StorageError as e:
+        p.error(str(e))
+    if storage.is_remote(args.data_dir):
+        p.error(
+            f"--data_dir={args.data_dir}: TFDS metadata sits beside symlinks to the shards, which a bucket cannot "
+            "hold; mount the bucket with gcsfuse (docs/data_prep.md) and give the mounted folder"
+        )
     try:
         print(write_metadata(args.data_dir, args.name, args.version))
     except (ValueError, OSError) as e:

@@ -5,7 +5,7 @@ interpret, embed, convert, aot, report, search, train_sentencepiece; the demo is
 parses its flags (`runtime.cli`) and calls the library, one package per capability:
 
   config      defaults, the start-up check of a config, which config describes weights, config files
-  runtime     mesh and sharding rules, multi-process set-up, the command convention, logs
+  runtime     mesh and sharding rules, multi-process set-up, the command convention, logs, storage
   models      the Flax NNX towers and their per-backend choices
   tokenizers  CLIP BPE, the template tokenizer, SentencePiece
   data        records through grain (exact-resume loaders), videos from any file
@@ -18,5 +18,6 @@ parses its flags (`runtime.cli`) and calls the library, one package per capabili
   retrieval   the search index, report banks, preliminary reports by retrieval
   demo        the main job on the synthetic cohort (the only reader of data_prep.synthetic)
 
-Layers point one way: commands -> capabilities -> models, data, runtime; data_prep (offline, no JAX) below.
+Layers point one way: commands -> capabilities -> models, data, runtime; data_prep (offline, no JAX) below,
+with the one exception of runtime.storage, which both use (it imports no JAX and nothing else of the project).
 """

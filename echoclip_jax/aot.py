@@ -23,7 +23,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from echoclip_jax.runtime import cli
+from echoclip_jax.runtime import cli, storage
 from echoclip_jax.training.pod_compile import TOPOLOGIES, compile_for_topology, format_report, get_topology
 
 DOES_NOT_FIT = 3
@@ -34,8 +34,10 @@ config_flags.DEFINE_config_file("config", None, "experiment config file (configs
 flags.DEFINE_string(
     "topology", None, f"TPU slice to compile for: {', '.join(TOPOLOGIES)} (or gcloud's v5litepod-N)", flag_values=FLAGS
 )
-flags.DEFINE_string("json", "", "also write the report to this JSON file", flag_values=FLAGS)
-flags.DEFINE_string("hlo", "", "also write the compiled step's optimized HLO to this file", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "also write the report to this JSON file (local path or gs:// URL)", flag_values=FLAGS)
+flags.DEFINE_string(
+    "hlo", "", "also write the compiled step's optimized HLO to this file (local path or gs:// URL)", flag_values=FLAGS
+)
 flags.mark_flags_as_required(["config", "topology"], flag_values=FLAGS)
 
 
@@ -48,13 +50,14 @@ def _aot(f) -> int:
     for line in format_report(report):
         log.info("%s", line)
     if f.json:
-        with open(f.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+        storage.write_text(f.json, json.dumps(report, indent=1))
     return cli.OK if report["fits"] else DOES_NOT_FIT
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(_aot, FLAGS, argv, name="aot", doc=__doc__, failures=(*cli.FAILURES, RuntimeError))
+    return cli.run(
+        _aot, FLAGS, argv, name="aot", doc=__doc__, failures=(*cli.FAILURES, RuntimeError), paths=("json", "hlo")
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ and per study.
   python -m echoclip_jax.evaluate --config configs/echoclip.py --checkpoint open_clip:/path/model.bin ...
       [--level video|study|both] [--study_pool mean|weighted] [--study_temperature 0.01]
 
-A sweep (`--workdir`, optionally `--steps 100,200`, or `--glob 'W/checkpoints/*'`) evaluates every
+  python -m echoclip_jax.evaluate --config configs/echoclip.py --workdir gs://b/run --watch --data_dir ... --out gs://b/eval
+
+Every path may be a local path or a gs:// URL. `--watch` evaluates each checkpoint of `--workdir` as the
+training job writes it (run it beside the training job, with the same --config and overrides: it stops
+after the checkpoint of config.total_steps). A sweep (`--workdir`, optionally `--steps 100,200`, or
+`--glob 'W/checkpoints/*'`) evaluates every
 checkpoint that has no `E/<name>.json` yet (or one without a level asked for: that level is added to it),
 so re-running after new checkpoints appear (or after an interruption) does only the new work. Per
 checkpoint: `E/<name>.json` (name = training step, or the checkpoint's file name); after every run:
@@ -30,7 +35,6 @@ frames; video (study) embeddings drive retrieval and patient identification.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
@@ -38,8 +42,8 @@ from ml_collections import config_flags
 
 from echoclip_jax.config.validation import validate
 from echoclip_jax.evaluation import study_level, task_table
-from echoclip_jax.evaluation.sweep import LEVELS, list_sources, run
-from echoclip_jax.runtime import cli
+from echoclip_jax.evaluation.sweep import LEVELS, list_sources, run, watch
+from echoclip_jax.runtime import cli, storage
 
 FLAGS = cli.flag_values()
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)", flag_values=FLAGS)
@@ -49,9 +53,9 @@ flags.DEFINE_string(
 flags.DEFINE_string("workdir", None, "training workdir: evaluate its checkpoints", flag_values=FLAGS)
 flags.DEFINE_list("steps", None, "with --workdir: only these steps, e.g. 100,200", flag_values=FLAGS)
 flags.DEFINE_multi_string("glob", None, "checkpoint directories matching this pattern (repeatable)", flag_values=FLAGS)
-flags.DEFINE_string("data_dir", None, "records from data_prep.convert", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "records from data_prep.convert (local path or gs:// URL)", flag_values=FLAGS)
 flags.DEFINE_string("split", "test", "split to evaluate", flag_values=FLAGS)
-flags.DEFINE_string("out", None, "output directory E", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory E (local path or gs:// URL)", flag_values=FLAGS)
 flags.DEFINE_list(
     "tasks", None, "zero-shot tasks (names or aliases); default: every task in the table", flag_values=FLAGS
 )
@@ -96,6 +100,19 @@ flags.DEFINE_float(
     "softmax temperature of --study_pool weighted (smaller: closer to the best view alone)",
     flag_values=FLAGS,
 )
+flags.DEFINE_bool(
+    "watch",
+    False,
+    "with --workdir: evaluate each checkpoint as training writes it, until the checkpoint of the config's total_steps",
+    flag_values=FLAGS,
+)
+flags.DEFINE_float("watch_poll_s", 60.0, "--watch: seconds between looks for new checkpoints", flag_values=FLAGS)
+flags.DEFINE_float(
+    "watch_timeout_s",
+    6 * 3600.0,
+    "--watch: give up (exit 1) when no new checkpoint appears for this long",
+    flag_values=FLAGS,
+)
 flags.mark_flags_as_required(["config", "data_dir", "out"], flag_values=FLAGS)
 
 
@@ -104,16 +121,17 @@ def _evaluate(f) -> None:
         raise cli.UsageError("give --checkpoint KIND:PATH, --workdir W or --glob PATTERN")
     if f.steps and not f.workdir:
         raise cli.UsageError("--steps needs --workdir")
+    if f.watch and (not f.workdir or f.checkpoint or f.glob or f.steps):
+        raise cli.UsageError(
+            "--watch follows one training run: give --workdir alone (no --checkpoint, --glob, --steps)"
+        )
     try:
         steps = [int(s) for s in f.steps] if f.steps else None
     except ValueError:
         raise cli.UsageError(f"--steps must be integers, got {f.steps}") from None
     validate(f.config, training=False)
     tasks = task_table.load_tasks(f.task_table, f.tasks)
-    sources = list_sources(checkpoint=f.checkpoint, workdir=f.workdir, steps=steps, globs=f.glob)
-    done = run(
-        f.config,
-        sources,
+    common = dict(
         data_dir=f.data_dir,
         split=f.split,
         out_dir=f.out,
@@ -125,14 +143,35 @@ def _evaluate(f) -> None:
         study_pool=f.study_pool,
         study_temperature=f.study_temperature,
     )
+    if f.watch:
+        done = watch(
+            f.config,
+            f.workdir,
+            final_step=int(f.config.total_steps),
+            poll_s=f.watch_poll_s,
+            idle_timeout_s=f.watch_timeout_s,
+            **common,
+        )
+        print(f"evaluated {len(done)} checkpoint(s) as they appeared; summary: {storage.join(f.out, 'summary.csv')}")
+        return
+    sources = list_sources(checkpoint=f.checkpoint, workdir=f.workdir, steps=steps, globs=f.glob)
+    done = run(f.config, sources, **common)
     print(
         f"evaluated {len(done)} checkpoint(s), skipped {len(sources) - len(done)}; "
-        f"summary: {os.path.join(f.out, 'summary.csv')}"
+        f"summary: {storage.join(f.out, 'summary.csv')}"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(_evaluate, FLAGS, argv, name="evaluate", doc=__doc__)
+    return cli.run(
+        _evaluate,
+        FLAGS,
+        argv,
+        name="evaluate",
+        doc=__doc__,
+        paths=("workdir", "glob", "data_dir", "out", "task_table"),
+        specs=("checkpoint",),
+    )
 
 
 if __name__ == "__main__":

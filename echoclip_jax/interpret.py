@@ -33,6 +33,9 @@ With `--score_truth COHORT --salt_file F` (records of a version-2 synthetic coho
 the maps of `--score_methods` are scored against the devices' true masks (pointing game, mass share, and
 uniform and centre baselines) into OUT/scores.json and OUT/score_frames.png (`echoclip_jax.saliency.scores`,
 the cohort's masks from `echoclip_jax.demo.device_masks`).
+
+--out, --video, --data_dir, --salt_file and the PATH of --checkpoint are local paths or gs:// URLs; the
+synthetic cohort of --score_truth is read from local disk.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from echoclip_jax import tokenizers
 from echoclip_jax.config.validation import validate
 from echoclip_jax.data.videos import load_video, record_videos
 from echoclip_jax.demo import device_masks
-from echoclip_jax.runtime import cli
+from echoclip_jax.runtime import cli, storage
 from echoclip_jax.saliency import scores
 from echoclip_jax.saliency.maps import DEFAULT_SCORE_METHODS, METHODS, SaliencyMapper
 from echoclip_jax.saliency.outputs import run
@@ -58,19 +61,25 @@ config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py
 flags.DEFINE_string(
     "checkpoint",
     None,
-    "weights, KIND:PATH (open_clip, safetensors, orbax, params), as echoclip_jax.convert reads them",
+    "weights, KIND:PATH (open_clip, safetensors, orbax, params), as echoclip_jax.convert reads them; PATH a "
+    "local path or gs:// URL",
     flag_values=FLAGS,
 )
 flags.DEFINE_multi_string(
-    "video", None, "a video: .dcm, .avi or .npy (uint8 [T, H, W, 3]); repeatable", flag_values=FLAGS
+    "video",
+    None,
+    "a video: .dcm, .avi or .npy (uint8 [T, H, W, 3]), local path or gs:// URL; repeatable",
+    flag_values=FLAGS,
 )
-flags.DEFINE_string("data_dir", None, "records from data_prep.convert (batch mode)", flag_values=FLAGS)
+flags.DEFINE_string(
+    "data_dir", None, "records from data_prep.convert (batch mode): local path or gs:// URL", flag_values=FLAGS
+)
 flags.DEFINE_string("split", "test", "with --data_dir: the split", flag_values=FLAGS)
 flags.DEFINE_integer(
     "limit", 0, "with --data_dir: at most this many videos (0 = all)", lower_bound=0, flag_values=FLAGS
 )
 flags.DEFINE_multi_string("prompt", None, "a text prompt; repeatable", flag_values=FLAGS)
-flags.DEFINE_string("out", None, "output directory", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory: local path or gs:// URL", flag_values=FLAGS)
 flags.DEFINE_enum("method", "both", ["promptcam", "gradient", "both"], "saliency method", flag_values=FLAGS)
 flags.DEFINE_integer("frames", 0, "frames per video, evenly spaced (0 = all)", lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 16, "frames per jitted batch, over all devices", flag_values=FLAGS)
@@ -87,12 +96,15 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "score_truth",
     None,
-    "a version-2 synthetic cohort: score the maps of --data_dir's device "
+    "a version-2 synthetic cohort (local directory): score the maps of --data_dir's device "
     "videos against its device masks (no maps written)",
     flag_values=FLAGS,
 )
 flags.DEFINE_string(
-    "salt_file", None, "with --score_truth: the salt the records were converted with", flag_values=FLAGS
+    "salt_file",
+    None,
+    "with --score_truth: the salt the records were converted with (local path or gs:// URL)",
+    flag_values=FLAGS,
 )
 flags.DEFINE_string(
     "score_methods",
@@ -112,6 +124,15 @@ def _interpret(f) -> None:
         raise cli.UsageError("give --prompt (repeatable), or --score_truth")
     if bool(f.video) == bool(f.data_dir):
         raise cli.UsageError("give --video X (.dcm/.avi/.npy) or --data_dir O, not both")
+    if f.score_truth and storage.is_remote(f.score_truth):
+        raise cli.UsageError(
+            f"--score_truth={f.score_truth}: the synthetic cohort's DICOMs and masks are read from local disk; "
+            f"copy it here first (`gcloud storage cp -r {f.score_truth} .`)"
+        )
+    try:
+        weights.check_spec(f.checkpoint, "--checkpoint")
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
     validate(f.config, training=False)
     model_config, params = weights.load(f.checkpoint, f.config.model)
     image_size = int(model_config.vision.image_size)
@@ -149,7 +170,14 @@ def _interpret(f) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(_interpret, FLAGS, argv, name="interpret", doc=__doc__)
+    return cli.run(
+        _interpret,
+        FLAGS,
+        argv,
+        name="interpret",
+        doc=__doc__,
+        paths=("video", "data_dir", "out", "score_truth", "salt_file"),
+    )
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ A study's embedding is the mean of its videos' embeddings, re-normalised; its la
 
 Writes P/probe.json (per label and probe: metrics, baseline, n_train, n_eval, skipped counts, chosen
 hyperparameters) and P/plots/ (confusion matrices, predicted vs true). Only aggregate numbers are written
-or logged: no video, patient or study identifier leaves this module.
+or logged: no video, patient or study identifier leaves this module. --data_dir, --labels and --out are each a
+local path or a gs:// URL.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
@@ -36,18 +36,20 @@ from ml_collections import config_flags
 from echoclip_jax.probes.attentive import DEFAULTS as ATTENTIVE_DEFAULTS
 from echoclip_jax.probes.labels import KEYS, TASKS
 from echoclip_jax.probes.pipeline import PROBES, run
-from echoclip_jax.runtime import cli
+from echoclip_jax.runtime import cli, storage
 
 FLAGS = cli.flag_values()
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)", flag_values=FLAGS)
 flags.DEFINE_string(
     "checkpoint", None, "weights, KIND:PATH[@STEP] (orbax, params, safetensors, open_clip)", flag_values=FLAGS
 )
-flags.DEFINE_string("data_dir", None, "records from data_prep.convert", flag_values=FLAGS)
-flags.DEFINE_string("labels", None, "labels CSV: a key column and label columns", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "records from data_prep.convert (local path or gs:// URL)", flag_values=FLAGS)
+flags.DEFINE_string(
+    "labels", None, "labels CSV: a key column and label columns (local path or gs:// URL)", flag_values=FLAGS
+)
 flags.DEFINE_multi_string("label", None, "a label column to probe (repeatable)", flag_values=FLAGS)
 flags.DEFINE_enum("key", "video_id", KEYS, "what a labels row describes: a video or a study", flag_values=FLAGS)
-flags.DEFINE_string("out", None, "output directory (probe.json, plots/)", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory (probe.json, plots/): local path or gs:// URL", flag_values=FLAGS)
 flags.DEFINE_string("train_split", "train", "split the probes are trained on", flag_values=FLAGS)
 flags.DEFINE_string("eval_split", "test", "split the probes are scored on", flag_values=FLAGS)
 flags.DEFINE_enum("probe", "both", ("linear", "attentive", "both"), "which probes", flag_values=FLAGS)
@@ -87,11 +89,13 @@ def _probe(f) -> None:
         batch_size=f.batch_size,
         attentive=attentive,
     )
-    print(f"probe: wrote {os.path.join(f.out, 'probe.json')}")
+    print(f"probe: wrote {storage.join(f.out, 'probe.json')}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(_probe, FLAGS, argv, name="probe", doc=__doc__)
+    return cli.run(
+        _probe, FLAGS, argv, name="probe", doc=__doc__, paths=("data_dir", "labels", "out"), specs=("checkpoint",)
+    )
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ k reports' numbers; support = reports within +-5), EF band, each device present/
 among the reports that state it). Each finding carries its support (how many of k agree), how many of k
 state it, and the agreeing reports' mean similarity. Outputs: R/report.json + R/report.txt (--video), or
 R/study_reports.jsonl, R/video_reports.jsonl, R/reports.txt and R/summary.json (--data_dir; salted ids).
+
+--video, --data_dir, --bank and --out are each a local path or a gs:// URL.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
@@ -44,24 +45,30 @@ from echoclip_jax.inference.embedder import Embedder
 from echoclip_jax.retrieval.bank import load_bank
 from echoclip_jax.retrieval.embedding import fingerprint, max_frames_of
 from echoclip_jax.retrieval.report import DISCLAIMER, query_frames, render, report_files, report_records
-from echoclip_jax.runtime import cli
+from echoclip_jax.runtime import cli, storage
 from echoclip_jax.weights import loader as weights
 
 FLAGS = cli.flag_values()
 flags.DEFINE_string("checkpoint", None, "KIND:PATH[@STEP] (see echoclip_jax.weights.loader)", flag_values=FLAGS)
 config_flags.DEFINE_config_file("config", None, "configs/*.py", lock_config=False, flag_values=FLAGS)
 flags.DEFINE_string(
-    "video", None, "one study: a .dcm/.avi/.npy video or a directory of its .dcm files", flag_values=FLAGS
+    "video",
+    None,
+    "one study: a .dcm/.avi/.npy video or a directory of its .dcm files (local path or gs:// URL)",
+    flag_values=FLAGS,
 )
 flags.DEFINE_string(
-    "data_dir", None, "records (data_prep.convert): a report for every study of --split", flag_values=FLAGS
+    "data_dir",
+    None,
+    "records (data_prep.convert): a report for every study of --split (local path or gs:// URL)",
+    flag_values=FLAGS,
 )
 flags.DEFINE_string("split", "test", "with --data_dir: the split to report on", flag_values=FLAGS)
 flags.DEFINE_string(
     "bank",
     None,
-    "search index (build --reports), records directory or CSV of reports (default "
-    "with --data_dir: that directory's --bank_split)",
+    "search index (build --reports), records directory or CSV of reports, a local path or gs:// URL "
+    "(default with --data_dir: that directory's --bank_split)",
     flag_values=FLAGS,
 )
 flags.DEFINE_list("bank_split", ["train"], "the bank's splits (index or records bank)", flag_values=FLAGS)
@@ -76,7 +83,7 @@ flags.DEFINE_integer("k", 10, "reports retrieved and voted over", flag_values=FL
 flags.DEFINE_enum(
     "level", "study", ["study", "video", "both"], "with --data_dir: report per study, video or both", flag_values=FLAGS
 )
-flags.DEFINE_string("out", None, "output directory R", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory R (local path or gs:// URL)", flag_values=FLAGS)
 flags.DEFINE_integer("frames", None, "at most this many evenly spaced frames per video", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 128, "frames (or texts) per device batch", flag_values=FLAGS)
 flags.DEFINE_boolean(
@@ -112,7 +119,7 @@ def _report(f) -> None:
         frames = f.frames or query_frames(f.bank, max_frames_of)
         report = report_files(embedder, bank, f.video, out=f.out, k=f.k, image_size=image_size, frames=frames)
         print(render(report, f"Study {report['query']} ({report['files']} video file(s))"))
-        print(f"report: wrote {os.path.join(f.out, 'report.json')} and report.txt")
+        print(f"report: wrote {storage.join(f.out, 'report.json')} and report.txt")
     else:
         summary = report_records(
             embedder,
@@ -132,7 +139,15 @@ def _report(f) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(_report, FLAGS, argv, name="report", doc=__doc__)
+    return cli.run(
+        _report,
+        FLAGS,
+        argv,
+        name="report",
+        doc=__doc__,
+        paths=("video", "data_dir", "bank", "out"),
+        specs=("checkpoint",),
+    )
 
 
 if __name__ == "__main__":

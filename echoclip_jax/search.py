@@ -19,6 +19,9 @@ the split, the embeddings, the faiss indexes and non-identifying settings (the m
 and config). No report text, unless `build --reports` asks for a report bank for `echoclip_jax.report`,
 and then only the de-identified text the records already hold.
 
+INDEX, --data_dir, --video and --out are each a local path or a gs:// URL (`echoclip_jax.runtime.storage`; an
+index on a bucket is written and swapped in as `echoclip_jax.retrieval.archive` describes).
+
 The work is done in `echoclip_jax.retrieval.ops`; this file parses the command line.
 """
 
@@ -34,7 +37,7 @@ from ml_collections import config_flags
 from echoclip_jax.config.validation import validate
 from echoclip_jax.retrieval import archive as archive_lib
 from echoclip_jax.retrieval import ops
-from echoclip_jax.runtime import cli
+from echoclip_jax.runtime import cli, storage
 
 COMMANDS = ("build", "add", "query")
 log = logging.getLogger("echoclip_jax.search")
@@ -49,9 +52,16 @@ flags.DEFINE_string(
 config_flags.DEFINE_config_file(
     "config", None, "configs/*.py (with --checkpoint)", lock_config=False, flag_values=FLAGS
 )
-flags.DEFINE_string("data_dir", None, "records from data_prep.convert (build, add)", flag_values=FLAGS)
+flags.DEFINE_string(
+    "data_dir", None, "records from data_prep.convert (build, add): local path or gs:// URL", flag_values=FLAGS
+)
 flags.DEFINE_list("split", None, "splits to index (default: every split with shards)", flag_values=FLAGS)
-flags.DEFINE_string("out", None, "build: the INDEX directory; query: write the results as JSON here", flag_values=FLAGS)
+flags.DEFINE_string(
+    "out",
+    None,
+    "build: the INDEX directory; query: write the results as JSON here (local path or gs:// URL)",
+    flag_values=FLAGS,
+)
 flags.DEFINE_enum(
     "kind",
     "auto",
@@ -86,7 +96,10 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("batch_size", 128, "frames (or texts) per device batch", flag_values=FLAGS)
 flags.DEFINE_string("text", None, "query: a report-style text", flag_values=FLAGS)
 flags.DEFINE_string(
-    "video", None, "query: a .dcm/.avi/.npy video or a study directory of such files", flag_values=FLAGS
+    "video",
+    None,
+    "query: a .dcm/.avi/.npy video or a study directory of such files (local path or gs:// URL)",
+    flag_values=FLAGS,
 )
 flags.DEFINE_string(
     "study_of", None, "query: the salted video_id of an indexed video: its study's neighbours", flag_values=FLAGS
@@ -151,8 +164,7 @@ def _query(f, path: str) -> None:
     )
     _print(result)
     if f.out:
-        with open(f.out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1)
+        storage.write_text(f.out, json.dumps(result, indent=1))
         log.info("wrote %s", f.out)
 
 
@@ -167,6 +179,11 @@ def _search(f, args: list[str]) -> None:
         )
     if command != "build" and len(rest) != 1:
         raise cli.UsageError(f"{command} takes one positional argument, the INDEX directory")
+    if command != "build":
+        try:  # the positional INDEX is a path as the flags are: checked before anything is loaded
+            storage.check(rest[0], "INDEX")
+        except storage.StorageError as e:
+            raise cli.UsageError(str(e)) from None
     if command == "add" and not f.data_dir:
         raise cli.UsageError("add needs --data_dir NEW_EXPORT")
     if f.config is not None:
@@ -203,7 +220,16 @@ def _search(f, args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(_search, FLAGS, argv, name="search", doc=__doc__, positional=True)
+    return cli.run(
+        _search,
+        FLAGS,
+        argv,
+        name="search",
+        doc=__doc__,
+        positional=True,
+        paths=("data_dir", "out", "video"),
+        specs=("checkpoint",),
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,11 @@ from echoclip_jax.training.loop import train
 FLAGS = cli.flag_values()
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", flag_values=FLAGS)
 flags.DEFINE_string(
-    "workdir", None, "run directory: checkpoints, metrics.jsonl, TensorBoard; resumes from it", flag_values=FLAGS
+    "workdir",
+    None,
+    "run directory (local path or gs:// URL, shared by all hosts of a pod): checkpoints, metrics.jsonl, "
+    "TensorBoard; resumes from it",
+    flag_values=FLAGS,
 )
 flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
@@ -38,7 +42,9 @@ def _train(f) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(_train, FLAGS, argv, name="train", doc=__doc__, failures=(*cli.FAILURES, FloatingPointError))
+    return cli.run(
+        _train, FLAGS, argv, name="train", doc=__doc__, failures=(*cli.FAILURES, FloatingPointError), paths=("workdir",)
+    )
 
 
 if __name__ == "__main__":

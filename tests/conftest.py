@@ -20,6 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
+from tests.gcs_server import FakeGcs  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The real EchoCLIP reference data lives beside the project (never copied into it).
 REFERENCE_DIR = pathlib.Path(os.environ.get("ECHOCLIP_REFERENCE_DIR", REPO.parent / "shared" / "echoclip_reference"))
@@ -49,3 +51,26 @@ def project_logs():
     yield messages
     own.removeHandler(handler)
     own.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real GCS server (fake-gcs-server) on 127.0.0.1 for this session, with the environment that points
+    this process's clients and the subprocesses it starts at it (see tests/gcs_server.py)."""
+    server = FakeGcs(tmp_path_factory.mktemp("gcs"))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    server.start()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(gcs_server) -> str:
+    """A new empty bucket on the session's GCS server: its gs:// URL."""
+    return gcs_server.bucket()

@@ -13,10 +13,20 @@ import os
 import ml_collections
 
 
+def refuse_url(path, flag: str | None = None) -> None:
+    """Config files stay on local disk (they are Python code, imported): a URL is refused with the fix.
+    `flag` names where the path came from (e.g. "--config")."""
+    if "://" in str(path):
+        where = f"{flag}={path}" if flag else str(path)
+        raise ValueError(
+            f"{where}: a config file is Python code, read from local disk: copy it here first "
+            f"(`gcloud storage cp {path} .`) and pass the local copy"
+        )
+
+
 def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
     """`get_config()` of the config file at `path`, then `overrides` ({"a.b": value}) applied."""
-    if "://" in str(path):
-        raise ValueError(f"{path}: a config file is Python code, read from local disk: copy it here first")
+    refuse_url(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such config file")
     name = "echoclip_config_" + os.path.splitext(os.path.basename(path))[0]

@@ -17,6 +17,7 @@ from echoclip_jax import tokenizers
 from echoclip_jax.models.backend import DEPTHWISE_IMPLS
 from echoclip_jax.models.convnext import CONVNEXT_VARIANTS
 from echoclip_jax.models.vit import VIT_VARIANTS
+from echoclip_jax.runtime import storage
 from echoclip_jax.runtime.cli import UsageError
 
 CHOICES = {
@@ -115,6 +116,8 @@ def validate(
         raise ConfigError("config: " + "; ".join(problems))
 
     _model(config.model, bad)
+    if not compile_only:
+        _paths(config, training, bad)
     if not problems and not compile_only:
         _tokenizer(config, tokenizer, bad)
     if training:
@@ -143,6 +146,20 @@ def _model(mc, bad) -> None:
         bad("model.text.heads", tc.heads, f"must divide model.text.width {tc.width} (e.g. {divisors[-4:]})")
     if tc.pool == "eos" and not 0 <= tc.eos_id < tc.vocab_size:
         bad("model.text.eos_id", tc.eos_id, f"must be an id below model.text.vocab_size {tc.vocab_size}")
+
+
+def _paths(config, training, bad) -> None:
+    """Path fields (local paths or gs:// URLs): a supported scheme and, for a bucket, one that exists."""
+    fields = ["tokenizer.path"]
+    if training:
+        fields += ["data_dir"] + (["init.path"] if config.init.kind != "random" else [])
+    for field in fields:
+        value = _get(config, field)
+        if value:
+            try:
+                storage.check(value, f"--config.{field}")
+            except storage.StorageError as e:
+                bad(field, value, str(e).split(": ", 1)[1])
 
 
 def _tokenizer(config, tokenizer, bad) -> None:

@@ -6,6 +6,13 @@ reads only its contiguous slice of each batch, so the assembled global batch is 
 process count. The frame (or frames) of a video and the augmentation are drawn from (seed, epoch,
 record), so a new frame is seen each epoch and a resumed run sees exactly the samples it would have
 seen: the grain iterator state (one integer per process) is saved with each checkpoint.
+
+`config.data_dir` is a local folder or a gs:// URL (data_prep.records reads either). Each batch's records
+are fetched together (`ShardedRecords.read_many`: on a bucket one ranged GET per record, all in flight at
+once; locally a pread each), then decoded; grain computes READ_THREADS batches at once in each process
+(ReadOptions), so a process keeps up to READ_THREADS x its batch slice of GETs in flight (gcsfs's connection
+pool, 100 per process, bounds it), and `data.num_workers` processes multiply that. Read-ahead is bounded in
+batches (READ_AHEAD), not grain's default of 500 elements, which would be 500 batches here.
 """
 
 from __future__ import annotations
@@ -26,6 +33,12 @@ from echoclip_jax.runtime import sharding
 
 log = logging.getLogger(__name__)
 
+# grain's threads per process, each computing one batch (its reads in flight together, then its decoding);
+# with worker processes each worker gets WORKER_READ_THREADS. Read-ahead: batches ready or in flight.
+READ_THREADS, WORKER_READ_THREADS = 16, 4
+READ_AHEAD = 2  # x the threads
+VIDEO_CHUNK = 32  # records fetched together by iterate_videos
+
 
 class ShardedRecords(grain.sources.RandomAccessDataSource):
     """All records of one split, numbered across its shards in shard order (through the .index files)."""
@@ -34,7 +47,7 @@ class ShardedRecords(grain.sources.RandomAccessDataSource):
         self.paths = records.list_shards(data_dir, split)
         if not self.paths:
             raise FileNotFoundError(f"{data_dir}: no {split}-NNNNN-of-MMMMM.tfrecord shards")
-        self._readers = [records.ShardReader(p, verify=verify) for p in self.paths]
+        self._readers = records.open_shards(self.paths, verify=verify)  # a bucket's indexes fetched together
         self._starts = np.cumsum([0] + [len(r) for r in self._readers])
         if self._starts[-1] == 0:
             raise ValueError(f"{data_dir}: the {split} shards hold no records")
@@ -42,9 +55,18 @@ class ShardedRecords(grain.sources.RandomAccessDataSource):
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def __getitem__(self, i: int) -> bytes:
+    def _locate(self, i: int) -> tuple[records.ShardReader, int]:
         s = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return self._readers[s][int(i - self._starts[s])]
+        return self._readers[s], int(i - self._starts[s])
+
+    def __getitem__(self, i: int) -> bytes:
+        reader, j = self._locate(i)
+        return reader[j]
+
+    def read_many(self, indices) -> list:
+        """Records `indices` at once (on a bucket their GETs in flight together): each its bytes, or the
+        records.CorruptRecordError it failed with."""
+        return records.read_records([self._locate(int(i)) for i in indices])
 
 
 def decode_frames(feats: dict, where: str) -> list[bytes]:
@@ -125,10 +147,25 @@ class _Sample:
 
     def __call__(self, g: int) -> dict:
         epoch, r = self.record_of(int(g))
+        return self.make(epoch, r, None)
+
+    def batch(self, gs: np.ndarray) -> dict:
+        """The samples of global numbers `gs`, stacked: their records read together, then decoded."""
+        located = [self.record_of(int(g)) for g in gs]
+        raws = self.source.read_many([r for _, r in located])
+        items = [self.make(epoch, r, raw) for (epoch, r), raw in zip(located, raws)]
+        return {k: np.stack([item[k] for item in items]) for k in items[0]}
+
+    def make(self, epoch: int, r: int, first) -> dict:
+        """The sample of record r in `epoch`; `first` is its record already read (bytes, or the
+        CorruptRecordError reading it raised), None to read it here."""
         raw, skipped = None, 0
         for attempt in range(len(self.source)):
             try:
-                raw = self.source[(r + attempt) % len(self.source)]
+                got = first if attempt == 0 and first is not None else self.source[(r + attempt) % len(self.source)]
+                if isinstance(got, records.CorruptRecordError):
+                    raise got
+                raw = got
                 break
             except records.CorruptRecordError as e:
                 if self.on_corrupt == "raise":
@@ -191,8 +228,10 @@ class Loader:
         source = ShardedRecords(config.data_dir, split)
         self.num_records = len(source)
         sample = _Sample(source, config, train=train)
-        ds = grain.MapDataset.source(_Indices(num_batches, self.global_batch, pi, pc)).map(sample)
-        ds = ds.batch(self.global_batch // pc, drop_remainder=True).to_iter_dataset()
+        ds = grain.MapDataset.source(_Indices(num_batches, self.global_batch, pi, pc))
+        ds = ds.batch(self.global_batch // pc, drop_remainder=True).map(sample.batch)
+        threads = WORKER_READ_THREADS if int(config.data.num_workers) > 0 else READ_THREADS
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=READ_AHEAD * threads))
         if int(config.data.num_workers) > 0:
             if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
                 flags.FLAGS.mark_as_parsed()
@@ -245,7 +284,12 @@ def iterate_videos(data_dir: str, split: str, *, frames: int | None = None, imag
     are}; `frames` evenly subsamples (only those frames are decoded), `image_size` resizes."""
     source = ShardedRecords(data_dir, split)
     for i in range(len(source)):
-        feats = records.decode_example(source[i])
+        if i % VIDEO_CHUNK == 0:  # the next chunk's records at once (GETs in flight together on a bucket)
+            chunk = source.read_many(range(i, min(i + VIDEO_CHUNK, len(source))))
+        raw = chunk[i % VIDEO_CHUNK]
+        if isinstance(raw, records.CorruptRecordError):
+            raise raw
+        feats = records.decode_example(raw)
         where = f"{data_dir} {split} record {i}"
         jpegs = decode_frames(feats, where)
         size = int(image_size or feats["image_size"][0])

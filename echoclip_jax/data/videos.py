@@ -1,7 +1,8 @@
 """Videos as the model sees them, from any source: a DICOM, AVI or .npy file read the way data_prep.convert
 reads it, or a video of the records; and the scan sector in the model's pixels.
 
-A DICOM is read through data_prep's own functions (`dicom_io.kept_indices`, `read_frames`, `sector.sector_mask`,
+A video file may be a local path or a gs:// URL (read through a local temporary copy). A DICOM is read
+through data_prep's own functions (`dicom_io.kept_indices`, `read_frames`, `sector.sector_mask`,
 `sector.crop_resize`), so its frames are what a record of it would hold: scan sector only, burned-in text
 outside it never reaches a caller. A DICOM's name is a hash of its path, never its file name or a header value;
 a record's is its salted video id. AVI and .npy files (blank outside the sector, like EchoNet) are resized only.
@@ -24,6 +25,7 @@ from scipy import ndimage
 from data_prep import dicom_io, echonet, sector
 from data_prep.dicom_io import SkipVideo
 from echoclip_jax.data import loader as data
+from echoclip_jax.runtime import storage
 
 HALF = 128  # a resized 0/255 mask pixel at least half covered belongs to the mask
 DARK = 12  # grey levels: above JPEG ringing on the black outside the fan (records: <= 6), below speckle
@@ -40,13 +42,19 @@ class Video:
 
 
 def load_video(path: str, *, image_size: int, frames: int = 0) -> Video:
-    """A .dcm, .avi or .npy video as uint8 [K, image_size, image_size, 3], K = `frames` evenly spaced
-    frames (0 = all). DICOM: scan sector masked and cropped as data_prep does; AVI and .npy (already
-    masked, like EchoNet): resized only."""
+    """A .dcm, .avi or .npy video (a local path or a gs:// URL) as uint8 [K, image_size, image_size, 3],
+    K = `frames` evenly spaced frames (0 = all). DICOM: scan sector masked and cropped as data_prep does;
+    AVI and .npy (already masked, like EchoNet): resized only."""
 
-    ext = os.path.splitext(path)[1].lower()
-    if not os.path.isfile(path):
+    if not storage.exists(path) or storage.isdir(path):
         raise FileNotFoundError(f"{path}: no such video file")
+    with storage.local_copy(path) as local:  # pydicom and PyAV read local files
+        return _load_local(local, path, image_size, frames)
+
+
+def _load_local(path: str, given: str, image_size: int, frames: int) -> Video:
+    """load_video of the local file `path`, named after the path or URL the caller `given`."""
+    ext = os.path.splitext(given)[1].lower()
     try:
         if ext == ".dcm":
             header = dicom_io.read_header(path)
@@ -54,32 +62,33 @@ def load_video(path: str, *, image_size: int, frames: int = 0) -> Video:
             raw = dicom_io.read_frames(path, indices)
             found = sector.sector_mask(raw, header.regions)
             out = sector.crop_resize(raw, found, image_size)
-            name = "dicom-" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+            where = given if storage.is_remote(given) else os.path.abspath(given)
+            name = "dicom-" + hashlib.sha256(where.encode()).hexdigest()[:12]
             return Video(name, "dicom", out, indices, sector=to_output(found, found, image_size))
         if ext == ".avi":
             raw = echonet.read_frames(path, None)
             indices = dicom_io.kept_indices(len(raw), frames)
             out = sector.crop_resize(raw[indices], np.ones(raw.shape[1:3], bool), image_size)
-            return Video(_safe_name(path), "avi", out, indices)
+            return Video(_safe_name(given), "avi", out, indices)
         if ext == ".npy":
-            raw = _read_npy(path)
+            raw = _read_npy(path, given)
             indices = dicom_io.kept_indices(len(raw), frames)
             out = sector.crop_resize(raw[indices], np.ones(raw.shape[1:3], bool), image_size)
-            return Video(_safe_name(path), "npy", out, indices)
+            return Video(_safe_name(given), "npy", out, indices)
     except SkipVideo as e:
-        raise ValueError(f"{path}: cannot read video ({e})") from None
-    raise ValueError(f"{path}: unsupported video type {ext!r}; expected .dcm, .avi or .npy")
+        raise ValueError(f"{given}: cannot read video ({e})") from None
+    raise ValueError(f"{given}: unsupported video type {ext!r}; expected .dcm, .avi or .npy")
 
 
-def _read_npy(path: str) -> np.ndarray:
+def _read_npy(path: str, given: str) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+        raise ValueError(f"{given}: not a readable .npy array ({e})") from None
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or len(arr) == 0:
-        raise ValueError(f"{path}: expected uint8 RGB frames [T, H, W, 3] or [H, W, 3], got {arr.dtype} {arr.shape}")
+        raise ValueError(f"{given}: expected uint8 RGB frames [T, H, W, 3] or [H, W, 3], got {arr.dtype} {arr.shape}")
     return arr
 
 

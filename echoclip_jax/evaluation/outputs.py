@@ -4,23 +4,26 @@ Every writer takes aggregate numbers only (no identifier reaches this module). T
 result (`study`, see `echoclip_jax.evaluation.study_level`) flattens to `study/...` columns, scalars and panels like
 the video-level keys; plots are drawn only for what has data: a task whose labels are all unknown (or of
 one class) gets no curve, a metric that is NaN at every step or level gets no panel, and a figure with
-nothing to draw is not written.
+nothing to draw is not written. The output folder is a local path or a gs:// URL: every file is written
+whole (`echoclip_jax.runtime.storage`; figures and TensorBoard events are made in memory or a temporary
+local file first).
 """
 
 from __future__ import annotations
 
 import csv
-import glob as globlib
+import io
 import json
 import math
-import os
 import re
+import tempfile
 
 import numpy as np
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 
 from echoclip_jax.evaluation import metrics
+from echoclip_jax.runtime import storage
 
 PLOT_KEYS = re.compile(r"/(auc|mae|accuracy|mean_rank_fraction)$")
 LEVEL_COLOURS = {"video": "tab:blue", "study": "tab:orange"}
@@ -53,18 +56,13 @@ def flatten(results: dict, prefix: str = "") -> dict[str, float]:
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Write via a temporary name, so an interrupted run never leaves a result that a resume would skip."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    """Written whole (a temporary name on local disk, one upload on a bucket), so an interrupted run never
+    leaves a result that a resume would skip."""
+    storage.write_text(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False))
 
 
 def read_results(out_dir: str) -> list[dict]:
-    rows = []
-    for path in sorted(globlib.glob(os.path.join(out_dir, "*.json"))):
-        with open(path, encoding="utf-8") as f:
-            rows.append(json.load(f))
+    rows = [storage.load_json(path) for path in storage.glob(out_dir, "*.json")]
     rows.sort(key=lambda r: (r.get("step") is None, r.get("step") or 0, r.get("name", "")))
     return rows
 
@@ -74,34 +72,49 @@ def write_summary(out_dir: str) -> str:
     rows = read_results(out_dir)
     flats = [flatten({k: v for k, v in r.items() if k not in ("name", "step")}) for r in rows]
     columns = sorted({k for f in flats for k in f})
-    path = os.path.join(out_dir, "summary.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["name", "step", *columns])
-        for r, flat in zip(rows, flats):
-            writer.writerow(
-                [
-                    r["name"],
-                    "" if r.get("step") is None else r["step"],
-                    *("" if math.isnan(flat.get(c, math.nan)) else f"{flat[c]:.6g}" for c in columns),
-                ]
-            )
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["name", "step", *columns])
+    for r, flat in zip(rows, flats):
+        writer.writerow(
+            [
+                r["name"],
+                "" if r.get("step") is None else r["step"],
+                *("" if math.isnan(flat.get(c, math.nan)) else f"{flat[c]:.6g}" for c in columns),
+            ]
+        )
+    path = storage.join(out_dir, "summary.csv")
+    storage.write_text(path, text.getvalue())
+    return path
+
+
+def save_figure(fig: Figure, path: str, *, dpi: int) -> str:
+    """Writes `fig` as the PNG `path` (local or gs://), whole."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    storage.write_bytes(path, buffer.getvalue())
     return path
 
 
 def write_tensorboard(out_dir: str, name: str, step: int | None, results: dict) -> None:
-    writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-    for key, value in flatten(results).items():
-        if math.isfinite(value):
-            writer.add_scalar(f"eval/{key}", value, global_step=step if step is not None else 0)
-    writer.close()
+    """E/tensorboard/: one events file of this result's finite scalars. For a bucket the file is written
+    locally and uploaded whole (tensorboardX's own GCS writer re-uploads when garbage-collected, long after
+    close, and waits minutes on a bucket it can no longer reach)."""
+    folder = storage.join(out_dir, "tensorboard")
+    with tempfile.TemporaryDirectory(prefix="echoclip_jax-tensorboard-") as local:
+        writer = SummaryWriter(local if storage.is_remote(out_dir) else folder)
+        for key, value in flatten(results).items():
+            if math.isfinite(value):
+                writer.add_scalar(f"eval/{key}", value, global_step=step if step is not None else 0)
+        writer.close()
+        if storage.is_remote(out_dir):
+            storage.copytree(local, folder)
 
 
 def plot_checkpoint(out_dir: str, name: str, curves: dict, *, level: str = "video") -> list[str]:
     """ROC curves (binary tasks, patient identification) and predicted vs true (regression tasks) of one
     level: `plots/<name>_roc.png`, `plots/<name>_<task>.png` (video), `plots/<name>_study_...` (study).
     Only curves with both classes are drawn; a ROC figure with none is not written."""
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     written = []
     stem = name if level == "video" else f"{name}_{level}"
     where = "" if level == "video" else f" ({level} level)"
@@ -119,9 +132,7 @@ def plot_checkpoint(out_dir: str, name: str, curves: dict, *, level: str = "vide
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC{where}, checkpoint {name}")
         ax.legend(fontsize=7, loc="lower right")
-        path = os.path.join(out_dir, "plots", f"{stem}_roc.png")
-        fig.savefig(path, dpi=100)
-        written.append(path)
+        written.append(save_figure(fig, storage.join(out_dir, "plots", f"{stem}_roc.png"), dpi=100))
     for task, c in curves["regression"].items():
         if not len(c["true"]):
             continue
@@ -136,9 +147,7 @@ def plot_checkpoint(out_dir: str, name: str, curves: dict, *, level: str = "vide
             ylabel=f"predicted {task}",
             title=f"{task}{where}: MAE {metrics.mae(c['true'], c['pred']):.2f}, checkpoint {name}",
         )
-        path = os.path.join(out_dir, "plots", f"{stem}_{task}.png")
-        fig.savefig(path, dpi=100)
-        written.append(path)
+        written.append(save_figure(fig, storage.join(out_dir, "plots", f"{stem}_{task}.png"), dpi=100))
     return written
 
 
@@ -170,10 +179,7 @@ def plot_metrics_vs_step(out_dir: str) -> str | None:
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
-    path = os.path.join(out_dir, "plots", "metrics_vs_step.png")
-    fig.savefig(path, dpi=80)
-    return path
+    return save_figure(fig, storage.join(out_dir, "plots", "metrics_vs_step.png"), dpi=80)
 
 
 def headline_figures(results: dict) -> dict[str, tuple[str, float]]:
@@ -231,7 +237,4 @@ def plot_levels(out_dir: str, name: str, results: dict) -> str | None:
         ax.axis("off")  # the grid's unused cells: no panel
     fig.suptitle(f"video vs study level, checkpoint {name}", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
-    path = os.path.join(out_dir, "plots", f"{name}_levels.png")
-    fig.savefig(path, dpi=80)
-    return path
+    return save_figure(fig, storage.join(out_dir, "plots", f"{name}_levels.png"), dpi=80)

@@ -15,10 +15,8 @@ batches). Only aggregate numbers are written: no video, patient or study identif
 from __future__ import annotations
 
 import dataclasses
-import glob as globlib
-import json
 import logging
-import os
+import time
 
 import numpy as np
 
@@ -34,6 +32,7 @@ from echoclip_jax.evaluation.outputs import (
     write_tensorboard,
 )
 from echoclip_jax.inference.embedder import Embedder, SplitEmbeddings, embed_split
+from echoclip_jax.runtime import storage
 from echoclip_jax.training import checkpoint as ckpt
 from echoclip_jax.weights import loader as weights
 
@@ -153,7 +152,7 @@ def list_sources(
             spec = weights.parse(checkpoint)
         except ValueError as e:
             raise ValueError(f"--checkpoint {e}") from None
-        name = os.path.splitext(os.path.basename(os.path.normpath(spec.path)))[0]
+        name = storage.path(spec.path).stem
         if spec.step is not None:
             name = f"{name}@{spec.step}"
         sources.append(Source(name=name, step=spec.step, spec=str(spec)))
@@ -168,11 +167,11 @@ def list_sources(
             available = [s for s in available if s in set(steps)]
         sources += [Source(name=str(s), step=s, spec=str(weights.Spec("orbax", workdir, s))) for s in available]
     for pattern in globs or ():
-        matched = sorted(globlib.glob(pattern))
+        matched = storage.match(pattern)
         if not matched:
             raise FileNotFoundError(f"--glob {pattern!r} matches nothing")
         for path in matched:
-            base = os.path.basename(os.path.normpath(path))
+            base = storage.path(path).name
             step = int(base) if base.isdigit() else None
             sources.append(Source(name=base, step=step, spec=f"orbax:{path}"))
     names = [s.name for s in sources]
@@ -185,10 +184,9 @@ def list_sources(
 def _missing_levels(path: str, levels: tuple[str, ...]) -> tuple[tuple[str, ...], dict]:
     """(levels of `levels` that the result at `path` lacks, that result or {}): video = "tasks" present,
     study = "study" present. A result from before levels existed is a complete video level."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return levels, {}
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
+    old = storage.load_json(path)
     have = {"video": "tasks" in old, "study": "study" in old}
     return tuple(lv for lv in levels if not have[lv]), old
 
@@ -212,10 +210,10 @@ def run(
     level keeps it and gains the other); returns the names evaluated."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     todo = []
     for s in sources:
-        path = os.path.join(out_dir, f"{s.name}.json")
+        path = storage.join(out_dir, f"{s.name}.json")
         missing, old = _missing_levels(path, LEVELS[level])
         if missing:
             todo.append((s, missing, old))
@@ -261,7 +259,49 @@ def run(
             plot_checkpoint(out_dir, source.name, curves["study"], level="study")
         plot_levels(out_dir, source.name, record)
         write_tensorboard(out_dir, source.name, source.step, results)
-        write_json(os.path.join(out_dir, f"{source.name}.json"), record)
+        write_json(storage.join(out_dir, f"{source.name}.json"), record)
     write_summary(out_dir)
     plot_metrics_vs_step(out_dir)
     return [s.name for s, _, _ in todo]
+
+
+def watch(
+    config,
+    workdir: str,
+    *,
+    final_step: int,
+    poll_s: float = 60.0,
+    idle_timeout_s: float = 6 * 3600.0,
+    **run_kwargs,
+) -> list[str]:
+    """Evaluates each checkpoint of a training `workdir` as it appears (the pod pattern: a small evaluation
+    job beside the training job, both on the bucket), until the checkpoint of `final_step` (or a later one)
+    is evaluated; returns the names evaluated. A step already evaluated (its result JSON in `out_dir`) is not
+    evaluated again, so a restarted watcher picks up where it stopped. A step the training job's keep policy
+    deleted before its turn is skipped with a warning. Raises TimeoutError when no new checkpoint has
+    appeared for `idle_timeout_s` (the training job died or was stopped early)."""
+    done, seen, idle_since = [], set(), time.monotonic()
+    while True:
+        steps = ckpt.all_steps(workdir)
+        new = [s for s in steps if s not in seen]
+        for step in new:
+            source = Source(name=str(step), step=step, spec=str(weights.Spec("orbax", workdir, step)))
+            try:
+                done += run(config, [source], **run_kwargs)
+            except (FileNotFoundError, ValueError):
+                if step in ckpt.all_steps(workdir):
+                    raise
+                log.warning("step %d of %s was deleted (keep policy) before it could be evaluated", step, workdir)
+            seen.add(step)
+        if steps and steps[-1] >= final_step:
+            log.info("evaluated the final step %d of %s", steps[-1], workdir)
+            return done
+        now = time.monotonic()
+        if new:
+            idle_since = now
+        elif now - idle_since > idle_timeout_s:
+            raise TimeoutError(
+                f"{workdir}: no new checkpoint for {idle_timeout_s:.0f} s and step {final_step} (the final one) not "
+                f"reached (last: {steps[-1] if steps else None}); is the training job still running?"
+            )
+        time.sleep(poll_s)

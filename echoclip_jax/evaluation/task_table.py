@@ -29,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from echoclip_jax.runtime import storage
+
 DEFAULT_TABLE = str(resources.files("echoclip_jax.config") / "zero_shot_tasks.json")  # package data
 MODES = ("binary", "categorical", "regression")
 NUMBER = r"(\d+\.?\d*)"  # the number syntax of EchoCLIP's template tokenizer
@@ -112,8 +114,7 @@ def load_tasks(path: str | None = None, names: Sequence[str] | None = None) -> l
     """Tasks of a table (default: the paper's), optionally only `names` (table names or aliases)."""
     path = path or DEFAULT_TABLE
     try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
+        table = json.loads(storage.read_text(path))  # a local path or a gs:// URL
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: zero-shot task table not found") from None
     except json.JSONDecodeError as e:

@@ -29,6 +29,7 @@ from echoclip_jax import models
 from echoclip_jax.data import loader as data
 from echoclip_jax.inference.sharded import ShardedModel
 from echoclip_jax.models import CLIP
+from echoclip_jax.runtime import storage
 
 CHUNK_BATCHES = 4  # frames gathered on the host before a device call, in batches
 POOL_GROUP = 64  # videos per call of the attention pool
@@ -187,7 +188,7 @@ def embed_split(
     with counts and rate on stderr, "auto" (on a terminal), "on" or "off"."""
 
     meta = {k: [] for k in ("video_id", "patient_id", "study_id", "study_day", "report", "ef")}
-    total = sum(len(records.ShardReader(p)) for p in records.list_shards(data_dir, split))
+    total = sum(len(r) for r in records.open_shards(records.list_shards(data_dir, split)))  # indexes at once
 
     def clips(bar):
         for video in data.iterate_videos(data_dir, split, frames=frames, image_size=image_size):
@@ -244,15 +245,16 @@ def embed_texts(model: CLIP, tokenizer, texts: list[str], batch_size: int = 256)
 
 
 def read_images(path: str):
-    """A .npy array, or the arrays of a .npz in archive order (one video each)."""
+    """A .npy array, or the arrays of a .npz in archive order (one video each); local or gs://."""
     try:
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as archive:
-                names = list(archive.files)
-                if not names:
-                    raise ValueError(f"{path}: the archive holds no arrays (one per video expected)")
-                return [_check(archive[n], path, f"array {n!r}") for n in names]
-        return np.load(path, allow_pickle=False)
+        with storage.local_copy(path) as local:
+            if path.endswith(".npz"):
+                with np.load(local, allow_pickle=False) as archive:
+                    names = list(archive.files)
+                    if not names:
+                        raise ValueError(f"{path}: the archive holds no arrays (one per video expected)")
+                    return [_check(archive[n], path, f"array {n!r}") for n in names]
+            return np.load(local, allow_pickle=False)
     except (OSError, ValueError) as e:
         if str(e).startswith(path):
             raise

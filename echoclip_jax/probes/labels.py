@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 
 import numpy as np
+
+from echoclip_jax.runtime import storage
 
 KEYS = ("video_id", "study_id")
 TASKS = ("classification", "regression")
@@ -20,17 +23,17 @@ MAX_CLASSES = 10
 
 
 def read_labels(path: str, key: str, labels: list[str]) -> dict[str, dict[str, str]]:
-    """{label: {key value: raw string}} from the CSV at `path` (empty strings kept: skipped later)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in (key, *labels) if c not in columns]
-        if missing:
-            raise ValueError(f"{path}: no column(s) {missing} (columns: {', '.join(columns)})")
-        table: dict[str, dict[str, str]] = {name: {} for name in labels}
-        for row in reader:
-            for name in labels:
-                table[name][row[key]] = (row[name] or "").strip()
+    """{label: {key value: raw string}} from the CSV at `path`, a local path or gs:// URL (empty strings
+    kept: skipped later)."""
+    reader = csv.DictReader(io.StringIO(storage.read_text(path), newline=""))
+    columns = reader.fieldnames or []
+    missing = [c for c in (key, *labels) if c not in columns]
+    if missing:
+        raise ValueError(f"{path}: no column(s) {missing} (columns: {', '.join(columns)})")
+    table: dict[str, dict[str, str]] = {name: {} for name in labels}
+    for row in reader:
+        for name in labels:
+            table[name][row[key]] = (row[name] or "").strip()
     return table
 
 

@@ -1,11 +1,11 @@
 """Scores of the probes (`echoclip_jax.probe`) and their baseline, all from scikit-learn's metrics, and their
 plots: classification (accuracy, balanced accuracy, macro one-vs-rest AUC, confusion matrix) and regression
 (MAE, R2). The baseline is scored by the same functions on the same items, so each figure has its
-reference beside it."""
+reference beside it. Plots are written under a local directory or a gs:// folder."""
 
 from __future__ import annotations
 
-import os
+import io
 import re
 import warnings
 
@@ -14,6 +14,8 @@ from matplotlib.figure import Figure
 from sklearn import metrics
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.metrics import ConfusionMatrixDisplay
+
+from echoclip_jax.runtime import storage
 
 
 def predict(estimator, x, task: str):
@@ -86,14 +88,14 @@ def _safe(name: str) -> str:
 
 
 def plot(out_dir: str, label: str, probe: str, task: str, y_true, prediction) -> str:
-    """plots/<label>_<probe>_confusion.png or plots/<label>_<probe>_pred_vs_true.png; returns the path."""
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    """Writes out_dir/plots/<label>_<probe>_confusion.png or .../<label>_<probe>_pred_vs_true.png (out_dir
+    local or gs://); returns its path relative to out_dir."""
     if task == "classification":
         labels = sorted(set(y_true) | set(prediction[0]))
         fig = Figure(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
         ax = fig.subplots()
         ConfusionMatrixDisplay.from_predictions(y_true, prediction[0], labels=labels, ax=ax, colorbar=False)
-        path = os.path.join(out_dir, "plots", f"{_safe(label)}_{probe}_confusion.png")
+        name = f"plots/{_safe(label)}_{probe}_confusion.png"
     else:
         fig = Figure(figsize=(4, 4))
         ax = fig.subplots()
@@ -102,8 +104,10 @@ def plot(out_dir: str, label: str, probe: str, task: str, y_true, prediction) ->
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         ax.set_xlabel(f"true {label}")
         ax.set_ylabel(f"predicted {label}")
-        path = os.path.join(out_dir, "plots", f"{_safe(label)}_{probe}_pred_vs_true.png")
+        name = f"plots/{_safe(label)}_{probe}_pred_vs_true.png"
     ax.set_title(f"{label}: {probe} probe", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
+    storage.write_bytes(storage.join(out_dir, name), png.getvalue())
+    return name

@@ -8,15 +8,15 @@ way on the same items a baseline: the training split's majority class or mean
 (`echoclip_jax.probes.metrics`).
 
 Writes OUT/probe.json (per label and probe: metrics, baseline, n_train, n_eval, skipped counts, chosen
-hyperparameters) and OUT/plots/ (confusion matrices, predicted vs true). Only aggregate numbers are written
-or logged: no video, patient or study identifier leaves this module.
+hyperparameters) and OUT/plots/ (confusion matrices, predicted vs true); OUT and the labels CSV are local
+paths or gs:// URLs. Only aggregate numbers are written or logged: no video, patient or study identifier
+leaves this module.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from echoclip_jax.probes import attentive as probe_attentive
 from echoclip_jax.probes.labels import KEYS, TASKS, Items, detect_task, items_for, join_labels, read_labels, targets_of
 from echoclip_jax.probes.linear import fit_linear
 from echoclip_jax.probes.metrics import baseline, plot, predict, score
+from echoclip_jax.runtime import storage
 from echoclip_jax.weights import loader as weights
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def probe_label(
             raise ValueError(f"probe {probe!r}: expected one of {', '.join(PROBES)}")
         result = {"metrics": score(task, y_ev, prediction, classes), "hyperparameters": hp}
         if out_dir:
-            result["plot"] = os.path.relpath(plot(out_dir, label, probe, task, y_ev, prediction), out_dir)
+            result["plot"] = plot(out_dir, label, probe, task, y_ev, prediction)
         out["probes"][probe] = result
     return out
 
@@ -118,7 +119,7 @@ def probe_splits(
             f"scored on patients it was trained on would overstate what the embeddings carry"
         )
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
+        storage.makedirs(out_dir)
     record = {
         **(meta or {}),
         "key": key,
@@ -141,7 +142,7 @@ def probe_splits(
         record["labels"][label] = res
         _log_label(label, res)
     if out_dir:
-        write_json(os.path.join(out_dir, "probe.json"), record)
+        write_json(storage.join(out_dir, "probe.json"), record)
     return record
 
 
@@ -156,10 +157,8 @@ def _jsonable(obj):
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Writes via a temporary name (an interrupted run leaves no half file); NaN becomes null."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
-    os.replace(path + ".tmp", path)
+    """Writes `path` (local or gs://) whole: an interrupted run leaves no half file; NaN becomes null."""
+    storage.write_text(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False))
 
 
 def _log_label(label: str, res: dict) -> None:

@@ -1,5 +1,6 @@
-"""The on-disk search index of an archive: salted ids, embeddings and a faiss index per level.
+"""The stored search index of an archive: salted ids, embeddings and a faiss index per level.
 
+INDEX is a local directory or a gs:// folder (every file goes through `echoclip_jax.runtime.storage`).
 Layout of an INDEX directory (nothing else is written; no report text unless a report bank is asked for):
   index.json     format, the model that made the embeddings (checkpoint spec, model and tokenizer config,
                  image size, frames, a fingerprint of its outputs), per-level faiss settings, the exports
@@ -15,13 +16,19 @@ Layout of an INDEX directory (nothing else is written; no report text unless a r
 
 A study's embedding is the mean of its videos' L2-normalised embeddings, re-normalised; when a later export
 brings more videos of a study already present, its mean is recomputed from the stored video embeddings and
-the study is removed from and re-added to its faiss index. An update writes a complete new directory beside
-INDEX and swaps it in, so an interrupted `add` leaves the old index whole.
+the study is removed from and re-added to its faiss index.
+
+An update writes a complete new directory beside INDEX (INDEX.new, index.json last) and swaps it in, so an
+interrupted `add` leaves the old index whole. On local disk the swap is two renames. A bucket has no rename
+(a copy and a delete, object by object), so there the files of INDEX.new are copied over INDEX's, index.json
+last, and INDEX.new deleted after: an `add` stopped during that copy leaves INDEX mixed but INDEX.new whole,
+and `open` sees INDEX.new's index.json differ from INDEX's and says how to finish the swap.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -29,6 +36,7 @@ import shutil
 import numpy as np
 
 from echoclip_jax.retrieval.vectors import APPROXIMATE_ABOVE, RETRAIN_GROWTH, VectorIndex, choose_kind
+from echoclip_jax.runtime import storage
 
 FORMAT = 1
 META = "index.json"
@@ -46,21 +54,31 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 
 def _read_csv(path: str, columns) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != tuple(columns):
-            raise ValueError(
-                f"{path}: columns {reader.fieldnames}, expected {list(columns)}; the index is damaged "
-                f"or from another version: rebuild it with `python -m echoclip_jax.search build`"
-            )
-        return list(reader)
+    reader = csv.DictReader(io.StringIO(storage.read_text(path), newline=""))
+    if tuple(reader.fieldnames or ()) != tuple(columns):
+        raise ValueError(
+            f"{path}: columns {reader.fieldnames}, expected {list(columns)}; the index is damaged "
+            f"or from another version: rebuild it with `python -m echoclip_jax.search build`"
+        )
+    return list(reader)
 
 
 def _write_csv(path: str, columns, rows) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(path, text.getvalue())
+
+
+def _load_npy(path: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+
+
+def _save_npy(path: str, array) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, np.float32))
+    storage.write_bytes(path, buf.getvalue())
 
 
 class Archive:
@@ -77,7 +95,9 @@ class Archive:
         reports: dict | None = None,
         report_vectors: np.ndarray | None = None,
     ):
-        self.path, self.meta, self.rows, self.vectors, self.indexes = path, meta, rows, vectors, indexes
+        # a local path made absolute, a gs:// URL as given (no trailing "/": INDEX.new must sit beside INDEX)
+        self.path = os.fspath(storage.path(path))
+        self.meta, self.rows, self.vectors, self.indexes = meta, rows, vectors, indexes
         self.reports = reports  # {study key: report text}, or None without a report bank
         self.report_vectors = report_vectors  # [len(reports), D], in the order of self.reports
         self._refresh_lookups()
@@ -127,19 +147,22 @@ class Archive:
 
     @classmethod
     def open(cls, path: str) -> "Archive":
-        meta_path = os.path.join(path, META)
-        if not os.path.isfile(meta_path):
+        path = os.fspath(storage.path(path))
+        meta_path = storage.join(path, META)
+        if not storage.exists(meta_path):
             hint = (
                 f"; {path}.old exists: an update was interrupted, rename it back to {path}"
-                if os.path.isdir(path + ".old")
+                if storage.isdir(path + ".old")
                 else ""
             )
             raise FileNotFoundError(
                 f"{meta_path}: no search index here (build one with `python -m "
                 f"echoclip_jax.search build ... --out {path}`){hint}"
             )
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        text = storage.read_text(meta_path)
+        if storage.is_remote(path):
+            _check_swap(path, text)
+        meta = json.loads(text)
         if meta.get("format") != FORMAT:
             raise ValueError(
                 f"{meta_path}: field 'format' is {meta.get('format')!r}, this version reads {FORMAT}; "
@@ -147,12 +170,12 @@ class Archive:
             )
         rows, vectors, indexes = {}, {}, {}
         for level in LEVELS:
-            base = os.path.join(path, FILES[level])
+            base = storage.join(path, FILES[level])
             rows[level] = [
                 {**r, "key": int(r["key"]), **({"videos": int(r["videos"])} if "videos" in r else {})}
                 for r in _read_csv(base + ".csv", COLUMNS[level])
             ]
-            vectors[level] = np.load(base + ".npy", allow_pickle=False)
+            vectors[level] = _load_npy(base + ".npy")
             if len(vectors[level]) != len(rows[level]):
                 raise ValueError(
                     f"{base}.npy: {len(vectors[level])} embeddings for {len(rows[level])} rows of "
@@ -161,14 +184,14 @@ class Archive:
             lv = meta["levels"].get(level)
             indexes[level] = (
                 VectorIndex.load(base + ".faiss", lv["kind"], lv.get("trained_on", 0))
-                if lv and os.path.isfile(base + ".faiss")
+                if lv and storage.exists(base + ".faiss")
                 else None
             )
         reports = report_vectors = None
         if meta.get("report_bank"):
-            table = _read_csv(os.path.join(path, "reports.csv"), ("key", "report"))
+            table = _read_csv(storage.join(path, "reports.csv"), ("key", "report"))
             reports = {int(r["key"]): r["report"] for r in table}
-            report_vectors = np.load(os.path.join(path, "reports.npy"), allow_pickle=False)
+            report_vectors = _load_npy(storage.join(path, "reports.npy"))
         return cls(path, meta, rows, vectors, indexes, reports, report_vectors)
 
     # ------------------------------------------------------------------------------------- updates
@@ -269,38 +292,36 @@ class Archive:
         self.meta["levels"][level] = self.indexes[level].describe()
 
     def record_export(self, data_dir: str, splits: list[str], counts: dict) -> None:
-        self.meta["exports"].append({"data_dir": os.path.abspath(data_dir), "splits": list(splits), **counts})
+        self.meta["exports"].append({"data_dir": os.fspath(storage.path(data_dir)), "splits": list(splits), **counts})
 
     def save(self) -> None:
-        """Writes the whole directory beside `path` and swaps it in."""
-        tmp, old = self.path + ".new", self.path + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        """Writes the whole directory beside `path` (INDEX.new, index.json last) and swaps it in (see the
+        module doc for what a bucket changes)."""
+        tmp = self.path + ".new"
+        storage.rmtree(tmp)
         for level in LEVELS:
-            base = os.path.join(tmp, FILES[level])
+            base = storage.join(tmp, FILES[level])
             _write_csv(base + ".csv", COLUMNS[level], self.rows[level])
-            np.save(base + ".npy", np.asarray(self.vectors[level], np.float32))
+            _save_npy(base + ".npy", self.vectors[level])
             if self.indexes[level] is not None:
                 self.indexes[level].save(base + ".faiss")
         if self.reports is not None:
             _write_csv(
-                os.path.join(tmp, "reports.csv"),
+                storage.join(tmp, "reports.csv"),
                 ("key", "report"),
                 [{"key": k, "report": v} for k, v in self.reports.items()],
             )
-            np.save(os.path.join(tmp, "reports.npy"), np.asarray(self.report_vectors, np.float32))
+            _save_npy(storage.join(tmp, "reports.npy"), self.report_vectors)
         self.meta["counts"] = {
             "videos": len(self.rows["video"]),
             "studies": len(self.rows["study"]),
             **({"reports": len(self.reports)} if self.reports is not None else {}),
         }
-        with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
-            json.dump(self.meta, f, indent=1)
-        if os.path.exists(self.path):
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(self.path, old)
-        os.rename(tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        storage.write_text(storage.join(tmp, META), json.dumps(self.meta, indent=1))
+        if storage.is_remote(self.path):
+            _swap_remote(tmp, self.path)
+        else:
+            _swap_local(tmp, self.path)
 
     # ------------------------------------------------------------------------------------- queries
 
@@ -323,3 +344,37 @@ class Archive:
 
     def keys_of_patient(self, level: str, patient_id: str) -> set:
         return {int(r["key"]) for r in self.rows[level] if r["patient_id"] == patient_id}
+
+
+def _swap_local(new: str, path: str) -> None:
+    """INDEX.new becomes INDEX by two renames (INDEX -> INDEX.old, INDEX.new -> INDEX): local disk only."""
+    old = path + ".old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_remote(new: str, path: str) -> None:
+    """INDEX.new's files copied over INDEX's, index.json last, then INDEX's files the new index lacks and
+    INDEX.new deleted: until index.json is copied, INDEX.new is whole and `open` points at it."""
+    names = storage.listdir(new)
+    for name in sorted(names, key=lambda n: n == META):
+        storage.copy(storage.join(new, name), storage.join(path, name))
+    for name in set(storage.listdir(path)) - set(names):
+        storage.remove(storage.join(path, name))
+    storage.rmtree(new)
+
+
+def _check_swap(path: str, meta_text: str) -> None:
+    """A bucket index whose swap (`_swap_remote`) was stopped midway: INDEX.new holds a complete index whose
+    index.json is not yet INDEX's."""
+    new_meta = storage.join(path + ".new", META)
+    if storage.exists(new_meta) and storage.read_text(new_meta) != meta_text:
+        raise ValueError(
+            f"{path}: an update of this index is being swapped in or was stopped midway, and {path}.new holds "
+            f"the complete new index; if no `search add` is running, finish it with `gcloud storage rsync "
+            f"--recursive --delete-unmatched-destination-objects {path}.new {path}` and then `gcloud storage "
+            f"rm --recursive {path}.new`"
+        )

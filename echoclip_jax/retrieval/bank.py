@@ -3,14 +3,14 @@
 Three sources, one `Bank`: a search index built with `--reports` (its studies' de-identified report text and
 text embeddings, and their study embeddings), a records directory (one report per study of the chosen
 splits, embedded now), or a user's own CSV of reports (text only; scrubbed by data_prep's report
-de-identification patterns and normalised as the records are). Retrieval is exact (faiss brute force): a
-bank is at most one report per study.
+de-identification patterns and normalised as the records are). Each is a local path or a gs:// URL.
+Retrieval is exact (faiss brute force): a bank is at most one report per study.
 """
 
 from __future__ import annotations
 
 import csv
-import os
+import io
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from echoclip_jax.retrieval import embedding as emb
 from echoclip_jax.retrieval.archive import Archive
 from echoclip_jax.retrieval.embedding import same_model
 from echoclip_jax.retrieval.vectors import exact_search
+from echoclip_jax.runtime import storage
 
 
 class Bank:
@@ -46,14 +47,21 @@ class Bank:
         return np.asarray([r for r, _ in keep], np.int64), np.asarray([s for _, s in keep], np.float32)
 
 
+RECORDS_AT_ONCE = 64
+
+
 def _record_studies(data_dir: str, split: str) -> list[dict]:
     """One {study_id, patient_id, report} per study of a split of records (no frames decoded)."""
 
     studies = {}
-    for path in records.list_shards(data_dir, split):
-        reader = records.ShardReader(path)
-        for i in range(len(reader)):
-            ex = records.decode_example(reader[i])
+    wanted = [
+        (reader, i) for reader in records.open_shards(records.list_shards(data_dir, split)) for i in range(len(reader))
+    ]
+    for start in range(0, len(wanted), RECORDS_AT_ONCE):  # on a bucket, each chunk's GETs in flight together
+        for raw in records.read_records(wanted[start : start + RECORDS_AT_ONCE]):
+            if isinstance(raw, records.CorruptRecordError):
+                raise raw
+            ex = records.decode_example(raw)
             text = lambda key: ex[key][0].decode("utf-8") if ex.get(key) else ""
             studies.setdefault(
                 text("study_id"),
@@ -92,7 +100,7 @@ def bank_from_index(path: str, splits, match: str, fingerprint=None) -> Bank:
     """The report bank of a search index (`search build --reports`), its studies of `splits` only."""
 
     index = Archive.open(path)
-    where = os.path.join(path, "index.json")
+    where = storage.join(path, "index.json")
     if index.reports is None:
         raise ValueError(
             f"{where}: field report_bank is false: this index has no report bank; rebuild it with "
@@ -125,14 +133,13 @@ def bank_from_csv(path: str, embedder, match: str) -> Bank:
 
     if match != "text":
         raise ValueError(f"{path}: a CSV bank holds only text: use --match text (image needs an index or records)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if "report" not in (reader.fieldnames or ()):
-            raise ValueError(
-                f"{path}: no 'report' column (columns: {reader.fieldnames}); a report bank CSV has a "
-                f"'report' column and optionally an 'id' column"
-            )
-        rows = [r for r in reader if (r.get("report") or "").strip()]
+    reader = csv.DictReader(io.StringIO(storage.read_text(path), newline=""))
+    if "report" not in (reader.fieldnames or ()):
+        raise ValueError(
+            f"{path}: no 'report' column (columns: {reader.fieldnames}); a report bank CSV has a "
+            f"'report' column and optionally an 'id' column"
+        )
+    rows = [r for r in reader if (r.get("report") or "").strip()]
     scrub = Deidentifier()
     texts = [clean_text(scrub(r["report"])[0]) for r in rows]
     ids = [r.get("id") or f"row{i + 1}" for i, r in enumerate(rows)]
@@ -140,10 +147,11 @@ def bank_from_csv(path: str, embedder, match: str) -> Bank:
 
 
 def load_bank(spec: str, embedder, *, match: str, splits=("train",), frames=None, image_size=None) -> Bank:
-    if os.path.isfile(os.path.join(spec, "index.json")):
+    """The bank at `spec` (local path or gs:// URL): a search index, a CSV of reports or a records directory."""
+    if storage.exists(storage.join(spec, "index.json")):
         return bank_from_index(spec, splits, match, getattr(embedder, "fingerprint", None))
-    if os.path.isfile(spec) and spec.lower().endswith(".csv"):
+    if spec.lower().endswith(".csv") and storage.exists(spec) and not storage.isdir(spec):
         return bank_from_csv(spec, embedder, match)
-    if os.path.isdir(spec):
+    if storage.isdir(spec):
         return bank_from_records(spec, splits, embedder, match, frames=frames, image_size=image_size)
     raise FileNotFoundError(f"--bank {spec}: not a search index (no index.json), a records directory or a .csv file")

@@ -4,13 +4,14 @@ through `echoclip_jax.inference.embedder.Embedder`, and study embeddings.
 A video's embedding is the model's temporal pool of its frames (EchoCLIP: the mean of the L2-normalised
 frame embeddings); a study's is the mean of its videos' L2-normalised embeddings, re-normalised. Records
 are read with the project's record reader and only videos not already indexed are decoded; a DICOM file is
-read with data_prep's own decode and sector masking, as its records were made (`read_video`).
+read with data_prep's own decode and sector masking, as its records were made (`read_video`). A query video
+or study directory may be a local path or a gs:// URL (a bucket's file is read from a temporary local copy:
+the DICOM and video readers read only local files).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 
@@ -23,6 +24,7 @@ from echoclip_jax.data import loader as data
 from echoclip_jax.inference.embedder import Embedder
 from echoclip_jax.interpret import load_video
 from echoclip_jax.retrieval.archive import normalize
+from echoclip_jax.runtime import storage
 from echoclip_jax.weights import loader as weights
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,7 @@ def same_model(a: list, b: list) -> bool:
 def max_frames_of(data_dir: str) -> int | None:
     """The frames per video data_prep kept (dataset_info.json's max_frames), to read a DICOM query alike."""
     try:
-        with open(os.path.join(data_dir, "dataset_info.json"), encoding="utf-8") as f:
-            return int(json.load(f).get("max_frames") or 0) or None
+        return int(storage.load_json(storage.join(data_dir, "dataset_info.json")).get("max_frames") or 0) or None
     except (OSError, ValueError):
         return None
 
@@ -151,25 +152,24 @@ def study_means(study_ids: list, video_vectors: np.ndarray) -> tuple[list, np.nd
 
 def dicom_name(path: str) -> str:
     """A file's name in outputs: a hash of its path (file names and headers may carry PHI)."""
-    return "dicom-" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+    return "dicom-" + hashlib.sha256(os.fspath(storage.path(path)).encode()).hexdigest()[:12]
 
 
 VIDEO_EXTENSIONS = (".dcm", ".avi", ".npy")
 
 
 def video_files(path: str) -> list[str]:
-    """A video file, or the video files (.dcm, .avi, .npy) under a study directory, sorted, for a query."""
-    if os.path.isdir(path):
-        found = sorted(
-            os.path.join(d, n) for d, _, names in os.walk(path) for n in names if n.lower().endswith(VIDEO_EXTENSIONS)
-        )
+    """A video file, or the video files (.dcm, .avi, .npy) under a study directory, sorted, for a query
+    (local paths or gs:// URLs)."""
+    if storage.isdir(path):
+        found = [storage.join(path, r) for r in storage.files_under(path) if r.lower().endswith(VIDEO_EXTENSIONS)]
         if not found:
             raise FileNotFoundError(
                 f"{path}: no .dcm, .avi or .npy files under this directory (a study directory "
                 f"of videos, or one video file, is expected)"
             )
         return found
-    if not os.path.isfile(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no such video file or study directory")
     return [path]
 
@@ -194,5 +194,12 @@ def read_video(path: str, *, image_size: int, frames: int | None) -> np.ndarray:
 
 
 def embed_files(embedder, paths: list[str], *, image_size: int, frames: int | None) -> np.ndarray:
-    """Video embeddings [N, D] of DICOM, AVI or .npy files, read as `read_video` does."""
-    return embedder.videos([read_video(p, image_size=image_size, frames=frames) for p in paths]).videos
+    """Video embeddings [N, D] of DICOM, AVI or .npy files (local or gs://), read as `read_video` does."""
+    videos = []
+    for p in paths:
+        with storage.local_copy(p) as local:
+            try:
+                videos.append(read_video(local, image_size=image_size, frames=frames))
+            except ValueError as e:  # name the user's file, not a bucket file's temporary copy
+                raise ValueError(str(e).replace(local, os.fspath(p))) from None
+    return embedder.videos(videos).videos

@@ -1,18 +1,19 @@
 """What the search commands do, as functions: build an index, add an export to it, query it.
 
 The command line (`python -m echoclip_jax.search`) is a thin layer over these; tests and other modules
-(echoclip_jax.report) call them directly.
+(echoclip_jax.report) call them directly. An INDEX, like every path here, is a local path or a gs:// URL
+(`echoclip_jax.runtime.storage`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 from data_prep import records
 from echoclip_jax.retrieval import archive as archive_lib
 from echoclip_jax.retrieval import embedding as emb
 from echoclip_jax.retrieval.vectors import APPROXIMATE_ABOVE
+from echoclip_jax.runtime import storage
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def build(
     batch_size: int = 128,
 ) -> archive_lib.Archive:
     """A new index at `out` of every video (and study) of `splits` of `data_dir`."""
-    if os.path.exists(os.path.join(out, archive_lib.META)):
+    if storage.exists(storage.join(out, archive_lib.META)):
         raise FileExistsError(
             f"{out}: already holds a search index; add exports with `python -m "
             f"echoclip_jax.search add {out} --data_dir NEW`, or choose another --out"
@@ -139,7 +140,7 @@ def add(path: str, *, data_dir: str, splits=None, checkpoint=None, config=None, 
     embedder = embedder_for(
         model_of(index, checkpoint, config),
         index.meta["model"].get("fingerprint"),
-        os.path.join(path, archive_lib.META),
+        storage.join(path, archive_lib.META),
         batch_size,
     )
     counts = add_export(index, embedder, data_dir, splits_of(data_dir, splits))
@@ -167,7 +168,7 @@ def query(
     if study_of is not None:
         if study_of not in index.video_key:
             raise ValueError(
-                f"{os.path.join(index.path, 'videos.csv')}: --study_of {study_of!r}: no video with this "
+                f"{storage.join(index.path, 'videos.csv')}: --study_of {study_of!r}: no video with this "
                 f"video_id (ids are the records' salted video ids, as query results print them)"
             )
         row = index.rows["video"][index.video_key[study_of]]
@@ -179,7 +180,7 @@ def query(
         described = {"study_of": study_of, "study_id": row["study_id"]}
     else:
         model = index.meta["model"]
-        embedder = embedder or embedder_for(model, model.get("fingerprint"), os.path.join(index.path, archive_lib.META))
+        embedder = embedder or embedder_for(model, model.get("fingerprint"), storage.join(index.path, archive_lib.META))
         if text is not None:
             vector = embedder.texts([text])[0]
             described = {"text": text}

@@ -10,7 +10,7 @@ carries its support (how many of k agree), how many of k state it, and the agree
 similarity. `report_files` reports one study (a video file or a study directory) into OUT/report.json and
 OUT/report.txt; `report_records` every study (and/or video) of a split of records into
 OUT/study_reports.jsonl, OUT/video_reports.jsonl, OUT/reports.txt and OUT/summary.json (salted ids), leaving
-out the reports of the query's own patient.
+out the reports of the query's own patient. OUT is a local directory or a gs:// folder.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import os
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
@@ -26,6 +25,7 @@ from sklearn.metrics import balanced_accuracy_score
 from echoclip_jax.evaluation import task_table
 from echoclip_jax.retrieval import embedding as emb
 from echoclip_jax.retrieval.bank import Bank
+from echoclip_jax.runtime import storage
 
 DISCLAIMER = (
     "PRELIMINARY REPORT BY RETRIEVAL, NOT A DIAGNOSIS: the findings are votes over the reports of the "
@@ -226,9 +226,7 @@ def agreement(predicted: list[dict], truth: list[dict]) -> dict:
 
 
 def _write_jsonl(path: str, rows) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    storage.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def report_records(
@@ -264,7 +262,6 @@ def report_records(
     for bid, p in zip(bank.ids, bank.patients or ()):
         by_patient[p].add(bid)
     rng = np.random.default_rng(seed)
-    os.makedirs(out, exist_ok=True)
     summary = {
         "disclaimer": DISCLAIMER,
         "bank": bank.source,
@@ -283,13 +280,14 @@ def report_records(
             if baseline:
                 row["random_findings"] = random_findings(bank, k, rng)
             rows.append(row)
-        _write_jsonl(os.path.join(out, f"{level}_reports.jsonl"), rows)
+        _write_jsonl(storage.join(out, f"{level}_reports.jsonl"), rows)
         summary["levels"][level] = len(rows)
         if level == "study":
-            with open(os.path.join(out, "reports.txt"), "w", encoding="utf-8") as f:
-                f.write("\n".join(render(r, f"Study {r['study_id']} ({r['videos']} videos)") for r in rows))
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+            storage.write_text(
+                storage.join(out, "reports.txt"),
+                "\n".join(render(r, f"Study {r['study_id']} ({r['videos']} videos)") for r in rows),
+            )
+    storage.dump_json(storage.join(out, "summary.json"), summary, indent=1)
     return summary
 
 
@@ -302,19 +300,15 @@ def report_files(embedder, bank: Bank, path: str, *, out: str, k: int, image_siz
     )
     picked, sims = bank.retrieve(study[0], k)
     report = {"query": emb.dicom_name(path), "files": len(files), "bank": bank.source, **compose(bank, picked, sims)}
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    storage.dump_json(storage.join(out, "report.json"), report, indent=1)
     text = render(report, f"Study {report['query']} ({len(files)} video file(s))")
-    with open(os.path.join(out, "report.txt"), "w", encoding="utf-8") as f:
-        f.write(text)
+    storage.write_text(storage.join(out, "report.txt"), text)
     return report
 
 
 def query_frames(bank_spec: str, max_frames_of) -> int | None:
     """Frames to read of a --video query: as many as the bank's records kept (an index stores it)."""
-    meta = os.path.join(bank_spec, "index.json")
-    if os.path.isfile(meta):
-        with open(meta, encoding="utf-8") as f:
-            return json.load(f)["model"].get("query_frames")
-    return max_frames_of(bank_spec) if os.path.isdir(bank_spec) else None
+    meta = storage.join(bank_spec, "index.json")
+    if storage.exists(meta):
+        return storage.load_json(meta)["model"].get("query_frames")
+    return max_frames_of(bank_spec) if storage.isdir(bank_spec) else None

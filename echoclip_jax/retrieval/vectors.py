@@ -9,6 +9,12 @@ Vectors are L2-normalised, so inner product is cosine similarity. Two kinds:
   of what it finds are exact), and supports adding and removing keys after training: a month's export is
   added to the trained cells, and a study whose mean changes is removed and re-added.
 "auto" picks exact up to `approximate_above` vectors (a million) and IVF above it.
+
+An index file is a local path or a gs:// URL. faiss reads and writes only local files; the file goes through
+`storage.local_output` / `local_copy` rather than `faiss.serialize_index` bytes because on local disk (the
+common case) faiss then writes and reads the file itself, without a second in-memory copy of an index that
+is as large as its vectors (2 GB for a million of width 512); on a bucket, a temporary local file is
+uploaded whole or downloaded first.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import math
 
 import faiss
 import numpy as np
+
+from echoclip_jax.runtime import storage
 
 KINDS = ("auto", "exact", "ivf")
 # auto: exact search up to a million vectors. There, on 2 cores, a flat query takes ~0.14 s alone and ~25-50 ms
@@ -167,13 +175,16 @@ class VectorIndex:
         return out
 
     def save(self, path: str) -> None:
-        _faiss().write_index(self.index, path)
+        """Writes the index to `path` (local or gs://), whole or not at all."""
+        with storage.local_output(path) as local:
+            _faiss().write_index(self.index, local)
 
     @classmethod
     def load(cls, path: str, kind: str, trained_on: int = 0) -> "VectorIndex":
         faiss = _faiss()
         try:
-            index = faiss.read_index(path)
+            with storage.local_copy(path) as local:
+                index = faiss.read_index(local)
         except RuntimeError as e:
             raise ValueError(
                 f"{path}: not a readable faiss index ({str(e).splitlines()[0]}); rebuild it with "

@@ -5,27 +5,31 @@ the K frames), `<method>_NNN.png` (frame NNN with the map blended in, scaled by 
 video, so frames are comparable), and per video `OUT/<video>/summary.json` (prompts, per-frame
 similarities, map statistics, files, cam_stage); `OUT/index.json` lists the videos. Every map is zero
 outside the scan sector. Videos of any lengths are mapped together in groups of fixed-size batches, so
-nothing recompiles or idles.
+nothing recompiles or idles. OUT is a local folder or a gs:// URL: every file is encoded in memory and
+written whole (`echoclip_jax.runtime.storage`), a video's files several at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
-import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
 from echoclip_jax.data.videos import Video, sector_from_frames
+from echoclip_jax.runtime import storage
 from echoclip_jax.saliency.maps import METHODS, SaliencyMapper  # the maps (re-exported)
 
 log = logging.getLogger(__name__)
 
 GROUP_BATCHES = 4  # run(): videos are mapped together in groups of about this many frame batches
+WRITERS = 16  # files of one video written at once (on a bucket each is an upload)
 
 
 def prompt_slug(index: int, prompt: str) -> str:
@@ -44,9 +48,30 @@ def overlay(frame: np.ndarray, heat: np.ndarray, *, alpha: float = 0.6) -> np.nd
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    storage.write_text(path, json.dumps(obj, indent=1))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_files(files: dict[str, bytes]) -> None:
+    """Writes {path: contents}, each whole, several at once (a bucket's uploads overlap)."""
+    if len(files) <= 1:
+        for path, data in files.items():
+            storage.write_bytes(path, data)
+        return
+    with ThreadPoolExecutor(min(WRITERS, len(files))) as pool:
+        for _ in pool.map(lambda item: storage.write_bytes(*item), files.items()):
+            pass  # re-raises the first failed write
 
 
 def interpret_video(
@@ -55,20 +80,20 @@ def interpret_video(
     """Maps of every method for every prompt of one video, written under out_dir/<video.name>/
     (`computed`: {method: (maps, scores)} already computed for this video, e.g. with others at once)."""
 
-    video_dir = os.path.join(out_dir, video.name)
+    video_dir = storage.join(out_dir, video.name)
     sector = video.sector if video.sector is not None else sector_from_frames(video.frames)
     entries = [{"prompt": p, "dir": prompt_slug(i, p), "maps": {}} for i, p in enumerate(prompts)]
+    files: dict[str, bytes] = {}
     for method in methods:
         maps, scores = computed[method] if computed else mapper.maps(method, video.frames, text)
         maps = maps * sector  # nothing outside the scan sector is evidence
         for entry, prompt_maps, prompt_scores in zip(entries, maps, scores):
-            prompt_dir = os.path.join(video_dir, entry["dir"])
-            os.makedirs(prompt_dir, exist_ok=True)
-            np.save(os.path.join(prompt_dir, f"{method}.npy"), prompt_maps.astype(np.float32))
+            prompt_dir = storage.join(video_dir, entry["dir"])
+            files[storage.join(prompt_dir, f"{method}.npy")] = npy_bytes(prompt_maps.astype(np.float32))
             top = float(prompt_maps.max())
             scaled = prompt_maps / top if top > 0 else np.zeros_like(prompt_maps)
             for k, (frame, heat) in enumerate(zip(video.frames, scaled)):
-                Image.fromarray(overlay(frame, heat)).save(os.path.join(prompt_dir, f"{method}_{k:03d}.png"))
+                files[storage.join(prompt_dir, f"{method}_{k:03d}.png")] = png_bytes(overlay(frame, heat))
             peak = np.unravel_index(int(prompt_maps.argmax()), prompt_maps.shape)
             entry["similarity"] = [round(float(s), 6) for s in prompt_scores]
             entry["mean_similarity"] = float(np.mean(prompt_scores))
@@ -96,8 +121,8 @@ def interpret_video(
         summary["smoothgrad"] = {"samples": mapper.smoothgrad_samples, "sigma": mapper.smoothgrad_sigma}
     if video.video_id:
         summary["video_id"] = video.video_id
-    os.makedirs(video_dir, exist_ok=True)
-    _write_json(os.path.join(video_dir, "summary.json"), summary)
+    write_files(files)
+    _write_json(storage.join(video_dir, "summary.json"), summary)  # last: a video with a summary is whole
     return summary
 
 
@@ -119,7 +144,7 @@ def run(mapper: SaliencyMapper, *, prompts: list[str], out_dir: str, videos, met
     if not prompts:
         raise ValueError("at least one prompt is needed")
     text = mapper.text_embeddings(prompts)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     index, used = [], set()
     for group in _groups(videos, mapper.batch_size * GROUP_BATCHES):
         computed = {m: mapper.maps_of_videos(m, [v.frames for v in group], text) for m in methods}
@@ -143,5 +168,5 @@ def run(mapper: SaliencyMapper, *, prompts: list[str], out_dir: str, videos, met
             log.info(
                 "%s: %d frames, %d prompt(s), %s", video.name, summary["num_frames"], len(prompts), "+".join(methods)
             )
-    _write_json(os.path.join(out_dir, "index.json"), {"prompts": prompts, "methods": list(methods), "videos": index})
+    _write_json(storage.join(out_dir, "index.json"), {"prompts": prompts, "methods": list(methods), "videos": index})
     return index

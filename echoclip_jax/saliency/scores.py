@@ -16,19 +16,21 @@ CENTRE_SIGMA x the square root of the sector's area).
 Outputs in OUT: `scores.json` (per method and target, and over all targets: pointing game, mass share,
 videos, frames, and both baselines on the same frames; no video or patient id) and `score_frames.png`
 (a few frames: each method's map over the frame, the mask's outline, the map's maximum). The synthetic
-cohort's device masks are one source of cases (`echoclip_jax.demo.device_masks`).
+cohort's device masks are one source of cases (`echoclip_jax.demo.device_masks`). OUT is a local folder
+or a gs:// URL (`echoclip_jax.runtime.storage`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 
 import numpy as np
 from matplotlib.figure import Figure
 from scipy import ndimage
 
+from echoclip_jax.runtime import storage
 from echoclip_jax.saliency.maps import DEFAULT_SCORE_METHODS
 
 TOLERANCE_PX = 3
@@ -185,10 +187,8 @@ def score_cases(
         result["methods"][label] = per
     ranked = [lab for lab, _, _ in specs if result["methods"][lab]["all"]["pointing_game"] is not None]
     result["best"] = max(ranked, key=lambda lab: result["methods"][lab]["all"]["pointing_game"]) if ranked else None
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "scores.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot_examples(examples, [lab for lab, _, _ in specs] + ["centre"], os.path.join(out_dir, "score_frames.png"))
+    storage.write_text(storage.join(out_dir, "scores.json"), json.dumps(result, indent=1))
+    plot_examples(examples, [lab for lab, _, _ in specs] + ["centre"], storage.join(out_dir, "score_frames.png"))
     return result
 
 
@@ -230,4 +230,6 @@ def plot_examples(examples, labels, path: str) -> None:
     if not examples:
         axes[0, 0].text(0.5, 0.5, "no device frames", ha="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    storage.write_bytes(path, buffer.getvalue())

@@ -15,6 +15,7 @@ import ftfy
 import numpy as np
 import regex
 
+from echoclip_jax.runtime import storage
 from echoclip_jax.tokenizers.base import as_text_list, check_context_length, pack_rows
 
 DEFAULT_MERGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
@@ -50,10 +51,10 @@ def _byte_order_symbols() -> list[str]:
 
 
 def read_merges(path: str) -> list[tuple[str, str]]:
-    """The first NUM_MERGES merge pairs of a gzipped CLIP merges file; errors name the file."""
+    """The first NUM_MERGES merge pairs of a gzipped CLIP merges file (local path or gs:// URL); errors name
+    the file."""
     try:
-        with gzip.open(path, "rb") as fh:
-            raw = fh.read()
+        raw = gzip.decompress(storage.read_bytes(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"CLIP BPE merges file not found: {path}") from None
     except (OSError, EOFError, zlib.error) as e:

@@ -8,17 +8,18 @@ import numpy as np
 import sentencepiece
 
 from data_prep.reports import clean_text
+from echoclip_jax.runtime import storage
 from echoclip_jax.tokenizers.base import as_text_list, check_context_length, pack_rows
 
 
 def load_model(path: str) -> sentencepiece.SentencePieceProcessor:
-    """A SentencePiece model file -> processor; a missing or malformed file is an error naming it."""
-    if not os.path.exists(path):
+    """A SentencePiece model file (local path or gs:// URL) -> processor; a missing or malformed file is an
+    error naming it. The model is read as bytes and loaded from them (sentencepiece opens only local files)."""
+    if not storage.exists(path):
         raise FileNotFoundError(f"sentencepiece model file not found: {path}")
-    if not os.path.isfile(path):
+    if storage.isdir(path):
         raise IsADirectoryError(f"sentencepiece model path is not a file: {path}")
-    with open(path, "rb") as fh:
-        proto = fh.read()
+    proto = storage.read_bytes(path)
     sp = sentencepiece.SentencePieceProcessor()
     try:
         sp.LoadFromSerializedProto(proto)

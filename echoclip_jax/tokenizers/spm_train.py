@@ -23,6 +23,7 @@ import sentencepiece
 from data_prep import records
 from data_prep.report_deid import Deidentifier
 from data_prep.reports import clean_text
+from echoclip_jax.runtime import storage
 from echoclip_jax.tokenizers.template import PLACEHOLDER, read_vocab
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,9 @@ _WORD = "▁"  # SentencePiece's whitespace symbol
 
 
 def read_reports(path: str, column: str = "report") -> list[str]:
-    """Report texts from a data_prep output directory, or de-identified ones from a CSV or text file; errors
-    name the path."""
-    if os.path.isdir(path):
+    """Report texts from a data_prep output directory, or de-identified ones from a CSV or text file (each a
+    local path or gs:// URL); errors name the path."""
+    if storage.isdir(path):
         shards = records.list_shards(path, "train")
         if not shards:
             raise ValueError(f"{path}: no train-*.tfrecord shards (expected a data_prep.convert output)")
@@ -43,17 +44,17 @@ def read_reports(path: str, column: str = "report") -> list[str]:
             for _, data in records.iter_tfrecord(shard):
                 texts.extend(r.decode("utf-8") for r in records.decode_example(data).get("report", []))
         return texts
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"reports file not found: {path}")
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            if path.lower().endswith(".csv"):
-                reader = csv.DictReader(fh)
-                if not reader.fieldnames or column not in reader.fieldnames:
-                    raise ValueError(f"{path}: no {column!r} column (columns: {reader.fieldnames}); use --column")
-                texts = [row[column] or "" for row in reader]
-            else:
-                texts = fh.read().splitlines()
+        text = storage.read_text(path)
+        if path.lower().endswith(".csv"):
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            if not reader.fieldnames or column not in reader.fieldnames:
+                raise ValueError(f"{path}: no {column!r} column (columns: {reader.fieldnames}); use --column")
+            texts = [row[column] or "" for row in reader]
+        else:
+            texts = text.splitlines()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except csv.Error as e:

@@ -14,6 +14,7 @@ import re
 import numpy as np
 
 from data_prep.reports import clean_text
+from echoclip_jax.runtime import storage
 from echoclip_jax.tokenizers.base import as_text_list, check_context_length, pack_rows
 
 SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
@@ -92,10 +93,10 @@ class LongestMatcher:
 
 
 def read_vocab(path: str) -> list[str]:
-    """The phrase file, one phrase per line in id order; errors name the file and the line."""
+    """The phrase file (local path or gs:// URL), one phrase per line in id order; errors name the file and
+    the line."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = storage.read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"template vocabulary file not found: {path}") from None
     except IsADirectoryError:

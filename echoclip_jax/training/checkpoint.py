@@ -1,10 +1,12 @@
 """Orbax checkpoints of a training run: train state + per-process grain iterator state, saved together.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,data}`. `state` is the train-state pytree {step, params,
-opt_state, rng, bad_step}; `data` holds one `process_<i>-of-<n>.json` per process. Saves are async;
-Orbax writes each step under a temporary name (`<step>.orbax-checkpoint-tmp`) and renames it when
-complete, so a step half-written when the process died is never listed. Restoring goes through sharded
-`jax.ShapeDtypeStruct`s, so a checkpoint loads onto any mesh or device count.
+Layout: `WORKDIR/checkpoints/<step>/{state,data}`, WORKDIR a local path or a gs:// URL. `state` is the
+train-state pytree {step, params, opt_state, rng, bad_step}; `data` holds one `process_<i>-of-<n>.json`
+per process. Saves are async. On local disk Orbax writes each step under a temporary name
+(`<step>.orbax-checkpoint-tmp`) and renames it when complete; on a bucket (no atomic rename) it writes
+`<step>` in place and `commit_success.txt` last. Either way a step half-written when the process died is
+never listed. Restoring goes through sharded `jax.ShapeDtypeStruct`s, so a checkpoint loads onto any mesh
+or device count.
 
 What a killed save leaves is removed by one party, once: `Checkpointer()` on process 0, before any
 process's CheckpointManager exists (`remove_unfinished_saves`); Orbax's own cleanup is switched off:
@@ -29,6 +31,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from echoclip_jax.runtime import storage
 from echoclip_jax.runtime.distributed import wait_for_other_processes
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,8 @@ STATE, DATA = "state", "data"
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    """`WORKDIR/checkpoints` (a local path made absolute, a gs:// URL kept)."""
+    return storage.join(workdir, "checkpoints")
 
 
 class Checkpointer:
@@ -128,16 +132,25 @@ class Checkpointer:
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # in the name of a step (or item) directory Orbax has not finalised
 DEBRIS_PREFIX = ".unfinished-"  # an unfinished save moved aside; never a step name, deleted at the next start
+COMMIT_FILE = "commit_success.txt"  # on a bucket, what Orbax writes last into a step it finalised
 
 
 def remove_unfinished_saves(directory: str) -> list[str]:
     """Removes what saves killed midway left in a checkpoints directory; returns the names it found.
 
-    Each `<step>.orbax-checkpoint-tmp*` is first renamed to a unique hidden `.unfinished-<step>.<ns>`:
-    the rename is atomic, so whoever makes it alone deletes that tree, and the temporary name the re-save
-    of that step will create is free at once, even where the deletion then fails (a file still written or
-    held open by a process of the killed run, an NFS `.nfs*` file). A failure is logged, never raised:
-    what is left is ignored by training and retried at the next start."""
+    On a bucket, where a rename is a copy and a delete, Orbax writes a step in place and finalises it by
+    writing `commit_success.txt` last; it lists only steps that have it. A step folder without it is what a
+    killed save left: its objects are deleted one by one. Deleting is not atomic either, but whatever part is
+    left still lacks the commit file, so it is never listed or restored and the next start deletes the rest.
+
+    On local disk, each `<step>.orbax-checkpoint-tmp*` is first renamed to a unique hidden
+    `.unfinished-<step>.<ns>`: the rename is atomic, so whoever makes it alone deletes that tree, and the
+    temporary name the re-save of that step will create is free at once, even where the deletion then fails
+    (a file still written or held open by a process of the killed run, an NFS `.nfs*` file).
+
+    A failure is logged, never raised: what is left is ignored by training and retried at the next start."""
+    if storage.is_remote(directory):
+        return _remove_uncommitted_steps(directory)
     if not os.path.isdir(directory):
         return []
     found = []
@@ -177,6 +190,27 @@ def remove_unfinished_saves(directory: str) -> list[str]:
     return found
 
 
+def _remove_uncommitted_steps(directory: str) -> list[str]:
+    found = []
+    for name in storage.listdir(directory):
+        step_dir = storage.join(directory, name)
+        if not name.isdigit() or storage.exists(storage.join(step_dir, COMMIT_FILE)):
+            continue
+        found.append(name)
+        try:
+            storage.rmtree(step_dir)
+            log.info("removed %s, left by a save that did not finish (no %s)", step_dir, COMMIT_FILE)
+        except OSError as e:
+            log.warning(
+                "%s: could not delete what an unfinished save left (%s); it is never restored (it has no "
+                "%s), and the next start retries",
+                step_dir,
+                e,
+                COMMIT_FILE,
+            )
+    return found
+
+
 class _IteratorSnapshot:
     """A grain iterator state frozen at save time, in the form grain's checkpoint handler writes."""
 
@@ -193,14 +227,13 @@ def _read_only(directory: str) -> ocp.CheckpointManager:
 
 def _resolve(path: str) -> str:
     """The checkpoints directory for a workdir or a checkpoints directory."""
-    path = os.path.abspath(path)
-    return checkpoint_dir(path) if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    return checkpoint_dir(path) if storage.isdir(storage.join(path, "checkpoints")) else storage.join(path)
 
 
 def all_steps(workdir: str) -> list[int]:
     """Completed checkpoint steps of a workdir (or checkpoints directory), ascending."""
     d = _resolve(workdir)
-    if not os.path.isdir(d):
+    if not storage.isdir(d):
         return []
     return sorted(_read_only(d).all_steps())
 
@@ -212,12 +245,14 @@ def latest_step(workdir: str) -> int | None:
 
 def restore_params(workdir_or_checkpoint: str, step: int | None = None):
     """Model parameters only (nested dict of numpy arrays, as `nnx.to_pure_dict` gives; pass to
-    `nnx.update(model, params)`), from a workdir, its checkpoints directory or one step directory."""
-    path = os.path.abspath(workdir_or_checkpoint)
-    if os.path.isdir(os.path.join(path, STATE)):  # a step directory
-        if step is not None and os.path.basename(path) != str(step):
-            raise ValueError(f"{path}: is the checkpoint of step {os.path.basename(path)}, not {step}")
-        state_dir = os.path.join(path, STATE)
+    `nnx.update(model, params)`), from a workdir, its checkpoints directory or one step directory (each a
+    local path or a gs:// URL)."""
+    path = storage.join(workdir_or_checkpoint)
+    if storage.isdir(storage.join(path, STATE)):  # a step directory
+        name = storage.path(path).name
+        if step is not None and name != str(step):
+            raise ValueError(f"{path}: is the checkpoint of step {name}, not {step}")
+        state_dir = storage.join(path, STATE)
     else:
         steps = all_steps(path)
         if not steps:
@@ -226,7 +261,7 @@ def restore_params(workdir_or_checkpoint: str, step: int | None = None):
             step = steps[-1]
         elif step not in steps:
             raise FileNotFoundError(f"{path}: no checkpoint for step {step}; have {steps}")
-        state_dir = os.path.join(_resolve(path), str(step), STATE)
+        state_dir = storage.join(_resolve(path), str(step), STATE)
     checkpointer = ocp.PyTreeCheckpointer()
     meta = checkpointer.metadata(state_dir).item_metadata
     tree = meta.tree if hasattr(meta, "tree") else meta

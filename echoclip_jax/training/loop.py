@@ -11,10 +11,9 @@ a lost peer of a multi-process run stops every process with `PeerLostError`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
+import tempfile
 import time
 
 import jax
@@ -26,7 +25,7 @@ from echoclip_jax.config.validation import validate
 from echoclip_jax.data import loader as data
 from echoclip_jax.evaluation import metrics as metrics_lib
 from echoclip_jax.models import backend
-from echoclip_jax.runtime import sharding
+from echoclip_jax.runtime import sharding, storage
 from echoclip_jax.runtime.distributed import PeerLostError, init_distributed, wait_for_other_processes
 from echoclip_jax.training import checkpoint as ckpt_lib
 from echoclip_jax.training import losses
@@ -49,13 +48,26 @@ PEAK_FLOPS = {
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard, written by process 0 only."""
+    """metrics.jsonl + TensorBoard, written by process 0 only.
 
-    def __init__(self, workdir: str):
+    On local disk both are flushed at every row. In a bucket an object cannot be appended to, so each flush
+    rewrites the file whole: metrics.jsonl through `storage.JsonLines`, and the events file, which is written
+    to a local folder and uploaded (tensorboardX's own GCS writer uploads once more when it is garbage
+    collected, and waits minutes at exit when the bucket is unreachable). Both are flushed at most every
+    `remote_flush_s` seconds, when the run ends and before a preemption exit: a run killed without warning
+    loses at most that many seconds of rows (its checkpoints are unaffected)."""
+
+    def __init__(self, workdir: str, *, remote_flush_s: float = 30.0):
         self.active = jax.process_index() == 0
-        if self.active:
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if not self.active:
+            return
+        self.remote = storage.is_remote(workdir)
+        self.flush_s = remote_flush_s if self.remote else 0.0
+        self.jsonl = storage.JsonLines(storage.join(workdir, "metrics.jsonl"), flush_every_s=self.flush_s)
+        self.tb_dir = storage.join(workdir, "tensorboard")
+        self._staging = tempfile.TemporaryDirectory(prefix="echoclip_jax-tb-") if self.remote else None
+        self.tb = SummaryWriter(self._staging.name if self.remote else self.tb_dir, flush_secs=3600)
+        self._tb_flushed = float("-inf")  # the first row is written at once
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -64,17 +76,32 @@ class MetricsLog:
             "step": step,
             **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
         }
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write(row)
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
+        if time.monotonic() - self._tb_flushed >= self.flush_s:
+            self._flush_tb()
+
+    def _flush_tb(self) -> None:
         self.tb.flush()
+        if self.remote:  # this run's events file(s), whole; earlier runs' files in the bucket stay as they are
+            storage.copytree(self._staging.name, self.tb_dir)
+        self._tb_flushed = time.monotonic()
+
+    def flush(self) -> None:
+        """Everything written so far, to the workdir now (called before a preemption exit)."""
+        if self.active:
+            self.jsonl.flush(force=True)
+            self._flush_tb()
 
     def close(self) -> None:
         if self.active:
             self.jsonl.close()
             self.tb.close()
+            if self.remote:
+                storage.copytree(self._staging.name, self.tb_dir)
+                self._staging.cleanup()
 
 
 def restore_or_init(config, ts: TrainStep, checkpointer, iterator) -> tuple[dict, int]:
@@ -153,7 +180,7 @@ def _check_finite(state, checkpointer) -> None:
 
 def train(config, workdir: str, *, devices=None) -> dict:
     """Runs (or resumes) training; returns the last logged metrics. `devices` restricts the mesh."""
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     init_distributed(config.distributed)
     validate(config, num_devices=len(devices) if devices is not None else None)
     total = int(config.total_steps)
@@ -190,7 +217,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
     on_cpu = backend.mesh_platform(mesh) == "cpu"  # the platform the step runs on (models.backend's rule)
     if multi:
         wait_for_other_processes(
-            f"echoclip_jax.train: step compiled ({os.path.abspath(workdir)})", config.distributed.initialization_timeout
+            f"echoclip_jax.train: step compiled ({storage.join(workdir)})", config.distributed.initialization_timeout
         )
     peak = PEAK_FLOPS.get(next((k for k in PEAK_FLOPS if jax.devices()[0].device_kind.startswith(k)), ""))
     last, t0, t_steps = {}, time.perf_counter(), 0
@@ -244,6 +271,7 @@ def train(config, workdir: str, *, devices=None) -> dict:
                     # competing for the host's cores can stall one. On CPU the "device" is the host anyway.
                     checkpointer.wait()
             if preempted:
+                metrics_log.flush()
                 log.warning("preempted: saved step %d, exiting", step)
                 break
             if step < total:

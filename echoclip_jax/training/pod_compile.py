@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import topologies
 
 from echoclip_jax.config.validation import validate
-from echoclip_jax.runtime import sharding
+from echoclip_jax.runtime import sharding, storage
 from echoclip_jax.training import step as step_lib
 from echoclip_jax.training.hlo import scan_hlo
 
@@ -262,8 +262,7 @@ def compile_for_topology(config, topology: str, hlo_path: str = "") -> dict:
         recipe_hours=recipe_steps * step_s / 3600,
     )
     if hlo_path:
-        with open(hlo_path, "w") as f:
-            f.write(text)
+        storage.write_text(hlo_path, text)  # a local path or a gs:// URL
     return report
 
 

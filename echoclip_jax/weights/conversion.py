@@ -6,12 +6,12 @@ optimizer-free form to share or to start a run from); sources are whatever `echo
 reads. After writing, the destination is read back and the image and text embeddings of a fixed input are
 compared with the source's, both computed in float32 whatever the config's compute dtype (the check
 compares weights; tolerance 1e-5 for float32 weights, 2e-2 for bfloat16).
+
+Every destination may be a local path or a gs:// URL: safetensors files are written locally and uploaded
+whole (`storage.local_output`), params-only checkpoints by Orbax straight to the bucket.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from echoclip_jax.config.model import for_verification
 from echoclip_jax.models import CLIP, preprocess_images
+from echoclip_jax.runtime import storage
 from echoclip_jax.weights import loader as weights
 from echoclip_jax.weights import open_clip as ocw
 
@@ -29,10 +30,9 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
 def _write_safetensors(path: str, model_config, params: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({weights.flat_name(k): np.array(v, order="C") for k, v in params.items()}, path)
-    with open(weights.safetensors_json(path), "w") as f:
-        json.dump({"model": model_config.to_dict()}, f, indent=2)
+    with storage.local_output(path) as local:
+        save_file({weights.flat_name(k): np.array(v, order="C") for k, v in params.items()}, local)
+    storage.dump_json(weights.safetensors_json(path), {"model": model_config.to_dict()}, indent=2)
 
 
 def _write_open_clip(path: str, model_config, params: dict) -> None:
@@ -40,12 +40,10 @@ def _write_open_clip(path: str, model_config, params: dict) -> None:
 
 
 def _write_params_only(path: str, model_config, params: dict) -> None:
-    path = os.path.abspath(path)
-    if os.path.exists(path):
+    if storage.exists(path):
         raise ValueError(f"{path}: already exists; choose a new directory for the params-only checkpoint")
-    ocp.PyTreeCheckpointer().save(os.path.join(path, "params"), weights.nested(params, string_keys=True))
-    with open(os.path.join(path, weights.PARAMS_CONFIG), "w") as f:
-        json.dump({"model": model_config.to_dict()}, f, indent=2)
+    ocp.PyTreeCheckpointer().save(storage.path(path) / "params", weights.nested(params, string_keys=True))
+    storage.dump_json(storage.join(path, weights.PARAMS_CONFIG), {"model": model_config.to_dict()}, indent=2)
 
 
 WRITERS = {"open_clip": _write_open_clip, "safetensors": _write_safetensors, "params": _write_params_only}

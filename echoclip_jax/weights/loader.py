@@ -11,6 +11,9 @@ goes through `load`, so a checkpoint means the same thing to all of them:
                     step of a workdir (default: the latest); described by --config (no stored config)
   params:PATH       a params-only Orbax checkpoint (the parameter tree + echoclip_model.json)
 
+Every PATH is a local path or a gs:// URL (`echoclip_jax.runtime.storage`): files that only a local reader
+takes (safetensors, torch) are copied to a temporary file first; Orbax reads checkpoints on a bucket itself.
+
 Which config describes the weights when both a stored config and --config exist is
 `echoclip_jax.config.model.resolve`: architecture from the stored config (they must agree), run settings
 (compute dtype, drop path, ...) from --config.
@@ -33,6 +36,7 @@ from safetensors.numpy import load_file
 
 from echoclip_jax.config.model import resolve as resolve_model_config
 from echoclip_jax.models import CLIP, build_model
+from echoclip_jax.runtime import storage
 from echoclip_jax.training.checkpoint import restore_params
 from echoclip_jax.weights import open_clip as ocw
 
@@ -68,13 +72,25 @@ def parse(spec: str, kinds=SOURCE_KINDS) -> Spec:
             + (" (orbax:PATH@STEP for one step of a training workdir)" if "orbax" in kinds else "")
         )
     m = re.fullmatch(r"(.+)@(\d+)", path)
-    if m and not os.path.exists(path):
+    if m and not storage.exists(path):
         if kind != "orbax":
             raise ValueError(
                 f"{spec!r}: @STEP selects a step of a training workdir (orbax:PATH@STEP); {kind} weights have no steps"
             )
         return Spec(kind, m.group(1), int(m.group(2)))
     return Spec(kind, path)
+
+
+def check_spec(value: str, flag: str, kinds=SOURCE_KINDS) -> Spec:
+    """Start-up check of a KIND:PATH flag, before any weights are read: a known KIND, and a PATH that is a
+    local path or a gs:// URL whose bucket exists (`storage.check`). Raises ValueError naming `flag`."""
+    kind, sep, path = value.partition(":")
+    if sep and path and kind in kinds:
+        storage.check(path, flag)
+    try:
+        return parse(value, kinds)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
 
 
 def expected_params(model_config) -> dict:
@@ -112,22 +128,30 @@ def nested(flat: dict, *, string_keys: bool = False) -> dict:
 # ---------------------------------------------------------------- stored configs
 
 
+def isfile(path: str) -> bool:
+    """A file (not a folder) at `path`, local or on a bucket."""
+    return storage.path(path).is_file()
+
+
+def _parent(path: str) -> str:
+    return os.fspath(storage.path(path).parent)
+
+
 def open_clip_files(path: str) -> tuple[str, str]:
     """(weights file, the open_clip_config.json that would describe it) of an open_clip source."""
-    if os.path.isdir(path):
-        weights = [os.path.join(path, f) for f in _OPEN_CLIP_WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
+    if storage.isdir(path):
+        weights = [storage.join(path, f) for f in _OPEN_CLIP_WEIGHT_FILES if isfile(storage.join(path, f))]
         if not weights:
             raise FileNotFoundError(f"{path}: no open_clip weights ({', '.join(_OPEN_CLIP_WEIGHT_FILES)})")
-        return weights[0], os.path.join(path, "open_clip_config.json")
-    return path, os.path.join(os.path.dirname(path), "open_clip_config.json")
+        return weights[0], storage.join(path, "open_clip_config.json")
+    return path, storage.join(_parent(path), "open_clip_config.json")
 
 
 def _read_json(path: str) -> dict:
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    try:
+        return json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def _ours(path: str) -> ml_collections.ConfigDict:
@@ -147,14 +171,14 @@ def stored_config(spec: Spec, given=None):
     """(the model config the weights carry, or None; the file it came from, or the spec's path)."""
     if spec.kind == "open_clip":
         _, config_path = open_clip_files(spec.path)
-        if not os.path.isfile(config_path):
+        if not isfile(config_path):
             return None, spec.path
         return ocw.model_config_from_open_clip(_read_json(config_path), base=given, source=config_path), config_path
     if spec.kind == "safetensors":
         config_path = safetensors_json(spec.path)
     else:  # orbax / params: a params-only checkpoint keeps its config beside the tree
-        config_path = os.path.join(spec.path, PARAMS_CONFIG)
-    return (_ours(config_path), config_path) if os.path.isfile(config_path) else (None, spec.path)
+        config_path = storage.join(spec.path, PARAMS_CONFIG)
+    return (_ours(config_path), config_path) if isfile(config_path) else (None, spec.path)
 
 
 # ---------------------------------------------------------------- readers: -> flat params
@@ -182,12 +206,13 @@ def _read_open_clip(spec: Spec, model_config) -> dict:
 
 
 def _read_safetensors(spec: Spec, model_config) -> dict:
-    if not os.path.isfile(spec.path):
+    if not isfile(spec.path):
         raise FileNotFoundError(f"{spec.path}: file not found")
-    try:
-        tensors = load_file(spec.path)
-    except Exception as e:
-        raise ValueError(f"{spec.path}: not a readable safetensors file ({e})") from e
+    with storage.local_copy(spec.path) as local:
+        try:
+            tensors = load_file(local)
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise ValueError(f"{spec.path}: not a readable safetensors file ({e})") from e
     expected = expected_params(model_config)
     _check_names(spec.path, {n: t.shape for n, t in tensors.items()}, expected)
     return {k: tensors[flat_name(k)].astype(s.dtype) for k, s in expected.items()}
@@ -199,7 +224,7 @@ def _read_params_only(spec: Spec, model_config) -> dict:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     try:
         tree = ocp.PyTreeCheckpointer().restore(
-            os.path.join(spec.path, "params"), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
+            storage.path(spec.path) / "params", args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
         )
     except Exception as e:  # Orbax raises many types for a tree that does not fit
         raise ValueError(f"{spec.path}: params-only checkpoint does not match the model config ({e})") from e
@@ -213,7 +238,7 @@ def _read_params_only(spec: Spec, model_config) -> dict:
 
 
 def _read_checkpoint(spec: Spec, model_config) -> dict:
-    if os.path.isfile(os.path.join(spec.path, PARAMS_CONFIG)):
+    if isfile(storage.join(spec.path, PARAMS_CONFIG)):
         if spec.step is not None:
             raise ValueError(f"{spec}: a params-only checkpoint has no steps; drop @{spec.step}")
         return _read_params_only(spec, model_config)

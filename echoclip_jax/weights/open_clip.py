@@ -3,13 +3,12 @@
 Every parameter of our model has exactly one open_clip key; the mapping is derived from the parameter
 path, and shapes are checked both ways so a mismatched architecture fails with the offending key.
 Safetensors files are read with numpy (no PyTorch at run time); `.bin`/`.pt`/`.pth` need torch, which is
-imported only for them.
+imported only for them. Files may be local or on a bucket (gs://): both readers take only local files, so
+a bucket's file is copied to a temporary one (`storage.local_copy`) and a written one uploaded whole.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import ml_collections
@@ -19,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from echoclip_jax.config.defaults import get_base_config
 from echoclip_jax.models.convnext import CONV_MLP_VARIANTS, CONVNEXT_VARIANTS
 from echoclip_jax.models.vit import VIT_VARIANTS
+from echoclip_jax.runtime import storage
 
 # open_clip buffers / bookkeeping entries that carry no parameters of ours.
 _IGNORED_KEYS = re.compile(r"(^|\.)(attn_mask|position_ids|num_batches_tracked)$")
@@ -211,24 +211,27 @@ def _strip_prefixes(sd: dict) -> dict:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a .safetensors file with numpy, or a PyTorch .bin/.pt/.pth (needs torch) into numpy arrays."""
-    if not os.path.isfile(path):
+    """Reads a .safetensors file with numpy, or a PyTorch .bin/.pt/.pth (needs torch) into numpy arrays
+    (local or gs://)."""
+    if not storage.path(path).is_file():
         raise FileNotFoundError(f"{path}: state dict file not found")
     if path.endswith(".safetensors"):
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        with storage.local_copy(path) as local:
+            try:
+                return load_file(local)
+            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+                raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     try:
         import torch  # noqa: PLC0415 (optional: the interop extra)
     except ImportError as e:
         raise ImportError(
             f"{path}: reading PyTorch checkpoints needs torch (the `interop` extra); or convert it to .safetensors"
         ) from e
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    with storage.local_copy(path) as local:
+        try:
+            sd = torch.load(local, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
     sd = _strip_prefixes(sd)
     return {
         k: (v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()) for k, v in sd.items() if hasattr(v, "numpy")
@@ -236,12 +239,14 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def write_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
-    if path.endswith(".safetensors"):
-        save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, path)
-        return
-    import torch  # noqa: PLC0415 (optional: the interop extra)
+    """Writes `path` (local or gs://) whole: .safetensors with numpy, anything else with torch.save."""
+    with storage.local_output(path) as local:
+        if path.endswith(".safetensors"):
+            save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, local)
+            return
+        import torch  # noqa: PLC0415 (optional: the interop extra)
 
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, path)
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, local)
 
 
 def open_clip_model_cfg(model_config) -> dict:
@@ -325,14 +330,13 @@ def model_config_from_open_clip(cfg: dict, base=None, source: str = "open_clip c
 
 
 def write_open_clip_dir(flat_params: dict, model_config, out_dir: str) -> str:
-    """Writes `out_dir/open_clip_config.json` + `open_clip_model.safetensors` (open_clip 'local-dir:' layout)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Writes `out_dir/open_clip_config.json` + `open_clip_model.safetensors` (open_clip 'local-dir:' layout;
+    `out_dir` local or gs://, where open_clip itself cannot read it: copy it down first)."""
     sd = export_state_dict(flat_params, model_config)
-    write_state_dict(sd, os.path.join(out_dir, "open_clip_model.safetensors"))
+    write_state_dict(sd, storage.join(out_dir, "open_clip_model.safetensors"))
     config = {
         "model_cfg": open_clip_model_cfg(model_config),
         "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
     }
-    with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    storage.dump_json(storage.join(out_dir, "open_clip_config.json"), config, indent=2)
     return out_dir

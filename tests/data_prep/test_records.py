@@ -15,6 +15,7 @@ from tensorboardX.record_writer import RecordWriter
 from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
 
 from data_prep import records
+from echoclip_jax.runtime import storage
 
 
 def _video_example(i=0):
@@ -250,3 +251,46 @@ def test_list_shards_sorted_and_complete(tmp_path):
     os.remove(tmp_path / "train-00001-of-00003.tfrecord")
     with pytest.raises(ValueError, match=r"incomplete: shard\(s\) \[1\] of 3"):
         records.list_shards(str(tmp_path), "train")
+
+
+def test_shards_in_a_bucket_are_written_read_and_checked_as_on_disk(tmp_path, bucket):
+    payloads = [records.encode_example(_video_example(i)) for i in range(4)]
+    local, remote = str(tmp_path / "train-00000-of-00001.tfrecord"), f"{bucket}/d/train-00000-of-00001.tfrecord"
+    with pytest.raises(RuntimeError):
+        with records.TFRecordWriter(remote) as w:
+            w.write(payloads[0])
+            raise RuntimeError("crash")
+    assert storage.listdir(f"{bucket}/d") == []  # nothing published by a failed writer
+    for path in (local, remote):
+        with records.TFRecordWriter(path) as w:
+            for p in payloads:
+                w.write(p)
+    for suffix in ("", ".index"):  # the same shard and index, byte for byte
+        assert storage.read_bytes(remote + suffix) == storage.read_bytes(local + suffix)
+    assert records.list_shards(f"{bucket}/d", "train") == [remote]
+    reader = records.ShardReader(remote)
+    assert [reader[i] for i in range(len(reader))] == payloads
+    assert records.read_records([(reader, 3), (records.ShardReader(local), 1), (reader, 0)]) == [
+        payloads[3],
+        payloads[1],
+        payloads[0],
+    ]
+    assert pickle.loads(pickle.dumps(reader))[2] == payloads[2]
+
+    offsets = [off for off, _ in records.iter_tfrecord(remote)]
+    raw = bytearray(storage.read_bytes(remote))
+    raw[offsets[2] + 40] ^= 0x01
+    storage.write_bytes(remote, bytes(raw))
+    damaged = records.ShardReader(remote)
+    with pytest.raises(records.CorruptRecordError, match=f"{remote}: corrupt at byte offset {offsets[2]}"):
+        damaged[2]
+    got = records.read_records([(damaged, 1), (damaged, 2)])
+    assert got[0] == payloads[1] and isinstance(got[1], records.CorruptRecordError)  # a caller may skip it
+
+    raw[offsets[2] + 40] ^= 0x01
+    storage.write_bytes(remote, bytes(raw))  # repaired; now its index is lost
+    storage.remove(remote + ".index")
+    with pytest.raises(FileNotFoundError, match="index missing"):
+        len(records.ShardReader(remote))
+    assert records.rebuild_index(remote) == 4
+    assert storage.read_bytes(remote + ".index") == storage.read_bytes(local + ".index")

@@ -60,6 +60,14 @@ def test_metadata_describes_our_shards_without_touching_our_files(converted):
     assert tfds_builder.write_metadata(str(converted)) == target  # idempotent
 
 
+def test_a_bucket_is_refused_naming_the_flag_and_the_mount_to_use(bucket, capsys):
+    for data_dir, fix in ((f"{bucket}/records", "gcsfuse"), ("s3://bucket/records", "gs://bucket/path")):
+        with pytest.raises(SystemExit) as e:
+            tfds_builder.main(["--data_dir", data_dir])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--data_dir={data_dir}" in err and fix in err
+
+
 def test_not_a_conversion_is_a_clear_error(tmp_path, capsys):
     assert tfds_builder.main(["--data_dir", str(tmp_path)]) == 1
     assert "data_prep.tfds_builder: error: " in (err := capsys.readouterr().err) and "dataset_info.json" in err

@@ -1,7 +1,6 @@
 """Session fixtures for the training tests: a tiny synthetic cohort converted to TFRecords once, a
 tiny-config override that trains on it in seconds, and `run_train`, which trains in a fresh process."""
 
-import json
 import os
 import pathlib
 import socket
@@ -12,6 +11,8 @@ import jax
 import pytest
 
 from echoclip_jax.config import files
+from echoclip_jax.runtime import storage
+from echoclip_jax.training import checkpoint
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
@@ -133,9 +134,8 @@ def run_train(
 
 
 def read_metrics(workdir) -> list[dict]:
-    """The rows of a run's metrics.jsonl."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """The rows of a run's metrics.jsonl (a local or gs:// workdir)."""
+    return storage.read_json_lines(storage.join(str(workdir), "metrics.jsonl"))
 
 
 def free_port() -> int:
@@ -143,3 +143,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The kill-and-resume runs (test_reliability, test_bucket_runs): the tiny config's 8 steps, a save every 2 (2,
+# 4, 6, 8; 3 kept), a metrics row every step.
+KILL_RUN = ("--config.checkpoint_every_steps=2", "--config.eval_batches=0", "--config.log_every_steps=1")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(records_dir, tmp_path_factory):
+    """The run the kill tests' runs must end as (KILL_RUN, local workdir): its final parameters and its
+    metrics rows."""
+    wd = tmp_path_factory.mktemp("uninterrupted")
+    run_train(records_dir, wd, *KILL_RUN)
+    return checkpoint.restore_params(str(wd)), read_metrics(wd)

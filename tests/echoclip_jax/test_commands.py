@@ -117,3 +117,34 @@ def test_the_module_runs_as_a_program():
         [sys.executable, "-m", "echoclip_jax.train", "--workdir", "w"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == cli.USAGE and "echoclip_jax.train: error: " in r.stderr and "--config" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "name, args, named",
+    [
+        ("train", ["--config", TINY, "--workdir", "s3://b/run"], "--workdir=s3://b/run: the scheme s3://"),
+        ("train", ["--config", TINY, "--workdir", "gs://no-such-bucket-x/run"], "bucket gs://no-such-bucket-x does"),
+        ("train", ["--config=gs://b/tiny.py", "--workdir", "w"], "--config=gs://b/tiny.py: a config file is Python"),
+        (
+            "evaluate",
+            ["--config", TINY, "--checkpoint", "orbax:http://h/w", "--data_dir", "d", "--out", "o"],
+            "http://",
+        ),
+        ("evaluate", ["--config", TINY, "--workdir", "w", "--data_dir", "d", "--out", "az://c/o"], "--out=az://c/o"),
+        ("evaluate", ["--config", TINY, "--glob", "s3://b/w/*", "--data_dir", "d", "--out", "o"], "--glob=s3://b/w/*"),
+    ],
+)
+def test_a_path_that_cannot_be_used_exits_2_at_start_up_naming_the_flag(name, args, named, gcs_server, capsys):
+    """Before anything is compiled or read: a scheme no layer supports, a bucket that does not exist (on a real
+    GCS server), a config file given as a URL."""
+    assert _main(name, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"echoclip_jax.{name}: error: ") and named in err, err
+
+
+def test_a_training_config_naming_a_missing_bucket_exits_2(gcs_server, tmp_path, capsys):
+    args = ["--config", TINY, "--workdir", str(tmp_path / "w"), "--config.data_dir=gs://no-such-bucket-y/rec"]
+    assert _main("train", *args) == 2
+    assert (
+        "data_dir = 'gs://no-such-bucket-y/rec': bucket gs://no-such-bucket-y does not exist" in capsys.readouterr().err
+    )

@@ -1,5 +1,6 @@
 """The embed CLI: images, videos and texts to L2-normalised .npy embeddings equal to the model's own."""
 
+import io
 import pathlib
 import subprocess
 import sys
@@ -8,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from echoclip_jax import aot, convert, embed, interpret
 from echoclip_jax.config import files
 from echoclip_jax.models import preprocess_images
+from echoclip_jax.runtime import storage
 from echoclip_jax.weights import conversion
 from echoclip_jax.weights import loader as weights
 
@@ -127,3 +130,51 @@ def test_embed_videos_of_different_lengths_from_npz(checkpoint, tmp_path):
         str(tmp_path / "o.npy"),
     )
     assert r.returncode == 1 and "bad.npz: array 'arr_1': expected uint8" in r.stderr
+
+
+def test_embed_reads_and_writes_a_bucket(checkpoint, tmp_path, bucket):
+    """Checkpoint, videos, texts and output all on gs://: the embeddings read back from the bucket equal those
+    of the same command on local disk."""
+    d, _ = checkpoint
+    clips = [np.random.default_rng(6).integers(0, 256, (t, 64, 64, 3), dtype=np.uint8) for t in (2, 1)]
+    np.savez(tmp_path / "v.npz", *clips)
+    (tmp_path / "t.txt").write_text("severe aortic stenosis\r\nnormal left ventricular function\n")
+    storage.copytree(d, f"{bucket}/ckpt")
+    storage.copytree(tmp_path, f"{bucket}/in")
+    for kind, flag, name in (("images", "--images", "v.npz"), ("texts", "--texts", "t.txt")):
+        got = {}
+        for root, ckpt in ((str(tmp_path), str(d)), (bucket, f"{bucket}/ckpt")):
+            source = f"{root}/in/{name}" if root == bucket else f"{root}/{name}"
+            argv = ["embed", "--checkpoint", f"safetensors:{ckpt}/m.safetensors", "--config", str(CONFIGS / "tiny.py")]
+            assert embed.main([*argv, flag, source, "--out", f"{root}/out/{kind}"]) == 0  # np.save adds .npy
+            got[root] = np.load(io.BytesIO(storage.read_bytes(f"{root}/out/{kind}.npy")))
+        local, remote = got.values()
+        assert remote.shape == (len(clips) if kind == "images" else 2, 128)
+        np.testing.assert_array_equal(remote, local)
+
+
+def test_path_flags_with_an_unsupported_scheme_or_a_missing_bucket_exit_2(gcs_server, bucket, capsys):
+    """Every file flag of convert, embed, interpret and aot (and the PATH of a KIND:PATH flag) is checked before
+    anything runs: a scheme other than gs://, or a bucket that does not exist, exits 2 naming the flag."""
+    tiny = str(CONFIGS / "tiny.py")
+    embed_base = ["--config", tiny, "--checkpoint", f"safetensors:{bucket}/m.safetensors", "--texts", f"{bucket}/t"]
+    interpret_base = ["--config", tiny, "--checkpoint", "safetensors:m.safetensors", "--prompt", "p"]
+    cases = [
+        (convert, ["--src", "safetensors:s3://b/m.safetensors", "--dst", f"params:{bucket}/p"], "--src=s3://b/m"),
+        (
+            convert,
+            ["--src", "safetensors:m.safetensors", "--dst", "params:gs://no-such-bucket-x1/p"],
+            "--dst=gs://no-such",
+        ),
+        (convert, ["--src", "pickle:m", "--dst", f"params:{bucket}/p"], "--src: 'pickle:m': expected KIND:PATH"),
+        (embed, [*embed_base, "--out", "s3://b/e.npy"], "--out=s3://b/e.npy: the scheme s3://"),
+        (embed, [*embed_base[:4], "--images", "gs://no-such-bucket-x1/v.npy", "--out", "e.npy"], "--images=gs://"),
+        (embed, [*embed_base[:2], "--checkpoint", "orbax:hdfs://n/run", *embed_base[4:], "--out", "e"], "--checkpoint"),
+        (interpret, [*interpret_base, "--video", "v.npy", "--video", "s3://b/v.npy", "--out", "o"], "--video=s3://"),
+        (interpret, [*interpret_base, "--data_dir", "d", "--out", "gs://no-such-bucket-x1/o"], "--out=gs://no-such"),
+        (aot, ["--config", tiny, "--topology", "v5e-8", "--json", "s3://b/r.json"], "--json=s3://b/r.json"),
+    ]
+    for module, args, message in cases:
+        assert module.main([module.__name__.split(".")[-1], *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

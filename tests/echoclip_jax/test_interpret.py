@@ -17,6 +17,7 @@ from echoclip_jax import models, tokenizers
 from echoclip_jax.config import files
 from echoclip_jax.data import videos as video_files
 from echoclip_jax.data.videos import sector_from_frames
+from echoclip_jax.runtime import storage
 from echoclip_jax.saliency import maps as saliency_maps
 from echoclip_jax.saliency import outputs as saliency_outputs
 from echoclip_jax.weights import conversion
@@ -343,3 +344,23 @@ def test_cli_rejects_bad_arguments(tmp_path):
         timeout=120,
     )
     assert "--prompt" in help_.stdout and "promptcam" in help_.stdout  # absl exits 1 after --help
+
+
+def test_maps_written_to_a_bucket_equal_those_written_to_local_disk(mapper, tmp_path, bucket):
+    """interpret's outputs (maps, overlays, summaries, index) under --out gs://... are the local run's files,
+    byte for byte; a --video on the bucket is read as the local file is (same name, same frames)."""
+    rng = np.random.default_rng(7)
+    frames = np.concatenate([speckle(rng, 2, blob_at=POSITIONS[0]), speckle(rng, 1)])
+    np.save(tmp_path / "clip.npy", frames)
+    storage.copy(tmp_path / "clip.npy", f"{bucket}/videos/clip.npy")
+    out = {}
+    sides = ((str(tmp_path / "clip.npy"), str(tmp_path / "maps")), (f"{bucket}/videos/clip.npy", f"{bucket}/maps"))
+    for video, root in sides:
+        loaded = video_files.load_video(video, image_size=S, frames=0)
+        saliency_outputs.run(mapper, prompts=[DEVICE], out_dir=root, videos=[loaded], methods=("promptcam",))
+        out[root] = {rel: storage.read_bytes(storage.join(root, rel)) for rel in storage.files_under(root)}
+    local, remote = out.values()
+    slug = saliency_outputs.prompt_slug(0, DEVICE)
+    pngs = [f"clip/{slug}/promptcam_{k:03d}.png" for k in range(3)]
+    assert sorted(remote) == sorted(["index.json", "clip/summary.json", f"clip/{slug}/promptcam.npy", *pngs])
+    assert remote == local

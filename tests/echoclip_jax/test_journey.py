@@ -6,9 +6,12 @@ converted at 224 with videos of different lengths -> train 3 steps, SIGTERM afte
 sweep evaluation of every checkpoint (no --frames) -> export to open_clip, loaded by
 `open_clip.create_model_and_transforms("local-dir:...")` with embeddings equal to ours in float32 ->
 `embed` (frames, a video, texts) -> `interpret` on the records and on a real vendor's ultrasound DICOM.
+EchoCLIP-R's journey keeps its records, workdir and evaluation in a bucket (gs://, a real GCS server on
+127.0.0.1), as on a pod slice; EchoCLIP's on local disk.
 """
 
 import csv
+import io
 import json
 import os
 import pathlib
@@ -25,6 +28,7 @@ from data_prep import records
 from echoclip_jax import tokenizers
 from echoclip_jax.config import files
 from echoclip_jax.data.loader import iterate_videos
+from echoclip_jax.runtime import storage
 
 from .conftest import REPO, read_metrics, xla_flags
 
@@ -103,7 +107,7 @@ def _first_video(rec_dir: str) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.interop
 @pytest.mark.parametrize("name", ["echoclip", "echoclip_r"])
-def test_paper_config_through_every_job(name, cohort, tmp_path):
+def test_paper_config_through_every_job(name, cohort, tmp_path, request):
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     started = time.time()
@@ -116,7 +120,11 @@ def test_paper_config_through_every_job(name, cohort, tmp_path):
         del laion
     else:  # EchoCLIP-R's template tokenizer, pointed at its vocabulary file
         config.append(f"--config.tokenizer.path={TEMPLATE_VOCAB}")
-    rec, work = str(cohort / "rec"), tmp_path / "work"
+    rec, work, eval_out = str(cohort / "rec"), str(tmp_path / "work"), str(tmp_path / "eval")
+    if name == "echoclip_r":  # the pod's layout: records, workdir and evaluation in a bucket
+        bucket = request.getfixturevalue("bucket")
+        storage.copytree(rec, f"{bucket}/rec")
+        rec, work, eval_out = f"{bucket}/rec", f"{bucket}/work", f"{bucket}/eval"
 
     # train; SIGTERM once step 1 is logged: it saves and exits 0; the same command resumes to step 3
     train = [
@@ -160,15 +168,14 @@ def test_paper_config_through_every_job(name, cohort, tmp_path):
         "--split",
         "val",
         "--out",
-        str(tmp_path / "eval"),
+        eval_out,
         "--batch_size",
         "16",
     ]
     _cli(*evaluate)
-    with open(tmp_path / "eval" / "summary.csv") as f:
-        summary = list(csv.DictReader(f))
+    summary = list(csv.DictReader(io.StringIO(storage.read_text(f"{eval_out}/summary.csv"))))
     assert len(summary) == 3, summary  # every checkpoint kept by the run
-    result = json.loads((tmp_path / "eval" / f"{summary[-1]['name']}.json").read_text())
+    result = storage.load_json(f"{eval_out}/{summary[-1]['name']}.json")
     assert np.isfinite(result["retrieval"]["image_to_text"]["mean_rank_fraction"])
     assert "evaluated 0 checkpoint(s), skipped 3" in _cli(*evaluate).stdout  # a rerun skips what is done
 

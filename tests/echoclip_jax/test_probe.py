@@ -16,7 +16,7 @@ from PIL import Image
 from data_prep import options, records
 from data_prep.plan import salted_hash
 from data_prep.synthetic import read_truth, truth_by_video_id
-from echoclip_jax import models
+from echoclip_jax import models, probe, probe_labels
 from echoclip_jax.config import files as config_files
 from echoclip_jax.demo import labels as demo_labels
 from echoclip_jax.inference.embedder import SplitEmbeddings
@@ -24,6 +24,7 @@ from echoclip_jax.probes import attentive as probe_attentive
 from echoclip_jax.probes import labels as labels_lib
 from echoclip_jax.probes import linear
 from echoclip_jax.probes import pipeline as probe_pipeline
+from echoclip_jax.runtime import storage
 from echoclip_jax.weights import conversion
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -114,6 +115,45 @@ def test_linear_probe_on_a_separable_case_beats_its_baseline_and_writes_no_ids(t
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(m.startswith("view (classification)") for m in project_logs)  # the per-label log line
     _assert_no_ids(tmp_path, _ids(train) | _ids(test), "\n".join(project_logs))
+
+
+def test_labels_from_and_outputs_to_a_bucket_as_on_local_disk(tmp_path, bucket, capsys):
+    """The labels CSV read from a bucket and probe.json and plots/ written to one hold what they hold on
+    local disk; a path flag of another scheme exits 2 naming it."""
+    centres_rng = np.random.default_rng(1)
+    train, _, ef_tr = _separable(centres_rng, 60, "tr")
+    centres_rng = np.random.default_rng(1)
+    test, _, ef_ev = _separable(centres_rng, 30, "ev")
+    rows = [["video_id", "ef"]]  # a regression: its probe fits in a fraction of a second
+    for split, ef in ((train, ef_tr), (test, ef_ev)):
+        rows += [[v, f"{e:.3f}"] for v, e in zip(split.video_id, ef)]
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    storage.copy(tmp_path / "labels.csv", f"{bucket}/labels.csv")
+    outputs = {}
+    for where, labels_csv, out in (
+        ("local", str(tmp_path / "labels.csv"), str(tmp_path / "P")),
+        ("gs", f"{bucket}/labels.csv", f"{bucket}/P"),
+    ):
+        probe_pipeline.run(
+            None,
+            "safetensors:unused",
+            "unused",
+            labels_csv,
+            labels=["ef"],
+            out_dir=out,
+            probes=("linear",),
+            embeddings={"train": train, "test": test},
+        )
+        outputs[where] = {name: storage.read_bytes(storage.join(out, name)) for name in storage.files_under(out)}
+    assert sorted(outputs["gs"]) == ["plots/ef_linear_pred_vs_true.png", "probe.json"]
+    assert json.loads(outputs["gs"]["probe.json"]) == json.loads(outputs["local"]["probe.json"])
+    assert outputs["gs"] == outputs["local"]
+    _assert_no_ids(tmp_path / "P", _ids(train) | _ids(test))
+    args = ["probe", "--config", str(CONFIGS / "tiny.py"), "--checkpoint", "safetensors:m", "--data_dir", str(tmp_path)]
+    args += ["--labels", "s3://b/labels.csv", "--label", "ef", "--out", str(tmp_path / "Q")]
+    assert probe.main(args) == 2
+    assert "--labels=s3://b/labels.csv: the scheme s3:// is not supported" in capsys.readouterr().err
 
 
 def _one_frame(rng, n, tag, dim=16):
@@ -247,8 +287,9 @@ def test_missing_labels_are_skipped_and_counted_and_study_keys_pool_videos(tmp_p
     assert one["labels"]["c"]["error"] == "one class only in the training split"
 
 
-def test_synthetic_labels_csv(tmp_path):
-    """Labels CSVs from a cohort: keyed by the salted ids data_prep.convert would give."""
+def test_synthetic_labels_csv(tmp_path, bucket):
+    """Labels CSVs from a cohort: keyed by the salted ids data_prep.convert would give; the cohort, the salt
+    file and the CSV on a bucket alike."""
 
     env = {**os.environ, "PYTHONPATH": REPO}
     subprocess.run(
@@ -304,6 +345,11 @@ def test_synthetic_labels_csv(tmp_path):
     }
     with pytest.raises(ValueError, match="at least 8 bytes"):
         options.load_salt("short")
+    storage.copytree(tmp_path / "c", f"{bucket}/c")
+    storage.copy(salt_file, f"{bucket}/salt")
+    args = ["probe_labels", "--cohort", f"{bucket}/c", "--salt_file", f"{bucket}/salt", "--out", f"{bucket}/v.csv"]
+    assert probe_labels.main(args) == 0
+    assert storage.read_bytes(f"{bucket}/v.csv") == (tmp_path / "v.csv").read_bytes()
 
 
 # ------------------------------------------------------------------------- the CLI, end to end

@@ -26,10 +26,10 @@ import pytest
 from data_prep import records
 from data_prep.synthetic import read_phi
 from echoclip_jax.data import loader as data
-from echoclip_jax.runtime import sharding
+from echoclip_jax.runtime import sharding, storage
 from echoclip_jax.training import checkpoint
 
-from .conftest import REPO, free_port, read_metrics, run_train, tiny_overrides, train_command, xla_flags
+from .conftest import KILL_RUN, REPO, free_port, read_metrics, run_train, tiny_overrides, train_command, xla_flags
 
 
 def _mesh():
@@ -129,7 +129,6 @@ def test_half_written_checkpoint_step_is_ignored_on_resume(records_dir, tmp_path
 # each save, so one save at most is in flight; its phases are seen on disk: the step's row logged, then
 # `<step>.orbax-checkpoint-tmp/` with `state.orbax-checkpoint-tmp/` and `data.orbax-checkpoint-tmp/`, array
 # files under `ocdbt.process_0/d/` (the async write), the two items renamed, the step renamed `<step>/`.
-KILL_RUN = ("--config.checkpoint_every_steps=2", "--config.eval_batches=0", "--config.log_every_steps=1")
 TMP = checkpoint.TMP_SUFFIX
 SAME = ("loss", "grad_norm", "lr", "logit_scale")  # per-step metrics a resumed run must repeat bit for bit
 
@@ -180,12 +179,11 @@ def _debris(workdir) -> list[str]:
 
 
 def _rows(workdir) -> list[dict]:
-    """metrics.jsonl's complete rows (read while a run may be writing it)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    """metrics.jsonl's complete rows (read while a run may be writing it), from a local or gs:// workdir."""
+    path = storage.join(str(workdir), "metrics.jsonl")
+    if not storage.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+    return [json.loads(line) for line in storage.read_text(path).splitlines(keepends=True) if line.endswith("\n")]
 
 
 def _files_under(path) -> int:
@@ -274,14 +272,6 @@ def _assert_each_step_repeats_bit_for_bit(rows, reference=None):
             repeated += 1
         first.setdefault(r["step"], got)
     return repeated
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(records_dir, tmp_path_factory):
-    """The run the kill tests' runs must end as: its final parameters and its metrics rows."""
-    wd = tmp_path_factory.mktemp("uninterrupted")
-    run_train(records_dir, wd, *KILL_RUN)
-    return checkpoint.restore_params(str(wd)), read_metrics(wd)
 
 
 def _assert_ends_as(workdir, uninterrupted):

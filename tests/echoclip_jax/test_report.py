@@ -12,6 +12,7 @@ import pytest
 
 from data_prep.plan import salted_hash
 from data_prep.synthetic import read_phi
+from echoclip_jax import report as report_command
 from echoclip_jax import tokenizers
 from echoclip_jax.data import loader as data
 from echoclip_jax.inference.embedder import Embedder
@@ -19,9 +20,10 @@ from echoclip_jax.retrieval import bank as bank_lib
 from echoclip_jax.retrieval import ops
 from echoclip_jax.retrieval import report as retrieval_report
 from echoclip_jax.retrieval.bank import Bank
+from echoclip_jax.runtime import storage
 
 from .conftest import REPO, tiny_overrides
-from .test_search import SALT, init_params, tiny  # noqa: F401 (the module-scoped model fixture)
+from .test_search import CONFIGS, SALT, init_params, tiny  # noqa: F401 (the module-scoped model fixture)
 
 PACER = "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD."
 TAVR = "A BIOPROSTHETIC STENT-VALVE IS PRESENT IN THE AORTIC POSITION."
@@ -135,9 +137,10 @@ def _phi_hits(records_dir, paths, texts=()):
     return [s for s in phi for b in blobs if s in b]
 
 
-def test_report_of_a_study_identical_to_a_bank_study(records_dir, tiny, tmp_path):  # noqa: F811
+def test_report_of_a_study_identical_to_a_bank_study(records_dir, tiny, tmp_path, bucket, capsys):  # noqa: F811
     """The CLI on a study directory holding exactly the frames of one bank study: its nearest report is that
-    study's, and with k=1 the voted findings are that study's truth (EF, devices)."""
+    study's, and with k=1 the voted findings are that study's truth (EF, devices); the same with the bank and
+    the study on a bucket and the report written there."""
     config, spec, _ = tiny
     index = ops.build(
         str(tmp_path / "index"),
@@ -195,6 +198,21 @@ def test_report_of_a_study_identical_to_a_bank_study(records_dir, tiny, tmp_path
     assert (tmp_path / "R" / "report.txt").read_text().startswith(retrieval_report.DISCLAIMER)
     assert retrieval_report.DISCLAIMER in r.stdout and str(tmp_path / "study") not in json.dumps(got)
     assert _phi_hits(records_dir, [tmp_path / "R", tmp_path / "index"], [r.stdout, r.stderr]) == []
+
+    # the bank and the study read from a bucket, the report written to it: the same report
+    storage.copytree(index.path, f"{bucket}/index")
+    storage.copytree(tmp_path / "study", f"{bucket}/study")
+    argv = ["report", "--checkpoint", spec, "--config", str(CONFIGS / "tiny.py"), *overrides, "--video"]
+    argv += [f"{bucket}/study", "--bank", f"{bucket}/index", "--match", "image", "--k", "1", "--out", f"{bucket}/R"]
+    assert report_command.main([*argv, "--batch_size", "16"]) == 0
+    remote = storage.load_json(f"{bucket}/R/report.json")
+    named = ("query", "bank")  # the study's name (a hash of its path) and the bank's path
+    assert {k: v for k, v in remote.items() if k not in named} == {k: v for k, v in got.items() if k not in named}
+    assert remote["bank"] == f"{bucket}/index [train]"
+    text = storage.read_text(f"{bucket}/R/report.txt")
+    assert text == (tmp_path / "R" / "report.txt").read_text().replace(got["query"], remote["query"])
+    assert report_command.main([*argv[:-2], "--out", "s3://b/R"]) == 2
+    assert "--out=s3://b/R: the scheme s3:// is not supported" in capsys.readouterr().err
 
 
 def test_reports_for_a_split_against_a_records_bank(records_dir, tiny, tmp_path, project_logs):  # noqa: F811

@@ -1,5 +1,5 @@
 """Semantic search: faiss exact and IVF indexes agree, an archive index is built, added to and queried from
-records and DICOM files, and no PHI string reaches it."""
+records and DICOM files, on local disk or a bucket alike, and no PHI string reaches it."""
 
 import json
 import os
@@ -14,12 +14,14 @@ from flax import nnx
 
 from data_prep.plan import salted_hash
 from data_prep.synthetic import read_phi
+from echoclip_jax import search
 from echoclip_jax.config import files
 from echoclip_jax.data import loader as data
 from echoclip_jax.models import build_model, preprocess_images
 from echoclip_jax.retrieval import archive as archive_lib
 from echoclip_jax.retrieval import ops
 from echoclip_jax.retrieval.vectors import VectorIndex, exact_search, recall_at_k
+from echoclip_jax.runtime import storage
 from echoclip_jax.weights import conversion
 from echoclip_jax.weights import loader as weights
 
@@ -66,9 +68,18 @@ def test_exact_and_ivf_agree_and_update(tmp_path):
     np.testing.assert_array_equal(exact_search(x, q, 10)[1], e_keys)
 
 
-def test_archive_turns_approximate_and_keeps_study_means(tmp_path):
+@pytest.fixture(params=["local", "gs"])
+def root(request, tmp_path):
+    """Where an index is written: a local folder, or a folder of a bucket on the test GCS server."""
+    if request.param == "local":
+        return str(tmp_path)
+    return request.getfixturevalue("bucket") + "/archive"
+
+
+def test_archive_turns_approximate_and_keeps_study_means(root):
     """approximate_above: exact while small, IVF once larger; a study's videos arriving in two exports
-    give it the mean of all of them, and already indexed ids are skipped."""
+    give it the mean of all of them, and already indexed ids are skipped; on local disk or a bucket."""
+    tmp_path = storage.path(root)
     rng = np.random.default_rng(1)
     x = _clustered(rng, 400)
     videos = [
@@ -91,6 +102,34 @@ def test_archive_turns_approximate_and_keeps_study_means(tmp_path):
     assert hit["study_id"] == "s100" and hit["score"] == pytest.approx(1.0, abs=1e-5)
     ids = [r["video_id"] for r in back.search("video", x[7], 5, exclude={7})]
     assert "v7" not in ids and len(ids) == 5
+
+
+def test_an_update_of_a_bucket_index_is_swapped_in_whole(bucket):
+    """A bucket has no rename: the updated index is written beside it and copied over it, index.json last;
+    a swap stopped midway is reported with the way to finish it, not read as a mix of two indexes."""
+    rng = np.random.default_rng(2)
+    x = _clustered(rng, 60)
+    videos = [
+        {"video_id": f"v{i}", "study_id": f"s{i // 3}", "patient_id": f"p{i // 6}", "split": "train"} for i in range(60)
+    ]
+    path = f"{bucket}/idx"
+    first = archive_lib.Archive.new(path, model={}, dim=32)
+    first.add(videos[:40], x[:40])
+    first.save()
+    grown = archive_lib.Archive.open(path)
+    grown.add(videos[40:], x[40:])
+    grown.save()
+    assert storage.listdir(bucket) == ["idx"]  # idx.new is gone
+    back = archive_lib.Archive.open(path)
+    assert [r["video_id"] for r in back.rows["video"]] == [v["video_id"] for v in videos]
+    np.testing.assert_array_equal(back.vectors["video"], x)
+    assert back.search("video", x[50], 1)[0]["video_id"] == "v50"
+    # stopped while copying: idx.new whole, idx's index.json still the old one
+    storage.copytree(path, path + ".new")
+    meta = storage.load_json(f"{path}.new/index.json")
+    storage.dump_json(f"{path}.new/index.json", {**meta, "counts": {"videos": 61}})
+    with pytest.raises(ValueError, match=r"idx.new holds the complete new index.*gcloud storage rsync"):
+        archive_lib.Archive.open(path)
 
 
 # ------------------------------------------------------------------------------ on real records
@@ -230,6 +269,43 @@ def test_cli_add_skips_indexed_videos_and_query_writes_json(records_dir, tiny, b
     assert r.returncode == 1 and "index.json: field model.fingerprint" in r.stderr, r.stderr[-2000:]
     r = run("query", path, "--study_of", "no-such-id")
     assert r.returncode == 1 and "videos.csv: --study_of 'no-such-id'" in r.stderr
+
+
+def test_build_to_a_bucket_and_query_it_as_the_local_index(records_dir, tiny, built, bucket):
+    """`search build --out gs://...` writes the index a local build writes; `query` reads it from the bucket
+    (faiss indexes included) and writes --out there, with the same neighbours and scores as the local index."""
+    _, spec, _ = tiny
+    _, local = built  # as ops.build wrote it (a later `add` in this module changes only the files)
+    overrides = [f"--config.{k}={v}" for k, v in tiny_overrides(records_dir).items() if k.startswith(("model", "tok"))]
+    remote = f"{bucket}/index"
+    argv = ["search", "build", "--checkpoint", spec, "--config", str(CONFIGS / "tiny.py"), *overrides]
+    argv += ["--data_dir", records_dir, "--split", "train", "--reports", "--out", remote, "--batch_size", "16"]
+    assert search.main(argv) == 0
+    assert storage.listdir(bucket) == ["index"]
+    index = archive_lib.Archive.open(remote)
+    assert index.rows == local.rows and index.reports == local.reports
+    for level in archive_lib.LEVELS:
+        np.testing.assert_allclose(index.vectors[level], local.vectors[level], atol=1e-6)
+        assert index.meta["levels"][level] == local.meta["levels"][level]
+    video = local.rows["video"][3]["video_id"]
+    assert search.main(["search", "query", remote, "--study_of", video, "--k", "4", "--out", f"{remote}-q.json"]) == 0
+    got = storage.load_json(f"{remote}-q.json")
+    want = json.loads(json.dumps(ops.query(local, study_of=video, k=4)))
+    for level in archive_lib.LEVELS:
+        assert [r["key"] for r in got["results"][level]] == [r["key"] for r in want["results"][level]]
+        np.testing.assert_allclose(
+            [r["score"] for r in got["results"][level]], [r["score"] for r in want["results"][level]], atol=1e-5
+        )
+    assert {k: v for k, v in got.items() if k != "results"} == {k: v for k, v in want.items() if k != "results"}
+
+
+def test_a_path_of_an_unsupported_scheme_or_a_missing_bucket_exits_2_naming_it(gcs_server, capsys):
+    assert search.main(["search", "query", "s3://b/index", "--study_of", "x"]) == 2
+    assert "INDEX=s3://b/index: the scheme s3:// is not supported" in capsys.readouterr().err
+    assert search.main(["search", "query", "gs://no-such-bucket-x/index", "--study_of", "x"]) == 2
+    assert "INDEX=gs://no-such-bucket-x/index: bucket gs://no-such-bucket-x does not exist" in capsys.readouterr().err
+    assert search.main(["search", "query", "/tmp/index", "--study_of", "x", "--out", "s3://b/q.json"]) == 2
+    assert "--out=s3://b/q.json: the scheme s3:// is not supported" in capsys.readouterr().err
 
 
 def test_no_phi_in_the_index(records_dir, built):

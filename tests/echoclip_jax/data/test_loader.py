@@ -1,5 +1,6 @@
 """The grain input pipeline over real data_prep shards: shapes, determinism, per-process slicing,
-exact resume from the iterator state, new frames each epoch, corrupt records, iterate_videos."""
+exact resume from the iterator state, new frames each epoch, corrupt records, iterate_videos, and the same
+batches from a bucket (a real GCS server on 127.0.0.1) as from local disk."""
 
 import shutil
 
@@ -9,7 +10,7 @@ import pytest
 
 from data_prep import records
 from echoclip_jax.data import loader as data
-from echoclip_jax.runtime import sharding
+from echoclip_jax.runtime import sharding, storage
 
 
 def _mesh():
@@ -126,8 +127,13 @@ def test_multi_frame_samples(tiny_config):
 
 
 @pytest.mark.slow
-def test_worker_processes_give_the_same_stream_and_resume(tiny_config):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_worker_processes_give_the_same_stream_and_resume(tiny_config, where, request):
     want = _local(data.train_loader(tiny_config, _mesh()), 4)
+    if where == "gs":  # worker processes read the bucket themselves
+        remote = request.getfixturevalue("bucket") + "/records"
+        storage.copytree(tiny_config.data_dir, remote)
+        tiny_config.data_dir = remote
     tiny_config.data.num_workers = 2
     loader = data.train_loader(tiny_config, _mesh())
     got = _local(loader, 2)
@@ -137,3 +143,27 @@ def test_worker_processes_give_the_same_stream_and_resume(tiny_config):
     got += _local(resumed, 2)
     for x, y in zip(want, got):
         np.testing.assert_array_equal(x["images"], y["images"])
+
+
+def test_loaders_give_the_same_batches_from_a_bucket_as_from_local_disk(tiny_config, bucket):
+    local = tiny_config.data_dir
+    want_train = _local(data.train_loader(tiny_config, _mesh()), 3)
+    want_eval = _local(data.eval_loader(tiny_config, _mesh()), 1)
+    want_videos = list(data.iterate_videos(local, "val", frames=2))
+    storage.copytree(local, f"{bucket}/records")
+    tiny_config.data_dir = f"{bucket}/records"
+    train = data.train_loader(tiny_config, _mesh())
+    got_train = _local(train, 2)
+    state = train.get_state()
+    resumed = data.train_loader(tiny_config, _mesh())
+    resumed.set_state(state)  # a run resumed from a checkpoint reads on from the bucket
+    got_train += _local(resumed, 1)
+    got_eval = _local(data.eval_loader(tiny_config, _mesh()), 1)
+    for want, got in zip(want_train + want_eval, got_train + got_eval, strict=True):
+        assert want.keys() == got.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    got_videos = list(data.iterate_videos(tiny_config.data_dir, "val", frames=2))
+    assert [v["video_id"] for v in got_videos] == [v["video_id"] for v in want_videos]
+    for want, got in zip(want_videos, got_videos):
+        np.testing.assert_array_equal(got["frames"], want["frames"])

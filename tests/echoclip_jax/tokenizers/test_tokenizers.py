@@ -4,6 +4,7 @@ import csv
 import functools
 import gzip
 import json
+import os
 import random
 
 import numpy as np
@@ -16,6 +17,7 @@ from data_prep import records, synthetic
 from data_prep.reports import clean_text
 from echoclip_jax import train_sentencepiece
 from echoclip_jax.config.defaults import get_base_config
+from echoclip_jax.runtime import storage
 from echoclip_jax.tokenizers import SentencePieceTokenizer, from_config, get_tokenizer
 from echoclip_jax.tokenizers import spm_train as tsp
 from echoclip_jax.tokenizers.clip_bpe import clean as clip_clean
@@ -400,6 +402,23 @@ def test_sentencepiece_bad_inputs(tmp_path, report_corpus):
     argv = ["train_sentencepiece", "--reports", str(csv_path), "--vocab_size", "50", "--out", str(out)]
     assert train_sentencepiece.main(argv) == 1
     assert not out.exists()
+
+
+def test_sentencepiece_trained_from_and_into_a_bucket(spm_model, vocab_path, report_corpus, bucket, capsys):
+    """train_sentencepiece reads its reports and template vocabulary from a bucket and writes its model there;
+    the tokenizers load their files from a bucket and encode as from local disk."""
+    storage.copy(os.path.join(os.path.dirname(spm_model), "reports.csv"), f"{bucket}/reports.csv")
+    storage.copy(vocab_path, f"{bucket}/template_vocab.txt")
+    argv = ["train_sentencepiece", "--reports", f"{bucket}/reports.csv", "--vocab_size", "1000"]
+    argv += ["--out", f"{bucket}/m/reports.model", "--template_vocab", f"{bucket}/template_vocab.txt"]
+    assert train_sentencepiece.main(argv) == 0
+    texts = report_corpus[:20]
+    local = get_tokenizer("sentencepiece", path=spm_model).encode(texts)
+    np.testing.assert_array_equal(get_tokenizer("sentencepiece", path=f"{bucket}/m/reports.model").encode(texts), local)
+    template = get_tokenizer("template", path=f"{bucket}/template_vocab.txt")
+    np.testing.assert_array_equal(template.encode(texts), get_tokenizer("template", path=vocab_path).encode(texts))
+    assert train_sentencepiece.main([*argv[:-4], "--out", "s3://b/m.model"]) == 2
+    assert "--out=s3://b/m.model: the scheme s3:// is not supported" in capsys.readouterr().err
 
 
 # --- construction by name and from the config --------------------------------------------------------
