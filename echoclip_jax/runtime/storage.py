@@ -33,8 +33,6 @@ from typing import Iterator
 import fsspec
 from etils import epath
 
-log = logging.getLogger(__name__)
-
 SUPPORTED = ("a local path", "gs://bucket/path")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # one cached gcsfs client per process, its directory listings never cached (another process may write)
@@ -95,6 +93,9 @@ def check(p, flag: str, *, must_exist: bool = False) -> None:
         bucket = bucket_of(s)
         if not bucket:
             raise StorageError(f"{flag}={s}: no bucket named; give gs://BUCKET/path")
+        client_log = logging.getLogger("gcsfs")  # it logs each failed retry with a traceback: reported below
+        level = client_log.level
+        client_log.setLevel(logging.CRITICAL)
         try:
             found = _fs().exists(bucket)
         except Exception as e:  # credentials, network: say which flag needed the bucket
@@ -102,6 +103,8 @@ def check(p, flag: str, *, must_exist: bool = False) -> None:
                 f"{flag}={s}: cannot reach bucket gs://{bucket} ({type(e).__name__}: {e}); check this machine's "
                 "credentials (`gcloud auth application-default login`, or the VM's service account) and network"
             ) from None
+        finally:
+            client_log.setLevel(level)
         if not found:
             raise StorageError(
                 f"{flag}={s}: bucket gs://{bucket} does not exist or this machine's credentials cannot see it; "
