@@ -26,7 +26,6 @@ import io
 import os
 import signal
 import stat
-import tempfile
 import threading
 import time
 import warnings
@@ -39,7 +38,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, iter_pixels
 
 from data_prep import report_identifiers
-from echoclip_jax.runtime import storage
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 MAX_PIXELS = 2048 * 2048  # default cap on Rows x Columns: a 65535 x 65535 header must not allocate 12 GB
@@ -158,27 +156,6 @@ def _tissue_regions(ds) -> tuple[tuple[tuple[int, int, int, int], ...], tuple[fl
             if dx > 0 and dy > 0:
                 spacing = (abs(dy) * 10.0, abs(dx) * 10.0)
     return tuple(regions), spacing
-
-
-@contextlib.contextmanager
-def local_input(path: str, missing: str = "cannot stat the file (No such file or directory)"):
-    """`path` itself when it is local; for an input in a bucket (gs://), a local temporary copy of it, for
-    the readers that open files (pydicom, PyAV), deleted afterwards. An object that cannot be read is a
-    SkipVideo with the reason (`missing`: the reason the local reader gives for a missing file)."""
-    if not storage.is_remote(path):
-        yield path
-        return
-    try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise SkipVideo(missing) from None
-    except OSError as e:
-        raise SkipVideo(f"cannot read the file ({type(e).__name__})") from None
-    with tempfile.TemporaryDirectory(prefix="echoclip-input-") as d:
-        local = os.path.join(d, "input" + os.path.splitext(path)[1])  # never the input's own name
-        with open(local, "wb") as f:
-            f.write(data)
-        yield local
 
 
 def _open_regular(path: str) -> None:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data_prep import dicom_io, echonet, records
 from data_prep.dicom_io import SkipVideo
+from data_prep.input_files import local_input
 from data_prep.options import Options, Settings
 from data_prep.reports import clean_text, read_reports
 from echoclip_jax.runtime import storage
@@ -202,7 +203,7 @@ def relative(path: str, root: str) -> str:
 def _scan_one(task: tuple[str, int, float]):
     path, max_pixels, seconds = task
     try:
-        with dicom_io.time_limit(seconds), dicom_io.local_input(path) as local:
+        with dicom_io.time_limit(seconds), local_input(path) as local:
             return dicom_io.read_header(local, max_pixels)
     except SkipVideo as e:
         return str(e)
@@ -302,7 +303,7 @@ def plan_echonet(options: Options, salt: bytes) -> Plan:
             inputs[ref] = rel
             bar.update()
             try:
-                with dicom_io.local_input(e.path, echonet.MISSING) as local:
+                with local_input(e.path, echonet.MISSING) as local:
                     n, rate = echonet.probe(local)
             except SkipVideo as err:
                 skipped.append(manifest_line(ref, "skipped", str(err)))

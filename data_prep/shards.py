@@ -21,6 +21,7 @@ from PIL import Image
 
 from data_prep import dicom_io, echonet, records, sector
 from data_prep.dicom_io import SkipVideo
+from data_prep.input_files import local_input
 from data_prep.options import Settings
 from data_prep.plan import Job, manifest_line
 from echoclip_jax.runtime import storage
@@ -60,7 +61,7 @@ def _convert_video(job: Job, settings: Settings) -> bytes:
         # Frames come at the smallest scale that keeps 1.25x the output size (600x800 -> 300x400 for 224; JPEG
         # in the DCT domain, others box-reduced), grey ones as one channel: the sector and crop are found on
         # those pixels, the header's regions scaled to match.
-        with dicom_io.local_input(job.path) as path:
+        with local_input(job.path) as path:
             raw, scale = dicom_io.read_frames_scaled(
                 path, indices, settings.max_pixels, min_side=settings.image_size * 5 // 4, keep_grey=True
             )
@@ -68,7 +69,7 @@ def _convert_video(job: Job, settings: Settings) -> bytes:
         frames = sector.prepare(raw, regions, settings.image_size)
     else:  # EchoNet videos are already masked and cropped: resize only
         indices = dicom_io.kept_indices(job.num_frames, settings.frames) if job.num_frames else None
-        with dicom_io.local_input(job.path, echonet.MISSING) as path:
+        with local_input(job.path, echonet.MISSING) as path:
             raw = echonet.read_frames(path, indices)
         if indices is None and settings.frames and len(raw) > settings.frames:
             raw = raw[dicom_io.kept_indices(len(raw), settings.frames)]

@@ -62,8 +62,7 @@ def _load_local(path: str, given: str, image_size: int, frames: int) -> Video:
             raw = dicom_io.read_frames(path, indices)
             found = sector.sector_mask(raw, header.regions)
             out = sector.crop_resize(raw, found, image_size)
-            where = given if storage.is_remote(given) else os.path.abspath(given)
-            name = "dicom-" + hashlib.sha256(where.encode()).hexdigest()[:12]
+            name = "dicom-" + hashlib.sha256(os.fspath(storage.path(given)).encode()).hexdigest()[:12]
             return Video(name, "dicom", out, indices, sector=to_output(found, found, image_size))
         if ext == ".avi":
             raw = echonet.read_frames(path, None)

@@ -24,10 +24,16 @@ from absl import flags
 
 from echoclip_jax.demo import results_table
 from echoclip_jax.demo.pipeline import StageFailed, run
-from echoclip_jax.runtime import cli
+from echoclip_jax.runtime import cli, storage
 
 FLAGS = cli.flag_values()
-flags.DEFINE_string("out", "demo_out", "everything is written under this directory", flag_values=FLAGS)
+flags.DEFINE_string(
+    "out",
+    "demo_out",
+    "everything is written under this local directory (the synthetic cohort's DICOMs and every stage's files; "
+    "the commands it runs each take gs:// paths, the demo itself works on local disk)",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("patients", 500, "synthetic patients (several studies each)", flag_values=FLAGS)
 flags.DEFINE_integer(
     "seed", 0, "the cohort's seed (and its salt's: the same command draws the same split)", flag_values=FLAGS
@@ -49,6 +55,10 @@ flags.DEFINE_enum(
 
 
 def _demo(f) -> None:
+    if storage.is_remote(f.out):
+        raise cli.UsageError(
+            f"--out={f.out}: the demo writes its synthetic cohort and stages to local disk; give a local folder"
+        )
     results = run(
         f.out,
         patients=f.patients,

@@ -343,10 +343,3 @@ def dump_json(p, obj, **kw) -> None:
 
 def load_json(p):
     return json.loads(read_text(p))
-
-
-def local_path(p) -> str:
-    """The absolute local path of `p`; raises StorageError for a URL (for tools that take only local paths)."""
-    if is_remote(p):
-        raise StorageError(f"{p}: this needs a local path")
-    return os.fspath(path(p))

@@ -132,6 +132,7 @@ def test_the_module_runs_as_a_program():
         ),
         ("evaluate", ["--config", TINY, "--workdir", "w", "--data_dir", "d", "--out", "az://c/o"], "--out=az://c/o"),
         ("evaluate", ["--config", TINY, "--glob", "s3://b/w/*", "--data_dir", "d", "--out", "o"], "--glob=s3://b/w/*"),
+        ("demo", ["--out", "gs://b/demo"], "--out=gs://b/demo: the demo writes its synthetic cohort"),
     ],
 )
 def test_a_path_that_cannot_be_used_exits_2_at_start_up_naming_the_flag(name, args, named, gcs_server, capsys):
